@@ -1,0 +1,1 @@
+"""Adapters: the real and the in-memory implementations of the ports."""

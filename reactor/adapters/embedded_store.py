@@ -1,0 +1,211 @@
+"""Embedded store on SQLite: one file, survives a restart; ':memory:' for fast tests.
+
+Calls are synchronous on purpose: SQLite on a local file answers in microseconds, which is cheaper than a
+thread hop per call. Documents are the models' JSON, as in the MongoDB store.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from reactor.domain.pacer import ItemState
+from reactor.domain.status import NodeStatus
+from reactor.errors import BackendUnavailable
+from reactor.ports import ReleaseNode, ReleaseRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_key TEXT PRIMARY KEY, release_id TEXT, service TEXT, revision INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS nodes_release ON nodes (release_id);
+CREATE TABLE IF NOT EXISTS processed (event_id TEXT PRIMARY KEY, outcome TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (
+    release_id TEXT PRIMARY KEY, created_at TEXT NOT NULL, revision INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS release_nodes (
+    release_id TEXT NOT NULL, node_key TEXT NOT NULL, batch INTEGER NOT NULL, position INTEGER NOT NULL,
+    state TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (release_id, node_key));
+CREATE INDEX IF NOT EXISTS release_nodes_batch ON release_nodes (release_id, batch, state, position);
+"""
+
+
+class EmbeddedStore:
+    """The Store port on one SQLite file."""
+
+    def __init__(self, path: Path | str = ":memory:") -> None:
+        self.path = str(path)
+        self._db: sqlite3.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise BackendUnavailable(f"embedded store {self.path}: {exc}") from exc
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The open connection."""
+        if self._db is None:
+            raise BackendUnavailable("embedded store is not open")
+        return self._db
+
+    # --- nodes ---
+
+    async def get_node(self, node_key: str) -> NodeStatus | None:
+        row = self.db.execute("SELECT doc FROM nodes WHERE node_key = ?", (node_key,)).fetchone()
+        return None if row is None else NodeStatus.model_validate_json(row[0])
+
+    async def put_node(self, status: NodeStatus, *, expected_revision: int) -> NodeStatus | None:
+        new = status.model_copy(update={"revision": expected_revision + 1})
+        params = (new.release_id, new.service, new.revision, new.model_dump_json(), new.node_key)
+        if expected_revision == 0:
+            cursor = self.db.execute(
+                "INSERT INTO nodes (release_id, service, revision, doc, node_key) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (node_key) DO NOTHING",
+                params,
+            )
+        else:
+            cursor = self.db.execute(
+                "UPDATE nodes SET release_id = ?, service = ?, revision = ?, doc = ?"
+                " WHERE node_key = ? AND revision = ?",
+                (*params, expected_revision),
+            )
+        return new if cursor.rowcount == 1 else None
+
+    async def list_nodes(self, *, release_id: str | None = None, service: str | None = None) -> list[NodeStatus]:
+        rows = self.db.execute(
+            "SELECT doc FROM nodes WHERE (? IS NULL OR release_id = ?) AND (? IS NULL OR service = ?)"
+            " ORDER BY node_key",
+            (release_id, release_id, service, service),
+        ).fetchall()
+        return [NodeStatus.model_validate_json(row[0]) for row in rows]
+
+    # --- processed requests ---
+
+    async def get_processed(self, event_id: str) -> str | None:
+        row = self.db.execute("SELECT outcome FROM processed WHERE event_id = ?", (event_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    async def put_processed(self, event_id: str, outcome: str) -> None:
+        self.db.execute(
+            "INSERT INTO processed (event_id, outcome) VALUES (?, ?) ON CONFLICT (event_id) DO NOTHING",
+            (event_id, outcome),
+        )
+
+    # --- releases ---
+
+    async def get_release(self, release_id: str) -> ReleaseRecord | None:
+        row = self.db.execute("SELECT doc FROM releases WHERE release_id = ?", (release_id,)).fetchone()
+        return None if row is None else ReleaseRecord.model_validate_json(row[0])
+
+    async def put_release(self, record: ReleaseRecord, *, expected_revision: int) -> ReleaseRecord | None:
+        new = record.model_copy(update={"revision": expected_revision + 1})
+        if expected_revision == 0:
+            cursor = self.db.execute(
+                "INSERT INTO releases (release_id, created_at, revision, doc) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (release_id) DO NOTHING",
+                (new.release_id, new.created_at.isoformat(), new.revision, new.model_dump_json()),
+            )
+        else:
+            cursor = self.db.execute(
+                "UPDATE releases SET revision = ?, doc = ? WHERE release_id = ? AND revision = ?",
+                (new.revision, new.model_dump_json(), new.release_id, expected_revision),
+            )
+        return new if cursor.rowcount == 1 else None
+
+    async def list_releases(self) -> list[ReleaseRecord]:
+        rows = self.db.execute("SELECT doc FROM releases ORDER BY created_at DESC").fetchall()
+        return [ReleaseRecord.model_validate_json(row[0]) for row in rows]
+
+    async def add_release_nodes(self, nodes: Sequence[ReleaseNode]) -> None:
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(
+                "INSERT INTO release_nodes (release_id, node_key, batch, position, state, doc)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    (
+                        node.release_id,
+                        node.node_key,
+                        node.batch,
+                        node.position,
+                        node.state.value,
+                        node.model_dump_json(),
+                    )
+                    for node in nodes
+                ],
+            )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    async def move_release_node(
+        self,
+        release_id: str,
+        node_key: str,
+        *,
+        from_states: Sequence[ItemState],
+        to_state: ItemState,
+        outcome: str | None = None,
+    ) -> bool:
+        row = self.db.execute(
+            "SELECT doc FROM release_nodes WHERE release_id = ? AND node_key = ?", (release_id, node_key)
+        ).fetchone()
+        if row is None:
+            return False
+        node = ReleaseNode.model_validate_json(row[0])
+        if node.state not in from_states:
+            return False
+        update: dict[str, object] = {"state": to_state}
+        if outcome is not None:
+            update["outcome"] = outcome
+        moved = node.model_copy(update=update)
+        cursor = self.db.execute(
+            "UPDATE release_nodes SET state = ?, doc = ? WHERE release_id = ? AND node_key = ? AND state = ?",
+            (to_state.value, moved.model_dump_json(), release_id, node_key, node.state.value),
+        )
+        return cursor.rowcount == 1
+
+    async def list_release_nodes(
+        self, release_id: str, *, batch: int | None = None, state: ItemState | None = None, limit: int | None = None
+    ) -> list[ReleaseNode]:
+        rows = self.db.execute(
+            "SELECT doc FROM release_nodes WHERE release_id = ? AND (? IS NULL OR batch = ?)"
+            " AND (? IS NULL OR state = ?) ORDER BY position LIMIT ?",
+            (
+                release_id,
+                batch,
+                batch,
+                None if state is None else state.value,
+                None if state is None else state.value,
+                -1 if limit is None else limit,
+            ),
+        ).fetchall()
+        return [ReleaseNode.model_validate_json(row[0]) for row in rows]
+
+    async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
+        rows = self.db.execute(
+            "SELECT state, COUNT(*) FROM release_nodes WHERE release_id = ? AND (? IS NULL OR batch = ?)"
+            " GROUP BY state",
+            (release_id, batch, batch),
+        ).fetchall()
+        counts = dict.fromkeys(ItemState, 0)
+        for state, count in rows:
+            counts[ItemState(state)] = int(count)
+        return counts

@@ -1,0 +1,302 @@
+"""`reactor`: run releases, look at nodes, run workers, manage the event contracts."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from reactor import logs, schemas
+from reactor.cli.report import Reporter, node_table
+from reactor.codec import describe_validation_error
+from reactor.domain.pacer import ItemState, ReleaseState
+from reactor.errors import InvalidInput, ReactorError
+from reactor.events import (
+    DeployRequested,
+    Event,
+    HealthCheck,
+    NodeDeployed,
+    NodeEvent,
+    NodeRolledBack,
+    Package,
+    ReleaseRequested,
+    RollbackRequested,
+)
+from reactor.planfile import load_plan
+from reactor.runtime import Role, open_backends
+from reactor.session import embedded
+from reactor.settings import Settings
+
+app = typer.Typer(help="Deploy Reactor: event-driven releases for hosts and Kubernetes.", no_args_is_help=True)
+release_app = typer.Typer(help="Submit and follow releases.", no_args_is_help=True)
+schemas_app = typer.Typer(help="Generated event contracts (JSON Schema, AsyncAPI).", no_args_is_help=True)
+app.add_typer(release_app, name="release")
+app.add_typer(schemas_app, name="schemas")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+T = TypeVar("T")
+EXIT_INVALID = 2
+
+
+def _settings(log_level: str = "warning") -> Settings:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        err.print(f"[red]invalid settings[/]: {describe_validation_error(exc)}")
+        raise typer.Exit(EXIT_INVALID) from exc
+    logs.configure(settings.log_format, settings.effective_log_level(log_level))
+    return settings
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coroutine)
+    except InvalidInput as exc:
+        err.print(f"[red]invalid[/] {exc.field}: {exc.rule}", markup=True)
+        raise typer.Exit(EXIT_INVALID) from exc
+    except ReactorError as exc:
+        err.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path | None, typer.Option(help="Keep the demo's files here instead of a temp dir.")] = None,
+) -> None:
+    """Deploy 1.0.0 then 1.1.0 of the example service to 3 local nodes, then a bad release that rolls back."""
+    _settings()
+    from reactor.demo.scenario import run_demo  # noqa: PLC0415 (the demo pulls in its own helpers only when asked)
+
+    def say(text: str) -> None:
+        out.print(text, markup=False)
+
+    with tempfile.TemporaryDirectory(prefix="reactor-demo-") as temporary:
+        root = workdir or Path(temporary)
+        root.mkdir(parents=True, exist_ok=True)
+        out.print(f"[bold]Deploy Reactor demo[/] in {root}")
+        with Reporter(out, live=False) as reporter:
+            result = _run(run_demo(root, observer=reporter, say=say))
+    out.print()
+    for claim, holds in result.checks:
+        out.print(f"{'[green]ok  [/]' if holds else '[red]FAIL[/]'} {claim}", soft_wrap=True)
+    if not result.ok:
+        err.print("[red]demo failed[/]")
+        raise typer.Exit(1)
+    out.print("[green]demo passed[/]: every check above was made over HTTP against the running services")
+
+
+@release_app.command("submit")
+def release_submit(
+    file: Annotated[Path, typer.Argument(help="Release file (YAML or JSON).")],
+    watch: Annotated[bool, typer.Option("--watch", help="Show a live table of node progress.")] = False,
+    actor: Annotated[str, typer.Option(help="Who asks, for the audit trail.")] = "cli",
+) -> None:
+    """Run a release plan; in embedded mode the release runs in this process until it ends."""
+    settings = _settings()
+    try:
+        plan = load_plan(file)
+        request = ReleaseRequested(release_id=plan.release_id, plan=plan, actor=actor)
+    except InvalidInput as exc:
+        err.print(f"[red]invalid release file[/] {file}: {exc.field}: {exc.rule}", markup=True)
+        raise typer.Exit(EXIT_INVALID) from exc
+    except ValidationError as exc:
+        err.print(f"[red]invalid release[/] {file}: {describe_validation_error(exc)}")
+        raise typer.Exit(EXIT_INVALID) from exc
+
+    async def submit() -> ReleaseState | None:
+        with Reporter(out, live=watch) as reporter:
+            async with embedded(settings, observer=reporter) as session:
+                await session.submit(request)
+                return await session.release_state(request.release_id)
+
+    state = _run(submit())
+    out.print(f"release {plan.release_id}: {state.value if state else 'unknown'}")
+    if state != ReleaseState.COMPLETED:
+        raise typer.Exit(1)
+
+
+@release_app.command("status")
+def release_status(release_id: Annotated[str, typer.Argument(help="Release id.")]) -> None:
+    """Show a release's batches and nodes."""
+    settings = _settings()
+
+    async def show() -> bool:
+        async with open_backends(settings) as backends:
+            record = await backends.store.get_release(release_id)
+            if record is None:
+                return False
+            counts = await backends.store.count_release_nodes(release_id)
+            reason = f" ({record.reason})" if record.reason else ""
+            progress = ", ".join(f"{state.value} {counts[state]}" for state in ItemState)
+            out.print(
+                f"[bold]{record.release_id}[/]: {record.plan.service} {record.plan.version} — {record.state.value}"
+                f"{reason}; batch {record.batch + 1}/{len(record.batches)}; budget {record.budget}; {progress}"
+            )
+            table = Table(title="Release nodes")
+            for column in ("batch", "node", "progress"):
+                table.add_column(column)
+            for node in await backends.store.list_release_nodes(release_id):
+                table.add_row(str(node.batch + 1), node.node_key, node.state.value)
+            out.print(table)
+            nodes = await backends.store.list_nodes(release_id=release_id)
+            if nodes:
+                out.print(node_table(nodes, title="Node status (last touched by this release)"))
+            return True
+
+    if not _run(show()):
+        err.print(f"no release {release_id}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    release: Annotated[str | None, typer.Option(help="Only nodes last touched by this release.")] = None,
+    service: Annotated[str | None, typer.Option(help="Only nodes of this service.")] = None,
+) -> None:
+    """Show every node the reactor knows."""
+    settings = _settings()
+
+    async def show() -> None:
+        async with open_backends(settings) as backends:
+            nodes = await backends.store.list_nodes(release_id=release, service=service)
+            out.print(node_table(nodes))
+
+    _run(show())
+
+
+def _node_request(event: DeployRequested | RollbackRequested) -> None:
+    settings = _settings()
+
+    async def run() -> NodeEvent | None:
+        outcome: list[NodeEvent] = []
+
+        with Reporter(out, live=False) as reporter:
+
+            def observe(seen: Event) -> None:
+                reporter(seen)
+                if isinstance(seen, NodeEvent) and seen.causation_id == event.event_id:
+                    outcome.append(seen)
+
+            async with embedded(settings, observer=observe) as session:
+                await session.submit(event)
+        return outcome[0] if outcome else None
+
+    result = _run(run())
+    if not isinstance(result, NodeDeployed | NodeRolledBack):
+        raise typer.Exit(1)
+
+
+@app.command()
+def deploy(
+    node_key: Annotated[str, typer.Argument(help="Node key, e.g. local/node-1/hello.")],
+    version: Annotated[str, typer.Option(help="Version to deploy.")],
+    package_url: Annotated[str, typer.Option(help="Package URL (http, https or file).")],
+    sha256: Annotated[str, typer.Option(help="SHA256 of the package, checked before anything changes.")],
+    service: Annotated[str | None, typer.Option(help="Service name; defaults to the node key's last part.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port the service listens on (health check).")] = None,
+    health_path: Annotated[str, typer.Option(help="HTTP health path.")] = "/healthz",
+    auto_rollback: Annotated[str, typer.Option(help="node or none")] = "none",
+    actor: Annotated[str, typer.Option(help="Who asks, for the audit trail.")] = "cli",
+) -> None:
+    """Deploy one node, outside any release."""
+    if "://" not in package_url:
+        package_url = Path(package_url).resolve().as_uri()
+    try:
+        event = DeployRequested(
+            node_key=node_key,
+            service=service or node_key.rsplit("/", 1)[-1],
+            version=version,
+            package=Package(url=package_url, sha256=sha256),
+            port=port,
+            health=HealthCheck(path=health_path),
+            auto_rollback=auto_rollback,
+            actor=actor,
+        )
+    except ValidationError as exc:
+        err.print(f"[red]invalid[/] {describe_validation_error(exc)}")
+        raise typer.Exit(EXIT_INVALID) from exc
+    _node_request(event)
+
+
+@app.command()
+def rollback(
+    node_key: Annotated[str, typer.Argument(help="Node key, e.g. local/node-1/hello.")],
+    to_version: Annotated[str | None, typer.Option(help="Version to return to; default: the previous one.")] = None,
+    service: Annotated[str | None, typer.Option(help="Service name; defaults to the node key's last part.")] = None,
+    actor: Annotated[str, typer.Option(help="Who asks, for the audit trail.")] = "cli",
+) -> None:
+    """Roll one node back."""
+    try:
+        event = RollbackRequested(
+            node_key=node_key,
+            service=service or node_key.rsplit("/", 1)[-1],
+            to_version=to_version,
+            reason="manual",
+            actor=actor,
+        )
+    except ValidationError as exc:
+        err.print(f"[red]invalid[/] {describe_validation_error(exc)}")
+        raise typer.Exit(EXIT_INVALID) from exc
+    _node_request(event)
+
+
+@app.command()
+def worker(
+    role: Annotated[Role, typer.Option(help="Which consumers to run.")] = Role.ALL,
+) -> None:
+    """Run consumers until interrupted (distributed mode: Kafka and MongoDB)."""
+    settings = _settings(log_level="info")
+    if settings.mode == "embedded":
+        err.print(
+            "[red]invalid[/] mode: a standalone worker needs a shared bus; embedded mode runs workers inside "
+            "`reactor release submit`, `reactor deploy` and `reactor demo`. Set REACTOR_MODE=distributed."
+        )
+        raise typer.Exit(EXIT_INVALID)
+
+    async def serve() -> None:
+        from reactor.runtime import run_roles  # noqa: PLC0415 (only the worker needs the role runner)
+
+        async with open_backends(settings) as backends:
+            await run_roles(backends, settings, {role})
+
+    _run(serve())
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write.")] = Path("schemas"),
+) -> None:
+    """Write the JSON Schemas and the AsyncAPI document generated from the event models."""
+    for path in schemas.export(directory):
+        out.print(f"wrote {path}")
+
+
+@schemas_app.command("check")
+def schemas_check(
+    directory: Annotated[Path, typer.Option("--dir", help="Where the checked-in files are.")] = Path("schemas"),
+) -> None:
+    """Exit non-zero when the files differ from what the models generate."""
+    problems = schemas.drift(directory)
+    for problem in problems:
+        err.print(f"[red]drift[/] {problem}")
+    if problems:
+        err.print("run `reactor schemas export` and commit the result")
+        raise typer.Exit(1)
+    out.print(f"schemas up to date ({len(schemas.rendered())} files)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

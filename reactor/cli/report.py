@@ -1,0 +1,131 @@
+"""What the CLI shows: one line per event when not on a terminal, a live table of nodes when on one."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from reactor.domain.status import NodeStatus
+from reactor.events import (
+    BatchCompleted,
+    BatchStarted,
+    DeployRequested,
+    Event,
+    NodeDeployed,
+    NodeFailed,
+    NodeRolledBack,
+    ReleaseCompleted,
+    ReleaseHalted,
+    ReleaseRequested,
+    RollbackFailed,
+    RollbackRequested,
+)
+
+STATE_STYLE = {"success": "green", "failed": "red", "rolled_back": "yellow", "deploying": "cyan", "pending": "dim"}
+
+
+def describe(event: Event) -> str:
+    """One human line for an event."""
+    match event:
+        case BatchStarted():
+            return f"{event.release_id}: batch {event.batch + 1} started ({len(event.node_keys)} nodes)"
+        case BatchCompleted():
+            return (
+                f"{event.release_id}: batch {event.batch + 1} completed "
+                f"({event.succeeded} succeeded, {event.failed} failed)"
+            )
+        case ReleaseRequested():
+            plan = event.plan
+            return f"{event.release_id}: release of {plan.service} {plan.version} to {len(plan.nodes)} nodes requested"
+        case ReleaseCompleted():
+            return f"{event.release_id}: release completed ({event.succeeded} succeeded, {event.failed} failed)"
+        case ReleaseHalted():
+            return f"{event.release_id}: release HALTED: {event.reason}"
+        case DeployRequested():
+            return f"{event.node_key}: deploy {event.version} requested"
+        case NodeDeployed():
+            return (
+                f"{event.node_key}: deployed {event.version} (was {event.prev_version or '-'}, {event.duration_s:.1f}s)"
+            )
+        case NodeFailed():
+            return (
+                f"{event.node_key}: FAILED to deploy {event.version} at {event.step}: {event.error}"
+                f" (now running {event.current_version or 'nothing'})"
+            )
+        case RollbackRequested():
+            return f"{event.node_key}: rollback requested ({event.reason})"
+        case NodeRolledBack():
+            return f"{event.node_key}: rolled back to {event.version}"
+        case RollbackFailed():
+            return f"{event.node_key}: ROLLBACK FAILED at {event.step}: {event.error}"
+        case _:
+            return f"{event.subject()}: {type(event).__name__}"
+
+
+def node_table(nodes: list[NodeStatus], title: str = "Nodes") -> Table:
+    """The node table of `reactor status`."""
+    table = Table(title=title)
+    for column in ("node", "state", "current", "previous", "deploying", "release", "last error"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(
+            node.node_key,
+            f"[{STATE_STYLE.get(node.state.value, '')}]{node.state.value}[/]",
+            node.current_version or "-",
+            node.prev_version or "-",
+            node.deploying_version or "-",
+            node.release_id or "-",
+            node.last_error or "",
+        )
+    return table
+
+
+class Reporter:
+    """Prints events as they happen; on a terminal with `live`, also keeps a table of node progress."""
+
+    def __init__(self, console: Console, *, live: bool) -> None:
+        self.console = console
+        self.live_enabled = live and console.is_terminal
+        self._rows: dict[str, tuple[str, str]] = {}
+        self._live: Live | None = None
+
+    def __enter__(self) -> Self:
+        if self.live_enabled:
+            self._live = Live(self._table(), console=self.console, refresh_per_second=8, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._live is not None:
+            self._live.__exit__(exc_type, exc, tb)
+            self._live = None
+
+    def __call__(self, event: Event) -> None:
+        """Show one event."""
+        self.console.print(describe(event), markup=False, highlight=False, soft_wrap=True)
+        if isinstance(event, NodeDeployed):
+            self._rows[event.node_key] = ("success", event.version)
+        elif isinstance(event, NodeFailed):
+            self._rows[event.node_key] = ("failed", event.current_version or "-")
+        elif isinstance(event, NodeRolledBack):
+            self._rows[event.node_key] = ("rolled_back", event.version)
+        elif isinstance(event, BatchStarted):
+            for key in event.node_keys:
+                self._rows.setdefault(key, ("deploying", "-"))
+        if self._live is not None:
+            self._live.update(self._table())
+
+    def _table(self) -> Table:
+        table = Table(title="Release progress")
+        table.add_column("node")
+        table.add_column("state")
+        table.add_column("version")
+        for key, (state, version) in sorted(self._rows.items()):
+            table.add_row(key, f"[{STATE_STYLE.get(state, '')}]{state}[/]", version)
+        return table

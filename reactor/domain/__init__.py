@@ -1,0 +1,1 @@
+"""Pure domain logic: node state transitions, batch planning, pacing decisions. No I/O here."""

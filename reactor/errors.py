@@ -1,0 +1,57 @@
+"""One exception root; `retriable` decides between a retry and a failure outcome."""
+
+from __future__ import annotations
+
+
+class ReactorError(Exception):
+    """Root of every error the reactor raises on purpose."""
+
+    retriable: bool = False
+
+
+class InvalidInput(ReactorError):
+    """A plan, event or command line that breaks a rule; names the field and the rule."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class DecodeError(ReactorError):
+    """A message on the bus that is not a valid event; it goes to the dead-letter topic."""
+
+
+class IllegalTransition(ReactorError):
+    """A node state change the domain does not allow."""
+
+
+class NodeBusy(ReactorError):
+    """Another request holds the node; try again later."""
+
+    retriable = True
+
+
+class ConflictError(ReactorError):
+    """A compare-and-set lost against a concurrent writer; re-read and try again."""
+
+    retriable = True
+
+
+class BackendUnavailable(ReactorError):
+    """The bus or the store cannot be reached right now."""
+
+    retriable = True
+
+
+class ExecutorNotFound(ReactorError):
+    """No executor is registered for a platform."""
+
+
+class StepFailed(ReactorError):
+    """An executor step failed; `step` names it (download, verify, unpack, stop, start, health, switch)."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.message = message

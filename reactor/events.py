@@ -1,0 +1,388 @@
+"""Event contracts: versioned, frozen pydantic models with strict patterns on every string.
+
+Each event maps onto a CloudEvents 1.0 envelope (see `reactor.codec`): `id` = event_id,
+`time` = occurred_at, `subject` = node key (node events) or release id (release events),
+extension `correlationid` = release id and `causationid` = the event that caused this one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Patterns for every string that may reach a shell, a host or an API. Nothing outside them passes.
+EVENT_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+RELEASE_ID = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+SERVICE = r"^[a-z][a-z0-9-]{0,62}$"
+VERSION = r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$"
+HOST = r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$"
+DNS_LABEL = r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$"
+NODE_KEY = r"^[a-z][a-z0-9-]{0,30}(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?){1,5}$"
+SHA256 = r"^[0-9a-f]{64}$"
+URL = r"^(?:https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?|file://)/[A-Za-z0-9._~/%+=-]*(?:\?[A-Za-z0-9._~%=&+-]*)?$"
+IMAGE = r"^[a-z0-9][a-z0-9._/-]{0,200}(?::[A-Za-z0-9._-]{1,128})?(?:@sha256:[0-9a-f]{64})?$"
+ACTOR = r"^[A-Za-z0-9][A-Za-z0-9._@:/-]{0,127}$"
+HTTP_PATH = r"^/[A-Za-z0-9._~/%-]{0,200}$"
+STEP = r"^[a-z][a-z0-9_-]{0,31}$"
+
+EventId = Annotated[str, Field(pattern=EVENT_ID)]
+ReleaseId = Annotated[str, Field(pattern=RELEASE_ID)]
+Service = Annotated[str, Field(pattern=SERVICE)]
+Version = Annotated[str, Field(pattern=VERSION)]
+NodeKey = Annotated[str, Field(pattern=NODE_KEY, max_length=512)]
+Actor = Annotated[str, Field(pattern=ACTOR)]
+Message = Annotated[str, Field(max_length=4000)]
+
+NAMESPACE = uuid.UUID("6f1c8f1e-5d1b-4a7e-9c61-2b7b0d3e9a10")
+
+
+def new_event_id() -> str:
+    """A fresh random event id."""
+    return str(uuid.uuid4())
+
+
+def derived_event_id(*parts: str) -> str:
+    """A deterministic event id, so a re-emitted event carries the id of the first emission."""
+    return str(uuid.uuid5(NAMESPACE, "/".join(parts)))
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class Topic(StrEnum):
+    """Logical topics; the bus adds the configured prefix."""
+
+    COMMANDS = "commands"
+    OUTCOMES = "outcomes"
+    RELEASES = "releases"
+    DLQ = "dlq"
+
+
+class AutoRollback(StrEnum):
+    """What happens when a node fails: roll back that node, the whole release, or nothing."""
+
+    NODE = "node"
+    RELEASE = "release"
+    NONE = "none"
+
+
+class Model(BaseModel):
+    """Base of every contract: frozen, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Package(Model):
+    """A release artifact for hosts: where to fetch it and its SHA256, checked before anything changes."""
+
+    url: Annotated[str, Field(pattern=URL, max_length=2048)]
+    sha256: Annotated[str, Field(pattern=SHA256)]
+
+
+class HealthCheck(Model):
+    """How to tell the new version is serving: an HTTP GET answering 2xx, or a TCP connect."""
+
+    kind: Literal["http", "tcp"] = "http"
+    path: Annotated[str, Field(pattern=HTTP_PATH)] = "/healthz"
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+
+class Event(Model):
+    """Fields every event has; `TYPE` is the versioned CloudEvents type."""
+
+    TYPE: ClassVar[str]
+    TOPIC: ClassVar[Topic]
+
+    event_id: EventId = Field(default_factory=new_event_id)
+    occurred_at: datetime = Field(default_factory=utc_now)
+    release_id: ReleaseId | None = None
+    causation_id: EventId | None = None
+
+    def subject(self) -> str:
+        """The CloudEvents subject, which is also the partition key."""
+        raise NotImplementedError
+
+
+class NodeEvent(Event):
+    """An event about one node; keyed by its node key."""
+
+    node_key: NodeKey
+    service: Service
+
+    def subject(self) -> str:
+        return self.node_key
+
+
+class ReleaseEvent(Event):
+    """An event about a release; keyed by its release id."""
+
+    release_id: ReleaseId
+
+    def subject(self) -> str:
+        return self.release_id
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+class DeployRequested(NodeEvent):
+    """Put `version` of `service` on one node."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.node.deploy.requested.v1"
+    TOPIC: ClassVar[Topic] = Topic.COMMANDS
+
+    version: Version
+    package: Package | None = None
+    image: Annotated[str, Field(pattern=IMAGE)] | None = None
+    container: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    health: HealthCheck = HealthCheck()
+    auto_rollback: AutoRollback = AutoRollback.NODE
+    actor: Actor | None = None
+
+    @model_validator(mode="after")
+    def _artifact(self) -> DeployRequested:
+        if self.package is None and self.image is None:
+            raise ValueError("one of package or image is required")
+        return self
+
+
+class RollbackRequested(NodeEvent):
+    """Return one node to the version it ran before (or to `to_version`)."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.node.rollback.requested.v1"
+    TOPIC: ClassVar[Topic] = Topic.COMMANDS
+
+    to_version: Version | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    health: HealthCheck | None = None
+    reason: Message = ""
+    actor: Actor | None = None
+
+
+# --- outcomes ---------------------------------------------------------------------------------
+
+
+class NodeDeployed(NodeEvent):
+    """The node runs `version` and passed its health check."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.node.deployed.v1"
+    TOPIC: ClassVar[Topic] = Topic.OUTCOMES
+
+    version: Version
+    prev_version: Version | None = None
+    duration_s: Annotated[float, Field(ge=0)] = 0.0
+
+
+class NodeFailed(NodeEvent):
+    """A deploy failed at `step`; `current_version` is what the node runs now."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.node.failed.v1"
+    TOPIC: ClassVar[Topic] = Topic.OUTCOMES
+
+    version: Version
+    current_version: Version | None = None
+    step: Annotated[str, Field(pattern=STEP)]
+    error: Message
+    auto_rollback: AutoRollback = AutoRollback.NODE
+    duration_s: Annotated[float, Field(ge=0)] = 0.0
+
+
+class NodeRolledBack(NodeEvent):
+    """The node runs `version` again, after a rollback from `from_version`."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.node.rolled_back.v1"
+    TOPIC: ClassVar[Topic] = Topic.OUTCOMES
+
+    version: Version
+    from_version: Version | None = None
+    duration_s: Annotated[float, Field(ge=0)] = 0.0
+
+
+class RollbackFailed(NodeEvent):
+    """A rollback failed at `step`; the node needs a human."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.node.rollback.failed.v1"
+    TOPIC: ClassVar[Topic] = Topic.OUTCOMES
+
+    version: Version | None = None
+    step: Annotated[str, Field(pattern=STEP)]
+    error: Message
+    duration_s: Annotated[float, Field(ge=0)] = 0.0
+
+
+# --- releases ---------------------------------------------------------------------------------
+
+BatchSize = int | Annotated[str, Field(pattern=r"^(?:100|[1-9][0-9]?)%$")]
+
+
+class Strategy(Model):
+    """How a release moves: batch sizes (count or percent; the last size repeats), parallelism, budget."""
+
+    batches: Annotated[list[BatchSize], Field(min_length=1, max_length=100)] = ["100%"]
+    max_parallel: Annotated[int, Field(ge=1, le=10_000)] = 1
+    failure_budget: BatchSize = 0
+    auto_rollback: AutoRollback = AutoRollback.NODE
+
+    @model_validator(mode="after")
+    def _positive(self) -> Strategy:
+        for size in self.batches:
+            if isinstance(size, int) and size < 1:
+                raise ValueError("batch sizes must be at least 1")
+        if isinstance(self.failure_budget, int) and self.failure_budget < 0:
+            raise ValueError("failure_budget must not be negative")
+        return self
+
+
+class NodeTarget(Model):
+    """One node of a release, with optional per-node overrides."""
+
+    node_key: NodeKey
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    package: Package | None = None
+    image: Annotated[str, Field(pattern=IMAGE)] | None = None
+    container: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
+
+
+class ReleasePlan(Model):
+    """What a release file says: one service, one version, its nodes and its strategy."""
+
+    release_id: ReleaseId
+    service: Service
+    version: Version
+    package: Package | None = None
+    image: Annotated[str, Field(pattern=IMAGE)] | None = None
+    container: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
+    health: HealthCheck = HealthCheck()
+    nodes: Annotated[list[NodeTarget], Field(min_length=1, max_length=100_000)]
+    strategy: Strategy = Strategy()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReleasePlan:
+        keys = [node.node_key for node in self.nodes]
+        if len(set(keys)) != len(keys):
+            raise ValueError("nodes: a node key appears twice")
+        for node in self.nodes:
+            if node.package is None and node.image is None and self.package is None and self.image is None:
+                raise ValueError(f"nodes: {node.node_key} has no package or image")
+            if not node.node_key.endswith("/" + self.service) and not node.node_key.startswith("k8s/"):
+                raise ValueError(f"nodes: {node.node_key} does not end with the service name {self.service}")
+        return self
+
+
+class ReleaseRequested(ReleaseEvent):
+    """Start a release of the plan."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.requested.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+    plan: ReleasePlan
+    actor: Actor | None = None
+
+    @model_validator(mode="after")
+    def _same_id(self) -> ReleaseRequested:
+        if self.plan.release_id != self.release_id:
+            raise ValueError("release_id differs from plan.release_id")
+        return self
+
+
+class _ReleaseControl(ReleaseEvent):
+    actor: Actor | None = None
+    reason: Message = ""
+
+
+class ReleaseApproved(_ReleaseControl):
+    """A human approved the next batch."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.approved.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+
+class ReleasePaused(_ReleaseControl):
+    """Stop dispatching new nodes until resumed."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.paused.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+
+class ReleaseResumed(_ReleaseControl):
+    """Dispatch again after a pause."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.resumed.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+
+class ReleaseAborted(_ReleaseControl):
+    """Dispatch nothing more for this release."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.aborted.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+
+class BatchStarted(ReleaseEvent):
+    """A batch of the release began."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.batch.started.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+    batch: Annotated[int, Field(ge=0)]
+    node_keys: list[NodeKey]
+
+
+class BatchCompleted(ReleaseEvent):
+    """Every node of a batch has an outcome."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.batch.completed.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+    batch: Annotated[int, Field(ge=0)]
+    succeeded: Annotated[int, Field(ge=0)]
+    failed: Annotated[int, Field(ge=0)]
+
+
+class ReleaseCompleted(ReleaseEvent):
+    """Every batch ran and the failure budget held."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.completed.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+    succeeded: Annotated[int, Field(ge=0)]
+    failed: Annotated[int, Field(ge=0)]
+
+
+class ReleaseHalted(ReleaseEvent):
+    """The release stopped before its end (failure budget spent, or aborted)."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.halted.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+    reason: Message
+    succeeded: Annotated[int, Field(ge=0)]
+    failed: Annotated[int, Field(ge=0)]
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    DeployRequested,
+    RollbackRequested,
+    NodeDeployed,
+    NodeFailed,
+    NodeRolledBack,
+    RollbackFailed,
+    ReleaseRequested,
+    ReleaseApproved,
+    ReleasePaused,
+    ReleaseResumed,
+    ReleaseAborted,
+    BatchStarted,
+    BatchCompleted,
+    ReleaseCompleted,
+    ReleaseHalted,
+)
+EVENTS_BY_TYPE: dict[str, type[Event]] = {cls.TYPE: cls for cls in EVENT_TYPES}
+OUTCOME_TYPES: tuple[type[NodeEvent], ...] = (NodeDeployed, NodeFailed, NodeRolledBack, RollbackFailed)

@@ -1,0 +1,373 @@
+"""The `local` platform: deploys a real package into a folder on this machine and runs it.
+
+Layout per node, mirroring the host contract: `<root>/<host>/<service>/releases/<version>/` unpacked,
+`current` -> the active release, `state.json` with the version history, `run/pid` of the running process.
+The package must have an executable `run` at its top; it is started with `PORT` and `SERVICE_VERSION` set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import unquote, urlparse
+
+import structlog
+
+from reactor.domain.status import NodeState, NodeStatus
+from reactor.errors import StepFailed
+from reactor.events import Package
+from reactor.ports import ExecutionContext
+
+log = structlog.get_logger(__name__)
+
+_CHUNK = 1 << 16
+_DOWNLOAD_TIMEOUT_S = 60.0
+
+
+class LocalExecutor:
+    """Executor for nodes of the form `local/<host>/<service>`."""
+
+    platform: ClassVar[str] = "local"
+
+    def __init__(self, context: ExecutionContext) -> None:
+        self.context = context
+        self.base = context.settings.local_root / context.host / context.service
+
+    # --- the Executor contract ---
+
+    async def deploy(self) -> NodeStatus:
+        """Fetch, verify, unpack, stop the old, start the new, health-check, switch; restore on failure."""
+        target = self.context.target_version
+        package = self.context.package
+        if target is None or package is None:
+            return self._result(NodeState.FAILED, step="prepare", error="deploy needs a version and a package")
+        history = self._history()
+        current = history[-1] if history else None
+        if current == target and self._running_version() == target and await self._healthy_once():
+            log.info("already running the target version; nothing to do", version=target)
+            return self._result(NodeState.SUCCESS, history=history)
+        try:
+            await self._install(target, package)
+        except StepFailed as exc:
+            return self._result(NodeState.FAILED, step=exc.step, error=exc.message, history=history)
+        try:
+            await self._switch_process(target)
+        except StepFailed as exc:
+            return self._result(
+                NodeState.FAILED, step=exc.step, error=exc.message + await self._restore(current), history=history
+            )
+        self._switch_current(target)
+        new_history = [*history, target] if current != target else history
+        self._write_history(new_history)
+        return self._result(NodeState.SUCCESS, history=new_history)
+
+    async def rollback(self) -> NodeStatus:
+        """Run the target (previous) version again from the releases already on the node."""
+        target = self.context.target_version
+        history = self._history()
+        if target is None:
+            return self._result(NodeState.FAILED, step="rollback", error="no previous version to roll back to")
+        if not (self.base / "releases" / target / "run").exists():
+            return self._result(
+                NodeState.FAILED, step="rollback", error=f"release {target} is not on the node", history=history
+            )
+        current = history[-1] if history else None
+        if not (current == target and self._running_version() == target and await self._healthy_once()):
+            try:
+                await self._switch_process(target)
+            except StepFailed as exc:
+                return self._result(
+                    NodeState.FAILED, step=exc.step, error=exc.message + await self._restore(current), history=history
+                )
+            self._switch_current(target)
+        new_history = _rewind(history, target)
+        self._write_history(new_history)
+        return self._result(NodeState.ROLLED_BACK, history=new_history)
+
+    async def status(self) -> NodeStatus:
+        """Probe the node: which version runs, and does it answer its health check."""
+        history = self._history()
+        running = self._running_version()
+        current = history[-1] if history else None
+        if current is None:
+            return self._result(NodeState.PENDING, history=history)
+        if running != current:
+            return self._result(
+                NodeState.FAILED, error=f"{current} should run but {running or 'nothing'} does", history=history
+            )
+        if not await self._healthy_once():
+            return self._result(NodeState.FAILED, error="health check fails", history=history)
+        return self._result(NodeState.SUCCESS, history=history)
+
+    # --- steps ---
+
+    async def _install(self, version: str, package: Package) -> None:
+        """Download and verify before anything changes; unpack into releases/<version>."""
+        release = self.base / "releases" / version
+        marker = release / ".sha256"
+        if release.is_dir() and marker.exists():
+            installed = marker.read_text().strip()
+            if installed == package.sha256:
+                return
+            raise StepFailed(
+                "verify", f"{version} is installed with sha256 {installed}, the request says {package.sha256}"
+            )
+        downloads = self.base / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        archive = downloads / f"{version}.tar.gz"
+        digest = await asyncio.to_thread(_download, package.url, archive.with_suffix(".part"))
+        if digest != package.sha256:
+            archive.with_suffix(".part").unlink(missing_ok=True)
+            raise StepFailed("verify", f"sha256 mismatch: expected {package.sha256}, got {digest}")
+        archive.with_suffix(".part").replace(archive)
+        await asyncio.to_thread(_unpack, archive, release, package.sha256)
+
+    async def _switch_process(self, version: str) -> None:
+        """Stop whatever runs, start `version`, wait for it to be healthy."""
+        await self._stop()
+        process = self._start(version)
+        await self._wait_healthy(process, version)
+
+    async def _restore(self, previous: str | None) -> str:
+        """Put the previous version back after a failed switch; the text says how that went."""
+        await self._stop()
+        if previous is None:
+            return "; nothing ran before, so nothing was restored"
+        try:
+            process = self._start(previous)
+            await self._wait_healthy(process, previous)
+        except StepFailed as exc:
+            return f"; restoring {previous} failed too: {exc}"
+        self._switch_current(previous)
+        return f"; {previous} restored and serving"
+
+    def _start(self, version: str) -> subprocess.Popen[bytes]:
+        release = self.base / "releases" / version
+        program = release / "run"
+        if not os.access(program, os.X_OK):
+            raise StepFailed("start", f"release {version} has no executable 'run'")
+        (self.base / "run").mkdir(exist_ok=True)
+        (self.base / "logs").mkdir(exist_ok=True)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "SERVICE_VERSION": version,
+            "SERVICE_NAME": self.context.service,
+        }
+        if self.context.port is not None:
+            env["PORT"] = str(self.context.port)
+        with (self.base / "logs" / f"{version}.log").open("ab") as output:
+            process = subprocess.Popen(  # noqa: S603 (the program is the unpacked, verified release's own `run`)
+                [str(program)],
+                cwd=release,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the service outlives the worker, as under systemd
+            )
+        (self.base / "run" / "pid").write_text(f"{process.pid} {version}\n")
+        log.info("started", version=version, pid=process.pid)
+        return process
+
+    async def _stop(self) -> None:
+        pid_file = self.base / "run" / "pid"
+        pid = self._running_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.context.settings.stop_timeout_s
+            while _alive(pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                while _alive(pid):
+                    await asyncio.sleep(0.05)
+            log.info("stopped", pid=pid)
+        pid_file.unlink(missing_ok=True)
+
+    async def _wait_healthy(self, process: subprocess.Popen[bytes], version: str) -> None:
+        deadline = time.monotonic() + self.context.health.timeout_s
+        while time.monotonic() < deadline:
+            code = process.poll()
+            if code is not None:
+                raise StepFailed("start", f"{version} exited with code {code}: {self._log_tail(version)}")
+            if await self._healthy_once():
+                return
+            await asyncio.sleep(0.1)
+        raise StepFailed("health", f"{version} not healthy within {self.context.health.timeout_s:g}s")
+
+    async def _healthy_once(self) -> bool:
+        port = self.context.port
+        if port is None:
+            return self._running_pid() is not None
+        try:
+            async with asyncio.timeout(2.0):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    if self.context.health.kind == "tcp":
+                        return True
+                    writer.write(f"GET {self.context.health.path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                    await writer.drain()
+                    status_line = await reader.readline()
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        except (OSError, TimeoutError):
+            return False
+        parts = status_line.split()
+        return len(parts) >= 2 and parts[1].startswith(b"2")
+
+    # --- node files ---
+
+    def _running_pid(self) -> int | None:
+        pid_file = self.base / "run" / "pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if not _alive(pid):
+            return None
+        # A reused pid belongs to some other program: ours runs inside this node's releases.
+        try:
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            return None
+        return pid if (self.base / "releases") in cwd.parents else None
+
+    def _running_version(self) -> str | None:
+        if self._running_pid() is None:
+            return None
+        return (self.base / "run" / "pid").read_text().split()[1]
+
+    def _switch_current(self, version: str) -> None:
+        link = self.base / "current"
+        staging = self.base / "current.new"
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(Path("releases") / version)
+        staging.replace(link)
+
+    def _history(self) -> list[str]:
+        try:
+            data = json.loads((self.base / "state.json").read_text())
+        except (OSError, ValueError):
+            return []
+        history = data.get("history", [])
+        return [str(version) for version in history] if isinstance(history, list) else []
+
+    def _write_history(self, history: list[str]) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        staging = self.base / "state.json.new"
+        current = history[-1] if history else None
+        previous = history[-2] if len(history) > 1 else None
+        staging.write_text(json.dumps({"current": current, "previous": previous, "history": history[-20:]}))
+        staging.replace(self.base / "state.json")
+
+    def _log_tail(self, version: str) -> str:
+        try:
+            text = (self.base / "logs" / f"{version}.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-3:]) or "(empty log)"
+
+    def _result(
+        self, state: NodeState, *, step: str = "", error: str = "", history: list[str] | None = None
+    ) -> NodeStatus:
+        history = self._history() if history is None else history
+        return self.context.current.model_copy(
+            update={
+                "state": state,
+                "current_version": history[-1] if history else None,
+                "prev_version": history[-2] if len(history) > 1 else None,
+                "deploying_version": self.context.target_version if state == NodeState.FAILED else None,
+                "last_error": f"{step}: {error}" if step else error,
+            }
+        )
+
+
+def _rewind(history: list[str], target: str) -> list[str]:
+    """The history after going back to `target`: everything after its last run is dropped."""
+    if target in history:
+        last = len(history) - 1 - history[::-1].index(target)
+        return history[: last + 1]
+    return [*history, target]
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def stop_all(root: Path) -> list[int]:
+    """Stop every service process started under `root` (the demo cleans up with this); their pids."""
+    stopped = []
+    for pid_file in root.glob("*/*/run/pid"):
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            stopped.append(pid)
+        pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def _download(url: str, destination: Path) -> str:
+    """Copy `url` to `destination`, hashing as it goes; the hex SHA256."""
+    digest = hashlib.sha256()
+    parsed = urlparse(url)
+    try:
+        if parsed.scheme == "file":
+            source = Path(unquote(parsed.path)).open("rb")  # noqa: SIM115 (closed by the `with source` below)
+        else:
+            source = urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S)  # noqa: S310 (scheme is checked by the URL pattern)
+        with source, destination.open("wb") as target:
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+                target.write(chunk)
+    except OSError as exc:
+        destination.unlink(missing_ok=True)
+        raise StepFailed("download", f"{url}: {exc}") from exc
+    return digest.hexdigest()
+
+
+def _unpack(archive: Path, release: Path, sha256: str) -> None:
+    staging = release.with_name(release.name + ".unpacking")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(staging, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StepFailed("unpack", f"{archive.name}: {exc}") from exc
+    (staging / ".sha256").write_text(sha256 + "\n")
+    shutil.rmtree(release, ignore_errors=True)
+    staging.replace(release)

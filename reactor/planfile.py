@@ -1,0 +1,42 @@
+"""Release files: YAML or JSON on disk to a validated ReleasePlan, with errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from reactor.codec import describe_validation_error
+from reactor.errors import InvalidInput
+from reactor.events import ReleasePlan
+
+
+def load_plan(path: Path) -> ReleasePlan:
+    """Read and validate a release file; a package `url` without a scheme is a path relative to the file."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InvalidInput(str(path), f"cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise InvalidInput(str(path), f"not valid YAML or JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise InvalidInput(str(path), "must be a mapping with release_id, service, version and nodes")
+    _resolve_urls(document, path.parent.resolve())
+    try:
+        return ReleasePlan.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(plan)"
+        raise InvalidInput(field, describe_validation_error(exc)) from exc
+
+
+def _resolve_urls(document: dict[str, Any], base: Path) -> None:
+    packages = [document.get("package")]
+    nodes = document.get("nodes")
+    if isinstance(nodes, list):
+        packages.extend(node.get("package") for node in nodes if isinstance(node, dict))
+    for package in packages:
+        if isinstance(package, dict) and isinstance(package.get("url"), str) and "://" not in package["url"]:
+            package["url"] = (base / package["url"]).resolve().as_uri()

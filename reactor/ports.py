@@ -1,0 +1,195 @@
+"""The interfaces consumers depend on. Handlers import these, events and the domain; never an adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Protocol, Self
+
+from reactor.domain.pacer import ItemState, ReleaseState
+from reactor.domain.status import NodeStatus
+from reactor.events import Event, HealthCheck, Model, Package, ReleasePlan, Topic
+
+# --- executors ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorSettings:
+    """Platform settings an executor may need (root folder of the local platform, timeouts)."""
+
+    local_root: Path = Path("var/nodes")
+    stop_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionContext:
+    """Everything an executor needs for one request on one node."""
+
+    node_key: str
+    service: str
+    host: str
+    current: NodeStatus
+    target_version: str | None = None
+    package: Package | None = None
+    image: str | None = None
+    container: str | None = None
+    port: int | None = None
+    health: HealthCheck = field(default_factory=HealthCheck)
+    request_id: str = ""
+    settings: ExecutorSettings = field(default_factory=ExecutorSettings)
+
+
+class Executor(Protocol):
+    """Runs deploys and rollbacks on one node of one platform (the seed's interface, async)."""
+
+    platform: ClassVar[str]
+
+    async def deploy(self) -> NodeStatus:
+        """Put the target version on the node; on failure leave the previous one running."""
+        ...
+
+    async def rollback(self) -> NodeStatus:
+        """Return the node to the target (previous) version."""
+        ...
+
+    async def status(self) -> NodeStatus:
+        """Probe the real node, not only the record."""
+        ...
+
+
+class ExecutorFactory(Protocol):
+    """What the `reactor.executors` entry-point group registers: a callable making an Executor."""
+
+    platform: ClassVar[str]
+
+    def __call__(self, context: ExecutionContext) -> Executor: ...
+
+
+# --- bus ---------------------------------------------------------------------------------------
+
+Handler = Callable[[Event], Awaitable[None]]
+
+
+class EventBus(Protocol):
+    """Publishes events and feeds them to handlers with at-least-once delivery and per-key order.
+
+    A handler that returns has finished with the event (its offset may be committed); one that raises a
+    retriable ReactorError gets it again later; invalid messages go to the dead-letter topic.
+    """
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def publish(self, event: Event) -> None:
+        """Send one event to its topic, keyed by its subject; returns once the bus has it."""
+        ...
+
+    async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
+        """Feed events of `topics` to `handler` until cancelled; one consumer group per role."""
+        ...
+
+
+# --- store -------------------------------------------------------------------------------------
+
+
+class ReleaseRecord(Model):
+    """A release as the Pacer keeps it: its plan, batches, where it is, and a revision for CAS."""
+
+    release_id: str
+    plan: ReleasePlan
+    batches: list[list[str]]
+    batch: int = 0
+    state: ReleaseState = ReleaseState.RUNNING
+    budget: int = 0
+    reason: str = ""
+    request_id: str
+    actor: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    revision: int = 0
+
+
+class ReleaseNode(Model):
+    """One node of a release: its batch, position and progress."""
+
+    release_id: str
+    node_key: str
+    batch: int
+    position: int
+    state: ItemState = ItemState.QUEUED
+    request_id: str | None = None
+    outcome: str | None = None
+
+
+class Store(Protocol):
+    """Durable state: node statuses, processed event ids, releases. Writes are compare-and-set."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def get_node(self, node_key: str) -> NodeStatus | None:
+        """The node's status, or None if the reactor never touched it."""
+        ...
+
+    async def put_node(self, status: NodeStatus, *, expected_revision: int) -> NodeStatus | None:
+        """Write `status` if the stored revision is `expected_revision` (0: absent); the new status or None."""
+        ...
+
+    async def list_nodes(self, *, release_id: str | None = None, service: str | None = None) -> list[NodeStatus]:
+        """Node statuses, ordered by node key."""
+        ...
+
+    async def get_processed(self, event_id: str) -> str | None:
+        """The recorded outcome (encoded event JSON) of a finished request, if any."""
+        ...
+
+    async def put_processed(self, event_id: str, outcome: str) -> None:
+        """Record the outcome of a finished request; a second write of the same id keeps the first."""
+        ...
+
+    async def get_release(self, release_id: str) -> ReleaseRecord | None:
+        """The release, if known."""
+        ...
+
+    async def put_release(self, record: ReleaseRecord, *, expected_revision: int) -> ReleaseRecord | None:
+        """Write `record` if the stored revision is `expected_revision` (0: absent); the new record or None."""
+        ...
+
+    async def list_releases(self) -> list[ReleaseRecord]:
+        """Every release, newest first."""
+        ...
+
+    async def add_release_nodes(self, nodes: Sequence[ReleaseNode]) -> None:
+        """Insert the nodes of a new release; nodes already there are kept as they are."""
+        ...
+
+    async def move_release_node(
+        self,
+        release_id: str,
+        node_key: str,
+        *,
+        from_states: Sequence[ItemState],
+        to_state: ItemState,
+        outcome: str | None = None,
+    ) -> bool:
+        """Change one node's progress if it is in one of `from_states`; False if it was not."""
+        ...
+
+    async def list_release_nodes(
+        self, release_id: str, *, batch: int | None = None, state: ItemState | None = None, limit: int | None = None
+    ) -> list[ReleaseNode]:
+        """Nodes of a release in plan order, optionally of one batch and one state."""
+        ...
+
+    async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
+        """How many nodes of the release (or of one batch) are in each state."""
+        ...

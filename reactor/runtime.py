@@ -1,0 +1,89 @@
+"""Wiring: open the bus and the store for the configured mode and run consumers by role."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+
+import structlog
+
+from reactor.adapters.embedded_store import EmbeddedStore
+from reactor.adapters.memory_bus import MemoryBus
+from reactor.consumers.executor_worker import ExecutorWorker
+from reactor.consumers.pacer import Pacer
+from reactor.consumers.rollback import RollbackConsumer
+from reactor.errors import InvalidInput
+from reactor.events import Topic
+from reactor.ports import EventBus, ExecutorFactory, ExecutorSettings, Store
+from reactor.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class Role(StrEnum):
+    """What a worker process does."""
+
+    EXECUTOR = "executor"
+    PACER = "pacer"
+    ROLLBACK = "rollback"
+    ALL = "all"
+
+
+@dataclass
+class Backends:
+    """The bus and the store one process uses."""
+
+    bus: EventBus
+    store: Store
+    memory_bus: MemoryBus | None = field(default=None)
+
+
+@asynccontextmanager
+async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
+    """The bus and store of the configured mode, closed on every path."""
+    if settings.mode != "embedded":
+        raise InvalidInput(
+            "mode", "only 'embedded' is available in this build; the Kafka and MongoDB backends are not installed"
+        )
+    async with (
+        MemoryBus(source=settings.source, concurrency=settings.concurrency) as bus,
+        EmbeddedStore(settings.database_path) as store,
+    ):
+        yield Backends(bus=bus, store=store, memory_bus=bus)
+
+
+async def run_roles(
+    backends: Backends,
+    settings: Settings,
+    roles: set[Role],
+    *,
+    factories: dict[str, ExecutorFactory] | None = None,
+    started: asyncio.Event | None = None,
+) -> None:
+    """Run the consumers of `roles` until cancelled."""
+    if Role.ALL in roles:
+        roles = {Role.EXECUTOR, Role.PACER, Role.ROLLBACK}
+    bus, store = backends.bus, backends.store
+    async with asyncio.TaskGroup() as tasks:
+        if Role.EXECUTOR in roles:
+            worker = ExecutorWorker(
+                store,
+                bus,
+                settings=ExecutorSettings(local_root=settings.nodes_root, stop_timeout_s=settings.stop_timeout_s),
+                factories=factories,
+                lease=timedelta(seconds=settings.lease_s),
+            )
+            tasks.create_task(bus.consume([Topic.COMMANDS], "executor", worker.handle))
+        if Role.ROLLBACK in roles:
+            tasks.create_task(bus.consume([Topic.OUTCOMES], "rollback", RollbackConsumer(bus).handle))
+        if Role.PACER in roles:
+            pacer = Pacer(store, bus)
+            tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
+            await pacer.recover()
+        log.info("worker running", roles=sorted(role.value for role in roles))
+        if started is not None:
+            started.set()

@@ -1,0 +1,70 @@
+"""Settings from `REACTOR_*` environment variables and an optional TOML config file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "deploy-reactor"
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("REACTOR_CONFIG", "reactor.toml"))
+
+
+class Settings(BaseSettings):
+    """Everything a reactor process can be told. Embedded mode needs none of it."""
+
+    model_config = SettingsConfigDict(env_prefix="REACTOR_", extra="forbid", frozen=True)
+
+    mode: Literal["embedded", "distributed"] = "embedded"
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    local_root: Path | None = None
+    source: str = "/reactor"
+    topic_prefix: str = Field(default="reactor.", pattern=r"^[A-Za-z0-9._-]{0,100}$")
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    mongo_url: str = "mongodb://127.0.0.1:27017/"
+    mongo_database: str = "reactor"
+    concurrency: int = Field(default=64, ge=1, le=10_000)
+    lease_s: float = Field(default=1800.0, gt=0)
+    stop_timeout_s: float = Field(default=10.0, gt=0)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
+
+    def effective_log_level(self, default: str) -> str:
+        """The configured log level, or the command's own default (workers log more than the CLI)."""
+        return self.log_level or default
+
+    @property
+    def nodes_root(self) -> Path:
+        """Where the `local` platform keeps its nodes."""
+        return self.local_root or self.state_dir / "nodes"
+
+    @property
+    def database_path(self) -> Path:
+        """The embedded store's file."""
+        return self.state_dir / "reactor.db"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments win over environment variables, which win over the config file."""
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file()))

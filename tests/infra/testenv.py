@@ -1,0 +1,653 @@
+"""Real test infrastructure for Deploy Reactor: install, start, wait for and stop
+a single-node Apache Kafka broker (KRaft, jars from Maven Central) and FerretDB
+(MongoDB wire protocol, SQLite backend, built from its Go module by our own tiny
+main in ``tests/infra/ferretdb``).
+
+Pure standard library on purpose: it runs before any virtualenv exists (CI
+bootstrap, ``scripts/testenv``) and from pytest fixtures alike.
+
+Everything listens on 127.0.0.1 only, on free ports. Builds are cached outside
+the repo in ``$REACTOR_CACHE_DIR`` (default ``~/.cache/deploy-reactor``); a
+cache entry counts only once its marker file is written, so an interrupted
+build is redone.
+
+Library use (e.g. from a pytest fixture)::
+
+    with start_kafka(tmp_path / "kafka") as kafka:
+        bootstrap = kafka.env["REACTOR_KAFKA_BOOTSTRAP"]
+
+CLI use: see ``scripts/testenv`` (``up``/``down``/``env``/``install``), which
+records what it started in ``<rundir>/state.json`` so a later invocation can
+stop it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+CACHE = Path(os.environ.get("REACTOR_CACHE_DIR", "~/.cache/deploy-reactor")).expanduser()
+
+# Kafka 4.x verified with aiokafka 0.14 (admin create_topics, idempotent
+# producer, consumer group + manual commit). 3.9.x stays supported as a
+# fallback: REACTOR_KAFKA_VERSION=3.9.1.
+DEFAULT_KAFKA_VERSION = "4.3.1"
+KAFKA_VERSION = os.environ.get("REACTOR_KAFKA_VERSION") or DEFAULT_KAFKA_VERSION
+FERRETDB_VERSION = "v1.24.2"
+
+# Logging bindings added next to kafka_2.13 (its runtime scope has none).
+LOG4J2_VERSION = "2.25.4"  # Kafka 4.x: log4j2 + slf4j 1.x binding
+RELOAD4J_VERSION = "1.2.25"  # Kafka 3.x: reload4j + slf4j-reload4j
+SLF4J1_VERSION = "1.7.36"
+MAVEN_DEPENDENCY_PLUGIN_VERSION = "3.8.1"
+
+KAFKA_START_TIMEOUT = 120.0
+FERRETDB_START_TIMEOUT = 60.0
+KAFKA_STOP_GRACE = 30.0
+FERRETDB_STOP_GRACE = 10.0
+
+HOST = "127.0.0.1"
+FERRETDB_SRC = Path(__file__).resolve().parent / "ferretdb"
+_MARKER = ".complete"
+
+
+class TestEnvError(RuntimeError):
+    """Installing, starting or stopping a component failed."""
+
+    __test__ = False  # not a pytest test class
+
+
+def log(msg: str) -> None:
+    """Progress messages go to stderr (stdout is reserved for `export` lines)."""
+    print(f"[testenv] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):  # hold all at once so they are distinct
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _tcp_accepts(port: int, host: str = HOST, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        data = path.read_bytes()[-65536:].decode("utf-8", "replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _proc_starttime(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of `pid`, or None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock (so concurrent callers don't build twice)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _clean_stale(dest: Path, tmp_prefix: str) -> None:
+    """Remove an incomplete cache entry and temp dirs of killed builds (call with the lock held)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for p in dest.parent.glob(f"{tmp_prefix}*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+         what: str) -> None:
+    try:
+        res = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except FileNotFoundError as e:
+        raise TestEnvError(f"{what}: {cmd[0]!r} not found on PATH") from e
+    if res.returncode != 0:
+        tail = "\n".join(res.stdout.splitlines()[-40:])
+        raise TestEnvError(f"{what} failed (exit {res.returncode}): {shlex.join(cmd)}\n{tail}")
+
+
+def _java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").exists():
+        return str(Path(home) / "bin" / "java")
+    java = shutil.which("java")
+    if not java:
+        raise TestEnvError("java not found (install a JDK >= 17, e.g. apt-get install openjdk-17-jre-headless)")
+    return java
+
+
+# --------------------------------------------------------------------------
+# Service
+
+
+@dataclasses.dataclass
+class Service:
+    """A started background process plus the env vars that point clients at it."""
+
+    name: str
+    pid: int
+    env: dict[str, str]
+    workdir: str = ""
+    log: str = ""
+    stop_grace: float = 10.0
+    starttime: int | None = None  # /proc starttime, guards against pid reuse
+    _proc: subprocess.Popen | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def alive(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            return False
+        st = _proc_starttime(self.pid)
+        return st is not None and (self.starttime is None or st == self.starttime)
+
+    def _wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            time.sleep(0.1)
+        return not self.alive()
+
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL. Idempotent."""
+        grace = self.stop_grace if grace is None else grace
+        if not self.alive():
+            self._reap()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        if not self._wait_gone(grace):
+            log(f"{self.name} (pid {self.pid}) ignored SIGTERM for {grace:.0f}s; sending SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            if not self._wait_gone(10):
+                raise TestEnvError(f"{self.name} (pid {self.pid}) survived SIGKILL")
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(Exception):
+                self._proc.wait(timeout=5)
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_proc"}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Service:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"_proc"}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _spawn(name: str, cmd: list[str], workdir: Path, logfile: Path, *, stop_grace: float,
+           env: dict[str, str] | None = None) -> Service:
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the CLI that started it; not hit by the terminal's ^C
+        )
+    return Service(name=name, pid=proc.pid, env={}, workdir=str(workdir), log=str(logfile),
+                   stop_grace=stop_grace, starttime=_proc_starttime(proc.pid), _proc=proc)
+
+
+def _wait_until(svc: Service, ready: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not svc.alive():
+            code = svc._proc.poll() if svc._proc is not None else None
+            raise TestEnvError(f"{svc.name} exited (code {code}) before {what}; log {svc.log}:\n"
+                               f"{_tail(Path(svc.log))}")
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            svc.stop(grace=5)
+            raise TestEnvError(f"{svc.name} not ready ({what}) after {timeout:.0f}s; log {svc.log}:\n"
+                               f"{_tail(Path(svc.log))}")
+        time.sleep(0.25)
+
+
+# --------------------------------------------------------------------------
+# Kafka
+
+
+def _kafka_major(version: str) -> int:
+    return int(version.split(".", 1)[0])
+
+
+def _kafka_pom(version: str) -> str:
+    deps = [("org.apache.kafka", "kafka_2.13", version)]
+    if _kafka_major(version) >= 4:
+        deps += [("org.apache.logging.log4j", a, LOG4J2_VERSION)
+                 for a in ("log4j-api", "log4j-core", "log4j-slf4j-impl")]
+    else:
+        deps += [("ch.qos.reload4j", "reload4j", RELOAD4J_VERSION),
+                 ("org.slf4j", "slf4j-reload4j", SLF4J1_VERSION)]
+    dep_xml = "\n".join(
+        f"    <dependency><groupId>{g}</groupId><artifactId>{a}</artifactId><version>{v}</version></dependency>"
+        for g, a, v in deps)
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<!-- generated by tests/infra/testenv.py: runtime classpath of a Kafka {version} broker -->
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.deploy-reactor</groupId>
+  <artifactId>kafka-broker-libs</artifactId>
+  <version>{version}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+{dep_xml}
+  </dependencies>
+  <build><pluginManagement><plugins><plugin>
+    <groupId>org.apache.maven.plugins</groupId>
+    <artifactId>maven-dependency-plugin</artifactId>
+    <version>{MAVEN_DEPENDENCY_PLUGIN_VERSION}</version>
+  </plugin></plugins></pluginManagement></build>
+</project>
+"""
+
+
+def ensure_kafka(version: str = KAFKA_VERSION) -> Path:
+    """Directory with ``libs/*.jar`` for a Kafka `version` broker, built once into the cache."""
+    dest = CACHE / f"kafka-{version}"
+    if (dest / _MARKER).exists():
+        return dest
+    with _locked(CACHE / f".kafka-{version}.lock"):
+        if (dest / _MARKER).exists():
+            return dest
+        if not shutil.which("mvn"):
+            raise TestEnvError("mvn not found (apt-get install maven)")
+        log(f"installing Kafka {version} jars from Maven Central into {dest}")
+        t0 = time.monotonic()
+        _clean_stale(dest, f".tmp-kafka-{version}-")  # half-done earlier attempt
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-kafka-{version}-", dir=CACHE))
+        try:
+            (tmp / "pom.xml").write_text(_kafka_pom(version))
+            _run(["mvn", "-q", "-B", "dependency:copy-dependencies", "-DincludeScope=runtime",
+                  "-DoutputDirectory=libs"], cwd=tmp, what=f"Maven fetch of Kafka {version}")
+            jars = sorted(p.name for p in (tmp / "libs").glob("*.jar"))
+            if f"kafka_2.13-{version}.jar" not in jars:
+                raise TestEnvError(f"Maven fetch of Kafka {version} produced no kafka_2.13 jar: {jars}")
+            (tmp / _MARKER).write_text(json.dumps({"version": version, "jars": jars}, indent=1))
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"Kafka {version} installed in {time.monotonic() - t0:.1f}s")
+    return dest
+
+
+def _kafka_uuid() -> str:
+    """Same format as Kafka's Uuid.randomUuid() (base64url, no padding, no leading '-')."""
+    while True:
+        s = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not s.startswith("-"):
+            return s
+
+
+_LOG4J2_PROPERTIES = """\
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = STDOUT
+logger.state.name = state.change.logger
+logger.state.level = warn
+"""
+
+_LOG4J1_PROPERTIES = """\
+log4j.rootLogger=INFO, stdout
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.state.change.logger=WARN
+"""
+
+
+def _kafka_properties(port: int, cport: int, datadir: Path) -> str:
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@{HOST}:{cport}",
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(datadir),
+        "num.partitions": "4",
+        "auto.create.topics.enable": "true",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "4",  # fewer partitions: faster first group join
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "4",
+        "share.coordinator.state.topic.replication.factor": "1",  # 4.x; ignored by 3.9
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "log.flush.interval.messages": "9223372036854775807",
+    }
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def _kafka_java_cmd(libs: Path, workdir: Path, heap: str, main: str, *args: str) -> list[str]:
+    return [
+        _java(), f"-Xmx{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+        "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={workdir / 'log4j2.properties'}",
+        f"-Dlog4j.configuration=file:{workdir / 'log4j.properties'}",
+        "-cp", f"{libs}/*", main, *args,
+    ]
+
+
+def _kafka_api_versions_ok(port: int) -> bool:
+    """Send ApiVersions v0 and check for error_code 0 (the broker speaks Kafka)."""
+    client_id = b"reactor-testenv"
+    body = struct.pack(">hhih", 18, 0, 7, len(client_id)) + client_id
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as s:
+            s.sendall(struct.pack(">i", len(body)) + body)
+            hdr = b""
+            while len(hdr) < 10:  # size(4) + correlation_id(4) + error_code(2)
+                chunk = s.recv(10 - len(hdr))
+                if not chunk:
+                    return False
+                hdr += chunk
+    except OSError:
+        return False
+    _size, corr, err = struct.unpack(">iih", hdr)
+    return corr == 7 and err == 0
+
+
+def start_kafka(workdir: Path, version: str = KAFKA_VERSION) -> Service:
+    """Format and start a single-node KRaft broker in `workdir` (wiped first); wait until ready."""
+    home = ensure_kafka(version)
+    libs = home / "libs"
+    workdir = Path(workdir).resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    port, cport = _free_ports(2)
+    (workdir / "server.properties").write_text(_kafka_properties(port, cport, workdir / "data"))
+    (workdir / "log4j2.properties").write_text(_LOG4J2_PROPERTIES)
+    (workdir / "log4j.properties").write_text(_LOG4J1_PROPERTIES)
+    logfile = workdir / "kafka.log"
+
+    t0 = time.monotonic()
+    fmt = _kafka_java_cmd(libs, workdir, "256m", "kafka.tools.StorageTool", "format",
+                          "-t", _kafka_uuid(), "-c", str(workdir / "server.properties"))
+    fmt[1:1] = ["-XX:TieredStopAtLevel=1"]  # short-lived tool: faster JIT start
+    _run(fmt, cwd=workdir, what="Kafka storage format")
+
+    cmd = _kafka_java_cmd(libs, workdir, "512m", "kafka.Kafka", str(workdir / "server.properties"))
+    cmd[1:1] = ["-Xms256m"]
+    svc = _spawn("kafka", cmd, workdir, logfile, stop_grace=KAFKA_STOP_GRACE)
+    svc.env = {"REACTOR_KAFKA_BOOTSTRAP": f"{HOST}:{port}"}
+
+    def ready() -> bool:
+        if not _tcp_accepts(port):
+            return False
+        text = _tail(logfile, 400)
+        if "Kafka Server started" not in text and "started (kafka.server" not in text:
+            return False
+        return _kafka_api_versions_ok(port)
+
+    _wait_until(svc, ready, KAFKA_START_TIMEOUT, f"Kafka {version} on {HOST}:{port}")
+    log(f"Kafka {version} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
+    return svc
+
+
+# --------------------------------------------------------------------------
+# FerretDB
+
+
+def _ferretdb_src_hash() -> str:
+    h = hashlib.sha256()
+    for name in ("main.go", "go.mod", "go.sum"):
+        h.update(name.encode() + b"\0" + (FERRETDB_SRC / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def ensure_ferretdb(version: str = FERRETDB_VERSION) -> Path:
+    """Path to our FerretDB launcher binary for `version`, built once into the cache."""
+    dest = CACHE / f"ferretdb-{version}"
+    binary = dest / "ferretdb"
+    src_hash = _ferretdb_src_hash()
+
+    def cached() -> bool:
+        try:
+            marker = json.loads((dest / _MARKER).read_text())
+        except (OSError, ValueError):
+            return False
+        return marker.get("src") == src_hash and binary.exists()
+
+    if cached():
+        return binary
+    with _locked(CACHE / f".ferretdb-{version}.lock"):
+        if cached():
+            return binary
+        go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+        if not go:
+            raise TestEnvError("go not found on PATH (Go >= 1.24 is needed to build FerretDB)")
+        log(f"building FerretDB {version} (Go module, SQLite backend) into {dest}")
+        t0 = time.monotonic()
+        _clean_stale(dest, f".tmp-ferretdb-{version}-")  # half-done earlier attempt
+        dest.mkdir(parents=True)
+        with tempfile.TemporaryDirectory(prefix=f".tmp-ferretdb-{version}-", dir=CACHE) as tmp:
+            tmpd = Path(tmp)
+            for name in ("main.go", "go.mod", "go.sum"):
+                shutil.copy2(FERRETDB_SRC / name, tmpd / name)
+            env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="-mod=readonly -buildvcs=false")
+            if f"github.com/FerretDB/FerretDB {version}" not in (tmpd / "go.mod").read_text():
+                env["GOFLAGS"] = "-mod=mod -buildvcs=false"
+                _run([go, "get", f"github.com/FerretDB/FerretDB@{version}"], cwd=tmpd, env=env,
+                     what=f"go get FerretDB {version}")
+                _run([go, "mod", "tidy"], cwd=tmpd, env=env, what="go mod tidy")
+            _run([go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(tmpd / "ferretdb"), "."],
+                 cwd=tmpd, env=env, what=f"go build of FerretDB {version}")
+            shutil.move(str(tmpd / "ferretdb"), binary)
+        (dest / _MARKER).write_text(json.dumps({"version": version, "src": src_hash}))
+        log(f"FerretDB {version} built in {time.monotonic() - t0:.1f}s")
+    return binary
+
+
+def start_ferretdb(workdir: Path, version: str = FERRETDB_VERSION) -> Service:
+    """Start FerretDB (SQLite data in `workdir`, wiped first) and wait until it accepts TCP."""
+    binary = ensure_ferretdb(version)
+    workdir = Path(workdir).resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    port = free_port()
+    t0 = time.monotonic()
+    svc = _spawn("mongo", [str(binary), "-listen-addr", f"{HOST}:{port}",
+                           "-sqlite-dir", str(workdir / "data")],
+                 workdir, workdir / "ferretdb.log", stop_grace=FERRETDB_STOP_GRACE)
+    svc.env = {"REACTOR_MONGO_URL": f"mongodb://{HOST}:{port}/"}
+    _wait_until(svc, lambda: _tcp_accepts(port), FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
+    log(f"FerretDB {version} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
+    return svc
+
+
+# --------------------------------------------------------------------------
+# components (CLI names) and the state file
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """A named part of the test environment. Add `fleet`, `k8s`, ... here."""
+
+    name: str
+    description: str
+    install: Callable[[], object]
+    start: Callable[[Path], Service]
+
+
+COMPONENTS: dict[str, Component] = {
+    "kafka": Component("kafka", f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)",
+                       lambda: ensure_kafka(), lambda wd: start_kafka(wd)),
+    "mongo": Component("mongo", f"FerretDB {FERRETDB_VERSION} (MongoDB wire protocol, SQLite)",
+                       lambda: ensure_ferretdb(), lambda wd: start_ferretdb(wd)),
+}
+
+
+def rundir() -> Path:
+    return Path(os.environ.get("REACTOR_TESTENV_DIR") or CACHE / "run").expanduser()
+
+
+def _state_path() -> Path:
+    return rundir() / "state.json"
+
+
+def resolve(names: list[str]) -> list[Component]:
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise KeyError(f"unknown component(s): {', '.join(unknown)} (known: {', '.join(COMPONENTS)})")
+    return [COMPONENTS[n] for n in dict.fromkeys(names)]
+
+
+def load_state() -> dict[str, Service]:
+    try:
+        raw = json.loads(_state_path().read_text())
+    except FileNotFoundError:
+        return {}
+    return {name: Service.from_json(d) for name, d in raw.get("services", {}).items()}
+
+
+def save_state(services: dict[str, Service]) -> None:
+    path = _state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not services:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"services": {n: s.to_json() for n, s in services.items()}}, indent=1))
+    tmp.replace(path)
+
+
+def export_lines(services: dict[str, Service]) -> list[str]:
+    return [f"export {k}={shlex.quote(v)}" for s in services.values() for k, v in s.env.items()]
+
+
+def install(names: list[str]) -> None:
+    comps = resolve(names)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=len(comps) or 1) as pool:  # mvn (network) || go build (CPU)
+        for fut in [pool.submit(c.install) for c in comps]:
+            fut.result()
+
+
+def up(names: list[str]) -> dict[str, Service]:
+    """Start the named components (reusing ones already running); return all running services."""
+    comps = resolve(names)
+    install(names)
+    with _locked(rundir() / ".state.lock"):
+        state = {n: s for n, s in load_state().items() if s.alive()}
+        todo = [c for c in comps if c.name not in state]
+        for c in comps:
+            if c.name in state:
+                log(f"{c.name} already running (pid {state[c.name].pid})")
+        started: dict[str, Service] = {}
+        errors: list[BaseException] = []
+        with ThreadPoolExecutor(max_workers=len(todo) or 1) as pool:
+            futs = {c.name: pool.submit(c.start, rundir() / c.name) for c in todo}
+            for name, fut in futs.items():
+                try:
+                    started[name] = fut.result()
+                except BaseException as e:  # noqa: BLE001 - collect, then clean up
+                    errors.append(e)
+        try:
+            if errors:
+                raise errors[0]
+            state.update(started)
+            save_state(state)
+        except BaseException:
+            for svc in started.values():  # don't leak what nobody will know to stop
+                svc.stop()
+            raise
+        return state
+
+
+def down(names: list[str] | None = None) -> list[str]:
+    """Stop the named (default: all) services recorded in the state file."""
+    if names:
+        resolve(names)
+    with _locked(rundir() / ".state.lock"):
+        state = load_state()
+        stopped = []
+        for name in list(state):
+            if names and name not in names:
+                continue
+            svc = state.pop(name)
+            if svc.alive():
+                log(f"stopping {name} (pid {svc.pid})")
+                svc.stop()
+                stopped.append(name)
+            else:
+                log(f"{name} (pid {svc.pid}) was not running")
+        save_state(state)
+        return stopped
+
+
+def running() -> dict[str, Service]:
+    return {n: s for n, s in load_state().items() if s.alive()}
