@@ -60,12 +60,8 @@ class Executor(Protocol):
         ...
 
 
-class ExecutorFactory(Protocol):
-    """What the `reactor.executors` entry-point group registers: a callable making an Executor."""
-
-    platform: ClassVar[str]
-
-    def __call__(self, context: ExecutionContext) -> Executor: ...
+# What the `reactor.executors` entry-point group registers: usually the Executor class itself.
+ExecutorFactory = Callable[[ExecutionContext], Executor]
 
 
 # --- bus ---------------------------------------------------------------------------------------

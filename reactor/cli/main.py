@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
@@ -40,8 +41,10 @@ schemas_app = typer.Typer(help="Generated event contracts (JSON Schema, AsyncAPI
 app.add_typer(release_app, name="release")
 app.add_typer(schemas_app, name="schemas")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Piped output is read by programs and people with wide screens: do not cut tables at 80 columns.
+_PIPED_WIDTH = 200
+out = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 T = TypeVar("T")
 EXIT_INVALID = 2
 

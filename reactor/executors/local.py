@@ -32,6 +32,8 @@ from reactor.ports import ExecutionContext
 log = structlog.get_logger(__name__)
 
 _CHUNK = 1 << 16
+# Services this process started, so they are reaped when they exit (they outlive the request, not the process).
+_children: dict[int, subprocess.Popen[bytes]] = {}
 _DOWNLOAD_TIMEOUT_S = 60.0
 
 
@@ -176,6 +178,7 @@ class LocalExecutor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # the service outlives the worker, as under systemd
             )
+        _children[process.pid] = process
         (self.base / "run" / "pid").write_text(f"{process.pid} {version}\n")
         log.info("started", version=version, pid=process.pid)
         return process
@@ -306,10 +309,12 @@ def _rewind(history: list[str], target: str) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return False
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _children[pid]
+        return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

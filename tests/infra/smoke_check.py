@@ -10,6 +10,7 @@ producer, consume in a consumer group with manual commit, check the committed of
 Mongo: unique index, guarded find_one_and_update with upsert, count.
 Exits non-zero on any failure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,20 @@ async def check_kafka(bootstrap: str) -> None:
         txn = getattr(producer, "_txn_manager", None)  # private, best effort: proves InitProducerId worked
         pid = getattr(txn, "producer_id", None)
         assert txn is None or (pid is not None and pid >= 0), f"no producer id: {pid}"
-        say(f"idempotent producer (producer_id={pid}) sent {N_MESSAGES} messages, "
-            f"per partition {dict(sorted(sent.items()))}")
+        say(
+            f"idempotent producer (producer_id={pid}) sent {N_MESSAGES} messages, "
+            f"per partition {dict(sorted(sent.items()))}"
+        )
     finally:
         await producer.stop()
 
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-        auto_offset_reset="earliest", isolation_level="read_committed",
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
     )
     await consumer.start()
     try:
@@ -104,7 +111,7 @@ async def check_mongo(url: str) -> None:
     from pymongo import AsyncMongoClient, ReturnDocument
     from pymongo.errors import DuplicateKeyError
 
-    client = AsyncMongoClient(url, serverSelectionTimeoutMS=10000)
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(url, serverSelectionTimeoutMS=10000)
     db = client[f"smoke_{uuid.uuid4().hex[:8]}"]
     try:
         info = await client.server_info()
@@ -116,7 +123,8 @@ async def check_mongo(url: str) -> None:
         doc = await coll.find_one_and_update(
             {"app": "web", "env": "prod"},
             {"$set": {"state": "pending"}, "$setOnInsert": {"rev": 0}},
-            upsert=True, return_document=ReturnDocument.AFTER,
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
         )
         assert doc and doc["state"] == "pending" and doc["rev"] == 0, doc
 
@@ -173,7 +181,7 @@ async def main() -> int:
         try:
             await asyncio.wait_for(check(value), timeout=120)
             say(f"{name}: OK ({time.monotonic() - t0:.1f}s)")
-        except BaseException as e:  # noqa: BLE001 - report every failure kind
+        except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
             say(f"{name}: FAIL: {type(e).__name__}: {e}")

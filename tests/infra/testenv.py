@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 CACHE = Path(os.environ.get("REACTOR_CACHE_DIR", "~/.cache/deploy-reactor")).expanduser()
 
@@ -88,7 +89,8 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _free_ports(n: int) -> list[int]:
@@ -151,11 +153,18 @@ def _clean_stale(dest: Path, tmp_prefix: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
-         what: str) -> None:
+def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, what: str) -> None:
     try:
-        res = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        res = subprocess.run(
+            cmd,
+            check=False,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     except FileNotFoundError as e:
         raise TestEnvError(f"{what}: {cmd[0]!r} not found on PATH") from e
     if res.returncode != 0:
@@ -188,7 +197,7 @@ class Service:
     log: str = ""
     stop_grace: float = 10.0
     starttime: int | None = None  # /proc starttime, guards against pid reuse
-    _proc: subprocess.Popen | None = dataclasses.field(default=None, repr=False, compare=False)
+    _proc: subprocess.Popen[bytes] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def alive(self) -> bool:
         if self._proc is not None and self._proc.poll() is not None:
@@ -225,11 +234,11 @@ class Service:
             with contextlib.suppress(Exception):
                 self._proc.wait(timeout=5)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_proc"}
 
     @classmethod
-    def from_json(cls, d: dict) -> Service:
+    def from_json(cls, d: dict[str, Any]) -> Service:
         fields = {f.name for f in dataclasses.fields(cls)} - {"_proc"}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
@@ -240,15 +249,29 @@ class Service:
         self.stop()
 
 
-def _spawn(name: str, cmd: list[str], workdir: Path, logfile: Path, *, stop_grace: float,
-           env: dict[str, str] | None = None) -> Service:
+def _spawn(
+    name: str, cmd: list[str], workdir: Path, logfile: Path, *, stop_grace: float, env: dict[str, str] | None = None
+) -> Service:
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
-            cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cmd,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # survives the CLI that started it; not hit by the terminal's ^C
         )
-    return Service(name=name, pid=proc.pid, env={}, workdir=str(workdir), log=str(logfile),
-                   stop_grace=stop_grace, starttime=_proc_starttime(proc.pid), _proc=proc)
+    return Service(
+        name=name,
+        pid=proc.pid,
+        env={},
+        workdir=str(workdir),
+        log=str(logfile),
+        stop_grace=stop_grace,
+        starttime=_proc_starttime(proc.pid),
+        _proc=proc,
+    )
 
 
 def _wait_until(svc: Service, ready: Callable[[], bool], timeout: float, what: str) -> None:
@@ -256,14 +279,14 @@ def _wait_until(svc: Service, ready: Callable[[], bool], timeout: float, what: s
     while True:
         if not svc.alive():
             code = svc._proc.poll() if svc._proc is not None else None
-            raise TestEnvError(f"{svc.name} exited (code {code}) before {what}; log {svc.log}:\n"
-                               f"{_tail(Path(svc.log))}")
+            raise TestEnvError(f"{svc.name} exited (code {code}) before {what}; log {svc.log}:\n{_tail(Path(svc.log))}")
         if ready():
             return
         if time.monotonic() > deadline:
             svc.stop(grace=5)
-            raise TestEnvError(f"{svc.name} not ready ({what}) after {timeout:.0f}s; log {svc.log}:\n"
-                               f"{_tail(Path(svc.log))}")
+            raise TestEnvError(
+                f"{svc.name} not ready ({what}) after {timeout:.0f}s; log {svc.log}:\n{_tail(Path(svc.log))}"
+            )
         time.sleep(0.25)
 
 
@@ -278,14 +301,15 @@ def _kafka_major(version: str) -> int:
 def _kafka_pom(version: str) -> str:
     deps = [("org.apache.kafka", "kafka_2.13", version)]
     if _kafka_major(version) >= 4:
-        deps += [("org.apache.logging.log4j", a, LOG4J2_VERSION)
-                 for a in ("log4j-api", "log4j-core", "log4j-slf4j-impl")]
+        deps += [
+            ("org.apache.logging.log4j", a, LOG4J2_VERSION) for a in ("log4j-api", "log4j-core", "log4j-slf4j-impl")
+        ]
     else:
-        deps += [("ch.qos.reload4j", "reload4j", RELOAD4J_VERSION),
-                 ("org.slf4j", "slf4j-reload4j", SLF4J1_VERSION)]
+        deps += [("ch.qos.reload4j", "reload4j", RELOAD4J_VERSION), ("org.slf4j", "slf4j-reload4j", SLF4J1_VERSION)]
     dep_xml = "\n".join(
         f"    <dependency><groupId>{g}</groupId><artifactId>{a}</artifactId><version>{v}</version></dependency>"
-        for g, a, v in deps)
+        for g, a, v in deps
+    )
     return f"""<?xml version="1.0" encoding="UTF-8"?>
 <!-- generated by tests/infra/testenv.py: runtime classpath of a Kafka {version} broker -->
 <project xmlns="http://maven.apache.org/POM/4.0.0">
@@ -322,8 +346,19 @@ def ensure_kafka(version: str = KAFKA_VERSION) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-kafka-{version}-", dir=CACHE))
         try:
             (tmp / "pom.xml").write_text(_kafka_pom(version))
-            _run(["mvn", "-q", "-B", "dependency:copy-dependencies", "-DincludeScope=runtime",
-                  "-DoutputDirectory=libs"], cwd=tmp, what=f"Maven fetch of Kafka {version}")
+            _run(
+                [
+                    "mvn",
+                    "-q",
+                    "-B",
+                    "-Dstyle.color=never",
+                    "dependency:copy-dependencies",
+                    "-DincludeScope=runtime",
+                    "-DoutputDirectory=libs",
+                ],
+                cwd=tmp,
+                what=f"Maven fetch of Kafka {version}",
+            )
             jars = sorted(p.name for p in (tmp / "libs").glob("*.jar"))
             if f"kafka_2.13-{version}.jar" not in jars:
                 raise TestEnvError(f"Maven fetch of Kafka {version} produced no kafka_2.13 jar: {jars}")
@@ -394,11 +429,18 @@ def _kafka_properties(port: int, cport: int, datadir: Path) -> str:
 
 def _kafka_java_cmd(libs: Path, workdir: Path, heap: str, main: str, *args: str) -> list[str]:
     return [
-        _java(), f"-Xmx{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-        "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
+        _java(),
+        f"-Xmx{heap}",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-XX:+ExitOnOutOfMemoryError",
+        "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={workdir / 'log4j2.properties'}",
         f"-Dlog4j.configuration=file:{workdir / 'log4j.properties'}",
-        "-cp", f"{libs}/*", main, *args,
+        "-cp",
+        f"{libs}/*",
+        main,
+        *args,
     ]
 
 
@@ -418,7 +460,7 @@ def _kafka_api_versions_ok(port: int) -> bool:
     except OSError:
         return False
     _size, corr, err = struct.unpack(">iih", hdr)
-    return corr == 7 and err == 0
+    return bool(corr == 7 and err == 0)
 
 
 def start_kafka(workdir: Path, version: str = KAFKA_VERSION) -> Service:
@@ -435,8 +477,17 @@ def start_kafka(workdir: Path, version: str = KAFKA_VERSION) -> Service:
     logfile = workdir / "kafka.log"
 
     t0 = time.monotonic()
-    fmt = _kafka_java_cmd(libs, workdir, "256m", "kafka.tools.StorageTool", "format",
-                          "-t", _kafka_uuid(), "-c", str(workdir / "server.properties"))
+    fmt = _kafka_java_cmd(
+        libs,
+        workdir,
+        "256m",
+        "kafka.tools.StorageTool",
+        "format",
+        "-t",
+        _kafka_uuid(),
+        "-c",
+        str(workdir / "server.properties"),
+    )
     fmt[1:1] = ["-XX:TieredStopAtLevel=1"]  # short-lived tool: faster JIT start
     _run(fmt, cwd=workdir, what="Kafka storage format")
 
@@ -501,11 +552,19 @@ def ensure_ferretdb(version: str = FERRETDB_VERSION) -> Path:
             env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="-mod=readonly -buildvcs=false")
             if f"github.com/FerretDB/FerretDB {version}" not in (tmpd / "go.mod").read_text():
                 env["GOFLAGS"] = "-mod=mod -buildvcs=false"
-                _run([go, "get", f"github.com/FerretDB/FerretDB@{version}"], cwd=tmpd, env=env,
-                     what=f"go get FerretDB {version}")
+                _run(
+                    [go, "get", f"github.com/FerretDB/FerretDB@{version}"],
+                    cwd=tmpd,
+                    env=env,
+                    what=f"go get FerretDB {version}",
+                )
                 _run([go, "mod", "tidy"], cwd=tmpd, env=env, what="go mod tidy")
-            _run([go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(tmpd / "ferretdb"), "."],
-                 cwd=tmpd, env=env, what=f"go build of FerretDB {version}")
+            _run(
+                [go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(tmpd / "ferretdb"), "."],
+                cwd=tmpd,
+                env=env,
+                what=f"go build of FerretDB {version}",
+            )
             shutil.move(str(tmpd / "ferretdb"), binary)
         (dest / _MARKER).write_text(json.dumps({"version": version, "src": src_hash}))
         log(f"FerretDB {version} built in {time.monotonic() - t0:.1f}s")
@@ -520,9 +579,13 @@ def start_ferretdb(workdir: Path, version: str = FERRETDB_VERSION) -> Service:
     workdir.mkdir(parents=True)
     port = free_port()
     t0 = time.monotonic()
-    svc = _spawn("mongo", [str(binary), "-listen-addr", f"{HOST}:{port}",
-                           "-sqlite-dir", str(workdir / "data")],
-                 workdir, workdir / "ferretdb.log", stop_grace=FERRETDB_STOP_GRACE)
+    svc = _spawn(
+        "mongo",
+        [str(binary), "-listen-addr", f"{HOST}:{port}", "-sqlite-dir", str(workdir / "data")],
+        workdir,
+        workdir / "ferretdb.log",
+        stop_grace=FERRETDB_STOP_GRACE,
+    )
     svc.env = {"REACTOR_MONGO_URL": f"mongodb://{HOST}:{port}/"}
     _wait_until(svc, lambda: _tcp_accepts(port), FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
     log(f"FerretDB {version} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
@@ -544,10 +607,18 @@ class Component:
 
 
 COMPONENTS: dict[str, Component] = {
-    "kafka": Component("kafka", f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)",
-                       lambda: ensure_kafka(), lambda wd: start_kafka(wd)),
-    "mongo": Component("mongo", f"FerretDB {FERRETDB_VERSION} (MongoDB wire protocol, SQLite)",
-                       lambda: ensure_ferretdb(), lambda wd: start_ferretdb(wd)),
+    "kafka": Component(
+        "kafka",
+        f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)",
+        ensure_kafka,
+        start_kafka,
+    ),
+    "mongo": Component(
+        "mongo",
+        f"FerretDB {FERRETDB_VERSION} (MongoDB wire protocol, SQLite)",
+        ensure_ferretdb,
+        start_ferretdb,
+    ),
 }
 
 

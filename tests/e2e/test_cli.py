@@ -1,0 +1,144 @@
+"""The `reactor` command line as a user runs it: exit codes, messages, and nothing changed on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reactor.demo import build_package
+from reactor.demo.scenario import free_ports, release_plan, served_version, write_plan
+from reactor.executors.local import stop_all
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def reactor(*args: str, state: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REACTOR_STATE_DIR": str(state), "REACTOR_LOG_FORMAT": "json"}
+    return subprocess.run(
+        [sys.executable, "-m", "reactor.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_schemas_check_passes_on_the_checked_in_files(tmp_path: Path) -> None:
+    """`reactor schemas check` exits 0 on the repository's schemas/."""
+    result = reactor("schemas", "check", state=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "schemas up to date" in result.stdout
+
+
+def test_schemas_check_fails_on_drift(tmp_path: Path) -> None:
+    """An edited schema file makes `reactor schemas check` exit non-zero and name the file."""
+    copy = tmp_path / "schemas"
+    assert reactor("schemas", "export", "--dir", str(copy), state=tmp_path).returncode == 0
+    target = copy / "events" / "dev.deployreactor.node.deployed.v1.json"
+    target.write_text(target.read_text().replace('"version"', '"versio"'))
+    (copy / "events" / "dev.deployreactor.node.removed.v1.json").write_text("{}")
+    result = reactor("schemas", "check", "--dir", str(copy), state=tmp_path)
+    assert result.returncode == 1
+    assert "changed: events/dev.deployreactor.node.deployed.v1.json" in result.stderr
+    assert "stale: events/dev.deployreactor.node.removed.v1.json" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda plan: plan.update(version="1.0; rm -rf /"), "version"),
+        (lambda plan: plan["nodes"][0].update(node_key="local/../etc/hello"), "nodes.0.node_key"),
+        (lambda plan: plan["package"].update(sha256="XYZ"), "package.sha256"),
+        (lambda plan: plan["strategy"].update(max_parallel=0), "strategy.max_parallel"),
+        (lambda plan: plan.update(surprise=True), "surprise"),
+    ],
+)
+def test_invalid_release_file_exits_2_naming_the_field_and_changes_nothing(
+    tmp_path: Path, mutate: object, field: str
+) -> None:
+    """A bad release file is refused with exit code 2, the field and the rule named, and no state written."""
+    package = build_package(tmp_path / "dist", "1.0.0")
+    document = release_plan("bad-1", package, {"node-1": 1}).model_dump(mode="json")
+    assert callable(mutate)
+    mutate(document)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(document))
+    state = tmp_path / "state"
+    result = reactor("release", "submit", str(path), state=state)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert field in result.stderr
+    assert not (state / "reactor.db").exists()
+
+
+def test_release_submit_status_and_node_commands_work_on_the_embedded_store(tmp_path: Path) -> None:
+    """submit runs a release to the end; status shows it; deploy and rollback work on one node."""
+    dist = tmp_path / "dist"
+    old, new = build_package(dist, "1.0.0"), build_package(dist, "1.1.0")
+    port = free_ports(1)[0]
+    state = tmp_path / "state"
+    try:
+        plan_file = write_plan(tmp_path / "release.yaml", release_plan("hello-1.0.0", old, {"node-1": port}))
+        submitted = reactor("release", "submit", str(plan_file), state=state)
+        assert submitted.returncode == 0, submitted.stderr
+        assert "release hello-1.0.0: completed" in submitted.stdout
+        assert served_version(port) == "1.0.0"
+
+        shown = reactor("release", "status", "hello-1.0.0", state=state)
+        assert shown.returncode == 0, shown.stderr
+        assert "completed" in shown.stdout
+        assert "local/node-1/hello" in shown.stdout
+        assert reactor("release", "status", "nope", state=state).returncode == 1
+
+        deployed = reactor(
+            "deploy", "local/node-1/hello", "--version", "1.1.0", "--package-url", str(new.path),
+            "--sha256", new.sha256, "--port", str(port), state=state,
+        )  # fmt: skip
+        assert deployed.returncode == 0, deployed.stderr
+        assert served_version(port) == "1.1.0"
+
+        rolled = reactor("rollback", "local/node-1/hello", state=state)
+        assert rolled.returncode == 0, rolled.stderr
+        assert "rolled back to 1.0.0" in rolled.stdout
+        assert served_version(port) == "1.0.0"
+
+        table = reactor("status", state=state)
+        assert table.returncode == 0
+        assert "rolled_back" in table.stdout
+    finally:
+        stop_all(state / "nodes")
+
+
+def test_deploy_with_wrong_sha256_exits_1_and_keeps_the_old_version(tmp_path: Path) -> None:
+    """A single-node deploy with a bad checksum reports the failure and the old version keeps serving."""
+    dist = tmp_path / "dist"
+    old, new = build_package(dist, "1.0.0"), build_package(dist, "1.1.0")
+    port = free_ports(1)[0]
+    state = tmp_path / "state"
+    try:
+        args = ("--port", str(port))
+        ok = reactor("deploy", "local/n/hello", "--version", "1.0.0", "--package-url", str(old.path),
+                     "--sha256", old.sha256, *args, state=state)  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        bad = reactor("deploy", "local/n/hello", "--version", "1.1.0", "--package-url", str(new.path),
+                      "--sha256", "e" * 64, *args, state=state)  # fmt: skip
+        assert bad.returncode == 1
+        assert "sha256 mismatch" in bad.stdout
+        assert served_version(port) == "1.0.0"
+    finally:
+        stop_all(state / "nodes")
+
+
+def test_standalone_worker_refuses_embedded_mode(tmp_path: Path) -> None:
+    """`reactor worker` in embedded mode explains that it needs a shared bus, exit code 2."""
+    result = reactor("worker", "--role", "executor", state=tmp_path)
+    assert result.returncode == 2
+    assert "shared bus" in result.stderr

@@ -1,0 +1,173 @@
+"""The `local` executor against real packages and real processes on this machine, checked over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reactor.demo import BuiltPackage, build_package
+from reactor.demo.scenario import free_ports, served_version
+from reactor.domain.status import NodeState, NodeStatus, pending
+from reactor.events import HealthCheck, Package
+from reactor.executors.local import LocalExecutor, stop_all
+from reactor.ports import ExecutionContext, ExecutorSettings
+
+pytestmark = pytest.mark.e2e
+
+NODE = "local/box-1/hello"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    """The nodes' root; every service started under it is stopped after the test."""
+    nodes = tmp_path / "nodes"
+    yield nodes
+    stop_all(nodes)
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BuiltPackage]:
+    dist = tmp_path_factory.mktemp("dist")
+    built = {version: build_package(dist, version) for version in ("1.0.0", "1.1.0")}
+    built["broken"] = build_package(dist, "2.0.0", broken=True)
+    return built
+
+
+class Node:
+    """One local node: runs executors for it the way the worker would, carrying the status along."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_ports(1)[0]
+        self.status: NodeStatus = pending(NODE, "hello")
+
+    def executor(
+        self, version: str | None, package: BuiltPackage | None = None, sha256: str | None = None
+    ) -> LocalExecutor:
+        return LocalExecutor(
+            ExecutionContext(
+                node_key=NODE,
+                service="hello",
+                host="box-1",
+                current=self.status,
+                target_version=version,
+                package=None if package is None else Package(url=package.url, sha256=sha256 or package.sha256),
+                port=self.port,
+                health=HealthCheck(timeout_s=5),
+                settings=ExecutorSettings(local_root=self.root, stop_timeout_s=5),
+            )
+        )
+
+    async def deploy(self, package: BuiltPackage, *, sha256: str | None = None) -> NodeStatus:
+        self.status = await self.executor(package.version, package, sha256).deploy()
+        return self.status
+
+    async def rollback(self, version: str | None) -> NodeStatus:
+        self.status = await self.executor(version).rollback()
+        return self.status
+
+    def pid(self) -> int:
+        return int((self.root / "box-1" / "hello" / "run" / "pid").read_text().split()[0])
+
+    def served(self) -> str | None:
+        return served_version(self.port)
+
+
+async def test_first_deploy_then_upgrade_serve_each_version(root: Path, packages: dict[str, BuiltPackage]) -> None:
+    """A first deploy starts the service; an upgrade replaces it; `current` and state.json follow."""
+    node = Node(root)
+    first = await node.deploy(packages["1.0.0"])
+    assert (first.state, first.current_version, first.prev_version) == (NodeState.SUCCESS, "1.0.0", None)
+    assert node.served() == "1.0.0"
+
+    second = await node.deploy(packages["1.1.0"])
+    assert (second.state, second.current_version, second.prev_version) == (NodeState.SUCCESS, "1.1.0", "1.0.0")
+    assert node.served() == "1.1.0"
+    base = root / "box-1" / "hello"
+    assert os.readlink(base / "current") == "releases/1.1.0"
+    assert json.loads((base / "state.json").read_text())["previous"] == "1.0.0"
+
+
+async def test_redeploy_of_the_running_version_does_not_restart(root: Path, packages: dict[str, BuiltPackage]) -> None:
+    """Deploying the version that already runs and answers is a no-op: same process, success."""
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    pid = node.pid()
+    again = await node.deploy(packages["1.0.0"])
+    assert again.state == NodeState.SUCCESS
+    assert node.pid() == pid
+
+
+async def test_sha256_mismatch_changes_nothing(root: Path, packages: dict[str, BuiltPackage]) -> None:
+    """A wrong checksum fails at verify before any change: same process, same version, nothing unpacked."""
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    pid = node.pid()
+    failed = await node.deploy(packages["1.1.0"], sha256="f" * 64)
+    assert failed.state == NodeState.FAILED
+    assert failed.last_error.startswith("verify: sha256 mismatch")
+    assert failed.current_version == "1.0.0"
+    assert node.pid() == pid
+    assert node.served() == "1.0.0"
+    assert not (root / "box-1" / "hello" / "releases" / "1.1.0").exists()
+
+
+async def test_new_version_that_does_not_start_restores_the_previous(
+    root: Path, packages: dict[str, BuiltPackage]
+) -> None:
+    """A release whose process exits at once fails at start; the previous version serves again."""
+    node = Node(root)
+    await node.deploy(packages["1.1.0"])
+    failed = await node.deploy(packages["broken"])
+    assert failed.state == NodeState.FAILED
+    assert failed.last_error.startswith("start: 2.0.0 exited with code 3")
+    assert "1.1.0 restored and serving" in failed.last_error
+    assert failed.current_version == "1.1.0"
+    assert node.served() == "1.1.0"
+    assert os.readlink(root / "box-1" / "hello" / "current") == "releases/1.1.0"
+
+
+async def test_unreachable_package_fails_at_download(root: Path, packages: dict[str, BuiltPackage]) -> None:
+    """A package URL that cannot be read fails at download and leaves the node as it was."""
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    missing = BuiltPackage(version="1.1.0", path=root / "nowhere.tar.gz", sha256="c" * 64)
+    failed = await node.deploy(missing)
+    assert failed.last_error.startswith("download:")
+    assert node.served() == "1.0.0"
+
+
+async def test_rollback_returns_to_the_previous_version(root: Path, packages: dict[str, BuiltPackage]) -> None:
+    """Rollback after an upgrade runs the previous release again from disk, without downloading."""
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    await node.deploy(packages["1.1.0"])
+    rolled = await node.rollback("1.0.0")
+    assert (rolled.state, rolled.current_version, rolled.prev_version) == (NodeState.ROLLED_BACK, "1.0.0", None)
+    assert node.served() == "1.0.0"
+
+
+async def test_rollback_to_a_version_not_on_the_node_fails(root: Path, packages: dict[str, BuiltPackage]) -> None:
+    """A rollback target that was never installed fails clearly and the running version keeps serving."""
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    failed = await node.rollback("0.9.0")
+    assert failed.state == NodeState.FAILED
+    assert "0.9.0 is not on the node" in failed.last_error
+    assert node.served() == "1.0.0"
+
+
+async def test_status_probes_the_process_and_reports_drift(root: Path, packages: dict[str, BuiltPackage]) -> None:
+    """Status reads the real node: healthy when serving, failed when someone killed the service."""
+    node = Node(root)
+    assert (await node.executor(None).status()).state == NodeState.PENDING
+    await node.deploy(packages["1.0.0"])
+    assert (await node.executor(None).status()).state == NodeState.SUCCESS
+    stop_all(root)
+    drifted = await node.executor(None).status()
+    assert drifted.state == NodeState.FAILED
+    assert "1.0.0 should run but nothing does" in drifted.last_error
