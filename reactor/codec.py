@@ -58,6 +58,7 @@ def encode(event: Event, source: str) -> Record:
 def decode(record: Record) -> tuple[Event, str]:
     """The event in `record` and its source; raises DecodeError with the reason if it is not valid."""
     headers = dict(record.headers)
+    _require_id(headers, record.value)
     try:
         cloud_event = ce_kafka.from_kafka_event(
             ce_kafka.KafkaMessage(headers=headers, key=record.key, value=record.value)
@@ -94,6 +95,20 @@ def decode(record: Record) -> tuple[Event, str]:
     if cloud_event.get_subject() not in (None, event.subject()):
         raise DecodeError(f"subject: {cloud_event.get_subject()!r} does not match {event.subject()!r}")
     return event, cloud_event.get_source()
+
+
+def _require_id(headers: dict[str, bytes], value: bytes) -> None:
+    """The SDK invents a fresh id when none is given, which would defeat dedupe: refuse such messages."""
+    if any(name.lower().startswith("ce_") for name in headers):
+        if not headers.get("ce_id"):
+            raise DecodeError("id: the ce_id header is missing")
+        return
+    try:
+        envelope = json.loads(value)
+    except ValueError as exc:
+        raise DecodeError(f"not a CloudEvent: no ce_* headers and the body is not JSON: {exc}") from exc
+    if not isinstance(envelope, dict) or not envelope.get("id"):
+        raise DecodeError("id: a structured CloudEvent needs an id")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Protocol, Self
 
+from reactor.codec import Record
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeStatus
 from reactor.events import Event, HealthCheck, Model, Package, ReleasePlan, Topic
@@ -82,12 +83,24 @@ class EventBus(Protocol):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
 
+    async def ping(self) -> None:
+        """Raise BackendUnavailable unless the bus can be reached."""
+        ...
+
     async def publish(self, event: Event) -> None:
         """Send one event to its topic, keyed by its subject; returns once the bus has it."""
         ...
 
+    async def publish_raw(self, topic: Topic, record: Record) -> None:
+        """Send a message as it is, valid or not (CI/CD shims and tests send raw messages)."""
+        ...
+
     async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
         """Feed events of `topics` to `handler` until cancelled; one consumer group per role."""
+        ...
+
+    async def history(self, topic: Topic) -> list[Record]:
+        """Every message of `topic` from its beginning up to now, in order per partition (for audit)."""
         ...
 
 
@@ -131,6 +144,10 @@ class Store(Protocol):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable unless the store can be reached."""
+        ...
 
     async def get_node(self, node_key: str) -> NodeStatus | None:
         """The node's status, or None if the reactor never touched it."""

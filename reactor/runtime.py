@@ -12,11 +12,11 @@ from enum import StrEnum
 import structlog
 
 from reactor.adapters.embedded_store import EmbeddedStore
+from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.executor_worker import ExecutorWorker
 from reactor.consumers.pacer import Pacer
 from reactor.consumers.rollback import RollbackConsumer
-from reactor.errors import InvalidInput
 from reactor.events import Topic
 from reactor.ports import EventBus, ExecutorFactory, ExecutorSettings, Store
 from reactor.settings import Settings
@@ -45,15 +45,31 @@ class Backends:
 @asynccontextmanager
 async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
     """The bus and store of the configured mode, closed on every path."""
-    if settings.mode != "embedded":
-        raise InvalidInput(
-            "mode", "only 'embedded' is available in this build; the Kafka and MongoDB backends are not installed"
-        )
+    if settings.mode == "embedded":
+        async with (
+            MemoryBus(source=settings.source, concurrency=settings.concurrency) as bus,
+            EmbeddedStore(settings.database_path) as store,
+        ):
+            yield Backends(bus=bus, store=store, memory_bus=bus)
+        return
+    from reactor.adapters.mongo_store import MongoStore  # noqa: PLC0415 (lands with the MongoDB store)
+
     async with (
-        MemoryBus(source=settings.source, concurrency=settings.concurrency) as bus,
-        EmbeddedStore(settings.database_path) as store,
+        kafka_bus(settings) as kafka,
+        MongoStore(settings.mongo_url, settings.mongo_database) as mongo,
     ):
-        yield Backends(bus=bus, store=store, memory_bus=bus)
+        yield Backends(bus=kafka, store=mongo)
+
+
+def kafka_bus(settings: Settings) -> KafkaBus:
+    """The Kafka bus the settings describe (not yet open)."""
+    return KafkaBus(
+        settings.kafka_bootstrap,
+        prefix=settings.topic_prefix,
+        source=settings.source,
+        concurrency=settings.concurrency,
+        grace_s=settings.grace_s,
+    )
 
 
 async def run_roles(

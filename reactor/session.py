@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -74,3 +75,45 @@ def _observe(observer: Observer) -> Callable[[Event], Awaitable[None]]:
         observer(event)
 
     return handle
+
+
+async def submit_and_follow(
+    settings: Settings,
+    event: Event,
+    *,
+    observer: Observer,
+    finished: Callable[[Event], bool],
+    follow: bool = True,
+    timeout_s: float = 3600.0,
+) -> None:
+    """Publish `event` and show what follows until `finished` says so.
+
+    Embedded mode runs every role here and returns when all work is done. Distributed mode only publishes to
+    the shared bus (workers elsewhere do the work) and, with `follow`, watches its outcomes.
+    """
+    if settings.mode == "embedded":
+        async with embedded(settings, observer=observer) as session:
+            await session.submit(event)
+        return
+    async with open_backends(settings) as backends:
+        if not follow:
+            await backends.bus.publish(event)
+            return
+        done = asyncio.Event()
+
+        async def watch(seen: Event) -> None:
+            observer(seen)
+            if finished(seen):
+                done.set()
+
+        # A group of its own, from the beginning: nothing published after the request can be missed.
+        group = f"cli-{uuid.uuid4().hex[:12]}"
+        watcher = asyncio.create_task(backends.bus.consume([Topic.OUTCOMES, Topic.RELEASES], group, watch))
+        try:
+            await backends.bus.publish(event)
+            async with asyncio.timeout(timeout_s):
+                await done.wait()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher

@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     mongo_url: str = "mongodb://127.0.0.1:27017/"
     mongo_database: str = "reactor"
+    topic_partitions: int = Field(default=6, ge=1, le=1000)
+    topic_replication: int = Field(default=1, ge=1, le=10)
     concurrency: int = Field(default=64, ge=1, le=10_000)
+    grace_s: float = Field(default=10.0, gt=0)
+    http_port: int = Field(default=8080, ge=0, le=65535)
     lease_s: float = Field(default=1800.0, gt=0)
     stop_timeout_s: float = Field(default=10.0, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from datetime import UTC
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -56,6 +57,13 @@ class EmbeddedStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    async def ping(self) -> None:
+        """Raise unless the database file answers."""
+        try:
+            self.db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise BackendUnavailable(f"embedded store {self.path}: {exc}") from exc
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -119,7 +127,7 @@ class EmbeddedStore:
             cursor = self.db.execute(
                 "INSERT INTO releases (release_id, created_at, revision, doc) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (release_id) DO NOTHING",
-                (new.release_id, new.created_at.isoformat(), new.revision, new.model_dump_json()),
+                (new.release_id, new.created_at.astimezone(UTC).isoformat(), new.revision, new.model_dump_json()),
             )
         else:
             cursor = self.db.execute(

@@ -1,38 +1,27 @@
 """In-memory event bus for the embedded mode and fast tests.
 
-It runs every event through the same CloudEvents Kafka codec as the Kafka bus, keeps per-key order while
-processing different keys concurrently, retries retriable failures and dead-letters invalid messages.
+It runs every event through the same CloudEvents Kafka codec as the Kafka bus and the same dispatcher:
+per-key order, different keys concurrently, retries of retriable failures, dead-lettering of the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
 import structlog
 
+from reactor.adapters.dispatch import KeyedDispatcher, dead_letter_record, deliver
 from reactor.codec import Record, decode, encode
-from reactor.errors import DecodeError, ReactorError
+from reactor.errors import DecodeError
 from reactor.events import Event, Topic
 from reactor.ports import Handler
 
 log = structlog.get_logger(__name__)
-
-DLQ_REASON = "reactor_dlq_reason"
-DLQ_TOPIC = "reactor_dlq_topic"
-
-
-class _Group:
-    """One consumer group on one topic: a queue of records not yet taken."""
-
-    def __init__(self, backlog: list[Record]) -> None:
-        self.queue: asyncio.Queue[Record] = asyncio.Queue()
-        for record in backlog:
-            self.queue.put_nowait(record)
 
 
 class MemoryBus:
@@ -43,7 +32,7 @@ class MemoryBus:
         self._concurrency = concurrency
         self._retry_delay_s = retry_delay_s
         self._logs: dict[Topic, list[Record]] = defaultdict(list)
-        self._groups: dict[tuple[Topic, str], _Group] = {}
+        self._queues: dict[tuple[Topic, str], asyncio.Queue[Record]] = {}
         self._busy = 0
         self._changed = asyncio.Event()
 
@@ -55,20 +44,30 @@ class MemoryBus:
     ) -> None:
         return None
 
+    async def ping(self) -> None:
+        """Always reachable: it lives in this process."""
+
     async def publish(self, event: Event) -> None:
         """Append the encoded event to its topic and hand it to every group reading that topic."""
-        self.publish_record(event.TOPIC, encode(event, self.source))
+        self._append(event.TOPIC, encode(event, self.source))
 
-    def publish_record(self, topic: Topic, record: Record) -> None:
-        """Append a raw record, valid or not (CI/CD and tests publish raw bytes too)."""
+    async def publish_raw(self, topic: Topic, record: Record) -> None:
+        """Append a raw message, valid or not (what a CI/CD system or a test may send)."""
+        self._append(topic, record)
+
+    async def history(self, topic: Topic) -> list[Record]:
+        """Everything published to `topic` so far, in order."""
+        return list(self._logs[topic])
+
+    def _append(self, topic: Topic, record: Record) -> None:
         self._logs[topic].append(record)
-        for (group_topic, _), group in self._groups.items():
-            if group_topic == topic:
-                group.queue.put_nowait(record)
+        for (queue_topic, _), queue in self._queues.items():
+            if queue_topic == topic:
+                queue.put_nowait(record)
         self._changed.set()
 
     def records(self, topic: Topic) -> list[Record]:
-        """Everything ever published to `topic`, in order (for replay and tests)."""
+        """Everything ever published to `topic`, in order (synchronous, for tests and the CLI)."""
         return list(self._logs[topic])
 
     def events(self, topic: Topic) -> list[Event]:
@@ -84,84 +83,69 @@ class MemoryBus:
         async with asyncio.timeout(timeout_s):
             while True:
                 self._changed.clear()
-                if self._busy == 0 and all(group.queue.empty() for group in self._groups.values()):
+                if self._quiet():
                     # Let handlers scheduled by the last publish start before declaring quiet.
                     await asyncio.sleep(0)
-                    if self._busy == 0 and all(group.queue.empty() for group in self._groups.values()):
+                    if self._quiet():
                         return
                 await self._changed.wait()
 
+    def _quiet(self) -> bool:
+        return self._busy == 0 and all(queue.empty() for queue in self._queues.values())
+
     async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
         """Feed events to `handler`, per-key ordered, different keys concurrently, until cancelled."""
-        semaphore = asyncio.Semaphore(self._concurrency)
-        lanes: dict[bytes | None, deque[tuple[Topic, Record]]] = {}
-        async with asyncio.TaskGroup() as tasks:
+
+        async def process(item: tuple[Topic, Record]) -> None:
+            await deliver(item[0], item[1], handler, self._dead_letter, retry_delay_s=self._retry_delay_s)
+
+        unfinished: dict[int, tuple[Topic, Record]] = {}
+
+        def done(item: tuple[Topic, Record]) -> None:
+            unfinished.pop(id(item), None)
+            self._busy -= 1
+            self._changed.set()
+
+        dispatcher: KeyedDispatcher[tuple[Topic, Record]] = KeyedDispatcher(process, done, limit=self._concurrency)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for topic in topics:
+                    if (topic, group) not in self._queues:
+                        queue: asyncio.Queue[Record] = asyncio.Queue()
+                        for record in self._logs[topic]:
+                            queue.put_nowait(record)
+                        self._queues[(topic, group)] = queue
+                    tasks.create_task(self._take(topic, self._queues[(topic, group)], dispatcher, unfinished))
+        finally:
+            self._busy -= dispatcher.pending
+            await dispatcher.cancel()
+            # What was taken but not finished goes back to the front of its group's queue, as an uncommitted
+            # Kafka offset would be delivered again to the group's next member.
             for topic in topics:
-                if (topic, group) not in self._groups:
-                    self._groups[(topic, group)] = _Group(self._logs[topic])
-                tasks.create_task(self._take(topic, self._groups[(topic, group)], lanes, semaphore, handler, tasks))
+                self._requeue(self._queues[(topic, group)], [r for t, r in unfinished.values() if t == topic])
 
     async def _take(
         self,
         topic: Topic,
-        group: _Group,
-        lanes: dict[bytes | None, deque[tuple[Topic, Record]]],
-        semaphore: asyncio.Semaphore,
-        handler: Handler,
-        tasks: asyncio.TaskGroup,
+        queue: asyncio.Queue[Record],
+        dispatcher: KeyedDispatcher[tuple[Topic, Record]],
+        unfinished: dict[int, tuple[Topic, Record]],
     ) -> None:
         while True:
-            record = await group.queue.get()
+            record = await queue.get()
             self._busy += 1
-            lane = lanes.get(record.key)
-            if lane is not None:
-                lane.append((topic, record))
-                continue
-            lanes[record.key] = deque([(topic, record)])
-            tasks.create_task(self._run_lane(record.key, lanes, semaphore, handler))
+            item = (topic, record)
+            unfinished[id(item)] = item
+            dispatcher.submit(record.key, item)
 
-    async def _run_lane(
-        self,
-        key: bytes | None,
-        lanes: dict[bytes | None, deque[tuple[Topic, Record]]],
-        semaphore: asyncio.Semaphore,
-        handler: Handler,
-    ) -> None:
-        lane = lanes[key]
-        try:
-            while lane:
-                topic, record = lane[0]
-                async with semaphore:
-                    await self._deliver(topic, record, handler)
-                lane.popleft()
-                self._busy -= 1
-                self._changed.set()
-        finally:
-            del lanes[key]
+    @staticmethod
+    def _requeue(queue: asyncio.Queue[Record], first: list[Record]) -> None:
+        rest = []
+        while not queue.empty():
+            rest.append(queue.get_nowait())
+        for record in (*first, *rest):
+            queue.put_nowait(record)
 
-    async def _deliver(self, topic: Topic, record: Record, handler: Handler) -> None:
-        try:
-            event, _source = decode(record)
-        except DecodeError as exc:
-            self._dead_letter(topic, record, str(exc))
-            return
-        while True:
-            try:
-                await handler(event)
-            except ReactorError as exc:
-                if not exc.retriable:
-                    self._dead_letter(topic, record, f"handler: {exc}")
-                    return
-                log.warning("retrying event", error=str(exc), event_type=event.TYPE)
-                await asyncio.sleep(self._retry_delay_s)
-            except Exception as exc:  # a handler bug must not stop the worker: park the event with the reason
-                log.exception("handler crashed; event sent to the dead-letter topic", event_type=event.TYPE)
-                self._dead_letter(topic, record, f"handler crashed: {type(exc).__name__}: {exc}")
-                return
-            else:
-                return
-
-    def _dead_letter(self, topic: Topic, record: Record, reason: str) -> None:
+    async def _dead_letter(self, topic: Topic, record: Record, reason: str) -> None:
         log.warning("dead-lettered", topic=topic.value, reason=reason)
-        headers = (*record.headers, (DLQ_REASON, reason.encode()), (DLQ_TOPIC, topic.value.encode()))
-        self.publish_record(Topic.DLQ, Record(key=record.key, value=record.value, headers=headers))
+        self._append(Topic.DLQ, dead_letter_record(topic, record, reason))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
 import tempfile
 from collections.abc import Coroutine
@@ -27,12 +29,15 @@ from reactor.events import (
     NodeEvent,
     NodeRolledBack,
     Package,
+    ReleaseCompleted,
+    ReleaseHalted,
     ReleaseRequested,
     RollbackRequested,
 )
+from reactor.observability import CountingBus, HealthServer
 from reactor.planfile import load_plan
-from reactor.runtime import Role, open_backends
-from reactor.session import embedded
+from reactor.runtime import Backends, Role, kafka_bus, open_backends, run_roles
+from reactor.session import submit_and_follow
 from reactor.settings import Settings
 
 app = typer.Typer(help="Deploy Reactor: event-driven releases for hosts and Kubernetes.", no_args_is_help=True)
@@ -114,13 +119,24 @@ def release_submit(
         err.print(f"[red]invalid release[/] {file}: {describe_validation_error(exc)}")
         raise typer.Exit(EXIT_INVALID) from exc
 
+    def ended(event: Event) -> bool:
+        return isinstance(event, ReleaseCompleted | ReleaseHalted) and event.release_id == request.release_id
+
+    follow = watch or settings.mode == "embedded"
+
     async def submit() -> ReleaseState | None:
         with Reporter(out, live=watch) as reporter:
-            async with embedded(settings, observer=reporter) as session:
-                await session.submit(request)
-                return await session.release_state(request.release_id)
+            await submit_and_follow(settings, request, observer=reporter, finished=ended, follow=follow)
+        if not follow:
+            return None
+        async with open_backends(settings) as backends:
+            record = await backends.store.get_release(request.release_id)
+            return None if record is None else record.state
 
     state = _run(submit())
+    if not follow:
+        out.print(f"release {plan.release_id} submitted; follow it with `reactor release status {plan.release_id}`")
+        return
     out.print(f"release {plan.release_id}: {state.value if state else 'unknown'}")
     if state != ReleaseState.COMPLETED:
         raise typer.Exit(1)
@@ -188,8 +204,7 @@ def _node_request(event: DeployRequested | RollbackRequested) -> None:
                 if isinstance(seen, NodeEvent) and seen.causation_id == event.event_id:
                     outcome.append(seen)
 
-            async with embedded(settings, observer=observe) as session:
-                await session.submit(event)
+            await submit_and_follow(settings, event, observer=observe, finished=lambda _: bool(outcome))
         return outcome[0] if outcome else None
 
     result = _run(run())
@@ -265,12 +280,36 @@ def worker(
         raise typer.Exit(EXIT_INVALID)
 
     async def serve() -> None:
-        from reactor.runtime import run_roles  # noqa: PLC0415 (only the worker needs the role runner)
-
+        # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C: stop taking, drain, commit, exit.
+        main_task = asyncio.current_task()
+        if main_task is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
         async with open_backends(settings) as backends:
-            await run_roles(backends, settings, {role})
+            counting = Backends(bus=CountingBus(backends.bus), store=backends.store)
+            probes = {"bus": backends.bus.ping, "store": backends.store.ping}
+            async with HealthServer(settings.http_port, probes):
+                await run_roles(counting, settings, {role})
 
-    _run(serve())
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        _run(serve())
+
+
+@app.command("topics")
+def topics(
+    action: Annotated[str, typer.Argument(help="create")] = "create",
+) -> None:
+    """Create the Kafka topics (commands, outcomes, releases, dlq) under the configured prefix."""
+    settings = _settings(log_level="info")
+    if action != "create":
+        err.print(f"[red]invalid[/] action: {action!r}; the only action is 'create'")
+        raise typer.Exit(EXIT_INVALID)
+
+    async def create() -> list[str]:
+        async with kafka_bus(settings) as bus:
+            return await bus.create_topics(partitions=settings.topic_partitions, replication=settings.topic_replication)
+
+    created = _run(create())
+    out.print(f"created {', '.join(created)}" if created else "topics already exist")
 
 
 @schemas_app.command("export")

@@ -1,0 +1,139 @@
+"""What every bus does with a taken message: per-key order, bounded concurrency, retry, dead-lettering.
+
+Both buses feed `KeyedDispatcher`; it calls `deliver` for each message in key order (different keys run
+concurrently) and reports each finished message through `on_done`, which is where a bus may commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import structlog
+
+from reactor.codec import Record, decode
+from reactor.errors import DecodeError, ReactorError
+from reactor.events import Topic
+from reactor.observability import DEAD_LETTERED
+from reactor.ports import Handler
+
+log = structlog.get_logger(__name__)
+
+DLQ_REASON = "reactor_dlq_reason"
+DLQ_TOPIC = "reactor_dlq_topic"
+
+M = TypeVar("M")
+DeadLetter = Callable[[Topic, Record, str], Awaitable[None]]
+
+
+def dead_letter_record(topic: Topic, record: Record, reason: str) -> Record:
+    """The original message with the reason and its source topic added as headers."""
+    headers = (*record.headers, (DLQ_REASON, reason.encode()), (DLQ_TOPIC, topic.value.encode()))
+    return Record(key=record.key, value=record.value, headers=headers)
+
+
+async def deliver(
+    topic: Topic, record: Record, handler: Handler, send_to_dlq: DeadLetter, *, retry_delay_s: float
+) -> None:
+    """Decode and handle one message: retriable failures retry with backoff, the rest are dead-lettered."""
+
+    async def dead_letter(topic: Topic, record: Record, reason: str) -> None:
+        await send_to_dlq(topic, record, reason)
+        DEAD_LETTERED.labels(topic.value).inc()
+
+    try:
+        event, _source = decode(record)
+    except DecodeError as exc:
+        await dead_letter(topic, record, str(exc))
+        return
+    delay = retry_delay_s
+    while True:
+        try:
+            await handler(event)
+        except ReactorError as exc:
+            if not exc.retriable:
+                await dead_letter(topic, record, f"handler: {exc}")
+                return
+            log.warning("retrying event", error=str(exc), event_type=event.TYPE, event_id=event.event_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        except Exception as exc:  # a handler bug must not stop the worker: park the event with the reason
+            log.exception("handler crashed; event dead-lettered", event_type=event.TYPE, event_id=event.event_id)
+            await dead_letter(topic, record, f"handler crashed: {type(exc).__name__}: {exc}")
+            return
+        else:
+            return
+
+
+@dataclass
+class _Lane(Generic[M]):
+    queue: deque[M] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+
+
+class KeyedDispatcher(Generic[M]):
+    """Runs `process` for messages in order per key and concurrently across keys, at most `limit` at once."""
+
+    def __init__(
+        self,
+        process: Callable[[M], Awaitable[None]],
+        on_done: Callable[[M], None],
+        *,
+        limit: int,
+    ) -> None:
+        self._process = process
+        self._on_done = on_done
+        self._semaphore = asyncio.Semaphore(limit)
+        self._lanes: dict[bytes | None, _Lane[M]] = {}
+        self.pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, key: bytes | None, message: M) -> None:
+        """Queue a message behind earlier ones of the same key."""
+        self.pending += 1
+        self._idle.clear()
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+            lane.queue.append(message)
+            lane.task = asyncio.create_task(self._run(key, lane))
+        else:
+            lane.queue.append(message)
+
+    async def _run(self, key: bytes | None, lane: _Lane[M]) -> None:
+        try:
+            while lane.queue:
+                message = lane.queue[0]
+                async with self._semaphore:
+                    await self._process(message)
+                lane.queue.popleft()
+                self.pending -= 1
+                self._on_done(message)
+        finally:
+            if self._lanes.get(key) is lane:
+                del self._lanes[key]
+            if not self._lanes:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued message is processed; False if the time ran out first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def cancel(self) -> None:
+        """Cancel whatever still runs; its messages are not reported done."""
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._lanes.clear()
+        self.pending = 0
+        self._idle.set()

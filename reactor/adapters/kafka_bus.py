@@ -1,0 +1,333 @@
+"""The EventBus on Apache Kafka (aiokafka): CloudEvents binary mode, idempotent producer, manual commits.
+
+Offsets are committed only for messages whose handling finished (the handler returned after its effects and
+outcome were durable), and only up to the lowest offset still in flight in each partition. Different keys
+of one partition are handled concurrently; one key's messages stay in order. On a rebalance the revoked
+partitions stop being taken, in-flight work drains within a grace period, finished offsets are committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from reactor.adapters.dispatch import KeyedDispatcher, dead_letter_record, deliver
+from reactor.codec import Record, encode
+from reactor.errors import BackendUnavailable
+from reactor.events import Event, Topic
+from reactor.observability import CONSUMER_LAG
+from reactor.ports import Handler
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    topic: Topic
+    partition: TopicPartition
+    offset: int
+    record: Record
+
+
+@dataclass
+class _PartitionProgress:
+    """Offsets taken from one partition, in order, and which of them are finished."""
+
+    taken: deque[int] = field(default_factory=deque)
+    finished: set[int] = field(default_factory=set)
+    committable: int | None = None
+
+    def finish(self, offset: int) -> None:
+        self.finished.add(offset)
+        while self.taken and self.taken[0] in self.finished:
+            done = self.taken.popleft()
+            self.finished.discard(done)
+            self.committable = done + 1
+
+
+class KafkaBus:
+    """Topics `<prefix>commands|outcomes|releases|dlq` on a Kafka cluster."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        prefix: str = "reactor.",
+        source: str = "/reactor",
+        concurrency: int = 64,
+        max_buffered: int = 1000,
+        grace_s: float = 10.0,
+        retry_delay_s: float = 0.5,
+        commit_interval_s: float = 0.2,
+        client_id: str = "deploy-reactor",
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.source = source
+        self.concurrency = concurrency
+        self.max_buffered = max_buffered
+        self.grace_s = grace_s
+        self.retry_delay_s = retry_delay_s
+        self.commit_interval_s = commit_interval_s
+        self.client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+
+    def topic_name(self, topic: Topic) -> str:
+        """The Kafka topic of a logical topic."""
+        return self.prefix + topic.value
+
+    def logical(self, name: str) -> Topic:
+        """The logical topic of a Kafka topic name."""
+        return Topic(name.removeprefix(self.prefix))
+
+    async def __aenter__(self) -> Self:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=2,
+            request_timeout_ms=30_000,
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise BackendUnavailable(f"kafka {self.bootstrap}: {exc}") from exc
+        self._producer = producer
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def ping(self) -> None:
+        """Raise unless the cluster answers a metadata request."""
+        if self._producer is None:
+            raise BackendUnavailable("kafka bus is not open")
+        try:
+            await self._producer.client.fetch_all_metadata()
+        except KafkaError as exc:
+            raise BackendUnavailable(f"kafka {self.bootstrap}: {exc}") from exc
+
+    async def create_topics(self, *, partitions: int = 6, replication: int = 1) -> list[str]:
+        """Create the four topics if missing; the names created."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        await admin.start()
+        created = []
+        try:
+            for topic in Topic:
+                name = self.topic_name(topic)
+                try:
+                    await admin.create_topics(
+                        [NewTopic(name=name, num_partitions=partitions, replication_factor=replication)]
+                    )
+                    created.append(name)
+                except TopicAlreadyExistsError:
+                    continue
+        except KafkaError as exc:
+            raise BackendUnavailable(f"kafka {self.bootstrap}: cannot create topics: {exc}") from exc
+        finally:
+            await admin.close()
+        return created
+
+    async def publish(self, event: Event) -> None:
+        """Send one event keyed by its subject; returns once the brokers acknowledged it."""
+        await self.publish_raw(event.TOPIC, encode(event, self.source))
+
+    async def publish_raw(self, topic: Topic, record: Record) -> None:
+        """Send a message as it is; returns once the brokers acknowledged it."""
+        if self._producer is None:
+            raise BackendUnavailable("kafka bus is not open")
+        try:
+            await self._producer.send_and_wait(
+                self.topic_name(topic), value=record.value, key=record.key, headers=list(record.headers)
+            )
+        except KafkaError as exc:
+            raise BackendUnavailable(f"kafka publish to {self.topic_name(topic)}: {exc}") from exc
+
+    async def history(self, topic: Topic) -> list[Record]:
+        """Every message of `topic` from the beginning to the current end, partition by partition."""
+        name = self.topic_name(topic)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        await admin.start()
+        try:
+            [description] = await admin.describe_topics([name])
+        except KafkaError as exc:
+            raise BackendUnavailable(f"kafka {self.bootstrap}: cannot describe {name}: {exc}") from exc
+        finally:
+            await admin.close()
+        records: list[Record] = []
+        assigned = [TopicPartition(name, item["partition"]) for item in description.get("partitions", [])]
+        if not assigned:
+            return records
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, client_id=self.client_id
+        )
+        await consumer.start()
+        try:
+            consumer.assign(assigned)
+            await consumer.seek_to_beginning(*assigned)
+            ends: dict[TopicPartition, int] = await consumer.end_offsets(assigned)
+            remaining = {tp for tp in assigned if ends[tp] > await consumer.position(tp)}
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=1000)
+                for tp, messages in batch.items():
+                    for message in messages:
+                        if message.offset < ends[tp]:
+                            records.append(_record(message))
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+        finally:
+            await consumer.stop()
+        return records
+
+    async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
+        """Feed events to `handler` as consumer group `group` until cancelled, then shut down in order."""
+        member = _GroupMember(self, group, handler)
+        await member.start([self.topic_name(topic) for topic in topics])
+        try:
+            await member.run()
+        finally:
+            await member.shutdown()
+
+    async def dead_letter(self, topic: Topic, record: Record, reason: str) -> None:
+        """Send a rejected message to the dead-letter topic with the reason."""
+        log.warning("dead-lettered", topic=topic.value, reason=reason)
+        await self.publish_raw(Topic.DLQ, dead_letter_record(topic, record, reason))
+
+
+class _GroupMember:
+    """One member of a consumer group: takes messages, dispatches them, commits what finished."""
+
+    def __init__(self, bus: KafkaBus, group: str, handler: Handler) -> None:
+        self.bus = bus
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bus.bootstrap,
+            group_id=group,
+            client_id=bus.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=500,
+        )
+        self.handler = handler
+        self.progress: dict[TopicPartition, _PartitionProgress] = {}
+        self.committed: dict[TopicPartition, int] = {}
+        self.dispatcher: KeyedDispatcher[_Message] = KeyedDispatcher(self._process, self._done, limit=bus.concurrency)
+        self.paused = False
+
+    async def _process(self, message: _Message) -> None:
+        await deliver(
+            message.topic, message.record, self.handler, self.bus.dead_letter, retry_delay_s=self.bus.retry_delay_s
+        )
+
+    def _done(self, message: _Message) -> None:
+        state = self.progress.get(message.partition)
+        if state is not None:
+            state.finish(message.offset)
+
+    async def start(self, names: list[str]) -> None:
+        self.consumer.subscribe(names, listener=_Rebalance(self))
+        try:
+            await self.consumer.start()
+        except KafkaError as exc:
+            await self.consumer.stop()
+            raise BackendUnavailable(f"kafka {self.bus.bootstrap}: {exc}") from exc
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.bus.commit_interval_s
+        next_commit = loop.time() + interval
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=int(interval * 1000))
+            for tp, messages in batch.items():
+                state = self.progress.setdefault(tp, _PartitionProgress())
+                for message in messages:
+                    state.taken.append(message.offset)
+                    self.dispatcher.submit(
+                        message.key, _Message(self.bus.logical(tp.topic), tp, message.offset, _record(message))
+                    )
+            self._apply_backpressure()
+            if loop.time() >= next_commit:
+                await self.commit()
+                self._report_lag()
+                next_commit = loop.time() + interval
+
+    def _apply_backpressure(self) -> None:
+        """Stop fetching while too much is buffered in memory; fetch again once half of it is done."""
+        if not self.paused and self.dispatcher.pending >= self.bus.max_buffered:
+            self.consumer.pause(*self.consumer.assignment())
+            self.paused = True
+        elif self.paused and self.dispatcher.pending < self.bus.max_buffered // 2:
+            self.consumer.resume(*self.consumer.assignment())
+            self.paused = False
+
+    def _report_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                lag = highwater - self.committed.get(tp, 0)
+                CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
+
+    async def commit(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+        """Commit, per partition, up to the lowest offset not yet finished."""
+        offsets = {
+            tp: state.committable
+            for tp, state in self.progress.items()
+            if state.committable is not None
+            and self.committed.get(tp) != state.committable
+            and (partitions is None or tp in partitions)
+        }
+        if not offsets:
+            return
+        await self.consumer.commit(offsets)
+        self.committed.update(offsets)
+
+    async def shutdown(self) -> None:
+        """Stop taking; let in-flight work finish within the grace period; cancel the rest, whose offsets stay
+        uncommitted so the next owner runs it again; commit what finished; leave the group."""
+        if not await self.dispatcher.drain(self.bus.grace_s):
+            log.warning("grace period over; cancelling unfinished messages", pending=self.dispatcher.pending)
+            await self.dispatcher.cancel()
+        with contextlib.suppress(KafkaError):
+            await asyncio.shield(self.commit())
+        await self.consumer.stop()
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information
+    """Before partitions go to another member: drain, commit what finished, forget them."""
+
+    def __init__(self, member: _GroupMember) -> None:
+        self.member = member
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:
+            return
+        log.info("partitions revoked; draining", partitions=sorted(str(tp) for tp in revoked))
+        await self.member.dispatcher.drain(self.member.bus.grace_s)
+        with contextlib.suppress(KafkaError):
+            await self.member.commit(list(revoked))
+        for tp in revoked:
+            self.member.progress.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
+
+
+def _record(message: Any) -> Record:
+    headers = tuple((name, bytes(value)) for name, value in (message.headers or ()))
+    return Record(key=message.key, value=message.value or b"", headers=headers)
