@@ -188,6 +188,7 @@ class NodeFailed(NodeEvent):
 
     version: Version
     current_version: Version | None = None
+    prev_version: Version | None = None
     step: Annotated[str, Field(pattern=STEP)]
     error: Message
     auto_rollback: AutoRollback = AutoRollback.NODE
@@ -195,13 +196,14 @@ class NodeFailed(NodeEvent):
 
 
 class NodeRolledBack(NodeEvent):
-    """The node runs `version` again, after a rollback from `from_version`."""
+    """The node runs `version` again, after a rollback from `from_version`; `prev_version` is the next target."""
 
     TYPE: ClassVar[str] = "dev.deployreactor.node.rolled_back.v1"
     TOPIC: ClassVar[Topic] = Topic.OUTCOMES
 
     version: Version
     from_version: Version | None = None
+    prev_version: Version | None = None
     duration_s: Annotated[float, Field(ge=0)] = 0.0
 
 
@@ -212,6 +214,8 @@ class RollbackFailed(NodeEvent):
     TOPIC: ClassVar[Topic] = Topic.OUTCOMES
 
     version: Version | None = None
+    prev_version: Version | None = None
+    target_version: Version | None = None
     step: Annotated[str, Field(pattern=STEP)]
     error: Message
     duration_s: Annotated[float, Field(ge=0)] = 0.0

@@ -31,8 +31,16 @@ def split_error(last_error: str, default_step: str) -> tuple[str, str]:
     return match.group(1), last_error[match.end() :] or "failed without a message"
 
 
-def outcome_for(request: DeployRequested | RollbackRequested, status: NodeStatus, duration_s: float) -> NodeEvent:
-    """The outcome event of `request`; its id derives from the request's, so a re-emission is a duplicate."""
+def outcome_for(
+    request: DeployRequested | RollbackRequested,
+    status: NodeStatus,
+    duration_s: float,
+    before: NodeStatus | None = None,
+) -> NodeEvent:
+    """The outcome event of `request`; its id derives from the request's, so a re-emission is a duplicate.
+
+    `before` is the node as it was before the request, which names the version a rollback left.
+    """
     common = {
         "event_id": derived_event_id(request.event_id, "outcome"),
         "node_key": request.node_key,
@@ -48,15 +56,29 @@ def outcome_for(request: DeployRequested | RollbackRequested, status: NodeStatus
         return NodeFailed(
             version=request.version,
             current_version=status.current_version,
+            prev_version=status.prev_version,
             step=step,
             error=error,
             auto_rollback=request.auto_rollback,
             **common,
         )
     if status.state == NodeState.ROLLED_BACK and status.current_version is not None:
-        return NodeRolledBack(version=status.current_version, from_version=status.prev_version, **common)
+        from_version = None
+        if before is not None:
+            failed = before.state == NodeState.FAILED
+            from_version = before.deploying_version if failed else before.current_version
+        return NodeRolledBack(
+            version=status.current_version, from_version=from_version, prev_version=status.prev_version, **common
+        )
     step, error = split_error(status.last_error, "rollback")
-    return RollbackFailed(version=status.current_version, step=step, error=error, **common)
+    return RollbackFailed(
+        version=status.current_version,
+        prev_version=status.prev_version,
+        target_version=status.deploying_version,
+        step=step,
+        error=error,
+        **common,
+    )
 
 
 def record(outcome: Event) -> str:

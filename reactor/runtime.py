@@ -14,6 +14,7 @@ import structlog
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.memory_bus import MemoryBus
+from reactor.adapters.mongo_store import MongoStore
 from reactor.consumers.executor_worker import ExecutorWorker
 from reactor.consumers.pacer import Pacer
 from reactor.consumers.rollback import RollbackConsumer
@@ -52,8 +53,6 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
         ):
             yield Backends(bus=bus, store=store, memory_bus=bus)
         return
-    from reactor.adapters.mongo_store import MongoStore  # noqa: PLC0415 (lands with the MongoDB store)
-
     async with (
         kafka_bus(settings) as kafka,
         MongoStore(settings.mongo_url, settings.mongo_database) as mongo,

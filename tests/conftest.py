@@ -2,32 +2,111 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
+from uuid import uuid4
 
 import pytest
+from pymongo import AsyncMongoClient
 
 from reactor.adapters.embedded_store import EmbeddedStore
+from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.memory_bus import MemoryBus
+from reactor.adapters.mongo_store import MongoStore
 from reactor.ports import EventBus, Store
+from tests.infra import testenv
 
 STORE_BACKENDS = [
     pytest.param("embedded", marks=pytest.mark.unit),
     pytest.param("embedded-file", marks=pytest.mark.unit),
+    pytest.param("mongo", marks=pytest.mark.mongo),
 ]
-BUS_BACKENDS = [pytest.param("memory", marks=pytest.mark.unit)]
+BUS_BACKENDS = [pytest.param("memory", marks=pytest.mark.unit), pytest.param("kafka", marks=pytest.mark.kafka)]
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB-protocol server for the session: $REACTOR_MONGO_URL, else FerretDB started by the harness."""
+    if url := os.environ.get("REACTOR_MONGO_URL"):
+        yield url
+        return
+    try:
+        testenv.ensure_ferretdb()
+        service = testenv.start_ferretdb(tmp_path_factory.mktemp("ferretdb"))
+    except (testenv.TestEnvError, OSError) as exc:
+        pytest.fail(f"FerretDB could not be started for the mongo tests: {exc}")
+    try:
+        yield service.env["REACTOR_MONGO_URL"]
+    finally:
+        service.stop()
+
+
+@contextlib.asynccontextmanager
+async def _fresh_mongo_database(url: str) -> AsyncIterator[str]:
+    """The name of a database no test used, dropped afterwards."""
+    database = f"test_{uuid4().hex[:12]}"
+    try:
+        yield database
+    finally:
+        async with AsyncMongoClient[dict[str, object]](url, serverSelectionTimeoutMS=5000) as client:
+            await client.drop_database(database)
+
+
+@pytest.fixture
+async def mongo_database(mongo_url: str) -> AsyncIterator[str]:
+    """A fresh database on the session's MongoDB-protocol server, dropped after the test."""
+    async with _fresh_mongo_database(mongo_url) as database:
+        yield database
 
 
 @pytest.fixture(params=STORE_BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A fresh, empty store of each backend."""
+    if request.param == "mongo":
+        url: str = request.getfixturevalue("mongo_url")  # only mongo runs start the server
+        async with _fresh_mongo_database(url) as database, MongoStore(url, database=database) as opened:
+            yield opened
+        return
     path: Path | str = ":memory:" if request.param == "embedded" else tmp_path / "reactor.db"
     async with EmbeddedStore(path) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Kafka broker for the session: $REACTOR_KAFKA_BOOTSTRAP, else a KRaft broker started by the harness."""
+    if bootstrap := os.environ.get("REACTOR_KAFKA_BOOTSTRAP"):
+        yield bootstrap
+        return
+    try:
+        testenv.ensure_kafka()
+        service = testenv.start_kafka(tmp_path_factory.mktemp("kafka"))
+    except (testenv.TestEnvError, OSError) as exc:
+        pytest.fail(f"Kafka could not be started for the kafka tests: {exc}")
+    try:
+        yield service.env["REACTOR_KAFKA_BOOTSTRAP"]
+    finally:
+        service.stop()
+
+
+@contextlib.asynccontextmanager
+async def fresh_kafka_bus(bootstrap: str, **options: Any) -> AsyncIterator[KafkaBus]:
+    """A Kafka bus on topics no other test uses (a random prefix), created with 4 partitions."""
+    async with KafkaBus(bootstrap, prefix=f"t{uuid4().hex[:10]}.", **options) as opened:
+        await opened.create_topics(partitions=4)
         yield opened
 
 
 @pytest.fixture(params=BUS_BACKENDS)
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[EventBus]:
     """A fresh bus of each backend."""
+    if request.param == "kafka":
+        bootstrap: str = request.getfixturevalue("kafka_bootstrap")  # only kafka runs start the broker
+        async with fresh_kafka_bus(bootstrap, retry_delay_s=0.01, grace_s=5.0) as opened:
+            yield opened
+        return
     async with MemoryBus(retry_delay_s=0.01) as opened:
         yield opened

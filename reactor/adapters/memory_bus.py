@@ -29,12 +29,13 @@ class MemoryBus:
 
     def __init__(self, *, source: str = "/reactor", concurrency: int = 256, retry_delay_s: float = 0.05) -> None:
         self.source = source
-        self._concurrency = concurrency
-        self._retry_delay_s = retry_delay_s
+        self.concurrency = concurrency
+        self.retry_delay_s = retry_delay_s
         self._logs: dict[Topic, list[Record]] = defaultdict(list)
         self._queues: dict[tuple[Topic, str], asyncio.Queue[Record]] = {}
         self._busy = 0
         self._changed = asyncio.Event()
+        self._owners: dict[tuple[str, bytes | None], _Member] = {}
 
     async def __aenter__(self) -> Self:
         return self
@@ -95,18 +96,7 @@ class MemoryBus:
 
     async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
         """Feed events to `handler`, per-key ordered, different keys concurrently, until cancelled."""
-
-        async def process(item: tuple[Topic, Record]) -> None:
-            await deliver(item[0], item[1], handler, self._dead_letter, retry_delay_s=self._retry_delay_s)
-
-        unfinished: dict[int, tuple[Topic, Record]] = {}
-
-        def done(item: tuple[Topic, Record]) -> None:
-            unfinished.pop(id(item), None)
-            self._busy -= 1
-            self._changed.set()
-
-        dispatcher: KeyedDispatcher[tuple[Topic, Record]] = KeyedDispatcher(process, done, limit=self._concurrency)
+        member = _Member(self, group, handler)
         try:
             async with asyncio.TaskGroup() as tasks:
                 for topic in topics:
@@ -115,28 +105,25 @@ class MemoryBus:
                         for record in self._logs[topic]:
                             queue.put_nowait(record)
                         self._queues[(topic, group)] = queue
-                    tasks.create_task(self._take(topic, self._queues[(topic, group)], dispatcher, unfinished))
+                    tasks.create_task(self._take(topic, self._queues[(topic, group)], member))
         finally:
-            self._busy -= dispatcher.pending
-            await dispatcher.cancel()
+            self._busy -= member.dispatcher.pending
+            await member.dispatcher.cancel()
             # What was taken but not finished goes back to the front of its group's queue, as an uncommitted
             # Kafka offset would be delivered again to the group's next member.
+            for key in member.owned:
+                self._owners.pop((group, key), None)
             for topic in topics:
-                self._requeue(self._queues[(topic, group)], [r for t, r in unfinished.values() if t == topic])
+                self._requeue(self._queues[(topic, group)], [r for t, r in member.unfinished.values() if t == topic])
 
-    async def _take(
-        self,
-        topic: Topic,
-        queue: asyncio.Queue[Record],
-        dispatcher: KeyedDispatcher[tuple[Topic, Record]],
-        unfinished: dict[int, tuple[Topic, Record]],
-    ) -> None:
+    async def _take(self, topic: Topic, queue: asyncio.Queue[Record], member: _Member) -> None:
         while True:
             record = await queue.get()
             self._busy += 1
-            item = (topic, record)
-            unfinished[id(item)] = item
-            dispatcher.submit(record.key, item)
+            # A key with events in flight stays with the member handling them, as a partition stays with one
+            # member of a Kafka group: that keeps one key's events in order across the group.
+            owner = self._owners.setdefault((member.group, record.key), member)
+            owner.take(topic, record)
 
     @staticmethod
     def _requeue(queue: asyncio.Queue[Record], first: list[Record]) -> None:
@@ -146,6 +133,49 @@ class MemoryBus:
         for record in (*first, *rest):
             queue.put_nowait(record)
 
-    async def _dead_letter(self, topic: Topic, record: Record, reason: str) -> None:
+    def release_owner(self, group: str, key: bytes | None, member: _Member) -> None:
+        """A member finished every event of `key` it had; the next one may go to any member."""
+        if self._owners.get((group, key)) is member:
+            del self._owners[(group, key)]
+
+    def finished_one(self) -> None:
+        """An event was handled (for `idle`)."""
+        self._busy -= 1
+        self._changed.set()
+
+    async def dead_letter(self, topic: Topic, record: Record, reason: str) -> None:
+        """Park a rejected message on the dead-letter topic with the reason."""
         log.warning("dead-lettered", topic=topic.value, reason=reason)
         self._append(Topic.DLQ, dead_letter_record(topic, record, reason))
+
+
+class _Member:
+    """One consumer of a group: its handler, its dispatcher, the keys it owns and what it has not finished."""
+
+    def __init__(self, bus: MemoryBus, group: str, handler: Handler) -> None:
+        self.bus = bus
+        self.group = group
+        self.handler = handler
+        self.dispatcher: KeyedDispatcher[tuple[Topic, Record]] = KeyedDispatcher(
+            self._process, self._done, limit=bus.concurrency
+        )
+        self.unfinished: dict[int, tuple[Topic, Record]] = {}
+        self.owned: dict[bytes | None, int] = {}
+
+    def take(self, topic: Topic, record: Record) -> None:
+        item = (topic, record)
+        self.unfinished[id(item)] = item
+        self.owned[record.key] = self.owned.get(record.key, 0) + 1
+        self.dispatcher.submit(record.key, item)
+
+    async def _process(self, item: tuple[Topic, Record]) -> None:
+        await deliver(item[0], item[1], self.handler, self.bus.dead_letter, retry_delay_s=self.bus.retry_delay_s)
+
+    def _done(self, item: tuple[Topic, Record]) -> None:
+        self.unfinished.pop(id(item), None)
+        key = item[1].key
+        self.owned[key] -= 1
+        if self.owned[key] == 0:
+            del self.owned[key]
+            self.bus.release_owner(self.group, key, self)
+        self.bus.finished_one()

@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,9 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from reactor import logs, schemas
+from reactor.adapters.embedded_store import EmbeddedStore
+from reactor.adapters.mongo_store import MongoStore
 from reactor.cli.report import Reporter, node_table
 from reactor.codec import describe_validation_error
 from reactor.domain.pacer import ItemState, ReleaseState
+from reactor.domain.replay import Filter
 from reactor.errors import InvalidInput, ReactorError
 from reactor.events import (
     DeployRequested,
@@ -33,9 +37,11 @@ from reactor.events import (
     ReleaseHalted,
     ReleaseRequested,
     RollbackRequested,
+    utc_now,
 )
 from reactor.observability import CountingBus, HealthServer
 from reactor.planfile import load_plan
+from reactor.replay import AuditReport, audit
 from reactor.runtime import Backends, Role, kafka_bus, open_backends, run_roles
 from reactor.session import submit_and_follow
 from reactor.settings import Settings
@@ -310,6 +316,57 @@ def topics(
 
     created = _run(create())
     out.print(f"created {', '.join(created)}" if created else "topics already exist")
+
+
+@app.command()
+def replay(
+    release: Annotated[str | None, typer.Option(help="Only this release.")] = None,
+    node: Annotated[str | None, typer.Option(help="Only this node key.")] = None,
+    service: Annotated[str | None, typer.Option(help="Only this service.")] = None,
+    since: Annotated[datetime | None, typer.Option(help="Only events from this time (ISO 8601, UTC if naive).")] = None,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Recompute node status from the log into a fresh database and diff.")
+    ] = False,
+) -> None:
+    """Read the topics from the beginning and print the audit timeline: who asked what, when, what happened."""
+    settings = _settings()
+    if settings.mode == "embedded":
+        err.print("[red]invalid[/] mode: replay reads the Kafka topics; set REACTOR_MODE=distributed")
+        raise typer.Exit(EXIT_INVALID)
+    flt = Filter(since=since, release_id=release, node_key=node, service=service)
+
+    async def run() -> AuditReport:
+        async with open_backends(settings) as backends:
+            if not rebuild:
+                async with EmbeddedStore(":memory:") as scratch:
+                    return await audit(backends.bus, backends.store, scratch, flt)
+            database = f"{settings.mongo_database}-rebuild-{utc_now():%Y%m%d%H%M%S}"
+            async with MongoStore(settings.mongo_url, database) as fresh:
+                report = await audit(backends.bus, backends.store, fresh, flt)
+            out.print(f"rebuilt node status into database {database}")
+            return report
+
+    report = _run(run())
+    for entry in report.timeline:
+        out.print(
+            f"{entry.time:%Y-%m-%dT%H:%M:%S.%fZ} {entry.topic.value:<8} {entry.event_type:<16} {entry.subject}"
+            f" [{entry.actor}] {entry.summary}",
+            markup=False,
+            soft_wrap=True,
+        )
+    for topic, problem in report.undecodable:
+        out.print(f"undecodable message on {topic.value}: {problem}", markup=False, soft_wrap=True)
+    if rebuild:
+        for difference in report.differences:
+            out.print(
+                f"DIFFERENCE {difference.node_key} {difference.field}: live {difference.live!r},"
+                f" rebuilt from the log {difference.rebuilt!r}",
+                markup=False,
+                soft_wrap=True,
+            )
+        if report.differences:
+            raise typer.Exit(1)
+        out.print("live node status matches the log")
 
 
 @schemas_app.command("export")

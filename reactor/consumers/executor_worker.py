@@ -92,7 +92,7 @@ class ExecutorWorker:
         if saved is None:
             raise ConflictError(f"{request.node_key} was taken over while {operation} ran")
         log.info("finished", operation=operation, state=saved.state.value, error=saved.last_error or None)
-        await self._emit(request, saved, time.monotonic() - started)
+        await self._emit(request, saved, time.monotonic() - started, before=current)
 
     async def _execute(
         self, request: DeployRequested | RollbackRequested, claimed: NodeStatus, target: str | None
@@ -126,7 +126,13 @@ class ExecutorWorker:
             error = f"{claimed.operation}: executor crashed: {type(exc).__name__}: {exc}"
         return claimed.model_copy(update={"state": failed_state, "last_error": error})
 
-    async def _emit(self, request: DeployRequested | RollbackRequested, status: NodeStatus, duration_s: float) -> None:
-        outcome = outcomes.outcome_for(request, status, duration_s)
+    async def _emit(
+        self,
+        request: DeployRequested | RollbackRequested,
+        status: NodeStatus,
+        duration_s: float,
+        before: NodeStatus | None = None,
+    ) -> None:
+        outcome = outcomes.outcome_for(request, status, duration_s, before)
         await self.store.put_processed(request.event_id, outcomes.record(outcome))
         await self.bus.publish(outcome)

@@ -1,0 +1,349 @@
+"""MongoDB store on PyMongo's AsyncMongoClient; runs unchanged on MongoDB 6/7 and FerretDB 1.x.
+
+Node statuses and releases keep the model's JSON as text in `doc` (as the embedded store does: FerretDB 1.x
+rejects nested arrays such as `ReleaseRecord.batches`), beside the fields that are filtered or sorted on.
+Release nodes are flat, so their JSON-mode dump is the document itself. Only what FerretDB 1.x supports
+is used: no transactions, change streams, TTL or partial indexes, no projections in findAndModify.
+
+FerretDB 1.x runs `findAndModify` and `update` as a query followed by a write, so two writers can both
+match the same revision and both "win" a compare-and-set. Inserts on a unique index are atomic there, so
+every conditional update runs under a lock document: inserting it acquires the lock (unique `key`),
+deleting it by its never-reused `_id` releases it. A writer that dies holding one loses it after a lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from uuid import uuid4
+
+import structlog
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from reactor.domain.pacer import ItemState
+from reactor.domain.status import NodeStatus
+from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
+from reactor.ports import ReleaseNode, ReleaseRecord
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Document = dict[str, Any]
+
+_DUPLICATE_KEY = 11000
+# Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
+_BACKOFF_S = (0.1, 0.4)
+_LOCK_POLL_S = (0.002, 0.05)
+# A lock outlives any holder that is still working: one update is bounded by `timeout_s` (retries included).
+_LOCK_LEASE_TIMEOUTS = 6
+
+
+def _is_transient(exc: PyMongoError) -> bool:
+    return isinstance(exc, ConnectionFailure) or exc.has_error_label("RetryableWriteError")
+
+
+def _node_fields(status: NodeStatus) -> Document:
+    return {
+        "revision": status.revision,
+        "release_id": status.release_id,
+        "service": status.service,
+        "doc": status.model_dump_json(),
+    }
+
+
+def _release_fields(record: ReleaseRecord) -> Document:
+    created_at = record.created_at if record.created_at.tzinfo else record.created_at.replace(tzinfo=UTC)
+    return {
+        "revision": record.revision,
+        # BSON datetimes keep milliseconds; the rest of the microseconds breaks ties in the sort.
+        "created_at": created_at,
+        "created_at_us": created_at.microsecond % 1000,
+        "doc": record.model_dump_json(),
+    }
+
+
+def _release_node(document: Document) -> ReleaseNode:
+    return ReleaseNode.model_validate({name: document[name] for name in ReleaseNode.model_fields if name in document})
+
+
+class MongoStore:
+    """The Store port on a MongoDB-protocol server (MongoDB or FerretDB)."""
+
+    def __init__(self, url: str, database: str = "reactor", *, timeout_s: float = 10.0) -> None:
+        self.url = url
+        self.database = database
+        self.timeout_s = timeout_s
+        self._client: AsyncMongoClient[Document] | None = None
+
+    async def __aenter__(self) -> Self:
+        timeout_ms = max(1, int(self.timeout_s * 1000))
+        try:
+            self._client = AsyncMongoClient(
+                self.url,
+                tz_aware=True,
+                appname="deploy-reactor",
+                serverSelectionTimeoutMS=timeout_ms,
+                connectTimeoutMS=timeout_ms,
+                socketTimeoutMS=timeout_ms,
+                waitQueueTimeoutMS=timeout_ms,
+            )
+        except PyMongoError as exc:
+            raise InvalidInput("mongo url", str(exc)) from exc
+        try:
+            await self.ping()
+            await self._create_indexes()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def _create_indexes(self) -> None:
+        indexes: list[tuple[str, list[tuple[str, int]], bool]] = [
+            ("nodes", [("release_id", ASCENDING)], False),
+            ("nodes", [("service", ASCENDING)], False),
+            ("releases", [("created_at", DESCENDING), ("created_at_us", DESCENDING)], False),
+            ("release_nodes", [("release_id", ASCENDING), ("node_key", ASCENDING)], True),
+            (
+                "release_nodes",
+                [("release_id", ASCENDING), ("batch", ASCENDING), ("state", ASCENDING), ("position", ASCENDING)],
+                False,
+            ),
+            ("locks", [("key", ASCENDING)], True),
+        ]
+        for collection, keys, unique in indexes:
+            await self._retry(
+                f"create index on {collection}", partial(self.db[collection].create_index, keys, unique=unique)
+            )
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable unless the server answers."""
+        await self._retry("ping", lambda: self.db.command("ping"))
+
+    @property
+    def db(self) -> AsyncDatabase[Document]:
+        """The open database."""
+        if self._client is None:
+            raise BackendUnavailable("MongoDB store is not open")
+        return self._client[self.database]
+
+    # --- nodes ---
+
+    async def get_node(self, node_key: str) -> NodeStatus | None:
+        found = await self._find_one("nodes", {"_id": node_key})
+        return None if found is None else NodeStatus.model_validate_json(found["doc"])
+
+    async def put_node(self, status: NodeStatus, *, expected_revision: int) -> NodeStatus | None:
+        new = status.model_copy(update={"revision": expected_revision + 1})
+        fields = _node_fields(new)
+        if expected_revision == 0:
+            written = await self._insert("nodes", {"_id": new.node_key, **fields})
+        else:
+            written = await self._update("nodes", {"_id": new.node_key}, {"revision": expected_revision}, fields)
+        return new if written else None
+
+    async def list_nodes(self, *, release_id: str | None = None, service: str | None = None) -> list[NodeStatus]:
+        query: Document = {}
+        if release_id is not None:
+            query["release_id"] = release_id
+        if service is not None:
+            query["service"] = service
+        found = await self._find("nodes", query, sort=[("_id", ASCENDING)])
+        return [NodeStatus.model_validate_json(document["doc"]) for document in found]
+
+    # --- processed requests ---
+
+    async def get_processed(self, event_id: str) -> str | None:
+        found = await self._find_one("processed", {"_id": event_id})
+        return None if found is None else str(found["outcome"])
+
+    async def put_processed(self, event_id: str, outcome: str) -> None:
+        # First write wins; a duplicate is a redelivery (or a retried insert that had landed).
+        await self._insert("processed", {"_id": event_id, "outcome": outcome})
+
+    # --- releases ---
+
+    async def get_release(self, release_id: str) -> ReleaseRecord | None:
+        found = await self._find_one("releases", {"_id": release_id})
+        return None if found is None else ReleaseRecord.model_validate_json(found["doc"])
+
+    async def put_release(self, record: ReleaseRecord, *, expected_revision: int) -> ReleaseRecord | None:
+        new = record.model_copy(update={"revision": expected_revision + 1})
+        fields = _release_fields(new)
+        if expected_revision == 0:
+            written = await self._insert("releases", {"_id": new.release_id, **fields})
+        else:
+            written = await self._update("releases", {"_id": new.release_id}, {"revision": expected_revision}, fields)
+        return new if written else None
+
+    async def list_releases(self) -> list[ReleaseRecord]:
+        found = await self._find("releases", {}, sort=[("created_at", DESCENDING), ("created_at_us", DESCENDING)])
+        return [ReleaseRecord.model_validate_json(document["doc"]) for document in found]
+
+    async def add_release_nodes(self, nodes: Sequence[ReleaseNode]) -> None:
+        if not nodes:
+            return
+        documents = [node.model_dump(mode="json") for node in nodes]
+
+        async def insert() -> None:
+            try:
+                await self.db["release_nodes"].insert_many(documents, ordered=False)
+            except BulkWriteError as exc:
+                others = [error for error in exc.details.get("writeErrors", []) if error.get("code") != _DUPLICATE_KEY]
+                if others or exc.details.get("writeConcernErrors"):
+                    raise
+
+        await self._retry("insert into release_nodes", insert)
+
+    async def move_release_node(
+        self,
+        release_id: str,
+        node_key: str,
+        *,
+        from_states: Sequence[ItemState],
+        to_state: ItemState,
+        outcome: str | None = None,
+    ) -> bool:
+        identity = {"release_id": release_id, "node_key": node_key}
+        fields: Document = {"state": to_state.value}
+        if outcome is not None:
+            fields["outcome"] = outcome
+        condition = {"state": {"$in": [state.value for state in from_states]}}
+        return await self._update("release_nodes", identity, condition, fields)
+
+    async def list_release_nodes(
+        self, release_id: str, *, batch: int | None = None, state: ItemState | None = None, limit: int | None = None
+    ) -> list[ReleaseNode]:
+        if limit == 0:
+            return []
+        query: Document = {"release_id": release_id}
+        if batch is not None:
+            query["batch"] = batch
+        if state is not None:
+            query["state"] = state.value
+        found = await self._find(
+            "release_nodes",
+            query,
+            sort=[("position", ASCENDING)],
+            limit=limit if limit is not None and limit > 0 else 0,
+        )
+        return [_release_node(document) for document in found]
+
+    async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
+        match: Document = {"release_id": release_id}
+        if batch is not None:
+            match["batch"] = batch
+        pipeline: list[Document] = [{"$match": match}, {"$group": {"_id": "$state", "count": {"$sum": 1}}}]
+
+        async def aggregate() -> list[Document]:
+            cursor = await self.db["release_nodes"].aggregate(pipeline)
+            return await cursor.to_list()
+
+        counts = dict.fromkeys(ItemState, 0)
+        for group in await self._retry("count release_nodes", aggregate):
+            counts[ItemState(group["_id"])] = int(group["count"])
+        return counts
+
+    # --- primitives ---
+
+    async def _retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run `operation`, again after a transient failure while time is left; translate pymongo errors."""
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await operation()
+            except PyMongoError as exc:
+                if not _is_transient(exc):
+                    raise ReactorError(f"MongoDB {what}: {exc}") from exc
+                delay = _BACKOFF_S[attempt] if attempt < len(_BACKOFF_S) else None
+                if delay is None or time.monotonic() + delay >= deadline:
+                    raise BackendUnavailable(f"MongoDB {what}: {exc}") from exc
+                log.warning("mongo operation failed; retrying", operation=what, attempt=attempt + 1, error=str(exc))
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _find_one(self, collection: str, query: Mapping[str, Any]) -> Document | None:
+        return await self._retry(f"read {collection}", lambda: self.db[collection].find_one(query))
+
+    async def _find(
+        self, collection: str, query: Mapping[str, Any], *, sort: list[tuple[str, int]], limit: int = 0
+    ) -> list[Document]:
+        return await self._retry(
+            f"read {collection}", lambda: self.db[collection].find(query).sort(sort).limit(limit).to_list()
+        )
+
+    async def _insert(self, collection: str, document: Document) -> bool:
+        """Insert `document`; False if its `_id` is taken by another writer's document."""
+        token = uuid4().hex
+        stamped = {**document, "write_token": token}
+
+        async def insert() -> bool:
+            try:
+                await self.db[collection].insert_one(stamped)
+            except DuplicateKeyError:
+                return False
+            return True
+
+        if await self._retry(f"insert into {collection}", insert):
+            return True
+        # An attempt whose reply was lost may have inserted it: then the stored document is ours.
+        return await self._find_one(collection, {"_id": stamped["_id"], "write_token": token}) is not None
+
+    async def _update(self, collection: str, identity: Document, condition: Document, fields: Document) -> bool:
+        """Set `fields` on the document at `identity` if it matches `condition`, under the document's lock."""
+        token = uuid4().hex
+        update = {"$set": {**fields, "write_token": token}}
+        async with self._locked(f"{collection}/" + "/".join(str(value) for value in identity.values())):
+            updated = await self._retry(
+                f"update {collection}",
+                lambda: self.db[collection].find_one_and_update({**identity, **condition}, update),
+            )
+            if updated is not None:
+                return True
+            # An attempt whose reply was lost may have applied it: then the document no longer matches.
+            return await self._find_one(collection, {**identity, "write_token": token}) is not None
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, key: str) -> AsyncIterator[None]:
+        """Hold the lock of one document; BackendUnavailable if a live holder keeps it past `timeout_s`."""
+        locks = self.db["locks"]
+        lock_id = uuid4().hex
+        lease = timedelta(seconds=self.timeout_s * _LOCK_LEASE_TIMEOUTS)
+        deadline = time.monotonic() + self.timeout_s
+        poll = _LOCK_POLL_S[0]
+        while not await self._insert("locks", {"_id": lock_id, "key": key, "expires_at": datetime.now(UTC) + lease}):
+            held = await self._find_one("locks", {"key": key})
+            if held is not None and held["expires_at"] <= datetime.now(UTC):
+                log.warning("taking over an expired lock", lock=key)
+                await self._retry("unlock", partial(locks.delete_one, {"_id": held["_id"]}))
+                continue
+            if time.monotonic() >= deadline:
+                raise BackendUnavailable(f"MongoDB lock {key} is held by another writer")
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, _LOCK_POLL_S[1])
+        try:
+            yield
+        finally:
+            try:
+                await self._retry("unlock", partial(locks.delete_one, {"_id": lock_id}))
+            except BackendUnavailable as exc:
+                # The write itself is settled; the lock expires after its lease.
+                log.warning("could not release a lock", lock=key, error=str(exc))

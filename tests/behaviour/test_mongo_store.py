@@ -1,0 +1,240 @@
+"""What only the MongoDB store has: indexes, atomic compare-and-set on the server, locks, errors, durability.
+
+The Store behaviour shared with every backend is in test_store.py (it runs on MongoDB through `store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from reactor.adapters.mongo_store import MongoStore
+from reactor.domain.pacer import ItemState
+from reactor.domain.status import NodeState, NodeStatus, pending
+from reactor.errors import BackendUnavailable
+from reactor.events import NodeTarget, ReleasePlan, Strategy
+from reactor.ports import ReleaseNode, ReleaseRecord
+from tests.infra import testenv
+
+pytestmark = pytest.mark.mongo
+
+NODE = "local/h1/api"
+T0 = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
+CONTENDERS = 20
+
+
+@pytest.fixture
+async def mongo(mongo_url: str, mongo_database: str) -> AsyncIterator[MongoStore]:
+    """A MongoStore on a fresh database."""
+    async with MongoStore(mongo_url, database=mongo_database, timeout_s=5.0) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def closing_with_the_server_down() -> Iterator[None]:
+    """Silence the socket pymongo leaks when a client closes while its monitor dials a dead server.
+
+    pymongo 4.20 closes a half-made socket on OSError but not on the cancellation `close()` sends
+    (PYTHON-5867); the socket is freed when collected, which `filterwarnings = error` would fail on.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        yield
+        gc.collect()
+
+
+def release(release_id: str = "rel-1", *, created_at: datetime = T0) -> ReleaseRecord:
+    nodes = [NodeTarget(node_key=f"local/h{index}/api") for index in range(2)]
+    return ReleaseRecord(
+        release_id=release_id,
+        plan=ReleasePlan(
+            release_id=release_id,
+            service="api",
+            version="2.0.0",
+            image="registry.example.com/shop/api:2.0.0",
+            nodes=nodes,
+            strategy=Strategy(batches=[1, "100%"]),
+        ),
+        batches=[[nodes[0].node_key], [nodes[1].node_key]],
+        request_id=f"req-{release_id}",
+        created_at=created_at,
+        updated_at=created_at,
+    )
+
+
+def attempt(stored: NodeStatus, index: int) -> NodeStatus:
+    """A distinct change per contender, so the stored document names the winner."""
+    return stored.model_copy(update={"state": NodeState.DEPLOYING, "request_id": f"req-{index}"})
+
+
+async def test_open_creates_the_indexes(mongo_url: str, mongo: MongoStore) -> None:
+    async with AsyncMongoClient[dict[str, object]](mongo_url) as client:
+        database = client[mongo.database]
+
+        async def names(collection: str) -> set[str]:
+            return {str(index["name"]) async for index in await database[collection].list_indexes()}
+
+        assert await names("nodes") >= {"_id_", "release_id_1", "service_1"}
+        assert await names("releases") >= {"_id_", "created_at_-1_created_at_us_-1"}
+        assert await names("release_nodes") >= {
+            "release_id_1_node_key_1",
+            "release_id_1_batch_1_state_1_position_1",
+        }
+        assert await names("locks") >= {"key_1"}
+        unique = {
+            str(index["name"]) async for index in await database["release_nodes"].list_indexes() if index.get("unique")
+        }
+        assert "release_id_1_node_key_1" in unique
+
+
+async def test_opening_twice_keeps_the_indexes_and_the_data(mongo_url: str, mongo: MongoStore) -> None:
+    assert await mongo.put_node(pending(NODE, "api"), expected_revision=0)
+    async with MongoStore(mongo_url, database=mongo.database) as again:
+        assert (await again.get_node(NODE)) == await mongo.get_node(NODE)
+
+
+async def test_concurrent_updates_with_the_same_revision_let_exactly_one_win(mongo: MongoStore) -> None:
+    """FerretDB's findAndModify is not atomic on its own; the store's lock makes the compare-and-set so."""
+    stored = await mongo.put_node(pending(NODE, "api"), expected_revision=0)
+    assert stored is not None
+    results = await asyncio.gather(
+        *(mongo.put_node(attempt(stored, index), expected_revision=stored.revision) for index in range(CONTENDERS))
+    )
+    winners = [result for result in results if result is not None]
+    assert len(winners) == 1
+    assert winners[0].revision == stored.revision + 1
+    assert await mongo.get_node(NODE) == winners[0]
+
+
+async def test_concurrent_inserts_of_one_node_let_exactly_one_win(mongo: MongoStore) -> None:
+    results = await asyncio.gather(
+        *(mongo.put_node(attempt(pending(NODE, "api"), index), expected_revision=0) for index in range(CONTENDERS))
+    )
+    winners = [result for result in results if result is not None]
+    assert len(winners) == 1
+    assert await mongo.get_node(NODE) == winners[0]
+
+
+async def test_concurrent_release_updates_let_exactly_one_win(mongo: MongoStore) -> None:
+    stored = await mongo.put_release(release(), expected_revision=0)
+    assert stored is not None
+    results = await asyncio.gather(
+        *(
+            mongo.put_release(stored.model_copy(update={"reason": f"writer {index}"}), expected_revision=1)
+            for index in range(CONTENDERS)
+        )
+    )
+    winners = [result for result in results if result is not None]
+    assert len(winners) == 1
+    assert await mongo.get_release("rel-1") == winners[0]
+
+
+async def test_concurrent_moves_of_one_release_node_let_exactly_one_win(mongo: MongoStore) -> None:
+    await mongo.add_release_nodes([ReleaseNode(release_id="rel-1", node_key=NODE, batch=0, position=0)])
+    moved = await asyncio.gather(
+        *(
+            mongo.move_release_node(
+                "rel-1", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED, outcome=f"evt-{index}"
+            )
+            for index in range(CONTENDERS)
+        )
+    )
+    assert moved.count(True) == 1
+    [node] = await mongo.list_release_nodes("rel-1")
+    assert (node.state, node.outcome) == (ItemState.DISPATCHED, f"evt-{moved.index(True)}")
+
+
+async def test_a_lock_left_by_a_dead_writer_is_taken_over_once_expired(mongo: MongoStore) -> None:
+    stored = await mongo.put_node(pending(NODE, "api"), expected_revision=0)
+    assert stored is not None
+    expired = datetime.now(UTC) - timedelta(seconds=1)
+    await mongo.db["locks"].insert_one({"_id": "dead-writer", "key": f"nodes/{NODE}", "expires_at": expired})
+    assert await mongo.put_node(attempt(stored, 1), expected_revision=1) is not None
+    assert await mongo.db["locks"].count_documents({}) == 0
+
+
+async def test_a_lock_held_by_a_live_writer_makes_the_write_unavailable_not_lost(
+    mongo_url: str, mongo_database: str
+) -> None:
+    async with MongoStore(mongo_url, database=mongo_database, timeout_s=0.5) as store:
+        stored = await store.put_node(pending(NODE, "api"), expected_revision=0)
+        assert stored is not None
+        alive = datetime.now(UTC) + timedelta(minutes=5)
+        await store.db["locks"].insert_one({"_id": "live-writer", "key": f"nodes/{NODE}", "expires_at": alive})
+        with pytest.raises(BackendUnavailable, match="held by another writer"):
+            await store.put_node(attempt(stored, 1), expected_revision=1)
+        assert await store.get_node(NODE) == stored
+
+
+async def test_unreachable_server_raises_backend_unavailable_within_the_timeout() -> None:
+    url = f"mongodb://127.0.0.1:{testenv.free_port()}/?directConnection=true"
+    started = time.monotonic()
+    with closing_with_the_server_down(), pytest.raises(BackendUnavailable) as raised:
+        async with MongoStore(url, database="unreachable", timeout_s=1.0):
+            pass
+    assert time.monotonic() - started < 3.0
+    assert raised.value.retriable
+
+
+async def test_a_server_that_goes_away_makes_calls_unavailable(tmp_path: Path) -> None:
+    server = testenv.start_ferretdb(tmp_path / "ferretdb")
+    try:
+        with closing_with_the_server_down():
+            async with MongoStore(server.env["REACTOR_MONGO_URL"], timeout_s=1.0) as store:
+                assert await store.get_node(NODE) is None
+                server.stop(grace=0)  # killed, as a crashed server would be
+                started = time.monotonic()
+                with pytest.raises(BackendUnavailable):
+                    await store.get_node(NODE)
+                with pytest.raises(BackendUnavailable):
+                    await store.ping()
+                assert time.monotonic() - started < 5.0
+    finally:
+        server.stop()
+
+
+async def test_everything_survives_closing_and_reopening(mongo_url: str, mongo_database: str) -> None:
+    async with MongoStore(mongo_url, database=mongo_database) as store:
+        node = await store.put_node(
+            pending(NODE, "api").model_copy(update={"release_id": "rel-1"}), expected_revision=0
+        )
+        record = await store.put_release(release(), expected_revision=0)
+        older = await store.put_release(
+            release("rel-0", created_at=T0 - timedelta(microseconds=1)), expected_revision=0
+        )
+        assert record is not None
+        await store.add_release_nodes(
+            [
+                ReleaseNode(release_id="rel-1", node_key=key, batch=i, position=i)
+                for i, [key] in enumerate(record.batches)
+            ]
+        )
+        assert await store.move_release_node(
+            "rel-1", "local/h0/api", from_states=[ItemState.QUEUED], to_state=ItemState.SUCCEEDED, outcome="evt-1"
+        )
+        await store.put_processed("req-1", "outcome-1")
+        nodes_before = await store.list_release_nodes("rel-1")
+
+    async with MongoStore(mongo_url, database=mongo_database) as reopened:
+        assert await reopened.get_node(NODE) == node
+        assert await reopened.list_nodes(release_id="rel-1") == [node]
+        assert await reopened.get_release("rel-1") == record
+        # The microsecond below BSON's millisecond still orders them.
+        assert await reopened.list_releases() == [record, older]
+        assert await reopened.get_processed("req-1") == "outcome-1"
+        assert await reopened.list_release_nodes("rel-1") == nodes_before
+        assert (await reopened.count_release_nodes("rel-1"))[ItemState.SUCCEEDED] == 1
+        assert node is not None
+        assert await reopened.put_node(node, expected_revision=0) is None
+        updated = await reopened.put_node(node, expected_revision=1)
+        assert updated is not None
+        assert updated.revision == 2

@@ -1,0 +1,401 @@
+"""Behaviour of the Store port, written once against the `store` fixture (every backend).
+
+The fixture's parameters carry the backend marks (`unit` for the embedded store, `mongo` for MongoDB), so this
+module adds none of its own; the two tests that open an EmbeddedStore directly are marked `unit` one by one.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from reactor.adapters.embedded_store import EmbeddedStore
+from reactor.domain.pacer import ItemState, ReleaseState
+from reactor.domain.planner import plan_batches
+from reactor.domain.status import NodeState, NodeStatus, pending
+from reactor.events import NodeTarget, ReleasePlan, Strategy
+from reactor.ports import ReleaseNode, ReleaseRecord, Store
+
+T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+IMAGE = "registry.example.com/shop/api:2.0.0"
+
+
+def status(node_key: str, *, service: str = "api", release_id: str | None = None) -> NodeStatus:
+    return pending(node_key, service).model_copy(update={"release_id": release_id})
+
+
+def plan(release_id: str, count: int = 3, batches: list[int | str] | None = None) -> ReleasePlan:
+    return ReleasePlan(
+        release_id=release_id,
+        service="api",
+        version="2.0.0",
+        image=IMAGE,
+        nodes=[NodeTarget(node_key=f"local/h{index}/api") for index in range(count)],
+        strategy=Strategy(batches=batches or [1, "100%"]),
+    )
+
+
+def release(release_id: str, *, created_at: datetime = T0, count: int = 3) -> ReleaseRecord:
+    the_plan = plan(release_id, count)
+    return ReleaseRecord(
+        release_id=release_id,
+        plan=the_plan,
+        batches=plan_batches([node.node_key for node in the_plan.nodes], the_plan.strategy),
+        request_id=f"req-{release_id}",
+        actor="alice",
+        created_at=created_at,
+        updated_at=created_at,
+    )
+
+
+def release_nodes(record: ReleaseRecord) -> list[ReleaseNode]:
+    """The nodes of `record`, numbered in plan order."""
+    flat = [(index, key) for index, batch in enumerate(record.batches) for key in batch]
+    return [
+        ReleaseNode(release_id=record.release_id, node_key=key, batch=index, position=position)
+        for position, (index, key) in enumerate(flat)
+    ]
+
+
+async def seeded_release(store: Store, count: int = 5) -> ReleaseRecord:
+    """A release of `count` nodes in batches [1, 2, 2, ...], its nodes added in reverse order."""
+    record = release("rel-1", count=count).model_copy(
+        update={"batches": plan_batches([f"local/h{index}/api" for index in range(count)], Strategy(batches=[1, 2]))}
+    )
+    await store.add_release_nodes(list(reversed(release_nodes(record))))
+    return record
+
+
+# --- nodes --------------------------------------------------------------------------------------
+
+
+async def test_unknown_node_is_none(store: Store) -> None:
+    assert await store.get_node("local/h1/api") is None
+
+
+async def test_put_node_with_revision_zero_inserts_it_at_revision_one(store: Store) -> None:
+    written = await store.put_node(status("local/h1/api"), expected_revision=0)
+    assert written is not None
+    assert written.revision == 1
+    assert await store.get_node("local/h1/api") == written
+
+
+async def test_second_insert_with_revision_zero_fails_and_keeps_the_first(store: Store) -> None:
+    first = await store.put_node(status("local/h1/api", release_id="rel-1"), expected_revision=0)
+    second = await store.put_node(status("local/h1/api", release_id="rel-2"), expected_revision=0)
+    assert second is None
+    assert await store.get_node("local/h1/api") == first
+
+
+async def test_update_with_the_stored_revision_succeeds_and_bumps_it(store: Store) -> None:
+    first = await store.put_node(status("local/h1/api"), expected_revision=0)
+    assert first is not None
+    changed = first.model_copy(update={"state": NodeState.SUCCESS, "current_version": "2.0.0"})
+    second = await store.put_node(changed, expected_revision=first.revision)
+    assert second is not None
+    assert second.revision == 2
+    assert (second.state, second.current_version) == (NodeState.SUCCESS, "2.0.0")
+    assert await store.get_node("local/h1/api") == second
+
+
+async def test_update_with_a_stale_revision_fails_and_leaves_the_stored_node_unchanged(store: Store) -> None:
+    first = await store.put_node(status("local/h1/api"), expected_revision=0)
+    assert first is not None
+    second = await store.put_node(first.model_copy(update={"current_version": "2.0.0"}), expected_revision=1)
+    assert second is not None
+    stale = first.model_copy(update={"state": NodeState.FAILED, "last_error": "lost the race"})
+    assert await store.put_node(stale, expected_revision=1) is None
+    assert await store.get_node("local/h1/api") == second
+
+
+async def test_update_of_an_absent_node_fails(store: Store) -> None:
+    assert await store.put_node(status("local/h1/api"), expected_revision=3) is None
+    assert await store.get_node("local/h1/api") is None
+
+
+async def test_list_nodes_filters_by_release_and_service_ordered_by_node_key(store: Store) -> None:
+    for node_key, service, release_id in [
+        ("local/h3/api", "api", "rel-1"),
+        ("local/h1/api", "api", "rel-1"),
+        ("local/h2/web", "web", "rel-1"),
+        ("local/h2/api", "api", "rel-2"),
+        ("local/h0/api", "api", None),
+    ]:
+        assert await store.put_node(status(node_key, service=service, release_id=release_id), expected_revision=0)
+
+    def node_keys(nodes: list[NodeStatus]) -> list[str]:
+        return [node.node_key for node in nodes]
+
+    assert node_keys(await store.list_nodes()) == [
+        "local/h0/api",
+        "local/h1/api",
+        "local/h2/api",
+        "local/h2/web",
+        "local/h3/api",
+    ]
+    assert node_keys(await store.list_nodes(release_id="rel-1")) == ["local/h1/api", "local/h2/web", "local/h3/api"]
+    assert node_keys(await store.list_nodes(service="api")) == [
+        "local/h0/api",
+        "local/h1/api",
+        "local/h2/api",
+        "local/h3/api",
+    ]
+    assert node_keys(await store.list_nodes(release_id="rel-1", service="api")) == ["local/h1/api", "local/h3/api"]
+    assert await store.list_nodes(release_id="rel-9") == []
+
+
+async def test_list_nodes_follows_the_release_of_an_updated_node(store: Store) -> None:
+    first = await store.put_node(status("local/h1/api", release_id="rel-1"), expected_revision=0)
+    assert first is not None
+    assert await store.put_node(first.model_copy(update={"release_id": "rel-2"}), expected_revision=1)
+    assert await store.list_nodes(release_id="rel-1") == []
+    assert [node.node_key for node in await store.list_nodes(release_id="rel-2")] == ["local/h1/api"]
+
+
+# --- processed requests -------------------------------------------------------------------------
+
+
+async def test_processed_outcome_is_none_until_recorded(store: Store) -> None:
+    assert await store.get_processed("req-1") is None
+    await store.put_processed("req-1", '{"type": "deployed"}')
+    assert await store.get_processed("req-1") == '{"type": "deployed"}'
+    assert await store.get_processed("req-2") is None
+
+
+async def test_processed_first_write_wins(store: Store) -> None:
+    await store.put_processed("req-1", "first")
+    await store.put_processed("req-1", "second")
+    assert await store.get_processed("req-1") == "first"
+
+
+# --- releases -----------------------------------------------------------------------------------
+
+
+async def test_unknown_release_is_none(store: Store) -> None:
+    assert await store.get_release("rel-1") is None
+
+
+async def test_put_release_with_revision_zero_inserts_and_a_second_insert_fails(store: Store) -> None:
+    written = await store.put_release(release("rel-1"), expected_revision=0)
+    assert written is not None
+    assert written.revision == 1
+    assert (
+        await store.put_release(release("rel-1").model_copy(update={"actor": "mallory"}), expected_revision=0) is None
+    )
+    assert await store.get_release("rel-1") == written
+
+
+async def test_release_update_with_the_stored_revision_succeeds(store: Store) -> None:
+    first = await store.put_release(release("rel-1"), expected_revision=0)
+    assert first is not None
+    changed = first.model_copy(update={"batch": 1, "state": ReleaseState.HALTED, "reason": "budget"})
+    second = await store.put_release(changed, expected_revision=1)
+    assert second is not None
+    assert second.revision == 2
+    assert await store.get_release("rel-1") == second
+    assert second.plan == first.plan
+
+
+async def test_release_update_with_a_stale_revision_fails_and_leaves_it_unchanged(store: Store) -> None:
+    first = await store.put_release(release("rel-1"), expected_revision=0)
+    assert first is not None
+    second = await store.put_release(first.model_copy(update={"batch": 1}), expected_revision=1)
+    assert second is not None
+    assert await store.put_release(first.model_copy(update={"state": ReleaseState.HALTED}), expected_revision=1) is None
+    assert await store.put_release(first, expected_revision=7) is None
+    assert await store.get_release("rel-1") == second
+
+
+async def test_list_releases_is_newest_first(store: Store) -> None:
+    for release_id, minutes in [("rel-b", 10), ("rel-a", 0), ("rel-c", 20), ("rel-d", 5)]:
+        assert await store.put_release(
+            release(release_id, created_at=T0 + timedelta(minutes=minutes)), expected_revision=0
+        )
+    assert [record.release_id for record in await store.list_releases()] == ["rel-c", "rel-b", "rel-d", "rel-a"]
+
+
+async def test_list_releases_orders_by_instant_whatever_the_utc_offset(store: Store) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    # rel-newer is 30 minutes later in real time, but its wall-clock text (12:30+00:00 < 14:00+02:00) reads earlier.
+    assert await store.put_release(release("rel-older", created_at=T0.astimezone(plus_two)), expected_revision=0)
+    assert await store.put_release(release("rel-newer", created_at=T0 + timedelta(minutes=30)), expected_revision=0)
+    assert [record.release_id for record in await store.list_releases()] == ["rel-newer", "rel-older"]
+
+
+async def test_list_releases_is_empty_without_releases(store: Store) -> None:
+    assert await store.list_releases() == []
+
+
+async def test_list_releases_order_survives_updates(store: Store) -> None:
+    older = await store.put_release(release("rel-old", created_at=T0), expected_revision=0)
+    assert await store.put_release(release("rel-new", created_at=T0 + timedelta(hours=1)), expected_revision=0)
+    assert older is not None
+    assert await store.put_release(older.model_copy(update={"updated_at": T0 + timedelta(days=1)}), expected_revision=1)
+    assert [record.release_id for record in await store.list_releases()] == ["rel-new", "rel-old"]
+
+
+# --- release nodes ------------------------------------------------------------------------------
+
+
+async def test_add_release_nodes_is_idempotent_and_keeps_progress(store: Store) -> None:
+    record = await seeded_release(store)
+    assert await store.move_release_node(
+        "rel-1", "local/h0/api", from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+    )
+    await store.add_release_nodes(release_nodes(record))
+    nodes = await store.list_release_nodes("rel-1")
+    assert len(nodes) == 5
+    assert [node.state for node in nodes] == [ItemState.DISPATCHED] + [ItemState.QUEUED] * 4
+
+
+async def test_move_release_node_moves_from_an_allowed_state_and_records_the_outcome(store: Store) -> None:
+    await seeded_release(store)
+    assert await store.move_release_node(
+        "rel-1", "local/h1/api", from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+    )
+    assert await store.move_release_node(
+        "rel-1",
+        "local/h1/api",
+        from_states=[ItemState.QUEUED, ItemState.DISPATCHED],
+        to_state=ItemState.SUCCEEDED,
+        outcome="evt-deployed-1",
+    )
+    [moved] = [node for node in await store.list_release_nodes("rel-1") if node.node_key == "local/h1/api"]
+    assert (moved.state, moved.outcome) == (ItemState.SUCCEEDED, "evt-deployed-1")
+    assert (moved.batch, moved.position) == (1, 1)
+
+
+async def test_move_release_node_refuses_a_node_in_another_state(store: Store) -> None:
+    await seeded_release(store)
+    assert not await store.move_release_node(
+        "rel-1", "local/h1/api", from_states=[ItemState.DISPATCHED], to_state=ItemState.SUCCEEDED, outcome="x"
+    )
+    [node] = [node for node in await store.list_release_nodes("rel-1") if node.node_key == "local/h1/api"]
+    assert (node.state, node.outcome) == (ItemState.QUEUED, None)
+
+
+async def test_move_release_node_out_of_a_state_succeeds_only_once(store: Store) -> None:
+    """Two outcomes for one dispatched node: the first moves it, the second finds it no longer dispatched."""
+    await seeded_release(store)
+    assert await store.move_release_node(
+        "rel-1", "local/h0/api", from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+    )
+    moves = [
+        await store.move_release_node(
+            "rel-1", "local/h0/api", from_states=[ItemState.DISPATCHED], to_state=to_state, outcome=str(to_state)
+        )
+        for to_state in (ItemState.FAILED, ItemState.SUCCEEDED)
+    ]
+    assert moves == [True, False]
+    [node] = await store.list_release_nodes("rel-1", batch=0)
+    assert (node.state, node.outcome) == (ItemState.FAILED, "failed")
+
+
+@pytest.mark.parametrize(("release_id", "node_key"), [("rel-1", "local/h9/api"), ("rel-9", "local/h0/api")])
+async def test_move_release_node_of_an_unknown_node_is_false(store: Store, release_id: str, node_key: str) -> None:
+    await seeded_release(store)
+    assert not await store.move_release_node(
+        release_id, node_key, from_states=list(ItemState), to_state=ItemState.DISPATCHED
+    )
+    assert await store.list_release_nodes("rel-9") == []
+
+
+async def test_list_release_nodes_in_position_order_by_batch_state_and_limit(store: Store) -> None:
+    await seeded_release(store, count=5)  # batches: [h0] [h1 h2] [h3 h4]
+    await store.add_release_nodes(release_nodes(release("rel-2", count=2)))
+    for node_key in ("local/h3/api", "local/h1/api"):
+        assert await store.move_release_node(
+            "rel-1", node_key, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+        )
+
+    async def listed(batch: int | None = None, state: ItemState | None = None, limit: int | None = None) -> list[str]:
+        nodes = await store.list_release_nodes("rel-1", batch=batch, state=state, limit=limit)
+        assert all(node.release_id == "rel-1" for node in nodes)
+        return [node.node_key.split("/")[1] for node in nodes]
+
+    assert await listed() == ["h0", "h1", "h2", "h3", "h4"]
+    assert await listed(batch=1) == ["h1", "h2"]
+    assert await listed(batch=2) == ["h3", "h4"]
+    assert await listed(batch=3) == []
+    assert await listed(state=ItemState.QUEUED) == ["h0", "h2", "h4"]
+    assert await listed(state=ItemState.DISPATCHED) == ["h1", "h3"]
+    assert await listed(batch=2, state=ItemState.QUEUED) == ["h4"]
+    assert await listed(limit=2) == ["h0", "h1"]
+    assert await listed(state=ItemState.QUEUED, limit=2) == ["h0", "h2"]
+    assert await listed(batch=1, state=ItemState.SUCCEEDED) == []
+
+
+async def test_list_release_nodes_keeps_batch_and_position(store: Store) -> None:
+    record = await seeded_release(store, count=5)
+    assert await store.list_release_nodes("rel-1") == release_nodes(record)
+
+
+async def test_count_release_nodes_per_batch_and_in_total_with_every_state(store: Store) -> None:
+    await seeded_release(store, count=5)
+    moves = [
+        ("local/h0/api", ItemState.SUCCEEDED),
+        ("local/h1/api", ItemState.FAILED),
+        ("local/h2/api", ItemState.DISPATCHED),
+    ]
+    for node_key, to_state in moves:
+        assert await store.move_release_node("rel-1", node_key, from_states=[ItemState.QUEUED], to_state=to_state)
+
+    def counts(queued: int = 0, dispatched: int = 0, succeeded: int = 0, failed: int = 0) -> dict[ItemState, int]:
+        return {
+            ItemState.QUEUED: queued,
+            ItemState.DISPATCHED: dispatched,
+            ItemState.SUCCEEDED: succeeded,
+            ItemState.FAILED: failed,
+        }
+
+    assert await store.count_release_nodes("rel-1") == counts(queued=2, dispatched=1, succeeded=1, failed=1)
+    assert await store.count_release_nodes("rel-1", batch=0) == counts(succeeded=1)
+    assert await store.count_release_nodes("rel-1", batch=1) == counts(dispatched=1, failed=1)
+    assert await store.count_release_nodes("rel-1", batch=2) == counts(queued=2)
+    assert await store.count_release_nodes("rel-1", batch=7) == counts()
+    assert await store.count_release_nodes("rel-unknown") == counts()
+
+
+async def test_release_nodes_of_different_releases_are_separate(store: Store) -> None:
+    await seeded_release(store, count=3)
+    await store.add_release_nodes(release_nodes(release("rel-2", count=2)))
+    assert await store.move_release_node(
+        "rel-2", "local/h0/api", from_states=[ItemState.QUEUED], to_state=ItemState.FAILED
+    )
+    assert (await store.count_release_nodes("rel-1"))[ItemState.QUEUED] == 3
+    assert (await store.count_release_nodes("rel-2"))[ItemState.FAILED] == 1
+    assert [node.state for node in await store.list_release_nodes("rel-1")] == [ItemState.QUEUED] * 3
+
+
+# --- embedded store only ------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+async def test_embedded_file_store_keeps_everything_across_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with EmbeddedStore(path) as store:
+        node = await store.put_node(status("local/h1/api", release_id="rel-1"), expected_revision=0)
+        record = await store.put_release(release("rel-1"), expected_revision=0)
+        assert record is not None
+        await store.add_release_nodes(release_nodes(record))
+        assert await store.move_release_node(
+            "rel-1", "local/h0/api", from_states=[ItemState.QUEUED], to_state=ItemState.SUCCEEDED, outcome="evt-1"
+        )
+        await store.put_processed("req-1", "outcome-1")
+        nodes_before = await store.list_release_nodes("rel-1")
+
+    async with EmbeddedStore(path) as reopened:
+        assert await reopened.get_node("local/h1/api") == node
+        assert await reopened.get_release("rel-1") == record
+        assert await reopened.list_releases() == [record]
+        assert await reopened.get_processed("req-1") == "outcome-1"
+        assert await reopened.list_release_nodes("rel-1") == nodes_before
+        assert (await reopened.count_release_nodes("rel-1"))[ItemState.SUCCEEDED] == 1
+        # Compare-and-set goes on from the stored revision.
+        assert node is not None
+        assert await reopened.put_node(node, expected_revision=0) is None
+        updated = await reopened.put_node(node, expected_revision=1)
+        assert updated is not None
+        assert updated.revision == 2

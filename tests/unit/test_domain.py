@@ -1,0 +1,389 @@
+"""Pure domain rules: node status transitions, batch planning and pacing decisions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from reactor.domain.pacer import (
+    BatchCounts,
+    Complete,
+    Decision,
+    Dispatch,
+    Halt,
+    NextBatch,
+    ReleaseState,
+    Wait,
+    decide,
+)
+from reactor.domain.planner import failure_budget, plan_batches, resolve_size
+from reactor.domain.status import NodeState, NodeStatus, claim, finish, parse_node_key, pending, rollback_target
+from reactor.errors import IllegalTransition, InvalidInput, NodeBusy
+from reactor.events import BatchSize, Strategy
+
+pytestmark = pytest.mark.unit
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+KEY = "local/h1/api"
+
+
+def node(state: NodeState = NodeState.PENDING, **changes: object) -> NodeStatus:
+    """A node of `api` on h1 in `state`, with `changes` applied."""
+    return pending(KEY, "api").model_copy(update={"state": state, **changes})
+
+
+def claimed(operation: str = "deploy", request_id: str = "req-1", **changes: object) -> NodeStatus:
+    """A node claimed by `request_id` for `operation`."""
+    base = node(NodeState.SUCCESS, current_version="1.0.0", prev_version="0.9.0", **changes)
+    return claim(
+        base,
+        request_id=request_id,
+        operation=operation,
+        target_version="2.0.0" if operation == "deploy" else "0.9.0",
+        release_id="rel-1",
+        now=NOW,
+        lease=LEASE,
+    )
+
+
+# --- node keys and fresh nodes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("node_key", "platform", "host"),
+    [
+        ("local/h1/api", "local", "h1"),
+        ("ssh/web-01.example.com/api", "ssh", "web-01.example.com"),
+        ("local/api", "local", "api"),
+        ("k8s/prod/api-deployment", "k8s", "api-deployment"),
+    ],
+)
+def test_parse_node_key_gives_platform_and_host(node_key: str, platform: str, host: str) -> None:
+    assert parse_node_key(node_key) == (platform, host)
+
+
+def test_pending_node_has_no_versions_and_revision_zero() -> None:
+    status = pending("ssh/web-01/api", "api")
+    assert (status.platform, status.host, status.service) == ("ssh", "web-01", "api")
+    assert status.state == NodeState.PENDING
+    assert (status.current_version, status.prev_version, status.deploying_version) == (None, None, None)
+    assert status.revision == 0
+
+
+# --- claim --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "state", [NodeState.PENDING, NodeState.SUCCESS, NodeState.FAILED, NodeState.ROLLED_BACK], ids=str
+)
+def test_claim_marks_an_idle_node_deploying_for_the_request(state: NodeState) -> None:
+    current = node(state, current_version="1.0.0", prev_version="0.9.0", last_error="old error", revision=4)
+    result = claim(
+        current,
+        request_id="req-9",
+        operation="deploy",
+        target_version="2.0.0",
+        release_id="rel-1",
+        now=NOW,
+        lease=LEASE,
+    )
+    assert result.state == NodeState.DEPLOYING
+    assert result.deploying_version == "2.0.0"
+    assert result.request_id == "req-9"
+    assert result.operation == "deploy"
+    assert result.release_id == "rel-1"
+    assert result.updated_at == NOW
+    assert result.last_error == ""
+    # What the node runs does not change until the executor reports.
+    assert (result.current_version, result.prev_version) == ("1.0.0", "0.9.0")
+    # The caller writes the claim with a compare-and-set against the revision it read.
+    assert result.revision == 4
+    assert current.state == state
+
+
+@pytest.mark.parametrize("held_for", [timedelta(0), timedelta(minutes=1), LEASE - timedelta(microseconds=1)])
+def test_claim_of_a_node_deploying_for_another_request_within_the_lease_raises_node_busy(held_for: timedelta) -> None:
+    held = claimed(request_id="req-1")
+    with pytest.raises(NodeBusy, match="req-1") as info:
+        claim(
+            held,
+            request_id="req-2",
+            operation="deploy",
+            target_version="3.0.0",
+            release_id=None,
+            now=NOW + held_for,
+            lease=LEASE,
+        )
+    assert info.value.retriable
+
+
+@pytest.mark.parametrize("held_for", [LEASE, LEASE + timedelta(seconds=1), timedelta(days=1)])
+def test_claim_of_a_node_whose_lease_ran_out_succeeds(held_for: timedelta) -> None:
+    held = claimed(request_id="req-1")
+    result = claim(
+        held,
+        request_id="req-2",
+        operation="rollback",
+        target_version="0.9.0",
+        release_id=None,
+        now=NOW + held_for,
+        lease=LEASE,
+    )
+    assert (result.state, result.request_id, result.operation) == (NodeState.DEPLOYING, "req-2", "rollback")
+    assert result.deploying_version == "0.9.0"
+    assert result.updated_at == NOW + held_for
+
+
+def test_same_request_may_claim_again_within_the_lease() -> None:
+    held = claimed(request_id="req-1")
+    later = NOW + timedelta(seconds=30)
+    result = claim(
+        held, request_id="req-1", operation="deploy", target_version="2.0.0", release_id="rel-1", now=later, lease=LEASE
+    )
+    assert (result.state, result.request_id) == (NodeState.DEPLOYING, "req-1")
+    assert result.updated_at == later
+
+
+# --- finish -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "state", [NodeState.PENDING, NodeState.SUCCESS, NodeState.FAILED, NodeState.ROLLED_BACK], ids=str
+)
+def test_finish_rejects_a_claim_that_is_not_deploying(state: NodeState) -> None:
+    not_claimed = node(state, operation="deploy")
+    with pytest.raises(IllegalTransition, match="expected deploying"):
+        finish(not_claimed, node(NodeState.SUCCESS, current_version="2.0.0"), now=NOW)
+
+
+@pytest.mark.parametrize("state", [NodeState.PENDING, NodeState.DEPLOYING], ids=str)
+def test_finish_rejects_a_non_terminal_result(state: NodeState) -> None:
+    with pytest.raises(IllegalTransition, match="non-terminal"):
+        finish(claimed("deploy"), node(state), now=NOW)
+
+
+def test_finish_rejects_a_rollback_ending_in_success() -> None:
+    with pytest.raises(IllegalTransition, match="rollback ends"):
+        finish(claimed("rollback"), node(NodeState.SUCCESS, current_version="0.9.0"), now=NOW)
+
+
+def test_finish_rejects_a_deploy_ending_rolled_back() -> None:
+    with pytest.raises(IllegalTransition, match="deploy ends"):
+        finish(claimed("deploy"), node(NodeState.ROLLED_BACK, current_version="1.0.0"), now=NOW)
+
+
+def test_finish_of_a_successful_deploy_records_the_new_versions() -> None:
+    later = NOW + timedelta(seconds=40)
+    result = node(NodeState.SUCCESS, current_version="2.0.0", prev_version="1.0.0", deploying_version="2.0.0")
+    final = finish(claimed("deploy"), result, now=later)
+    assert final.state == NodeState.SUCCESS
+    assert (final.current_version, final.prev_version, final.deploying_version) == ("2.0.0", "1.0.0", None)
+    assert final.updated_at == later
+    # Bookkeeping of the claim stays: which request and release did this.
+    assert (final.request_id, final.release_id, final.operation) == ("req-1", "rel-1", "deploy")
+
+
+def test_finish_of_a_failed_deploy_keeps_the_attempted_version_and_the_error() -> None:
+    result = node(
+        NodeState.FAILED,
+        current_version="1.0.0",
+        prev_version="0.9.0",
+        deploying_version="2.0.0",
+        last_error="health: 503",
+    )
+    final = finish(claimed("deploy"), result, now=NOW)
+    assert final.state == NodeState.FAILED
+    assert (final.current_version, final.deploying_version) == ("1.0.0", "2.0.0")
+    assert final.last_error == "health: 503"
+
+
+@pytest.mark.parametrize("state", [NodeState.ROLLED_BACK, NodeState.FAILED], ids=str)
+def test_finish_of_a_rollback_accepts_rolled_back_or_failed(state: NodeState) -> None:
+    final = finish(claimed("rollback"), node(state, current_version="0.9.0"), now=NOW)
+    assert final.state == state
+    assert final.current_version == "0.9.0"
+
+
+@pytest.mark.parametrize("state", [NodeState.SUCCESS, NodeState.FAILED], ids=str)
+def test_finish_of_a_deploy_accepts_success_or_failed(state: NodeState) -> None:
+    assert finish(claimed("deploy"), node(state, current_version="2.0.0"), now=NOW).state == state
+
+
+# --- rollback target ----------------------------------------------------------------------------
+
+
+def test_rollback_after_a_failed_deploy_returns_to_the_current_version() -> None:
+    failed = node(NodeState.FAILED, current_version="1.0.0", prev_version="0.9.0", deploying_version="2.0.0")
+    assert rollback_target(failed, None) == "1.0.0"
+
+
+def test_rollback_after_a_failed_deploy_without_current_version_falls_back_to_prev_version() -> None:
+    failed = node(NodeState.FAILED, current_version=None, prev_version="0.9.0")
+    assert rollback_target(failed, None) == "0.9.0"
+
+
+def test_rollback_after_a_successful_deploy_returns_to_the_previous_version() -> None:
+    success = node(NodeState.SUCCESS, current_version="2.0.0", prev_version="1.0.0")
+    assert rollback_target(success, None) == "1.0.0"
+
+
+def test_redelivered_rollback_keeps_the_current_version_as_target() -> None:
+    in_rollback = node(NodeState.DEPLOYING, operation="rollback", current_version="1.0.0", prev_version="0.9.0")
+    assert rollback_target(in_rollback, None) == "1.0.0"
+
+
+@pytest.mark.parametrize(
+    "state", [NodeState.FAILED, NodeState.SUCCESS, NodeState.ROLLED_BACK, NodeState.PENDING], ids=str
+)
+def test_explicit_rollback_version_wins(state: NodeState) -> None:
+    current = node(state, current_version="2.0.0", prev_version="1.0.0")
+    assert rollback_target(current, "0.5.0") == "0.5.0"
+
+
+def test_rollback_of_a_node_without_history_has_no_target() -> None:
+    assert rollback_target(node(NodeState.PENDING), None) is None
+
+
+# --- planner ------------------------------------------------------------------------------------
+
+
+def keys(count: int) -> list[str]:
+    return [f"local/h{index:02d}/api" for index in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("count", "batches", "sizes"),
+    [
+        (3, [1, "100%"], [1, 2]),
+        (10, ["10%", "50%"], [1, 5, 4]),
+        (5, [2], [2, 2, 1]),
+        (4, ["100%"], [4]),
+        (2, [5], [2]),
+        (7, [1, 2, 3, 4], [1, 2, 3, 1]),
+        (10, ["1%"], [1] * 10),
+        (3, ["34%"], [2, 1]),
+        (200, ["1%", "10%", "100%"], [2, 20, 178]),
+        (1, ["1%"], [1]),
+    ],
+)
+def test_plan_batches_sizes(count: int, batches: list[BatchSize], sizes: list[int]) -> None:
+    planned = plan_batches(keys(count), Strategy(batches=batches))
+    assert [len(batch) for batch in planned] == sizes
+    assert [key for batch in planned for key in batch] == keys(count)
+
+
+def test_plan_batches_keeps_plan_order_and_repeats_the_last_size() -> None:
+    planned = plan_batches(["a", "b", "c"], Strategy(batches=[1, "100%"]))
+    assert planned == [["a"], ["b", "c"]]
+
+
+@pytest.mark.parametrize("count", [1, 3, 7, 99, 101])
+@pytest.mark.parametrize("percent", ["1%", "33%", "99%"])
+def test_plan_batches_never_makes_an_empty_batch(count: int, percent: str) -> None:
+    planned = plan_batches(keys(count), Strategy(batches=[percent]))
+    assert all(planned)
+    assert sum(len(batch) for batch in planned) == count
+
+
+def test_plan_batches_rejects_a_release_without_nodes() -> None:
+    with pytest.raises(InvalidInput) as info:
+        plan_batches([], Strategy())
+    assert info.value.field == "nodes"
+
+
+@pytest.mark.parametrize(("size", "total", "count"), [(3, 10, 3), ("10%", 10, 1), ("34%", 3, 2), ("1%", 1, 1)])
+def test_resolve_size_rounds_percentages_up(size: BatchSize, total: int, count: int) -> None:
+    assert resolve_size(size, total) == count
+
+
+@pytest.mark.parametrize(
+    ("budget", "total", "tolerated"),
+    [(0, 10, 0), (3, 10, 3), ("10%", 10, 1), ("15%", 10, 1), ("10%", 5, 0), ("50%", 3, 1), ("100%", 7, 7)],
+)
+def test_failure_budget_counts_and_percentages_rounded_down(budget: BatchSize, total: int, tolerated: int) -> None:
+    assert failure_budget(Strategy(failure_budget=budget), total) == tolerated
+
+
+# --- pacing decisions ---------------------------------------------------------------------------
+
+
+def decision(
+    *,
+    state: ReleaseState = ReleaseState.RUNNING,
+    batch: int = 0,
+    batch_count: int = 3,
+    counts: BatchCounts,
+    total_failed: int = 0,
+    budget: int = 0,
+    max_parallel: int = 2,
+) -> Decision:
+    return decide(
+        state=state,
+        batch=batch,
+        batch_count=batch_count,
+        counts=counts,
+        total_failed=total_failed,
+        budget=budget,
+        max_parallel=max_parallel,
+    )
+
+
+@pytest.mark.parametrize("state", [ReleaseState.COMPLETED, ReleaseState.HALTED], ids=str)
+def test_release_that_is_not_running_waits(state: ReleaseState) -> None:
+    assert decision(state=state, counts=BatchCounts(queued=5)) == Wait()
+    assert decision(state=state, counts=BatchCounts(succeeded=2), total_failed=9) == Wait()
+
+
+def test_failures_beyond_the_budget_halt_the_release() -> None:
+    result = decision(counts=BatchCounts(queued=3, failed=2), total_failed=2, budget=1)
+    assert isinstance(result, Halt)
+    assert "2 failed, budget 1" in result.reason
+
+
+def test_failures_within_the_budget_do_not_halt() -> None:
+    assert decision(counts=BatchCounts(queued=3, failed=1), total_failed=1, budget=1) == Dispatch(2)
+
+
+def test_spent_budget_halts_even_when_the_last_batch_is_done() -> None:
+    counts = BatchCounts(succeeded=1, failed=1)
+    assert isinstance(decision(batch=2, batch_count=3, counts=counts, total_failed=1, budget=0), Halt)
+
+
+@pytest.mark.parametrize(
+    ("queued", "dispatched", "max_parallel", "count"),
+    [(5, 0, 2, 2), (5, 1, 3, 2), (1, 0, 10, 1), (4, 2, 10, 4)],
+)
+def test_dispatch_is_limited_by_the_free_window_and_the_queued_nodes(
+    queued: int, dispatched: int, max_parallel: int, count: int
+) -> None:
+    counts = BatchCounts(queued=queued, dispatched=dispatched)
+    assert decision(counts=counts, max_parallel=max_parallel) == Dispatch(count)
+
+
+@pytest.mark.parametrize(("queued", "dispatched", "max_parallel"), [(3, 2, 2), (1, 5, 3)])
+def test_full_window_waits(queued: int, dispatched: int, max_parallel: int) -> None:
+    counts = BatchCounts(queued=queued, dispatched=dispatched)
+    assert decision(counts=counts, max_parallel=max_parallel) == Wait()
+
+
+def test_nodes_in_flight_with_nothing_queued_waits() -> None:
+    assert decision(counts=BatchCounts(dispatched=1, succeeded=3)) == Wait()
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_done_batch_that_is_not_the_last_starts_the_next(batch: int) -> None:
+    counts = BatchCounts(succeeded=2, failed=1)
+    assert decision(batch=batch, batch_count=3, counts=counts, total_failed=1, budget=1) == NextBatch()
+
+
+def test_done_last_batch_completes_the_release() -> None:
+    assert decision(batch=2, batch_count=3, counts=BatchCounts(succeeded=4)) == Complete()
+    assert decision(batch=0, batch_count=1, counts=BatchCounts(succeeded=1)) == Complete()
+
+
+def test_batch_counts_done_only_when_nothing_is_queued_or_dispatched() -> None:
+    assert BatchCounts(succeeded=1, failed=1).done
+    assert not BatchCounts(queued=1).done
+    assert not BatchCounts(dispatched=1).done

@@ -1,0 +1,353 @@
+"""Audit replay over histories made by the real consumers: timeline, filters, dedupe, rebuild and diff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from reactor.adapters.dispatch import dead_letter_record
+from reactor.adapters.embedded_store import EmbeddedStore
+from reactor.adapters.memory_bus import MemoryBus
+from reactor.codec import Record, encode
+from reactor.domain.replay import Difference, Filter, TimelineEntry, compare, rebuild, timeline
+from reactor.domain.status import NodeState, pending
+from reactor.errors import InvalidInput
+from reactor.events import (
+    DeployRequested,
+    Event,
+    NodeDeployed,
+    NodeFailed,
+    NodeRolledBack,
+    NodeTarget,
+    Package,
+    ReleasePlan,
+    ReleaseRequested,
+    Strategy,
+    Topic,
+)
+from reactor.replay import AUDIT_TOPICS, audit, read_events, rebuild_into
+from reactor.runtime import Backends, Role, run_roles
+from reactor.settings import Settings
+from tests.fakes import Script, scripted
+
+pytestmark = pytest.mark.unit
+
+NODES = ["fake/host-00/app", "fake/host-01/app", "fake/host-02/app"]
+FAILING = NODES[1]
+WEB = "fake/host-05/web"
+RELEASE = "app-110"
+PACKAGE = Package(url="https://packages.example.test/app.tar.gz", sha256="c" * 64)
+
+
+def deploy(node_key: str, version: str, actor: str, service: str = "app") -> DeployRequested:
+    return DeployRequested(node_key=node_key, service=service, version=version, package=PACKAGE, actor=actor)
+
+
+@dataclass
+class Fleet:
+    """A reactor still running on the history below, with its bus and live store."""
+
+    bus: MemoryBus
+    store: EmbeddedStore
+
+
+async def play_history(bus: MemoryBus, script: Script) -> None:
+    """ci installs 1.0.0 on three nodes; ci releases 1.1.0, host-01 fails and is rolled back, the release halts;
+    alice then deploys web 3.0.0 and a 1.1.1 hotfix on host-00 by hand, outside any release."""
+    for node_key in NODES:
+        await bus.publish(deploy(node_key, "1.0.0", "ci"))
+    await bus.idle()
+    script.behaviour[FAILING] = "fail"
+    plan = ReleasePlan(
+        release_id=RELEASE,
+        service="app",
+        version="1.1.0",
+        package=PACKAGE,
+        nodes=[NodeTarget(node_key=node_key) for node_key in NODES],
+        strategy=Strategy(batches=[1, "100%"], max_parallel=2, failure_budget=0),
+    )
+    await bus.publish(ReleaseRequested(release_id=RELEASE, plan=plan, actor="ci"))
+    await bus.idle()
+    del script.behaviour[FAILING]
+    await bus.publish(deploy(WEB, "3.0.0", "alice", service="web"))
+    await bus.publish(deploy(NODES[0], "1.1.1", "alice"))
+    await bus.idle()
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    """The history played by the real executor worker, pacer and rollback consumer; they keep running."""
+    script = Script()
+    async with EmbeddedStore(":memory:") as store:
+        bus = MemoryBus(retry_delay_s=0.01)
+        started = asyncio.Event()
+        task = asyncio.create_task(
+            run_roles(
+                Backends(bus=bus, store=store, memory_bus=bus),
+                Settings(state_dir=tmp_path),
+                {Role.ALL},
+                factories={"fake": scripted(script)},
+                started=started,
+            )
+        )
+        await started.wait()
+        try:
+            await play_history(bus, script)
+            yield Fleet(bus=bus, store=store)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def entries(bus: MemoryBus, flt: Filter) -> list[TimelineEntry]:
+    decoded, _ = await read_events(bus, AUDIT_TOPICS)
+    return timeline(decoded, flt)
+
+
+async def history_events(bus: MemoryBus) -> list[Event]:
+    decoded, _ = await read_events(bus, AUDIT_TOPICS)
+    return [event for topic, event, _ in decoded if topic != Topic.DLQ]
+
+
+async def fresh_audit(fleet: Fleet, flt: Filter) -> tuple[list[Difference], int]:
+    async with EmbeddedStore(":memory:") as fresh:
+        report = await audit(fleet.bus, fleet.store, fresh, flt)
+        return report.differences, len(await fresh.list_nodes())
+
+
+# --- timeline ----------------------------------------------------------------------------------------
+
+
+async def test_timeline_tells_who_asked_what_and_what_happened_in_order(fleet: Fleet) -> None:
+    """The failed node's story reads in order: install, release, its batch, failure, automatic rollback."""
+    story = await entries(fleet.bus, Filter(node_key=FAILING))
+    assert [(entry.summary, entry.actor) for entry in story] == [
+        ("deploy 1.0.0 requested by ci", "ci"),
+        ("deployed 1.0.0 (was nothing)", "/reactor"),
+        ("release of app 1.1.0 to 3 nodes requested by ci", "ci"),
+        ("batch 2 started: 2 nodes", "/reactor"),
+        ("deploy 1.1.0 requested by ci", "ci"),
+        ("failed at health: did not answer (deploying 1.1.0; runs 1.0.0)", "/reactor"),
+        ("rollback requested by reactor/rollback: automatic: health failed: did not answer", "reactor/rollback"),
+        ("rolled back to 1.0.0", "/reactor"),
+    ]
+    assert [entry.event_type for entry in story][-2:] == ["RollbackRequested", "NodeRolledBack"]
+    assert {entry.subject for entry in story} == {FAILING, RELEASE}
+
+
+async def test_timeline_is_in_time_order_and_ends_with_the_hand_deploys(fleet: Fleet) -> None:
+    """The whole timeline never goes back in time; the release halts before alice's deploys outside it."""
+    story = await entries(fleet.bus, Filter())
+    assert [entry.time for entry in story] == sorted(entry.time for entry in story)
+    summaries = [entry.summary for entry in story]
+    halted = summaries.index("release halted: failure budget spent: 1 failed, budget 0")
+    assert summaries.index("deploy 3.0.0 requested by alice") > halted
+    assert summaries.index("deployed 1.1.1 (was 1.1.0)") > halted
+    assert "batch 1 completed: 1 succeeded, 0 failed" in summaries
+
+
+async def test_release_filter_keeps_only_events_correlated_with_the_release(fleet: Fleet) -> None:
+    """Filtering by release drops the 1.0.0 installs and alice's deploys, and keeps the whole release."""
+    story = await entries(fleet.bus, Filter(release_id=RELEASE))
+    assert {entry.release_id for entry in story} == {RELEASE}
+    assert story[0].event_type == "ReleaseRequested"
+    assert story[-1].event_type in {"NodeDeployed", "NodeRolledBack", "ReleaseHalted", "RollbackRequested"}
+    assert not [entry for entry in story if "1.0.0 requested" in entry.summary or entry.actor == "alice"]
+    kinds = [entry.event_type for entry in story]
+    assert kinds.count("DeployRequested") == 3
+    assert kinds.count("ReleaseHalted") == 1
+
+
+async def test_node_filter_keeps_release_request_and_batch_naming_the_node(fleet: Fleet) -> None:
+    """A node filter keeps the release request whose plan holds it and its own batch, not other release events."""
+    story = await entries(fleet.bus, Filter(release_id=RELEASE, node_key=NODES[2]))
+    assert [entry.summary for entry in story] == [
+        "release of app 1.1.0 to 3 nodes requested by ci",
+        "batch 2 started: 2 nodes",
+        "deploy 1.1.0 requested by ci",
+        "deployed 1.1.0 (was 1.0.0)",
+    ]
+
+
+async def test_service_filter_keeps_node_events_of_the_service_and_its_release_requests(fleet: Fleet) -> None:
+    """`web` shows only alice's deploy; `app` shows the release request but no batch or web events."""
+    web = await entries(fleet.bus, Filter(service="web"))
+    assert [(entry.event_type, entry.subject, entry.actor) for entry in web] == [
+        ("DeployRequested", WEB, "alice"),
+        ("NodeDeployed", WEB, "/reactor"),
+    ]
+    app = await entries(fleet.bus, Filter(service="app"))
+    kinds = {entry.event_type for entry in app}
+    assert "ReleaseRequested" in kinds
+    assert not kinds & {"BatchStarted", "BatchCompleted", "ReleaseHalted"}
+    assert WEB not in {entry.subject for entry in app}
+
+
+async def test_since_filter_drops_everything_before_the_given_time(fleet: Fleet) -> None:
+    """Since the release was requested: the release request comes first and no 1.0.0 install is left."""
+    everything = await entries(fleet.bus, Filter())
+    requested = next(entry for entry in everything if entry.event_type == "ReleaseRequested")
+    story = await entries(fleet.bus, Filter(since=requested.time))
+    assert story[0] == requested
+    assert all(entry.time >= requested.time for entry in story)
+    assert len(story) == len([entry for entry in everything if entry.time >= requested.time])
+    naive = await entries(fleet.bus, Filter(since=requested.time.replace(tzinfo=None)))
+    assert naive == story  # a naive time is read as UTC
+
+
+async def test_re_emitted_outcomes_appear_once(fleet: Fleet) -> None:
+    """Publishing every outcome a second time (the worker re-emits, rollbacks are re-asked) changes no line."""
+    before = await entries(fleet.bus, Filter())
+    outcomes = fleet.bus.events(Topic.OUTCOMES)
+    for outcome in outcomes:
+        await fleet.bus.publish(outcome)
+    await fleet.bus.idle()
+    assert len(fleet.bus.records(Topic.OUTCOMES)) > len(outcomes)
+    assert await entries(fleet.bus, Filter()) == before
+    assert compare(await fleet.store.list_nodes(), rebuild(await history_events(fleet.bus))) == []
+
+
+# --- rebuild and compare -------------------------------------------------------------------------------
+
+
+async def test_rebuild_reproduces_the_live_status_of_every_node(fleet: Fleet) -> None:
+    """State, versions, release, request and error rebuilt from outcomes equal what the worker stored."""
+    live = await fleet.store.list_nodes()
+    rebuilt = rebuild(await history_events(fleet.bus))
+    assert compare(live, rebuilt) == []
+    assert sorted(rebuilt) == sorted([*NODES, WEB])
+    for status in live:
+        again = rebuilt[status.node_key]
+        fields = ("host", "platform", "service", "request_id", "operation", "deploying_version", "last_error")
+        assert {name: getattr(again, name) for name in fields} == {name: getattr(status, name) for name in fields}
+    summary = {key: (s.state, s.current_version, s.prev_version, s.release_id) for key, s in rebuilt.items()}
+    assert summary == {
+        NODES[0]: (NodeState.SUCCESS, "1.1.1", "1.1.0", None),
+        FAILING: (NodeState.ROLLED_BACK, "1.0.0", None, RELEASE),
+        NODES[2]: (NodeState.SUCCESS, "1.1.0", "1.0.0", RELEASE),
+        WEB: (NodeState.SUCCESS, "3.0.0", None, None),
+    }
+
+
+async def test_audit_rebuilds_into_the_fresh_store_and_finds_no_difference(fleet: Fleet) -> None:
+    """An untouched live store matches the rebuild; every node lands in the fresh store."""
+    differences, rebuilt = await fresh_audit(fleet, Filter())
+    assert differences == []
+    assert rebuilt == 4
+
+
+async def test_audit_reports_exactly_the_field_changed_by_hand_in_the_live_store(fleet: Fleet) -> None:
+    """A current_version edited in the live store is the only difference, and only for that node."""
+    live = await fleet.store.get_node(NODES[2])
+    assert live is not None
+    tampered = live.model_copy(update={"current_version": "9.9.9"})
+    assert await fleet.store.put_node(tampered, expected_revision=live.revision) is not None
+
+    differences, _ = await fresh_audit(fleet, Filter())
+    assert differences == [Difference(node_key=NODES[2], field="current_version", live="9.9.9", rebuilt="1.1.0")]
+    assert (await fresh_audit(fleet, Filter(node_key=NODES[0])))[0] == []
+    assert (await fresh_audit(fleet, Filter(service="web")))[0] == []
+    assert (await fresh_audit(fleet, Filter(release_id=RELEASE)))[0] == differences
+
+
+def test_compare_reports_a_node_known_to_one_side_only_as_presence() -> None:
+    """A node only live and a node only rebuilt each give one `presence` difference, in node key order."""
+    only_live = pending(NODES[0], "app")
+    only_rebuilt = pending(NODES[1], "app")
+    assert compare([only_live], {NODES[1]: only_rebuilt}) == [
+        Difference(node_key=NODES[0], field="presence", live="present", rebuilt=None),
+        Difference(node_key=NODES[1], field="presence", live=None, rebuilt="present"),
+    ]
+
+
+def test_rebuild_applies_outcomes_in_time_order_once_each() -> None:
+    """Outcomes given out of order and twice: the later deploy wins and the duplicate changes nothing."""
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    first = NodeDeployed(node_key=NODES[0], service="app", version="1.0.0", occurred_at=start, causation_id="a")
+    second = NodeDeployed(
+        node_key=NODES[0],
+        service="app",
+        version="1.1.0",
+        prev_version="1.0.0",
+        occurred_at=start + timedelta(seconds=5),
+        causation_id="b",
+    )
+    rebuilt = rebuild([second, first, second, deploy(NODES[1], "2.0.0", "ci")])
+    assert list(rebuilt) == [NODES[0]]  # a command alone rebuilds nothing
+    status = rebuilt[NODES[0]]
+    assert (status.current_version, status.prev_version, status.request_id) == ("1.1.0", "1.0.0", "b")
+    assert (status.host, status.platform) == ("host-00", "fake")
+
+
+def test_events_stamped_with_the_same_time_list_causes_before_effects() -> None:
+    """Same timestamp, effect given first: the request still comes before its outcome, in timeline and rebuild."""
+    moment = datetime(2025, 1, 1, tzinfo=UTC)
+    request = deploy(NODES[0], "2.0.0", "ci").model_copy(update={"occurred_at": moment})
+    failed = NodeFailed(
+        node_key=NODES[0],
+        service="app",
+        version="2.0.0",
+        current_version="1.0.0",
+        step="health",
+        error="did not answer",
+        occurred_at=moment,
+        causation_id=request.event_id,
+    )
+    rolled_back = NodeRolledBack(
+        node_key=NODES[0], service="app", version="1.0.0", occurred_at=moment, causation_id=failed.event_id
+    )
+    items = [(Topic.OUTCOMES, rolled_back, "/reactor"), (Topic.OUTCOMES, failed, "/reactor")]
+    story = timeline([*items, (Topic.COMMANDS, request, "/ci")], Filter())
+    assert [entry.event_type for entry in story] == ["DeployRequested", "NodeFailed", "NodeRolledBack"]
+    assert rebuild([rolled_back, failed])[NODES[0]].state == NodeState.ROLLED_BACK
+
+
+async def test_rebuild_into_refuses_a_store_that_already_holds_the_node(fleet: Fleet) -> None:
+    """Writing a rebuild over the live store fails instead of overwriting it."""
+    with pytest.raises(InvalidInput, match="empty store"):
+        await rebuild_into(fleet.store, await history_events(fleet.bus))
+
+
+# --- bad records ----------------------------------------------------------------------------------------
+
+
+async def test_garbage_command_is_listed_undecodable_and_the_report_still_builds(fleet: Fleet) -> None:
+    """A non-event on the commands topic is listed from both commands and the DLQ; the rest of the report holds."""
+    garbage = Record(key=NODES[2].encode(), value=b"{not json", headers=())
+    await fleet.bus.publish_raw(Topic.COMMANDS, garbage)
+    await fleet.bus.idle()
+
+    async with EmbeddedStore(":memory:") as fresh:
+        report = await audit(fleet.bus, fleet.store, fresh, Filter())
+    assert [topic for topic, _ in report.undecodable] == [Topic.COMMANDS, Topic.DLQ]
+    assert all(reason.startswith("not a CloudEvent") for _, reason in report.undecodable)
+    assert report.differences == []
+    [parked] = [entry for entry in report.timeline if entry.event_type == "Undecodable"]
+    assert (parked.topic, parked.subject) == (Topic.DLQ, NODES[2])
+    assert parked.summary.startswith("dead-lettered: not a CloudEvent")
+    assert parked.time >= report.timeline[0].time
+    assert len(report.timeline) == len(await entries(fleet.bus, Filter())) + 1
+    assert (await read_events(fleet.bus, [Topic.COMMANDS]))[1] == report.undecodable[:1]
+
+
+async def test_dead_lettered_event_shows_its_reason_and_is_not_rebuilt(fleet: Fleet) -> None:
+    """A valid outcome parked in the DLQ is a timeline line with the parking reason, never a rebuilt node."""
+    stray = NodeDeployed(node_key="fake/host-07/app", service="app", version="5.0.0")
+    parked = dead_letter_record(Topic.OUTCOMES, encode(stray, "/elsewhere"), "handler: boom")
+    await fleet.bus.publish_raw(Topic.DLQ, parked)
+
+    async with EmbeddedStore(":memory:") as fresh:
+        report = await audit(fleet.bus, fleet.store, fresh, Filter(node_key=stray.node_key))
+        assert await fresh.get_node(stray.node_key) is None
+    assert [(entry.topic, entry.event_type, entry.summary, entry.actor) for entry in report.timeline] == [
+        (Topic.DLQ, "NodeDeployed", "dead-lettered: handler: boom", "/elsewhere")
+    ]
+    assert report.differences == []
+    assert report.undecodable == []
