@@ -14,6 +14,9 @@ from reactor.errors import DecodeError
 from reactor.events import EVENTS_BY_TYPE, Event
 
 CONTENT_TYPE = "application/json"
+# Well under Kafka's default 1 MiB message limit, so a rejected message still fits in the dead-letter topic
+# with its reason; a 10,000-node release plan is about 700 KiB.
+MAX_EVENT_BYTES = 900 * 1024
 # Envelope fields live in the CloudEvents attributes; the JSON body carries the rest of the event.
 _ENVELOPE_FIELDS = {"event_id", "occurred_at", "release_id", "causation_id"}
 
@@ -57,6 +60,8 @@ def encode(event: Event, source: str) -> Record:
 
 def decode(record: Record) -> tuple[Event, str]:
     """The event in `record` and its source; raises DecodeError with the reason if it is not valid."""
+    if len(record.value) > MAX_EVENT_BYTES:
+        raise DecodeError(f"oversized: {len(record.value)} bytes, the limit is {MAX_EVENT_BYTES}")
     headers = dict(record.headers)
     _require_id(headers, record.value)
     try:

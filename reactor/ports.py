@@ -23,6 +23,7 @@ class ExecutorSettings:
 
     local_root: Path = Path("var/nodes")
     stop_timeout_s: float = 10.0
+    noop_delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,11 @@ async def run_roles(
             worker = ExecutorWorker(
                 store,
                 bus,
-                settings=ExecutorSettings(local_root=settings.nodes_root, stop_timeout_s=settings.stop_timeout_s),
+                settings=ExecutorSettings(
+                    local_root=settings.nodes_root,
+                    stop_timeout_s=settings.stop_timeout_s,
+                    noop_delay_s=settings.noop_delay_s,
+                ),
                 factories=factories,
                 lease=timedelta(seconds=settings.lease_s),
             )
@@ -99,6 +103,7 @@ async def run_roles(
             pacer = Pacer(store, bus)
             tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
             await pacer.recover()
+            tasks.create_task(pacer.watch_dispatched(settings.resend_after_s))
         log.info("worker running", roles=sorted(role.value for role in roles))
         if started is not None:
             started.set()

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     grace_s: float = Field(default=10.0, gt=0)
     http_port: int = Field(default=8080, ge=0, le=65535)
     lease_s: float = Field(default=1800.0, gt=0)
+    resend_after_s: float = Field(default=60.0, gt=0)
     stop_timeout_s: float = Field(default=10.0, gt=0)
+    noop_delay_s: float = Field(default=0.0, ge=0, le=3600)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] | None = None
 

@@ -10,7 +10,8 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import PyMongoError
 
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.kafka_bus import KafkaBus
@@ -31,6 +32,11 @@ BUS_BACKENDS = [pytest.param("memory", marks=pytest.mark.unit), pytest.param("ka
 def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A MongoDB-protocol server for the session: $REACTOR_MONGO_URL, else FerretDB started by the harness."""
     if url := os.environ.get("REACTOR_MONGO_URL"):
+        try:
+            with MongoClient[dict[str, object]](url, serverSelectionTimeoutMS=5000) as client:
+                client.admin.command("ping")
+        except PyMongoError as exc:
+            pytest.fail(f"the server at REACTOR_MONGO_URL does not answer: {exc}")
         yield url
         return
     try:

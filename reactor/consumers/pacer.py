@@ -66,6 +66,17 @@ class Pacer:
             ):
                 await self._count(event, event.release_id)
 
+    async def watch_dispatched(self, interval_s: float) -> None:
+        """Every `interval_s`, send again what is dispatched without an outcome, until cancelled.
+
+        A pacer killed between recording a dispatch and publishing it would otherwise leave that node waiting
+        forever. Sending again is safe: the command keeps its event id, one node's commands stay in order on
+        their partition, and the worker re-emits the recorded outcome of a request it already finished.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.recover()
+
     async def recover(self) -> None:
         """After a restart: send again every node dispatched but without an outcome, then go on."""
         for record in await self.store.list_releases():

@@ -1,7 +1,8 @@
-"""An executor that changes nothing and always succeeds: for benchmarks and dry runs."""
+"""An executor that changes nothing and always succeeds (after an optional delay): benchmarks and dry runs."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import ClassVar
 
 from reactor.domain.status import NodeState, NodeStatus
@@ -17,6 +18,8 @@ class NoopExecutor:
         self.context = context
 
     async def deploy(self) -> NodeStatus:
+        if self.context.settings.noop_delay_s:
+            await asyncio.sleep(self.context.settings.noop_delay_s)
         current = self.context.current
         if current.current_version == self.context.target_version:
             return current.model_copy(update={"state": NodeState.SUCCESS})

@@ -261,9 +261,9 @@ def invalid_records() -> list[tuple[str, Record]]:
     )
     return [
         ("garbage", Record(key=b"junk", value=b"\x00\x01 not an event", headers=())),
-        ("no key", Record(key=None, value=b"{", headers=())),
-        ("unknown type", Record(key=valid.key, value=valid.value, headers=renamed)),
-        ("invalid body", Record(key=valid.key, value=json.dumps(body).encode(), headers=valid.headers)),
+        ("no-key", Record(key=None, value=b"{", headers=())),
+        ("unknown-type", Record(key=valid.key, value=valid.value, headers=renamed)),
+        ("invalid-body", Record(key=valid.key, value=json.dumps(body).encode(), headers=valid.headers)),
     ]
 
 

@@ -1,7 +1,8 @@
 """Real test infrastructure for Deploy Reactor: install, start, wait for and stop
 a single-node Apache Kafka broker (KRaft, jars from Maven Central) and FerretDB
 (MongoDB wire protocol, SQLite backend, built from its Go module by our own tiny
-main in ``tests/infra/ferretdb``).
+main in ``tests/infra/ferretdb``); fetch the official AsyncAPI JSON Schema (npm
+package ``@asyncapi/specs``) that ``schemas/asyncapi.json`` is checked against.
 
 Pure standard library on purpose: it runs before any virtualenv exists (CI
 bootstrap, ``scripts/testenv``) and from pytest fixtures alike.
@@ -37,6 +38,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -53,6 +55,9 @@ CACHE = Path(os.environ.get("REACTOR_CACHE_DIR", "~/.cache/deploy-reactor")).exp
 DEFAULT_KAFKA_VERSION = "4.3.1"
 KAFKA_VERSION = os.environ.get("REACTOR_KAFKA_VERSION") or DEFAULT_KAFKA_VERSION
 FERRETDB_VERSION = "v1.24.2"
+# npm package with the official AsyncAPI JSON Schemas (draft-07); 6.x ships schemas/3.0.0.json.
+ASYNCAPI_SPECS_VERSION = "6.11.1"
+ASYNCAPI_VERSION = "3.0.0"
 
 # Logging bindings added next to kafka_2.13 (its runtime scope has none).
 LOG4J2_VERSION = "2.25.4"  # Kafka 4.x: log4j2 + slf4j 1.x binding
@@ -590,6 +595,56 @@ def start_ferretdb(workdir: Path, version: str = FERRETDB_VERSION) -> Service:
     _wait_until(svc, lambda: _tcp_accepts(port), FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
     log(f"FerretDB {version} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
     return svc
+
+
+# --------------------------------------------------------------------------
+# AsyncAPI JSON Schema (a file, not a service: used by tests/unit/test_schemas.py)
+
+
+def ensure_asyncapi_schema(version: str = ASYNCAPI_SPECS_VERSION) -> Path:
+    """The official AsyncAPI 3.0.0 JSON Schema from npm package ``@asyncapi/specs@<version>``, cached once."""
+    dest = CACHE / f"asyncapi-specs-{version}"
+    schema = dest / f"{ASYNCAPI_VERSION}.json"
+    if (dest / _MARKER).exists() and schema.exists():
+        return schema
+    with _locked(CACHE / f".asyncapi-specs-{version}.lock"):
+        if (dest / _MARKER).exists() and schema.exists():
+            return schema
+        npm = shutil.which("npm")
+        if not npm:
+            raise TestEnvError("npm not found (apt-get install npm); it fetches the AsyncAPI JSON Schema")
+        log(f"fetching @asyncapi/specs@{version} from the npm registry into {dest}")
+        _clean_stale(dest, f".tmp-asyncapi-specs-{version}-")  # half-done earlier attempt
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-asyncapi-specs-{version}-", dir=CACHE))
+        try:
+            _run(
+                [npm, "pack", f"@asyncapi/specs@{version}", "--pack-destination", str(tmp), "--ignore-scripts"],
+                cwd=tmp,
+                what=f"npm pack @asyncapi/specs@{version}",
+            )
+            tarballs = list(tmp.glob("*.tgz"))
+            if len(tarballs) != 1:
+                raise TestEnvError(f"npm pack @asyncapi/specs@{version} left {len(tarballs)} tarballs in {tmp}")
+            with tarfile.open(tarballs[0]) as tar:
+                tar.extractall(tmp / "unpacked", filter="data")
+            found = tmp / "unpacked" / "package" / "schemas" / f"{ASYNCAPI_VERSION}.json"
+            try:
+                text = found.read_text()
+                spec = json.loads(text)
+            except (OSError, ValueError) as e:
+                raise TestEnvError(f"@asyncapi/specs@{version} has no readable schemas/{found.name}: {e}") from e
+            if spec.get("properties", {}).get("asyncapi", {}).get("const") != ASYNCAPI_VERSION:
+                raise TestEnvError(f"@asyncapi/specs@{version} schemas/{found.name} is not the AsyncAPI 3.0.0 schema")
+            entry = tmp / "entry"
+            entry.mkdir()
+            (entry / found.name).write_text(text)
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            (entry / _MARKER).write_text(json.dumps({"version": version, "file": found.name, "sha256": digest}))
+            entry.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"AsyncAPI {ASYNCAPI_VERSION} schema cached at {schema}")
+    return schema
 
 
 # --------------------------------------------------------------------------

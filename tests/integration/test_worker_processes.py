@@ -1,0 +1,158 @@
+"""Real `reactor worker` processes on Kafka and FerretDB: one is SIGKILLed in the middle of a release."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reactor.adapters.kafka_bus import KafkaBus
+from reactor.adapters.mongo_store import MongoStore
+from reactor.codec import Record, decode
+from reactor.domain.pacer import ReleaseState
+from reactor.domain.status import NodeState
+from reactor.events import (
+    DeployRequested,
+    NodeDeployed,
+    NodeTarget,
+    Package,
+    ReleaseCompleted,
+    ReleasePlan,
+    ReleaseRequested,
+    Strategy,
+    Topic,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
+
+NODES = 200
+PACKAGE = Package(url="https://packages.example.test/app-3.0.0.tar.gz", sha256="e" * 64)
+
+
+class Workers:
+    """`reactor worker --role all` processes sharing one Kafka prefix and one database."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"worker-{len(self.processes)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "reactor.cli.main", "worker", "--role", "all"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def workers(kafka_bootstrap: str, mongo_url: str, mongo_database: str, tmp_path: Path) -> Iterator[Workers]:
+    prefix = f"w{os.urandom(5).hex()}."
+    env = {
+        **os.environ,
+        "REACTOR_MODE": "distributed",
+        "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "REACTOR_TOPIC_PREFIX": prefix,
+        "REACTOR_TOPIC_PARTITIONS": "4",
+        "REACTOR_MONGO_URL": mongo_url,
+        "REACTOR_MONGO_DATABASE": mongo_database,
+        "REACTOR_STATE_DIR": str(tmp_path / "state"),
+        "REACTOR_HTTP_PORT": "0",
+        "REACTOR_NOOP_DELAY_S": "0.2",
+        "REACTOR_RESEND_AFTER_S": "5",
+        "REACTOR_GRACE_S": "2",
+        "REACTOR_LOG_FORMAT": "json",
+    }
+    group = Workers(env, tmp_path)
+    yield group
+    group.stop_all()
+
+
+async def test_sigkilled_worker_mid_release_leaves_every_node_final_exactly_once(
+    workers: Workers, kafka_bootstrap: str, mongo_url: str, mongo_database: str
+) -> None:
+    """200 nodes, two workers, one SIGKILLed midway: each node gets one outcome id, none is stuck, one completion."""
+    prefix = workers.env["REACTOR_TOPIC_PREFIX"]
+    async with (
+        KafkaBus(kafka_bootstrap, prefix=prefix) as bus,
+        MongoStore(mongo_url, database=mongo_database) as store,
+    ):
+        await bus.create_topics(partitions=4)
+        victim = workers.start()
+        workers.start()
+        await asyncio.sleep(5)  # both members join the groups before the release arrives
+        release = ReleasePlan(
+            release_id="noop-200",
+            service="app",
+            version="3.0.0",
+            package=PACKAGE,
+            nodes=[NodeTarget(node_key=f"noop/host-{index:03d}/app") for index in range(NODES)],
+            strategy=Strategy(batches=["50%"], max_parallel=10, failure_budget=0),
+        )
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="test"))
+
+        async with asyncio.timeout(120):
+            while sum(node.state == NodeState.SUCCESS for node in await store.list_nodes()) < NODES // 3:
+                await asyncio.sleep(0.1)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+
+        async with asyncio.timeout(180):
+            while True:
+                record = await store.get_release(release.release_id)
+                if record is not None and record.state != ReleaseState.RUNNING:
+                    break
+                await asyncio.sleep(0.2)
+        assert record.state == ReleaseState.COMPLETED, record.reason
+
+        nodes = await store.list_nodes()
+        assert len(nodes) == NODES
+        assert {(node.state, node.current_version) for node in nodes} == {(NodeState.SUCCESS, "3.0.0")}
+
+        outcomes = _decoded(await bus.history(Topic.OUTCOMES))
+        deployed_ids: dict[str, set[str]] = defaultdict(set)
+        for event in outcomes:
+            assert isinstance(event, NodeDeployed), f"unexpected outcome {event!r}"
+            deployed_ids[event.node_key].add(event.event_id)
+        assert len(deployed_ids) == NODES
+        assert {len(ids) for ids in deployed_ids.values()} == {1}, "a node has two different outcomes"
+
+        commands = _decoded(await bus.history(Topic.COMMANDS))
+        command_ids: dict[str, set[str]] = defaultdict(set)
+        for event in commands:
+            assert isinstance(event, DeployRequested)
+            command_ids[event.node_key].add(event.event_id)
+        assert {len(ids) for ids in command_ids.values()} == {1}, "a node was asked to deploy twice"
+
+        completions = {
+            e.event_id for e in _decoded(await bus.history(Topic.RELEASES)) if isinstance(e, ReleaseCompleted)
+        }
+        assert len(completions) == 1
+        assert await bus.history(Topic.DLQ) == []
+
+
+def _decoded(records: list[Record]) -> list[object]:
+    return [decode(record)[0] for record in records]
