@@ -254,8 +254,8 @@ class NodeTarget(Model):
     container: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
 
 
-class ReleasePlan(Model):
-    """What a release file says: one service, one version, its nodes and its strategy."""
+class ReleaseSpec(Model):
+    """What every node of a release gets: one service, one version, its artifact, health check and strategy."""
 
     release_id: ReleaseId
     service: Service
@@ -264,8 +264,17 @@ class ReleasePlan(Model):
     image: Annotated[str, Field(pattern=IMAGE)] | None = None
     container: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
     health: HealthCheck = HealthCheck()
-    nodes: Annotated[list[NodeTarget], Field(min_length=1, max_length=100_000)]
     strategy: Strategy = Strategy()
+
+
+class ReleasePlan(ReleaseSpec):
+    """What a release file says: the release spec and its nodes."""
+
+    nodes: Annotated[list[NodeTarget], Field(min_length=1, max_length=100_000)]
+
+    def spec(self) -> ReleaseSpec:
+        """The plan without its node list."""
+        return ReleaseSpec.model_validate(self.model_dump(exclude={"nodes"}))
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleasePlan:

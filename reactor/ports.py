@@ -12,7 +12,7 @@ from typing import ClassVar, Protocol, Self
 from reactor.codec import Record
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeStatus
-from reactor.events import Event, HealthCheck, Model, Package, ReleasePlan, Topic
+from reactor.events import Event, HealthCheck, Model, NodeTarget, Package, ReleaseSpec, Topic
 
 # --- executors ----------------------------------------------------------------------------------
 
@@ -109,11 +109,14 @@ class EventBus(Protocol):
 
 
 class ReleaseRecord(Model):
-    """A release as the Pacer keeps it: its plan, batches, where it is, and a revision for CAS."""
+    """A release as the Pacer keeps it: its spec, batch sizes, where it is, and a revision for CAS.
+
+    The node list lives in ReleaseNode rows, so this record stays small however many nodes a release has.
+    """
 
     release_id: str
-    plan: ReleasePlan
-    batches: list[list[str]]
+    plan: ReleaseSpec
+    batch_sizes: list[int]
     batch: int = 0
     state: ReleaseState = ReleaseState.RUNNING
     budget: int = 0
@@ -133,6 +136,7 @@ class ReleaseNode(Model):
     batch: int
     position: int
     state: ItemState = ItemState.QUEUED
+    target: NodeTarget | None = None
     request_id: str | None = None
     outcome: str | None = None
 

@@ -163,7 +163,7 @@ def release_status(release_id: Annotated[str, typer.Argument(help="Release id.")
             progress = ", ".join(f"{state.value} {counts[state]}" for state in ItemState)
             out.print(
                 f"[bold]{record.release_id}[/]: {record.plan.service} {record.plan.version} — {record.state.value}"
-                f"{reason}; batch {record.batch + 1}/{len(record.batches)}; budget {record.budget}; {progress}"
+                f"{reason}; batch {record.batch + 1}/{len(record.batch_sizes)}; budget {record.budget}; {progress}"
             )
             table = Table(title="Release nodes")
             for column in ("batch", "node", "progress"):

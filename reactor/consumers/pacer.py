@@ -53,7 +53,6 @@ class Pacer:
         self.bus = bus
         self.clock = clock
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._targets: dict[str, dict[str, NodeTarget]] = {}
 
     async def handle(self, event: Event) -> None:
         """Start a release, or count a node's outcome and dispatch what may go next."""
@@ -90,27 +89,31 @@ class Pacer:
         if await self.store.get_release(request.release_id) is None:
             plan = request.plan
             batches = plan_batches([node.node_key for node in plan.nodes], plan.strategy)
+            targets = {node.node_key: node for node in plan.nodes}
             now = self.clock()
             record = ReleaseRecord(
                 release_id=request.release_id,
-                plan=plan,
-                batches=batches,
+                plan=plan.spec(),
+                batch_sizes=[len(batch) for batch in batches],
                 budget=failure_budget(plan.strategy, len(plan.nodes)),
                 request_id=request.event_id,
                 actor=request.actor,
                 created_at=now,
                 updated_at=now,
             )
+            # Rows first, record last: a record exists only once all of its nodes do.
             await self.store.add_release_nodes(
                 [
-                    ReleaseNode(release_id=request.release_id, node_key=key, batch=index, position=position)
+                    ReleaseNode(
+                        release_id=request.release_id, node_key=key, batch=index, position=position, target=targets[key]
+                    )
                     for position, (index, key) in enumerate(
                         (index, key) for index, batch in enumerate(batches) for key in batch
                     )
                 ]
             )
             if await self.store.put_release(record, expected_revision=0) is not None:
-                log.info("release planned", batches=[len(batch) for batch in batches], budget=record.budget)
+                log.info("release planned", batches=record.batch_sizes, budget=record.budget)
                 await self._publish_batch_started(record, 0)
         else:
             log.info("release already known; resuming it")
@@ -141,7 +144,7 @@ class Pacer:
                 decision = decide(
                     state=record.state,
                     batch=record.batch,
-                    batch_count=len(record.batches),
+                    batch_count=len(record.batch_sizes),
                     counts=BatchCounts(
                         queued=counts[ItemState.QUEUED],
                         dispatched=counts[ItemState.DISPATCHED],
@@ -207,13 +210,14 @@ class Pacer:
             raise ConflictError(f"release {record.release_id} changed under the pacer")
 
     async def _publish_batch_started(self, record: ReleaseRecord, batch: int) -> None:
+        nodes = await self.store.list_release_nodes(record.release_id, batch=batch)
         await self.bus.publish(
             BatchStarted(
                 event_id=derived_event_id(record.release_id, "batch", str(batch), "started"),
                 release_id=record.release_id,
                 causation_id=record.request_id,
                 batch=batch,
-                node_keys=record.batches[batch],
+                node_keys=[node.node_key for node in nodes],
             )
         )
 
@@ -232,10 +236,7 @@ class Pacer:
     def _deploy_request(self, record: ReleaseRecord, node: ReleaseNode) -> DeployRequested:
         """The command for one node of a release; its id is fixed by release and node, so resending dedupes."""
         plan = record.plan
-        targets = self._targets.get(record.release_id)
-        if targets is None:
-            targets = self._targets[record.release_id] = {item.node_key: item for item in plan.nodes}
-        target = targets[node.node_key]
+        target = node.target or NodeTarget(node_key=node.node_key)
         return DeployRequested(
             event_id=derived_event_id(record.release_id, node.node_key, "deploy"),
             node_key=node.node_key,

@@ -63,8 +63,8 @@ def release(release_id: str = "rel-1", *, created_at: datetime = T0) -> ReleaseR
             image="registry.example.com/shop/api:2.0.0",
             nodes=nodes,
             strategy=Strategy(batches=[1, "100%"]),
-        ),
-        batches=[[nodes[0].node_key], [nodes[1].node_key]],
+        ).spec(),
+        batch_sizes=[1, 1],
         request_id=f"req-{release_id}",
         created_at=created_at,
         updated_at=created_at,
@@ -214,8 +214,8 @@ async def test_everything_survives_closing_and_reopening(mongo_url: str, mongo_d
         assert record is not None
         await store.add_release_nodes(
             [
-                ReleaseNode(release_id="rel-1", node_key=key, batch=i, position=i)
-                for i, [key] in enumerate(record.batches)
+                ReleaseNode(release_id="rel-1", node_key=f"local/h{i}/api", batch=i, position=i)
+                for i in range(len(record.batch_sizes))
             ]
         )
         assert await store.move_release_node(

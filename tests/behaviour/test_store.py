@@ -37,12 +37,17 @@ def plan(release_id: str, count: int = 3, batches: list[int | str] | None = None
     )
 
 
+def batches_of(count: int, strategy: Strategy) -> list[list[str]]:
+    """The node keys `local/h<i>/api` of a `count`-node release, in batches."""
+    return plan_batches([f"local/h{index}/api" for index in range(count)], strategy)
+
+
 def release(release_id: str, *, created_at: datetime = T0, count: int = 3) -> ReleaseRecord:
     the_plan = plan(release_id, count)
     return ReleaseRecord(
         release_id=release_id,
-        plan=the_plan,
-        batches=plan_batches([node.node_key for node in the_plan.nodes], the_plan.strategy),
+        plan=the_plan.spec(),
+        batch_sizes=[len(batch) for batch in batches_of(count, the_plan.strategy)],
         request_id=f"req-{release_id}",
         actor="alice",
         created_at=created_at,
@@ -51,19 +56,24 @@ def release(release_id: str, *, created_at: datetime = T0, count: int = 3) -> Re
 
 
 def release_nodes(record: ReleaseRecord) -> list[ReleaseNode]:
-    """The nodes of `record`, numbered in plan order."""
-    flat = [(index, key) for index, batch in enumerate(record.batches) for key in batch]
+    """The nodes `local/h<i>/api` of `record`, numbered in plan order and cut by its batch sizes."""
+    batch_of = [index for index, size in enumerate(record.batch_sizes) for _ in range(size)]
     return [
-        ReleaseNode(release_id=record.release_id, node_key=key, batch=index, position=position)
-        for position, (index, key) in enumerate(flat)
+        ReleaseNode(
+            release_id=record.release_id,
+            node_key=f"local/h{position}/api",
+            batch=batch,
+            position=position,
+            target=NodeTarget(node_key=f"local/h{position}/api"),
+        )
+        for position, batch in enumerate(batch_of)
     ]
 
 
 async def seeded_release(store: Store, count: int = 5) -> ReleaseRecord:
     """A release of `count` nodes in batches [1, 2, 2, ...], its nodes added in reverse order."""
-    record = release("rel-1", count=count).model_copy(
-        update={"batches": plan_batches([f"local/h{index}/api" for index in range(count)], Strategy(batches=[1, 2]))}
-    )
+    batches = batches_of(count, Strategy(batches=[1, 2]))
+    record = release("rel-1", count=count).model_copy(update={"batch_sizes": [len(batch) for batch in batches]})
     await store.add_release_nodes(list(reversed(release_nodes(record))))
     return record
 

@@ -83,7 +83,7 @@ async def test_batches_run_in_order_within_the_window(store: Store, tmp_path: Pa
     record = await store.get_release(release.release_id)
     assert record is not None
     assert record.state == ReleaseState.COMPLETED
-    assert [len(batch) for batch in record.batches] == [1, 3, 1]
+    assert record.batch_sizes == [1, 3, 1]
     assert script.peak_in_flight == 2
     assert script.order[0] == "fake/host-00/app"
     assert sorted(script.order) == [node.node_key for node in release.nodes]
