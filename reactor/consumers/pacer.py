@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
@@ -45,6 +46,15 @@ from reactor.ports import EventBus, ReleaseNode, ReleaseRecord, Store
 log = structlog.get_logger(__name__)
 
 
+@dataclass
+class _Turns:
+    """Advance passes of one release: how many were asked for and how many a finished pass covered."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    requested: int = 0
+    completed: int = 0
+
+
 class Pacer:
     """Handles ReleaseRequested (releases topic) and NodeDeployed/NodeFailed of releases (outcomes topic)."""
 
@@ -52,7 +62,7 @@ class Pacer:
         self.store = store
         self.bus = bus
         self.clock = clock
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._turns: defaultdict[str, _Turns] = defaultdict(_Turns)
 
     async def handle(self, event: Event) -> None:
         """Start a release, or count a node's outcome and dispatch what may go next."""
@@ -133,76 +143,94 @@ class Pacer:
         await self._advance(release_id)
 
     async def _advance(self, release_id: str) -> None:
-        """Apply pacing decisions until the release must wait for an outcome."""
-        async with self._locks[release_id]:
-            while True:
-                record = await self.store.get_release(release_id)
-                if record is None:
+        """Apply pacing decisions until the release must wait for an outcome.
+
+        Passes are serialised per release and coalesced: a caller waits for a pass that began after its own
+        write (so it saw it), and one pass serves every caller queued behind the one running.
+        """
+        turn = self._turns[release_id]
+        turn.requested += 1
+        mine = turn.requested
+        async with turn.lock:
+            if turn.completed >= mine:
+                return
+            covered = turn.requested
+            await self._advance_once(release_id)
+            turn.completed = covered
+
+    async def _advance_once(self, release_id: str) -> None:
+        """One pass of pacing decisions, until the release must wait."""
+        while True:
+            record = await self.store.get_release(release_id)
+            if record is None:
+                return
+            counts = await self.store.count_release_nodes(release_id, batch=record.batch)
+            totals = await self.store.count_release_nodes(release_id)
+            decision = decide(
+                state=record.state,
+                batch=record.batch,
+                batch_count=len(record.batch_sizes),
+                counts=BatchCounts(
+                    queued=counts[ItemState.QUEUED],
+                    dispatched=counts[ItemState.DISPATCHED],
+                    succeeded=counts[ItemState.SUCCEEDED],
+                    failed=counts[ItemState.FAILED],
+                ),
+                total_failed=totals[ItemState.FAILED],
+                budget=record.budget,
+                max_parallel=record.plan.strategy.max_parallel,
+            )
+            match decision:
+                case Wait():
                     return
-                counts = await self.store.count_release_nodes(release_id, batch=record.batch)
-                totals = await self.store.count_release_nodes(release_id)
-                decision = decide(
-                    state=record.state,
-                    batch=record.batch,
-                    batch_count=len(record.batch_sizes),
-                    counts=BatchCounts(
-                        queued=counts[ItemState.QUEUED],
-                        dispatched=counts[ItemState.DISPATCHED],
-                        succeeded=counts[ItemState.SUCCEEDED],
-                        failed=counts[ItemState.FAILED],
-                    ),
-                    total_failed=totals[ItemState.FAILED],
-                    budget=record.budget,
-                    max_parallel=record.plan.strategy.max_parallel,
-                )
-                match decision:
-                    case Wait():
-                        return
-                    case Dispatch(count=count):
-                        await self._dispatch(record, count)
-                        return
-                    case NextBatch():
-                        await self._publish_batch_completed(record, counts)
-                        await self._save(record, batch=record.batch + 1)
-                        await self._publish_batch_started(record, record.batch + 1)
-                    case Complete():
-                        await self._publish_batch_completed(record, counts)
-                        await self._save(record, state=ReleaseState.COMPLETED)
-                        log.info("release completed")
-                        await self.bus.publish(
-                            ReleaseCompleted(
-                                event_id=derived_event_id(release_id, "completed"),
-                                release_id=release_id,
-                                causation_id=record.request_id,
-                                succeeded=totals[ItemState.SUCCEEDED],
-                                failed=totals[ItemState.FAILED],
-                            )
+                case Dispatch(count=count):
+                    await self._dispatch(record, count)
+                    return
+                case NextBatch():
+                    await self._publish_batch_completed(record, counts)
+                    await self._save(record, batch=record.batch + 1)
+                    await self._publish_batch_started(record, record.batch + 1)
+                case Complete():
+                    await self._publish_batch_completed(record, counts)
+                    await self._save(record, state=ReleaseState.COMPLETED)
+                    log.info("release completed")
+                    await self.bus.publish(
+                        ReleaseCompleted(
+                            event_id=derived_event_id(release_id, "completed"),
+                            release_id=release_id,
+                            causation_id=record.request_id,
+                            succeeded=totals[ItemState.SUCCEEDED],
+                            failed=totals[ItemState.FAILED],
                         )
-                        return
-                    case Halt(reason=reason):
-                        await self._save(record, state=ReleaseState.HALTED, reason=reason)
-                        log.warning("release halted", reason=reason)
-                        await self.bus.publish(
-                            ReleaseHalted(
-                                event_id=derived_event_id(release_id, "halted"),
-                                release_id=release_id,
-                                causation_id=record.request_id,
-                                reason=reason,
-                                succeeded=totals[ItemState.SUCCEEDED],
-                                failed=totals[ItemState.FAILED],
-                            )
+                    )
+                    return
+                case Halt(reason=reason):
+                    await self._save(record, state=ReleaseState.HALTED, reason=reason)
+                    log.warning("release halted", reason=reason)
+                    await self.bus.publish(
+                        ReleaseHalted(
+                            event_id=derived_event_id(release_id, "halted"),
+                            release_id=release_id,
+                            causation_id=record.request_id,
+                            reason=reason,
+                            succeeded=totals[ItemState.SUCCEEDED],
+                            failed=totals[ItemState.FAILED],
                         )
-                        return
+                    )
+                    return
 
     async def _dispatch(self, record: ReleaseRecord, count: int) -> None:
         queued = await self.store.list_release_nodes(
             record.release_id, batch=record.batch, state=ItemState.QUEUED, limit=count
         )
-        for node in queued:
+
+        async def dispatch(node: ReleaseNode) -> None:
             if await self.store.move_release_node(
                 record.release_id, node.node_key, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
             ):
                 await self.bus.publish(self._deploy_request(record, node))
+
+        await asyncio.gather(*(dispatch(node) for node in queued))
 
     async def _save(self, record: ReleaseRecord, **changes: object) -> None:
         updated = record.model_copy(update={**changes, "updated_at": self.clock()})

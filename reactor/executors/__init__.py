@@ -12,20 +12,20 @@ GROUP = "reactor.executors"
 
 
 @cache
-def registered() -> dict[str, ExecutorFactory]:
-    """Every executor factory installed, by platform name."""
-    factories: dict[str, ExecutorFactory] = {}
-    for entry in entry_points(group=GROUP):
-        factories[entry.name] = entry.load()
-    return factories
+def _load(platform: str) -> ExecutorFactory | None:
+    # Only the platform asked for is imported: a broken or heavy plugin for another platform cannot break it.
+    for entry in entry_points(group=GROUP, name=platform):
+        factory: ExecutorFactory = entry.load()
+        return factory
+    return None
 
 
 def executor_factory(platform: str, extra: dict[str, ExecutorFactory] | None = None) -> ExecutorFactory:
     """The factory for `platform`; `extra` (tests, embedding programs) wins over installed ones."""
     if extra and platform in extra:
         return extra[platform]
-    factories = registered()
-    if platform not in factories:
-        known = ", ".join(sorted(factories)) or "none"
+    factory = _load(platform)
+    if factory is None:
+        known = ", ".join(sorted(entry.name for entry in entry_points(group=GROUP))) or "none"
         raise ExecutorNotFound(f"no executor for platform {platform!r} (installed: {known})")
-    return factories[platform]
+    return factory

@@ -1,0 +1,202 @@
+"""Throughput of the full reactor loop against raw Kafka, measured in the same run.
+
+    python bench/bus.py [--nodes 10000] [--in-flight 1000]
+
+Full loop per node: DeployRequested -> executor worker (no-op executor) -> status write -> NodeDeployed -> pacer
+(and the rollback consumer reads every outcome too). Baseline: raw aiokafka produce -> consume of the same
+number of messages of the same size. Also: the embedded mode (in-memory bus, SQLite store), and the resident
+memory of one process running every role while `--in-flight` nodes are in flight on Kafka + FerretDB.
+Uses $REACTOR_KAFKA_BOOTSTRAP / $REACTOR_MONGO_URL when set, otherwise starts both with the test harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reactor import logs
+from reactor.adapters.embedded_store import EmbeddedStore
+from reactor.adapters.kafka_bus import KafkaBus
+from reactor.adapters.memory_bus import MemoryBus
+from reactor.adapters.mongo_store import MongoStore
+from reactor.codec import encode
+from reactor.domain.pacer import ReleaseState
+from reactor.events import (
+    DeployRequested,
+    NodeTarget,
+    Package,
+    ReleasePlan,
+    ReleaseRequested,
+    Strategy,
+)
+from reactor.ports import EventBus, Store
+from reactor.runtime import Backends, Role, run_roles
+from reactor.settings import Settings
+from tests.infra import testenv
+
+PACKAGE = Package(url="https://packages.example.test/app-1.0.0.tar.gz", sha256="f" * 64)
+
+
+def rss_mb() -> float:
+    """This process's resident memory now."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def release(nodes: int, max_parallel: int) -> ReleasePlan:
+    return ReleasePlan(
+        release_id=f"bench-{uuid.uuid4().hex[:8]}",
+        service="app",
+        version="1.0.0",
+        package=PACKAGE,
+        nodes=[NodeTarget(node_key=f"noop/host-{index:05d}/app") for index in range(nodes)],
+        strategy=Strategy(batches=["100%"], max_parallel=max_parallel),
+    )
+
+
+async def run_release(
+    bus: EventBus, store: Store, plan: ReleasePlan, settings: Settings, *, sample_rss: bool = False
+) -> tuple[float, float]:
+    """Seconds from ReleaseRequested to ReleaseCompleted, and the peak RSS sampled meanwhile."""
+    started = asyncio.Event()
+    roles = asyncio.create_task(run_roles(Backends(bus=bus, store=store), settings, {Role.ALL}, started=started))
+    await started.wait()
+    peak = rss_mb()
+    begin = time.perf_counter()
+    await bus.publish(ReleaseRequested(release_id=plan.release_id, plan=plan))
+    try:
+        while True:
+            record = await store.get_release(plan.release_id)
+            if record is not None and record.state != ReleaseState.RUNNING:
+                break
+            if sample_rss:
+                peak = max(peak, rss_mb())
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - begin
+    finally:
+        roles.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await roles
+    if record.state != ReleaseState.COMPLETED:
+        raise SystemExit(f"release ended {record.state}: {record.reason}")
+    return elapsed, peak
+
+
+async def raw_kafka(bootstrap: str, count: int, size: int) -> float:
+    """Seconds for raw aiokafka to produce `count` messages of `size` bytes and consume them in a group."""
+    topic = f"raw-{uuid.uuid4().hex[:8]}"
+    payload = os.urandom(size)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=2)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=topic, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        await producer.send_and_wait(topic, b"warm-up", key=b"warm-up")
+        async for _ in consumer:
+            break
+        begin = time.perf_counter()
+        sends = [await producer.send(topic, payload, key=f"host-{index:05d}".encode()) for index in range(count)]
+        await asyncio.gather(*sends)
+        received = 0
+        while received < count:
+            batch = await consumer.getmany(timeout_ms=1000)
+            received += sum(len(messages) for messages in batch.values())
+        await consumer.commit()
+        return time.perf_counter() - begin
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+@contextlib.contextmanager
+def backends() -> Iterator[tuple[str, str]]:
+    """Kafka bootstrap and MongoDB URL: from the environment, or started by the harness for this run."""
+    bootstrap, mongo = os.environ.get("REACTOR_KAFKA_BOOTSTRAP"), os.environ.get("REACTOR_MONGO_URL")
+    started: list[testenv.Service] = []
+    with tempfile.TemporaryDirectory(prefix="reactor-bench-") as work:
+        try:
+            if bootstrap is None:
+                testenv.ensure_kafka()
+                started.append(testenv.start_kafka(Path(work) / "kafka"))
+                bootstrap = started[-1].env["REACTOR_KAFKA_BOOTSTRAP"]
+            if mongo is None:
+                testenv.ensure_ferretdb()
+                started.append(testenv.start_ferretdb(Path(work) / "mongo"))
+                mongo = started[-1].env["REACTOR_MONGO_URL"]
+            yield bootstrap, mongo
+        finally:
+            for service in started:
+                service.stop()
+
+
+@contextlib.asynccontextmanager
+async def distributed(bootstrap: str, mongo: str) -> AsyncIterator[tuple[KafkaBus, MongoStore]]:
+    async with (
+        KafkaBus(bootstrap, prefix=f"bench{uuid.uuid4().hex[:6]}.", concurrency=512, max_buffered=4000) as bus,
+        MongoStore(mongo, database=f"bench_{uuid.uuid4().hex[:8]}") as store,
+    ):
+        await bus.create_topics(partitions=6)
+        yield bus, store
+
+
+async def main() -> None:
+    logs.configure("json", "warning")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--in-flight", type=int, default=1_000)
+    args = parser.parse_args()
+    nodes: int = args.nodes
+    plan = release(nodes, max_parallel=1000)
+    size = len(
+        encode(
+            DeployRequested(node_key="noop/host-00000/app", service="app", version="1.0.0", package=PACKAGE), "/r"
+        ).value
+    )
+
+    with tempfile.TemporaryDirectory(prefix="reactor-bench-") as work:
+        settings = Settings(state_dir=Path(work), concurrency=512)
+        async with MemoryBus(concurrency=512) as bus, EmbeddedStore(Path(work) / "bench.db") as store:
+            embedded_s, _ = await run_release(bus, store, plan, settings)
+
+    with backends() as (bootstrap, mongo):
+        raw_s = await raw_kafka(bootstrap, nodes, size)
+        async with distributed(bootstrap, mongo) as (bus, store):
+            reactor_s, _ = await run_release(bus, store, plan, Settings(state_dir=Path(tempfile.gettempdir())))
+        in_flight = release(args.in_flight, max_parallel=args.in_flight)
+        slow = Settings(state_dir=Path(tempfile.gettempdir()), noop_delay_s=5.0, concurrency=args.in_flight + 64)
+        async with distributed(bootstrap, mongo) as (bus, store):
+            baseline_rss = rss_mb()
+            _, peak_rss = await run_release(bus, store, in_flight, slow, sample_rss=True)
+
+    raw_rate, reactor_rate, embedded_rate = nodes / raw_s, nodes / reactor_s, nodes / embedded_s
+    print(f"nodes: {nodes}, message size: {size} bytes, machine: {os.cpu_count()} cores")
+    print(f"raw aiokafka produce->consume: {raw_s:8.2f} s  {raw_rate:9.0f} msg/s   (baseline)")
+    print(
+        f"reactor full loop, Kafka+FerretDB: {reactor_s:8.2f} s  {reactor_rate:9.0f} nodes/s  "
+        f"= {reactor_rate / raw_rate:.1%} of raw (target >= 50%)"
+    )
+    print(f"reactor full loop, embedded: {embedded_s:8.2f} s  {embedded_rate:9.0f} nodes/s  (target >= 5000/s)")
+    print(
+        f"RSS, one process with every role, {args.in_flight} nodes in flight: peak {peak_rss:.0f} MB"
+        f" (process before the release: {baseline_rss:.0f} MB; target <= 150 MB)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
