@@ -116,3 +116,18 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[EventBus]:
         return
     async with MemoryBus(retry_delay_s=0.01) as opened:
         yield opened
+
+
+_TIERS = ("unit", "e2e", "kafka", "mongo", "fleet", "k8s")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test with no tier of its own is a unit test.
+
+    Tests that take `store` or `bus` get their tier from the backend parameter (`mongo`, `kafka`, or `unit`
+    for the in-memory ones), so `pytest -m unit` never starts FerretDB or Kafka. Runs before `-m` selection.
+    """
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in _TIERS):
+            item.add_marker(pytest.mark.unit)

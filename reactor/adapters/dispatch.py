@@ -16,7 +16,7 @@ import structlog
 
 from reactor.codec import Record, decode
 from reactor.errors import DecodeError, ReactorError
-from reactor.events import Topic
+from reactor.events import Event, Topic
 from reactor.observability import DEAD_LETTERED
 from reactor.ports import Handler
 
@@ -36,33 +36,44 @@ def dead_letter_record(topic: Topic, record: Record, reason: str) -> Record:
 
 
 async def deliver(
-    topic: Topic, record: Record, handler: Handler, send_to_dlq: DeadLetter, *, retry_delay_s: float
+    topic: Topic,
+    record: Record | Callable[[], Record],
+    handler: Handler,
+    send_to_dlq: DeadLetter,
+    *,
+    retry_delay_s: float,
+    event: Event | None = None,
 ) -> None:
-    """Decode and handle one message: retriable failures retry with backoff, the rest are dead-lettered."""
+    """Decode and handle one message: retriable failures retry with backoff, the rest are dead-lettered.
 
-    async def dead_letter(topic: Topic, record: Record, reason: str) -> None:
-        await send_to_dlq(topic, record, reason)
+    `event` is the already-decoded message when the bus has it (in-process); `record` may then be a callable
+    that encodes it, only needed if the message must be dead-lettered.
+    """
+
+    async def dead_letter(topic: Topic, reason: str) -> None:
+        await send_to_dlq(topic, record() if callable(record) else record, reason)
         DEAD_LETTERED.labels(topic.value).inc()
 
-    try:
-        event, _source = decode(record)
-    except DecodeError as exc:
-        await dead_letter(topic, record, str(exc))
-        return
+    if event is None:
+        try:
+            event, _source = decode(record() if callable(record) else record)
+        except DecodeError as exc:
+            await dead_letter(topic, str(exc))
+            return
     delay = retry_delay_s
     while True:
         try:
             await handler(event)
         except ReactorError as exc:
             if not exc.retriable:
-                await dead_letter(topic, record, f"handler: {exc}")
+                await dead_letter(topic, f"handler: {exc}")
                 return
             log.warning("retrying event", error=str(exc), event_type=event.TYPE, event_id=event.event_id)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
         except Exception as exc:  # a handler bug must not stop the worker: park the event with the reason
             log.exception("handler crashed; event dead-lettered", event_type=event.TYPE, event_id=event.event_id)
-            await dead_letter(topic, record, f"handler crashed: {type(exc).__name__}: {exc}")
+            await dead_letter(topic, f"handler crashed: {type(exc).__name__}: {exc}")
             return
         else:
             return

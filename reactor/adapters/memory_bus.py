@@ -1,7 +1,8 @@
 """In-memory event bus for the embedded mode and fast tests.
 
-It runs every event through the same CloudEvents Kafka codec as the Kafka bus and the same dispatcher:
-per-key order, different keys concurrently, retries of retriable failures, dead-lettering of the rest.
+It shares the Kafka bus's dispatcher: per-key order, different keys concurrently, retries of retriable
+failures, dead-lettering of the rest. Events published in-process are handed over as they are; raw messages
+go through the same CloudEvents codec as on Kafka, and any message is encoded when someone reads the log.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class MemoryBus:
         self.source = source
         self.concurrency = concurrency
         self.retry_delay_s = retry_delay_s
-        self._logs: dict[Topic, list[Record]] = defaultdict(list)
-        self._queues: dict[tuple[Topic, str], asyncio.Queue[Record]] = {}
+        self._logs: dict[Topic, list[_Message]] = defaultdict(list)
+        self._queues: dict[tuple[Topic, str], asyncio.Queue[_Message]] = {}
         self._busy = 0
         self._changed = asyncio.Event()
         self._owners: dict[tuple[str, bytes | None], _Member] = {}
@@ -49,34 +50,37 @@ class MemoryBus:
         """Always reachable: it lives in this process."""
 
     async def publish(self, event: Event) -> None:
-        """Append the encoded event to its topic and hand it to every group reading that topic."""
-        self._append(event.TOPIC, encode(event, self.source))
+        """Append the event to its topic and hand it to every group reading that topic."""
+        self._append(event.TOPIC, _Message(self.source, event=event))
 
     async def publish_raw(self, topic: Topic, record: Record) -> None:
         """Append a raw message, valid or not (what a CI/CD system or a test may send)."""
-        self._append(topic, record)
+        self._append(topic, _Message(self.source, record=record))
 
     async def history(self, topic: Topic) -> list[Record]:
         """Everything published to `topic` so far, in order."""
-        return list(self._logs[topic])
+        return self.records(topic)
 
-    def _append(self, topic: Topic, record: Record) -> None:
-        self._logs[topic].append(record)
+    def _append(self, topic: Topic, message: _Message) -> None:
+        self._logs[topic].append(message)
         for (queue_topic, _), queue in self._queues.items():
             if queue_topic == topic:
-                queue.put_nowait(record)
+                queue.put_nowait(message)
         self._changed.set()
 
     def records(self, topic: Topic) -> list[Record]:
         """Everything ever published to `topic`, in order (synchronous, for tests and the CLI)."""
-        return list(self._logs[topic])
+        return [message.record() for message in self._logs[topic]]
 
     def events(self, topic: Topic) -> list[Event]:
-        """The valid events of `topic`, decoded, in order."""
+        """The valid events of `topic`, in order."""
         decoded = []
-        for record in self._logs[topic]:
+        for message in self._logs[topic]:
+            if message.event is not None:
+                decoded.append(message.event)
+                continue
             with contextlib.suppress(DecodeError):
-                decoded.append(decode(record)[0])
+                decoded.append(decode(message.record())[0])
         return decoded
 
     async def idle(self, timeout_s: float = 60.0) -> None:
@@ -101,9 +105,9 @@ class MemoryBus:
             async with asyncio.TaskGroup() as tasks:
                 for topic in topics:
                     if (topic, group) not in self._queues:
-                        queue: asyncio.Queue[Record] = asyncio.Queue()
-                        for record in self._logs[topic]:
-                            queue.put_nowait(record)
+                        queue: asyncio.Queue[_Message] = asyncio.Queue()
+                        for message in self._logs[topic]:
+                            queue.put_nowait(message)
                         self._queues[(topic, group)] = queue
                     tasks.create_task(self._take(topic, self._queues[(topic, group)], member))
         finally:
@@ -116,22 +120,22 @@ class MemoryBus:
             for topic in topics:
                 self._requeue(self._queues[(topic, group)], [r for t, r in member.unfinished.values() if t == topic])
 
-    async def _take(self, topic: Topic, queue: asyncio.Queue[Record], member: _Member) -> None:
+    async def _take(self, topic: Topic, queue: asyncio.Queue[_Message], member: _Member) -> None:
         while True:
-            record = await queue.get()
+            message = await queue.get()
             self._busy += 1
             # A key with events in flight stays with the member handling them, as a partition stays with one
             # member of a Kafka group: that keeps one key's events in order across the group.
-            owner = self._owners.setdefault((member.group, record.key), member)
-            owner.take(topic, record)
+            owner = self._owners.setdefault((member.group, message.key), member)
+            owner.take(topic, message)
 
     @staticmethod
-    def _requeue(queue: asyncio.Queue[Record], first: list[Record]) -> None:
+    def _requeue(queue: asyncio.Queue[_Message], first: list[_Message]) -> None:
         rest = []
         while not queue.empty():
             rest.append(queue.get_nowait())
-        for record in (*first, *rest):
-            queue.put_nowait(record)
+        for message in (*first, *rest):
+            queue.put_nowait(message)
 
     def release_owner(self, group: str, key: bytes | None, member: _Member) -> None:
         """A member finished every event of `key` it had; the next one may go to any member."""
@@ -146,7 +150,31 @@ class MemoryBus:
     async def dead_letter(self, topic: Topic, record: Record, reason: str) -> None:
         """Park a rejected message on the dead-letter topic with the reason."""
         log.warning("dead-lettered", topic=topic.value, reason=reason)
-        self._append(Topic.DLQ, dead_letter_record(topic, record, reason))
+        self._append(Topic.DLQ, _Message(self.source, record=dead_letter_record(topic, record, reason)))
+
+
+class _Message:
+    """One message of a topic: the event as published in-process, or raw bytes; encoded only when read."""
+
+    __slots__ = ("_record", "event", "key", "source")
+
+    def __init__(self, source: str, *, event: Event | None = None, record: Record | None = None) -> None:
+        self.source = source
+        self.event = event
+        self._record = record
+        if record is not None:
+            self.key = record.key
+        elif event is not None:
+            self.key = event.subject().encode()
+        else:
+            raise ValueError("a message needs an event or a record")
+
+    def record(self) -> Record:
+        """The message as Kafka would carry it."""
+        if self._record is None:
+            assert self.event is not None  # noqa: S101 (the constructor guarantees one of the two)
+            self._record = encode(self.event, self.source)
+        return self._record
 
 
 class _Member:
@@ -156,22 +184,30 @@ class _Member:
         self.bus = bus
         self.group = group
         self.handler = handler
-        self.dispatcher: KeyedDispatcher[tuple[Topic, Record]] = KeyedDispatcher(
+        self.dispatcher: KeyedDispatcher[tuple[Topic, _Message]] = KeyedDispatcher(
             self._process, self._done, limit=bus.concurrency
         )
-        self.unfinished: dict[int, tuple[Topic, Record]] = {}
+        self.unfinished: dict[int, tuple[Topic, _Message]] = {}
         self.owned: dict[bytes | None, int] = {}
 
-    def take(self, topic: Topic, record: Record) -> None:
-        item = (topic, record)
+    def take(self, topic: Topic, message: _Message) -> None:
+        item = (topic, message)
         self.unfinished[id(item)] = item
-        self.owned[record.key] = self.owned.get(record.key, 0) + 1
-        self.dispatcher.submit(record.key, item)
+        self.owned[message.key] = self.owned.get(message.key, 0) + 1
+        self.dispatcher.submit(message.key, item)
 
-    async def _process(self, item: tuple[Topic, Record]) -> None:
-        await deliver(item[0], item[1], self.handler, self.bus.dead_letter, retry_delay_s=self.bus.retry_delay_s)
+    async def _process(self, item: tuple[Topic, _Message]) -> None:
+        topic, message = item
+        await deliver(
+            topic,
+            message.record,
+            self.handler,
+            self.bus.dead_letter,
+            retry_delay_s=self.bus.retry_delay_s,
+            event=message.event,
+        )
 
-    def _done(self, item: tuple[Topic, Record]) -> None:
+    def _done(self, item: tuple[Topic, _Message]) -> None:
         self.unfinished.pop(id(item), None)
         key = item[1].key
         self.owned[key] -= 1

@@ -29,7 +29,7 @@ from reactor.events import (
 from reactor.ports import ExecutorFactory, Store
 from tests.fakes import Script, scripted
 
-pytestmark = pytest.mark.unit
+# Tier: `unit` on the in-memory backends, `mongo` on FerretDB (from the `store` fixture parameter).
 
 NODE = "fake/host-1/app"
 PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="a" * 64)

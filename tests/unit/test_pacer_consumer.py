@@ -8,8 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
-
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.pacer import Pacer
 from reactor.domain.pacer import ItemState, ReleaseState
@@ -34,7 +32,7 @@ from reactor.runtime import Backends, Role, run_roles
 from reactor.settings import Settings
 from tests.fakes import Script, scripted
 
-pytestmark = pytest.mark.unit
+# Tier: `unit` on the in-memory backends, `mongo` on FerretDB (from the `store` fixture parameter).
 
 PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="b" * 64)
 
