@@ -226,21 +226,49 @@ class RollbackFailed(NodeEvent):
 BatchSize = int | Annotated[str, Field(pattern=r"^(?:100|[1-9][0-9]?)%$")]
 
 
-class Strategy(Model):
-    """How a release moves: batch sizes (count or percent; the last size repeats), parallelism, budget."""
+LABEL_KEY = r"^[a-z][a-z0-9_.-]{0,62}$"
+LABEL_VALUE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+LabelKey = Annotated[str, Field(pattern=LABEL_KEY)]
 
-    batches: Annotated[list[BatchSize], Field(min_length=1, max_length=100)] = ["100%"]
+
+class Strategy(Model):
+    """How a release moves through its nodes.
+
+    `batches`: sizes (count or "N%"; the last size repeats) or explicit lists of node keys; `canary`: a
+    first batch of that size before them. `spread_by`: a node label (e.g. zone) whose values are interleaved
+    so each batch spans them. `failure_budget` (release) and `batch_failure_budget`: failed nodes tolerated,
+    count or percent; one more halts the release (and with `auto_rollback: release`, rolls back every node it
+    deployed). Gates between batches: `pause_between_batches_s`, `approval_every_batch`,
+    `approval_after_batches` (1-based batch numbers). `node_deadline_s`: a node with no outcome by then fails.
+    """
+
+    batches: Annotated[list[BatchSize | list[NodeKey]], Field(min_length=1, max_length=1000)] = ["100%"]
+    canary: BatchSize | None = None
+    spread_by: LabelKey | None = None
     max_parallel: Annotated[int, Field(ge=1, le=10_000)] = 1
     failure_budget: BatchSize = 0
+    batch_failure_budget: BatchSize | None = None
     auto_rollback: AutoRollback = AutoRollback.NODE
+    pause_between_batches_s: Annotated[float, Field(ge=0, le=7 * 86400)] = 0.0
+    approval_every_batch: bool = False
+    approval_after_batches: list[Annotated[int, Field(ge=1)]] = []
+    node_deadline_s: Annotated[float, Field(gt=0, le=7 * 86400)] | None = None
 
     @model_validator(mode="after")
-    def _positive(self) -> Strategy:
-        for size in self.batches:
-            if isinstance(size, int) and size < 1:
-                raise ValueError("batch sizes must be at least 1")
-        if isinstance(self.failure_budget, int) and self.failure_budget < 0:
-            raise ValueError("failure_budget must not be negative")
+    def _consistent(self) -> Strategy:
+        sizes = [size for size in (*self.batches, self.canary) if size is not None and not isinstance(size, list)]
+        if any(isinstance(size, int) and size < 1 for size in sizes):
+            raise ValueError("batch sizes must be at least 1")
+        explicit = [batch for batch in self.batches if isinstance(batch, list)]
+        if explicit and len(explicit) != len(self.batches):
+            raise ValueError("batches: use either sizes or explicit node lists, not both")
+        if explicit and (self.canary is not None or self.spread_by is not None):
+            raise ValueError("canary and spread_by apply to sized batches; explicit batches are used as given")
+        if any(not batch for batch in explicit):
+            raise ValueError("batches: an explicit batch must name at least one node")
+        for budget in (self.failure_budget, self.batch_failure_budget):
+            if isinstance(budget, int) and budget < 0:
+                raise ValueError("failure budgets must not be negative")
         return self
 
 
@@ -252,6 +280,7 @@ class NodeTarget(Model):
     package: Package | None = None
     image: Annotated[str, Field(pattern=IMAGE)] | None = None
     container: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
+    labels: dict[LabelKey, Annotated[str, Field(pattern=LABEL_VALUE)]] = {}
 
 
 class ReleaseSpec(Model):
@@ -281,6 +310,14 @@ class ReleasePlan(ReleaseSpec):
         keys = [node.node_key for node in self.nodes]
         if len(set(keys)) != len(keys):
             raise ValueError("nodes: a node key appears twice")
+        explicit = [key for batch in self.strategy.batches if isinstance(batch, list) for key in batch]
+        if explicit and sorted(explicit) != sorted(keys):
+            missing = sorted(set(keys) - set(explicit))[:3]
+            unknown = sorted(set(explicit) - set(keys))[:3]
+            raise ValueError(
+                f"strategy.batches: explicit batches must name every node exactly once"
+                f" (not in any batch: {missing}; not a node: {unknown})"
+            )
         for node in self.nodes:
             if node.package is None and node.image is None and self.package is None and self.image is None:
                 raise ValueError(f"nodes: {node.node_key} has no package or image")
@@ -338,6 +375,22 @@ class ReleaseAborted(_ReleaseControl):
     TOPIC: ClassVar[Topic] = Topic.RELEASES
 
 
+class ReleaseRollbackRequested(_ReleaseControl):
+    """Roll back every node the release deployed, newest batch first, with the release's pacing."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.rollback.requested.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+
+class ReleaseAwaitingApproval(ReleaseEvent):
+    """Batch `batch` is done and the next one starts only after a ReleaseApproved."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.awaiting_approval.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+    batch: Annotated[int, Field(ge=0)]
+
+
 class BatchStarted(ReleaseEvent):
     """A batch of the release began."""
 
@@ -380,6 +433,16 @@ class ReleaseHalted(ReleaseEvent):
     failed: Annotated[int, Field(ge=0)]
 
 
+class ReleaseRolledBack(ReleaseEvent):
+    """Every node the release had deployed was rolled back (or failed to, counted in `failed`)."""
+
+    TYPE: ClassVar[str] = "dev.deployreactor.release.rolled_back.v1"
+    TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+    rolled_back: Annotated[int, Field(ge=0)]
+    failed: Annotated[int, Field(ge=0)]
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     DeployRequested,
     RollbackRequested,
@@ -392,10 +455,13 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ReleasePaused,
     ReleaseResumed,
     ReleaseAborted,
+    ReleaseRollbackRequested,
+    ReleaseAwaitingApproval,
     BatchStarted,
     BatchCompleted,
     ReleaseCompleted,
     ReleaseHalted,
+    ReleaseRolledBack,
 )
 EVENTS_BY_TYPE: dict[str, type[Event]] = {cls.TYPE: cls for cls in EVENT_TYPES}
 OUTCOME_TYPES: tuple[type[NodeEvent], ...] = (NodeDeployed, NodeFailed, NodeRolledBack, RollbackFailed)

@@ -19,11 +19,21 @@ from reactor.events import Event, HealthCheck, Model, NodeTarget, Package, Relea
 
 @dataclass(frozen=True, slots=True)
 class ExecutorSettings:
-    """Platform settings an executor may need (root folder of the local platform, timeouts)."""
+    """Platform settings an executor may need (root folder of the local platform, timeouts, kubeconfig)."""
 
     local_root: Path = Path("var/nodes")
     stop_timeout_s: float = 10.0
     noop_delay_s: float = 0.0
+    # The `physical` platform (reactor/executors/hostcontract.py): which driver, how to reach and trust hosts.
+    physical_driver: str = "ssh"  # "ssh" (asyncssh) or "ansible" (playbooks/ via ansible-runner)
+    physical_inventory: Path | None = None  # Ansible INI inventory naming hosts; else node hosts are addresses
+    physical_known_hosts: Path | None = None  # None: ~/.ssh/known_hosts; host keys are always verified
+    physical_private_key: Path | None = None  # None: the ssh agent and the default keys
+    physical_user: str = "root"
+    physical_connect_timeout_s: float = 10.0
+    physical_command_timeout_s: float = 120.0
+    physical_concurrency: int = 32  # hosts worked on at once by one process
+    kubeconfig: Path | None = None  # None: $KUBECONFIG, else ~/.kube/config (the `k8s` platform)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +130,9 @@ class ReleaseRecord(Model):
     batch: int = 0
     state: ReleaseState = ReleaseState.RUNNING
     budget: int = 0
+    batch_budget: int | None = None
+    approved_batch: int = -1
+    resume_at: datetime | None = None
     reason: str = ""
     request_id: str
     actor: str | None = None
@@ -137,6 +150,7 @@ class ReleaseNode(Model):
     position: int
     state: ItemState = ItemState.QUEUED
     target: NodeTarget | None = None
+    dispatched_at: datetime | None = None
     request_id: str | None = None
     outcome: str | None = None
 
@@ -198,6 +212,7 @@ class Store(Protocol):
         from_states: Sequence[ItemState],
         to_state: ItemState,
         outcome: str | None = None,
+        dispatched_at: datetime | None = None,
     ) -> bool:
         """Change one node's progress if it is in one of `from_states`; False if it was not."""
         ...

@@ -92,6 +92,15 @@ async def run_roles(
                     local_root=settings.nodes_root,
                     stop_timeout_s=settings.stop_timeout_s,
                     noop_delay_s=settings.noop_delay_s,
+                    physical_driver=settings.physical_driver,
+                    physical_inventory=settings.physical_inventory,
+                    physical_known_hosts=settings.physical_known_hosts,
+                    physical_private_key=settings.physical_private_key,
+                    physical_user=settings.physical_user,
+                    physical_connect_timeout_s=settings.physical_connect_timeout_s,
+                    physical_command_timeout_s=settings.physical_command_timeout_s,
+                    physical_concurrency=settings.physical_concurrency,
+                    kubeconfig=settings.kubeconfig,
                 ),
                 factories=factories,
                 lease=timedelta(seconds=settings.lease_s),
@@ -103,7 +112,7 @@ async def run_roles(
             pacer = Pacer(store, bus)
             tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
             await pacer.recover()
-            tasks.create_task(pacer.watch_dispatched(settings.resend_after_s))
+            tasks.create_task(pacer.run_timers(tick_s=settings.timer_tick_s, resend_s=settings.resend_after_s))
         log.info("worker running", roles=sorted(role.value for role in roles))
         if started is not None:
             started.set()

@@ -44,8 +44,18 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     lease_s: float = Field(default=1800.0, gt=0)
     resend_after_s: float = Field(default=60.0, gt=0)
+    timer_tick_s: float = Field(default=1.0, gt=0)
     stop_timeout_s: float = Field(default=10.0, gt=0)
     noop_delay_s: float = Field(default=0.0, ge=0, le=3600)
+    physical_driver: Literal["ssh", "ansible"] = "ssh"
+    physical_inventory: Path | None = None
+    physical_known_hosts: Path | None = None
+    physical_private_key: Path | None = None
+    physical_user: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    physical_connect_timeout_s: float = Field(default=10.0, gt=0)
+    physical_command_timeout_s: float = Field(default=120.0, gt=0)
+    physical_concurrency: int = Field(default=32, ge=1, le=10_000)
+    kubeconfig: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] | None = None
 

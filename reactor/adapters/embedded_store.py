@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -171,6 +171,7 @@ class EmbeddedStore:
         from_states: Sequence[ItemState],
         to_state: ItemState,
         outcome: str | None = None,
+        dispatched_at: datetime | None = None,
     ) -> bool:
         row = self.db.execute(
             "SELECT doc FROM release_nodes WHERE release_id = ? AND node_key = ?", (release_id, node_key)
@@ -183,6 +184,8 @@ class EmbeddedStore:
         update: dict[str, object] = {"state": to_state}
         if outcome is not None:
             update["outcome"] = outcome
+        if dispatched_at is not None:
+            update["dispatched_at"] = dispatched_at
         moved = node.model_copy(update=update)
         cursor = self.db.execute(
             "UPDATE release_nodes SET state = ?, doc = ? WHERE release_id = ? AND node_key = ? AND state = ?",

@@ -1,9 +1,10 @@
 """MongoDB store on PyMongo's AsyncMongoClient; runs unchanged on MongoDB 6/7 and FerretDB 1.x.
 
-Node statuses and releases keep the model's JSON as text in `doc` (as the embedded store does: FerretDB 1.x
-rejects nested arrays such as `ReleaseRecord.batches`), beside the fields that are filtered or sorted on.
-Release nodes are flat, so their JSON-mode dump is the document itself. Only what FerretDB 1.x supports
-is used: no transactions, change streams, TTL or partial indexes, no projections in findAndModify.
+Node statuses and releases keep the model's JSON as text in `doc`, as the embedded store does, beside the
+fields that are filtered or sorted on: FerretDB 1.x rejects nested arrays, which these models may grow.
+Release nodes are small and array-free, so their JSON-mode dump is the document itself and a move updates
+`state` and `outcome` in place. Only what FerretDB 1.x supports is used: no transactions, change streams,
+TTL or partial indexes, no projection in findAndModify.
 
 FerretDB 1.x runs `findAndModify` and `update` as a query followed by a write, so two writers can both
 match the same revision and both "win" a compare-and-set. Inserts on a unique index are atomic there, so
@@ -14,9 +15,8 @@ deleting it by its never-reused `_id` releases it. A writer that dies holding on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
@@ -220,11 +220,14 @@ class MongoStore:
         from_states: Sequence[ItemState],
         to_state: ItemState,
         outcome: str | None = None,
+        dispatched_at: datetime | None = None,
     ) -> bool:
         identity = {"release_id": release_id, "node_key": node_key}
         fields: Document = {"state": to_state.value}
         if outcome is not None:
             fields["outcome"] = outcome
+        if dispatched_at is not None:
+            fields["dispatched_at"] = dispatched_at.isoformat()
         condition = {"state": {"$in": [state.value for state in from_states]}}
         return await self._update("release_nodes", identity, condition, fields)
 
@@ -309,9 +312,13 @@ class MongoStore:
 
     async def _update(self, collection: str, identity: Document, condition: Document, fields: Document) -> bool:
         """Set `fields` on the document at `identity` if it matches `condition`, under the document's lock."""
+        key = f"{collection}/" + "/".join(str(value) for value in identity.values())
+        lock_id = await self._lock(key, lambda: self._find_one(collection, {**identity, **condition}))
+        if lock_id is None:
+            return False
         token = uuid4().hex
         update = {"$set": {**fields, "write_token": token}}
-        async with self._locked(f"{collection}/" + "/".join(str(value) for value in identity.values())):
+        try:
             updated = await self._retry(
                 f"update {collection}",
                 lambda: self.db[collection].find_one_and_update({**identity, **condition}, update),
@@ -320,30 +327,42 @@ class MongoStore:
                 return True
             # An attempt whose reply was lost may have applied it: then the document no longer matches.
             return await self._find_one(collection, {**identity, "write_token": token}) is not None
+        finally:
+            await self._unlock(key, lock_id)
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, key: str) -> AsyncIterator[None]:
-        """Hold the lock of one document; BackendUnavailable if a live holder keeps it past `timeout_s`."""
-        locks = self.db["locks"]
+    async def _lock(self, key: str, matching: Callable[[], Awaitable[Document | None]]) -> str | None:
+        """Take the lock of one document; None once the document no longer matches (the update would fail).
+
+        BackendUnavailable if a live holder keeps it for longer than `timeout_s`.
+        """
         lock_id = uuid4().hex
         lease = timedelta(seconds=self.timeout_s * _LOCK_LEASE_TIMEOUTS)
         deadline = time.monotonic() + self.timeout_s
         poll = _LOCK_POLL_S[0]
-        while not await self._insert("locks", {"_id": lock_id, "key": key, "expires_at": datetime.now(UTC) + lease}):
-            held = await self._find_one("locks", {"key": key})
-            if held is not None and held["expires_at"] <= datetime.now(UTC):
+        held: Document | None = None  # the first attempt assumes the lock is free
+        while True:
+            if held is None:
+                lock = {"_id": lock_id, "key": key, "expires_at": datetime.now(UTC) + lease}
+                if await self._insert("locks", lock):
+                    return lock_id
+            elif held["expires_at"] <= datetime.now(UTC):
                 log.warning("taking over an expired lock", lock=key)
-                await self._retry("unlock", partial(locks.delete_one, {"_id": held["_id"]}))
+                await self._retry("unlock", partial(self.db["locks"].delete_one, {"_id": held["_id"]}))
+                held = None
                 continue
+            # Losers of a race see the winner's write here and give up at once instead of queueing.
+            if await matching() is None:
+                return None
             if time.monotonic() >= deadline:
                 raise BackendUnavailable(f"MongoDB lock {key} is held by another writer")
             await asyncio.sleep(poll)
             poll = min(poll * 2, _LOCK_POLL_S[1])
+            # Waiters read rather than retry the insert: on FerretDB every insert attempt takes the write lock.
+            held = await self._find_one("locks", {"key": key})
+
+    async def _unlock(self, key: str, lock_id: str) -> None:
         try:
-            yield
-        finally:
-            try:
-                await self._retry("unlock", partial(locks.delete_one, {"_id": lock_id}))
-            except BackendUnavailable as exc:
-                # The write itself is settled; the lock expires after its lease.
-                log.warning("could not release a lock", lock=key, error=str(exc))
+            await self._retry("unlock", partial(self.db["locks"].delete_one, {"_id": lock_id}))
+        except BackendUnavailable as exc:
+            # The write itself is settled; the lock expires after its lease.
+            log.warning("could not release a lock", lock=key, error=str(exc))

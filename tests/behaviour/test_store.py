@@ -354,6 +354,7 @@ async def test_count_release_nodes_per_batch_and_in_total_with_every_state(store
 
     def counts(queued: int = 0, dispatched: int = 0, succeeded: int = 0, failed: int = 0) -> dict[ItemState, int]:
         return {
+            **dict.fromkeys(ItemState, 0),
             ItemState.QUEUED: queued,
             ItemState.DISPATCHED: dispatched,
             ItemState.SUCCEEDED: succeeded,

@@ -7,13 +7,20 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from reactor.domain.pacer import (
+    AwaitApproval,
     BatchCounts,
     Complete,
     Decision,
     Dispatch,
+    DispatchRollbacks,
+    Gates,
     Halt,
-    NextBatch,
+    PauseUntil,
     ReleaseState,
+    RollBackRelease,
+    RolledBack,
+    StartNextBatch,
+    View,
     Wait,
     decide,
 )
@@ -303,10 +310,13 @@ def test_resolve_size_rounds_percentages_up(size: BatchSize, total: int, count: 
     [(0, 10, 0), (3, 10, 3), ("10%", 10, 1), ("15%", 10, 1), ("10%", 5, 0), ("50%", 3, 1), ("100%", 7, 7)],
 )
 def test_failure_budget_counts_and_percentages_rounded_down(budget: BatchSize, total: int, tolerated: int) -> None:
-    assert failure_budget(Strategy(failure_budget=budget), total) == tolerated
+    assert failure_budget(Strategy(failure_budget=budget).failure_budget, total) == tolerated
 
 
 # --- pacing decisions ---------------------------------------------------------------------------
+
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def decision(
@@ -315,22 +325,47 @@ def decision(
     batch: int = 0,
     batch_count: int = 3,
     counts: BatchCounts,
+    totals: BatchCounts | None = None,
     total_failed: int = 0,
     budget: int = 0,
+    batch_budget: int | None = None,
     max_parallel: int = 2,
+    gates: Gates | None = None,
+    approved_batch: int = -1,
+    resume_at: datetime | None = None,
+    rollback_on_budget: bool = False,
 ) -> Decision:
     return decide(
-        state=state,
-        batch=batch,
-        batch_count=batch_count,
-        counts=counts,
-        total_failed=total_failed,
-        budget=budget,
-        max_parallel=max_parallel,
+        View(
+            state=state,
+            batch=batch,
+            batch_count=batch_count,
+            batch_counts=counts,
+            totals=totals or BatchCounts(failed=total_failed),
+            budget=budget,
+            batch_budget=batch_budget,
+            max_parallel=max_parallel,
+            gates=gates or Gates(),
+            approved_batch=approved_batch,
+            resume_at=resume_at,
+            now=NOW,
+            rollback_on_budget=rollback_on_budget,
+        )
     )
 
 
-@pytest.mark.parametrize("state", [ReleaseState.COMPLETED, ReleaseState.HALTED], ids=str)
+@pytest.mark.parametrize(
+    "state",
+    [
+        ReleaseState.COMPLETED,
+        ReleaseState.HALTED,
+        ReleaseState.PAUSED,
+        ReleaseState.AWAITING_APPROVAL,
+        ReleaseState.ABORTED,
+        ReleaseState.ROLLED_BACK,
+    ],
+    ids=str,
+)
 def test_release_that_is_not_running_waits(state: ReleaseState) -> None:
     assert decision(state=state, counts=BatchCounts(queued=5)) == Wait()
     assert decision(state=state, counts=BatchCounts(succeeded=2), total_failed=9) == Wait()
@@ -375,7 +410,7 @@ def test_nodes_in_flight_with_nothing_queued_waits() -> None:
 @pytest.mark.parametrize("batch", [0, 1])
 def test_done_batch_that_is_not_the_last_starts_the_next(batch: int) -> None:
     counts = BatchCounts(succeeded=2, failed=1)
-    assert decision(batch=batch, batch_count=3, counts=counts, total_failed=1, budget=1) == NextBatch()
+    assert decision(batch=batch, batch_count=3, counts=counts, total_failed=1, budget=1) == StartNextBatch()
 
 
 def test_done_last_batch_completes_the_release() -> None:
@@ -387,3 +422,46 @@ def test_batch_counts_done_only_when_nothing_is_queued_or_dispatched() -> None:
     assert BatchCounts(succeeded=1, failed=1).done
     assert not BatchCounts(queued=1).done
     assert not BatchCounts(dispatched=1).done
+
+
+def test_batch_budget_halts_even_within_the_release_budget() -> None:
+    """Two failures in one batch spend a batch budget of 1 though the release budget of 5 holds."""
+    result = decision(counts=BatchCounts(queued=1, failed=2), total_failed=2, budget=5, batch_budget=1)
+    assert isinstance(result, Halt)
+    assert "batch budget 1" in result.reason
+
+
+def test_spent_budget_with_release_policy_rolls_the_release_back() -> None:
+    """Policy `release`: a spent budget turns into a release rollback, not a plain halt."""
+    result = decision(counts=BatchCounts(failed=1), total_failed=1, rollback_on_budget=True)
+    assert isinstance(result, RollBackRelease)
+
+
+def test_approval_gate_holds_the_next_batch_until_approved() -> None:
+    """A done batch with an approval gate after it waits for approval; once approved the next batch starts."""
+    gates = Gates(approval_after=frozenset({1}))
+    done = BatchCounts(succeeded=2)
+    assert decision(batch=0, counts=done, gates=gates) == AwaitApproval()
+    assert decision(batch=0, counts=done, gates=gates, approved_batch=0) == StartNextBatch()
+    assert decision(batch=1, counts=done, gates=gates, approved_batch=0) == StartNextBatch()  # no gate after 2
+    every = Gates(approval_every_batch=True)
+    assert decision(batch=1, counts=done, gates=every, approved_batch=0) == AwaitApproval()
+
+
+def test_pause_between_batches_sets_a_timer_that_later_fires() -> None:
+    """A done batch with a pause waits until now + pause; the waiting release starts the next batch when due."""
+    done = BatchCounts(succeeded=2)
+    assert decision(counts=done, gates=Gates(pause_s=30)) == PauseUntil(NOW + timedelta(seconds=30))
+    later = NOW + timedelta(seconds=30)
+    assert decision(state=ReleaseState.WAITING, counts=done, resume_at=later) == Wait(until=later)
+    assert decision(state=ReleaseState.WAITING, counts=done, resume_at=NOW) == StartNextBatch()
+
+
+def test_release_rollback_dispatches_within_the_window_then_ends() -> None:
+    """Rolling back: deployed nodes go back max_parallel at a time, in-flight deploys finish first, then done."""
+    rolling = ReleaseState.ROLLING_BACK
+    empty = BatchCounts()
+    assert decision(state=rolling, counts=empty, totals=BatchCounts(succeeded=5)) == DispatchRollbacks(2)
+    assert decision(state=rolling, counts=empty, totals=BatchCounts(succeeded=5, rollback_dispatched=2)) == Wait()
+    assert decision(state=rolling, counts=empty, totals=BatchCounts(dispatched=1)) == Wait()
+    assert decision(state=rolling, counts=empty, totals=BatchCounts(rolled_back=5, rollback_failed=1)) == RolledBack()
