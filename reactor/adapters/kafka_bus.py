@@ -126,9 +126,9 @@ class KafkaBus:
     async def create_topics(self, *, partitions: int = 6, replication: int = 1) -> list[str]:
         """Create the four topics if missing; the names created."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
-        await admin.start()
         created = []
         try:
+            await admin.start()
             for topic in Topic:
                 name = self.topic_name(topic)
                 try:
@@ -163,8 +163,8 @@ class KafkaBus:
         """Every message of `topic` from the beginning to the current end, partition by partition."""
         name = self.topic_name(topic)
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
-        await admin.start()
         try:
+            await admin.start()
             [description] = await admin.describe_topics([name])
         except KafkaError as exc:
             raise BackendUnavailable(f"kafka {self.bootstrap}: cannot describe {name}: {exc}") from exc
@@ -177,8 +177,8 @@ class KafkaBus:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, enable_auto_commit=False, client_id=self.client_id
         )
-        await consumer.start()
         try:
+            await consumer.start()
             consumer.assign(assigned)
             await consumer.seek_to_beginning(*assigned)
             ends: dict[TopicPartition, int] = await consumer.end_offsets(assigned)
@@ -198,7 +198,12 @@ class KafkaBus:
     async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
         """Feed events to `handler` as consumer group `group` until cancelled, then shut down in order."""
         member = _GroupMember(self, group, handler)
-        await member.start([self.topic_name(topic) for topic in topics])
+        try:
+            await member.start([self.topic_name(topic) for topic in topics])
+        except BaseException:
+            # Cancelled or failed while joining: close the consumer's connections before going.
+            await member.consumer.stop()
+            raise
         try:
             await member.run()
         finally:
@@ -242,10 +247,16 @@ class _GroupMember:
 
     async def start(self, names: list[str]) -> None:
         self.consumer.subscribe(names, listener=_Rebalance(self))
+        # A cancel in the middle of connecting would orphan the connection being made: let the start finish
+        # (it is bounded by the client's timeouts) and only then close everything and pass the cancel on.
+        starting = asyncio.ensure_future(self.consumer.start())
         try:
-            await self.consumer.start()
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await starting
+            raise
         except KafkaError as exc:
-            await self.consumer.stop()
             raise BackendUnavailable(f"kafka {self.bus.bootstrap}: {exc}") from exc
 
     async def run(self) -> None:

@@ -296,8 +296,9 @@ class Pacer:
                 case DispatchRollbacks(count=count):
                     await self._dispatch_rollbacks(record, count)
                     return
-                case StartNextBatch():
-                    await self._publish_batch_completed(record, batch_counts)
+                case StartNextBatch(report_completed=report):
+                    if report:
+                        await self._publish_batch_completed(record, batch_counts)
                     saved = await self._save(record, batch=record.batch + 1, state=ReleaseState.RUNNING, resume_at=None)
                     await self._publish_batch_started(saved, saved.batch)
                 case AwaitApproval():

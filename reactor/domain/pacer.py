@@ -109,7 +109,10 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class StartNextBatch:
-    """The current batch is done and every gate after it is passed: report it and start the next."""
+    """The current batch is done and every gate after it is passed: start the next (and report the finished
+    one, unless a gate already did)."""
+
+    report_completed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +180,7 @@ def decide(view: View) -> Decision:
         case ReleaseState.WAITING:
             if view.resume_at is not None and view.now < view.resume_at:
                 return Wait(until=view.resume_at)
-            return StartNextBatch()
+            return StartNextBatch(report_completed=False)
         case ReleaseState.RUNNING:
             return _running(view)
         case _:
@@ -192,8 +195,10 @@ def _running(view: View) -> Decision:
     if counts.done:
         if view.batch + 1 >= view.batch_count:
             return Complete()
-        if view.gates.needs_approval_after(view.batch) and view.approved_batch < view.batch:
-            return AwaitApproval()
+        if view.gates.needs_approval_after(view.batch):
+            if view.approved_batch < view.batch:
+                return AwaitApproval()
+            return StartNextBatch(report_completed=False)
         if view.gates.pause_s > 0:
             return PauseUntil(resume_at=_later(view.now, view.gates.pause_s))
         return StartNextBatch()

@@ -442,7 +442,7 @@ def test_approval_gate_holds_the_next_batch_until_approved() -> None:
     gates = Gates(approval_after=frozenset({1}))
     done = BatchCounts(succeeded=2)
     assert decision(batch=0, counts=done, gates=gates) == AwaitApproval()
-    assert decision(batch=0, counts=done, gates=gates, approved_batch=0) == StartNextBatch()
+    assert decision(batch=0, counts=done, gates=gates, approved_batch=0) == StartNextBatch(report_completed=False)
     assert decision(batch=1, counts=done, gates=gates, approved_batch=0) == StartNextBatch()  # no gate after 2
     every = Gates(approval_every_batch=True)
     assert decision(batch=1, counts=done, gates=every, approved_batch=0) == AwaitApproval()
@@ -454,7 +454,7 @@ def test_pause_between_batches_sets_a_timer_that_later_fires() -> None:
     assert decision(counts=done, gates=Gates(pause_s=30)) == PauseUntil(NOW + timedelta(seconds=30))
     later = NOW + timedelta(seconds=30)
     assert decision(state=ReleaseState.WAITING, counts=done, resume_at=later) == Wait(until=later)
-    assert decision(state=ReleaseState.WAITING, counts=done, resume_at=NOW) == StartNextBatch()
+    assert decision(state=ReleaseState.WAITING, counts=done, resume_at=NOW) == StartNextBatch(report_completed=False)
 
 
 def test_release_rollback_dispatches_within_the_window_then_ends() -> None:

@@ -1,0 +1,271 @@
+"""The release lifecycle through the real consumers: gates, timers, commands, deadlines, release rollback,
+and a pacer stopped in the middle. Runs on every store backend (the `store` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from reactor.adapters.memory_bus import MemoryBus
+from reactor.domain.pacer import ItemState, ReleaseState
+from reactor.domain.status import NodeState, pending
+from reactor.events import (
+    AutoRollback,
+    BatchCompleted,
+    BatchStarted,
+    DeployRequested,
+    Event,
+    NodeFailed,
+    NodeTarget,
+    Package,
+    ReleaseAborted,
+    ReleaseApproved,
+    ReleaseAwaitingApproval,
+    ReleaseHalted,
+    ReleasePaused,
+    ReleasePlan,
+    ReleaseRequested,
+    ReleaseResumed,
+    ReleaseRollbackRequested,
+    ReleaseRolledBack,
+    RollbackRequested,
+    Strategy,
+    Topic,
+)
+from reactor.ports import Store
+from reactor.runtime import Backends, Role, run_roles
+from reactor.settings import Settings
+from tests.fakes import Script, scripted
+
+PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="c" * 64)
+
+
+def plan(count: int, strategy: Strategy, release_id: str = "app-2") -> ReleasePlan:
+    return ReleasePlan(
+        release_id=release_id,
+        service="app",
+        version="2.0.0",
+        package=PACKAGE,
+        nodes=[NodeTarget(node_key=f"fake/host-{index:02d}/app") for index in range(count)],
+        strategy=strategy,
+    )
+
+
+@asynccontextmanager
+async def reactor(
+    store: Store, script: Script, tmp_path: Path, bus: MemoryBus | None = None
+) -> AsyncIterator[MemoryBus]:
+    """Every role on an in-memory bus and `store`, with fast timers."""
+    bus = bus or MemoryBus(retry_delay_s=0.01)
+    started = asyncio.Event()
+    settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, resend_after_s=3600)
+    task = asyncio.create_task(
+        run_roles(
+            Backends(bus=bus, store=store, memory_bus=bus),
+            settings,
+            {Role.ALL},
+            factories={"fake": scripted(script)},
+            started=started,
+        )
+    )
+    await started.wait()
+    try:
+        yield bus
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def until(condition: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                result = condition()
+                if asyncio.iscoroutine(result):
+                    result = await result
+                if result:
+                    return
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"timed out after {timeout_s}s waiting until {what}")
+
+
+async def state_of(store: Store, release_id: str) -> ReleaseState | None:
+    record = await store.get_release(release_id)
+    return None if record is None else record.state
+
+
+def of_type(bus: MemoryBus, topic: Topic, kind: type[Event]) -> list[Event]:
+    return [event for event in bus.events(topic) if isinstance(event, kind)]
+
+
+async def seed_running(store: Store, release: ReleasePlan, version: str = "1.0.0") -> None:
+    for node in release.nodes:
+        status = pending(node.node_key, "app").model_copy(
+            update={"state": NodeState.SUCCESS, "current_version": version}
+        )
+        assert await store.put_node(status, expected_revision=0) is not None
+
+
+async def test_approval_gate_holds_the_next_batch_until_approved(store: Store, tmp_path: Path) -> None:
+    """After batch 1 the release waits for approval, dispatching nothing; ReleaseApproved lets it finish."""
+    script = Script()
+    release = plan(4, Strategy(batches=[2], max_parallel=2, approval_after_batches=[1]))
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(
+            lambda: _is(state_of(store, release.release_id), ReleaseState.AWAITING_APPROVAL), "approval is awaited"
+        )
+        await bus.idle()
+        assert sorted(script.order) == ["fake/host-00/app", "fake/host-01/app"]
+        assert [event.batch for event in of_type(bus, Topic.RELEASES, ReleaseAwaitingApproval)] == [0]  # type: ignore[attr-defined]
+        await bus.publish(ReleaseApproved(release_id=release.release_id, actor="alice"))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+    assert len(script.order) == 4
+
+
+async def test_pause_stops_dispatch_and_resume_continues(store: Store, tmp_path: Path) -> None:
+    """Paused mid-batch: the in-flight node finishes, no other starts; after resume the release completes."""
+    gate = asyncio.Event()
+    script = Script(behaviour={"fake/host-00/app": "hang"}, release=gate)
+    release = plan(3, Strategy(batches=["100%"], max_parallel=1))
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: script.in_flight == 1, "the first node is in flight")
+        await bus.publish(ReleasePaused(release_id=release.release_id, actor="alice", reason="metrics look odd"))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.PAUSED), "the pause")
+        gate.set()
+        await until(lambda: script.in_flight == 0, "the in-flight node finishes")
+        await bus.idle()
+        assert script.order == ["fake/host-00/app"]
+        counts = await store.count_release_nodes(release.release_id)
+        assert (counts[ItemState.SUCCEEDED], counts[ItemState.QUEUED]) == (1, 2)
+        await bus.publish(ReleaseResumed(release_id=release.release_id, actor="alice"))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+    assert len(script.order) == 3
+
+
+async def test_abort_with_nodes_in_flight_lets_them_finish_and_dispatches_nothing_more(
+    store: Store, tmp_path: Path
+) -> None:
+    """Abort: the release is halted at once with the reason; in-flight nodes still report; queued ones never go."""
+    gate = asyncio.Event()
+    script = Script(behaviour={"fake/host-00/app": "hang", "fake/host-01/app": "hang"}, release=gate)
+    release = plan(5, Strategy(batches=["100%"], max_parallel=2))
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: script.in_flight == 2, "two nodes are in flight")
+        await bus.publish(ReleaseAborted(release_id=release.release_id, actor="bob", reason="wrong build"))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.ABORTED), "the abort")
+        gate.set()
+        await until(lambda: script.in_flight == 0, "the in-flight nodes finish")
+        await bus.idle()
+    assert sorted(script.order) == ["fake/host-00/app", "fake/host-01/app"]
+    counts = await store.count_release_nodes(release.release_id)
+    assert (counts[ItemState.SUCCEEDED], counts[ItemState.QUEUED]) == (2, 3)
+    halted = of_type(bus, Topic.RELEASES, ReleaseHalted)
+    assert [event.reason for event in halted] == ["aborted by bob: wrong build"]  # type: ignore[attr-defined]
+
+
+async def test_pause_between_batches_is_a_durable_timer(store: Store, tmp_path: Path) -> None:
+    """The next batch starts no sooner than the pause after the previous one ended, from a timer in the store."""
+    script = Script()
+    release = plan(2, Strategy(batches=[1], pause_between_batches_s=0.4))
+    async with reactor(store, script, tmp_path) as bus:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.WAITING), "the pause")
+        record = await store.get_release(release.release_id)
+        assert record is not None
+        assert record.resume_at is not None
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+        assert loop.time() - started >= 0.4
+    kinds = [type(event).__name__ for event in bus.events(Topic.RELEASES)]
+    assert kinds[1:] == ["BatchStarted", "BatchCompleted", "BatchStarted", "BatchCompleted", "ReleaseCompleted"]
+
+
+async def test_node_without_outcome_fails_by_deadline_and_the_policy_applies(store: Store, tmp_path: Path) -> None:
+    """A node whose worker never answers is failed by the pacer with step `deadline`; budget 0 halts."""
+    script = Script(behaviour={"fake/host-00/app": "hang"}, release=asyncio.Event())
+    release = plan(2, Strategy(batches=["100%"], max_parallel=1, node_deadline_s=0.3, auto_rollback="none"))
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.HALTED), "the halt")
+        failures = of_type(bus, Topic.OUTCOMES, NodeFailed)
+        assert [(event.node_key, event.step) for event in failures] == [("fake/host-00/app", "deadline")]  # type: ignore[attr-defined]
+        assert script.release is not None
+        script.release.set()
+    counts = await store.count_release_nodes(release.release_id)
+    assert (counts[ItemState.FAILED], counts[ItemState.QUEUED]) == (1, 1)
+
+
+async def test_spent_budget_with_release_policy_rolls_back_every_deployed_node_newest_first(
+    store: Store, tmp_path: Path
+) -> None:
+    """Policy `release`: a failure in batch 2 rolls back batch 2's and batch 1's deployed nodes, newest first."""
+    script = Script(behaviour={"fake/host-03/app": "fail"})
+    release = plan(4, Strategy(batches=[2], max_parallel=1, auto_rollback=AutoRollback.RELEASE))
+    await seed_running(store, release)
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.ROLLED_BACK), "the release rollback")
+        await bus.idle()
+    release_rollbacks = [
+        event.node_key  # type: ignore[attr-defined]
+        for event in of_type(bus, Topic.COMMANDS, RollbackRequested)
+        if event.reason.startswith("release rollback")  # type: ignore[attr-defined]
+    ]
+    assert release_rollbacks == ["fake/host-02/app", "fake/host-01/app", "fake/host-00/app"]
+    for index in range(4):
+        node = await store.get_node(f"fake/host-{index:02d}/app")
+        assert node is not None
+        assert (node.state, node.current_version) == (NodeState.ROLLED_BACK, "1.0.0")
+    [done] = of_type(bus, Topic.RELEASES, ReleaseRolledBack)
+    assert (done.rolled_back, done.failed) == (3, 0)  # type: ignore[attr-defined]
+
+
+async def test_rollback_command_after_completion_returns_every_node(store: Store, tmp_path: Path) -> None:
+    """A completed release rolled back on request: every node returns to its previous version."""
+    script = Script()
+    release = plan(3, Strategy(batches=["100%"], max_parallel=3))
+    await seed_running(store, release)
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+        await bus.publish(ReleaseRollbackRequested(release_id=release.release_id, actor="carol", reason="bad metrics"))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.ROLLED_BACK), "the rollback")
+    nodes = await store.list_nodes()
+    assert {(node.state, node.current_version) for node in nodes} == {(NodeState.ROLLED_BACK, "1.0.0")}
+
+
+async def test_pacer_stopped_during_a_pause_is_replaced_and_dispatches_each_node_once(
+    store: Store, tmp_path: Path
+) -> None:
+    """The pause timer lives in the store: a new pacer on a new bus fires it; every node is deployed once."""
+    script = Script()
+    release = plan(3, Strategy(batches=[1], pause_between_batches_s=0.3))
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.WAITING), "the first pause")
+    async with reactor(store, script, tmp_path) as second_bus:
+        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 15)
+    assert sorted(script.calls.elements()) == [f"deploy:fake/host-{index:02d}/app" for index in range(3)]
+    deploys = [event for event in second_bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
+    assert len({event.event_id for event in deploys}) == 2
+    started = [event for event in second_bus.events(Topic.RELEASES) if isinstance(event, BatchStarted)]
+    completed = [event for event in second_bus.events(Topic.RELEASES) if isinstance(event, BatchCompleted)]
+    # The second pacer reports the batch it started and finished; batch 0 was reported by the first one.
+    assert ([event.batch for event in started], [event.batch for event in completed]) == ([1, 2], [1, 2])
+
+
+async def _is(value: object, expected: object) -> bool:
+    if asyncio.iscoroutine(value):
+        value = await value
+    return value == expected
