@@ -11,12 +11,14 @@ from contextlib import asynccontextmanager
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.domain.pacer import ReleaseState
 from reactor.errors import ReactorError
-from reactor.events import Event, Topic
+from reactor.events import Event, ReleaseEvent, Topic
 from reactor.ports import ExecutorFactory
 from reactor.runtime import Backends, Role, open_backends, run_roles
 from reactor.settings import Settings
 
 Observer = Callable[[Event], None]
+# States in which a release goes on by itself (outcomes, timers, rollbacks) without anyone's command.
+_MOVING = frozenset({ReleaseState.RUNNING, ReleaseState.WAITING, ReleaseState.ROLLING_BACK})
 
 
 class Session:
@@ -34,6 +36,15 @@ class Session:
     async def settle(self, timeout_s: float = 600.0) -> None:
         """Wait until no event is waiting and no handler is running."""
         await self.bus.idle(timeout_s)
+
+    async def settle_release(self, release_id: str, timeout_s: float = 3600.0) -> None:
+        """Wait until the release needs a human or is over: timers and deadlines fire meanwhile."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                await self.settle(timeout_s)
+                if await self.release_state(release_id) not in _MOVING:
+                    return
+                await asyncio.sleep(0.05)
 
     async def release_state(self, release_id: str) -> ReleaseState | None:
         """Where a release is, per the store."""
@@ -94,6 +105,8 @@ async def submit_and_follow(
     if settings.mode == "embedded":
         async with embedded(settings, observer=observer) as session:
             await session.submit(event)
+            if isinstance(event, ReleaseEvent):
+                await session.settle_release(event.release_id, timeout_s)
         return
     async with open_backends(settings) as backends:
         if not follow:

@@ -23,6 +23,7 @@ from reactor.adapters.mongo_store import MongoStore
 from reactor.cli.report import Reporter, node_table
 from reactor.codec import describe_validation_error
 from reactor.domain.pacer import ItemState, ReleaseState
+from reactor.domain.planner import failure_budget, plan_batches
 from reactor.domain.replay import Filter
 from reactor.errors import InvalidInput, ReactorError
 from reactor.events import (
@@ -33,9 +34,15 @@ from reactor.events import (
     NodeEvent,
     NodeRolledBack,
     Package,
+    ReleaseAborted,
+    ReleaseApproved,
     ReleaseCompleted,
+    ReleaseEvent,
     ReleaseHalted,
+    ReleasePaused,
     ReleaseRequested,
+    ReleaseResumed,
+    ReleaseRollbackRequested,
     RollbackRequested,
     utc_now,
 )
@@ -58,6 +65,8 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPED_WID
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 T = TypeVar("T")
 EXIT_INVALID = 2
+# Release states that mean it did not do what it was asked: `submit` exits 1 on them.
+_FAILED_RELEASE = frozenset({ReleaseState.HALTED, ReleaseState.ABORTED, ReleaseState.ROLLED_BACK})
 
 
 def _settings(log_level: str = "warning") -> Settings:
@@ -144,8 +153,104 @@ def release_submit(
         out.print(f"release {plan.release_id} submitted; follow it with `reactor release status {plan.release_id}`")
         return
     out.print(f"release {plan.release_id}: {state.value if state else 'unknown'}")
-    if state != ReleaseState.COMPLETED:
+    if state in _FAILED_RELEASE or state is None:
         raise typer.Exit(1)
+
+
+@release_app.command("plan")
+def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file (YAML or JSON).")]) -> None:
+    """Validate a release file and print its batches and gates, without running anything."""
+    _settings()
+    try:
+        plan = load_plan(file)
+        batches = plan_batches(plan.nodes, plan.strategy)
+    except InvalidInput as exc:
+        err.print(f"[red]invalid release file[/] {file}: {exc.field}: {exc.rule}", markup=True)
+        raise typer.Exit(EXIT_INVALID) from exc
+    strategy = plan.strategy
+    labels = {node.node_key: node.labels for node in plan.nodes}
+    out.print(
+        f"[bold]{plan.release_id}[/]: {plan.service} {plan.version} to {len(plan.nodes)} nodes in {len(batches)}"
+        f" batches; max_parallel {strategy.max_parallel}; failure budget"
+        f" {failure_budget(strategy.failure_budget, len(plan.nodes))} of the release"
+        + (f", {strategy.batch_failure_budget} per batch" if strategy.batch_failure_budget is not None else "")
+        + f"; auto_rollback {strategy.auto_rollback.value}"
+        + (f"; node deadline {strategy.node_deadline_s:g}s" if strategy.node_deadline_s else "")
+    )
+    table = Table(title="Batches")
+    for column in ("batch", "nodes", "spread", "after it"):
+        table.add_column(column)
+    for index, batch in enumerate(batches):
+        label = strategy.spread_by
+        spread = ", ".join(sorted({labels[key].get(label, "-") for key in batch})) if label is not None else "-"
+        gates = []
+        if index + 1 < len(batches):
+            if strategy.approval_every_batch or index + 1 in strategy.approval_after_batches:
+                gates.append("approval")
+            elif strategy.pause_between_batches_s:
+                gates.append(f"pause {strategy.pause_between_batches_s:g}s")
+        table.add_row(str(index + 1), " ".join(batch), spread, ", ".join(gates) or "-")
+    out.print(table)
+
+
+def _release_command(event: ReleaseEvent) -> None:
+    """Publish a release command; in embedded mode, run the release on from the store until it waits again."""
+    settings = _settings()
+
+    def settled(seen: Event) -> bool:
+        return isinstance(seen, ReleaseEvent) and seen.release_id == event.release_id and seen is not event
+
+    async def send() -> ReleaseState | None:
+        with Reporter(out, live=False) as reporter:
+            await submit_and_follow(
+                settings, event, observer=reporter, finished=settled, follow=settings.mode == "embedded"
+            )
+        async with open_backends(settings) as backends:
+            record = await backends.store.get_release(event.release_id)
+            return None if record is None else record.state
+
+    state = _run(send())
+    if state is None:
+        err.print(f"no release {event.release_id}")
+        raise typer.Exit(1)
+    out.print(f"release {event.release_id}: {state.value}")
+    if state in _FAILED_RELEASE and not isinstance(event, ReleaseAborted | ReleaseRollbackRequested):
+        raise typer.Exit(1)
+
+
+ReleaseIdArgument = Annotated[str, typer.Argument(help="Release id.")]
+ReasonOption = Annotated[str, typer.Option(help="Why, for the audit trail.")]
+ActorOption = Annotated[str, typer.Option(help="Who asks, for the audit trail.")]
+
+
+@release_app.command("approve")
+def release_approve(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
+    """Let a release waiting for approval start its next batch."""
+    _release_command(ReleaseApproved(release_id=release_id, reason=reason, actor=actor))
+
+
+@release_app.command("pause")
+def release_pause(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
+    """Stop dispatching new nodes (in-flight ones finish) until resumed."""
+    _release_command(ReleasePaused(release_id=release_id, reason=reason, actor=actor))
+
+
+@release_app.command("resume")
+def release_resume(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
+    """Dispatch again after a pause."""
+    _release_command(ReleaseResumed(release_id=release_id, reason=reason, actor=actor))
+
+
+@release_app.command("abort")
+def release_abort(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
+    """Dispatch nothing more for this release (in-flight nodes finish)."""
+    _release_command(ReleaseAborted(release_id=release_id, reason=reason, actor=actor))
+
+
+@release_app.command("rollback")
+def release_rollback(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
+    """Roll back every node the release deployed, newest batch first."""
+    _release_command(ReleaseRollbackRequested(release_id=release_id, reason=reason, actor=actor))
 
 
 @release_app.command("status")

@@ -142,3 +142,33 @@ def test_standalone_worker_refuses_embedded_mode(tmp_path: Path) -> None:
     result = reactor("worker", "--role", "executor", state=tmp_path)
     assert result.returncode == 2
     assert "shared bus" in result.stderr
+
+
+def test_release_waits_for_approval_across_processes_then_approve_finishes_it(tmp_path: Path) -> None:
+    """`plan` shows the gate; `submit` stops at it (exit 0); `status` says so; `approve` in a new process finishes."""
+    dist = tmp_path / "dist"
+    package = build_package(dist, "1.0.0")
+    ports = dict(zip(("node-1", "node-2"), free_ports(2), strict=True))
+    plan = release_plan("gated-1", package, ports)
+    gated = plan.model_copy(
+        update={"strategy": plan.strategy.model_copy(update={"batches": [1], "approval_after_batches": [1]})}
+    )
+    state = tmp_path / "state"
+    try:
+        plan_file = write_plan(tmp_path / "gated.yaml", gated)
+        shown = reactor("release", "plan", str(plan_file), state=state)
+        assert shown.returncode == 0, shown.stderr
+        assert "approval" in shown.stdout
+        assert not (state / "reactor.db").exists()
+
+        submitted = reactor("release", "submit", str(plan_file), state=state)
+        assert submitted.returncode == 0, submitted.stderr
+        assert "release gated-1: awaiting_approval" in submitted.stdout
+        assert (served_version(ports["node-1"]), served_version(ports["node-2"])) == ("1.0.0", None)
+
+        approved = reactor("release", "approve", "gated-1", "--actor", "alice", state=state)
+        assert approved.returncode == 0, approved.stderr
+        assert "release gated-1: completed" in approved.stdout
+        assert served_version(ports["node-2"]) == "1.0.0"
+    finally:
+        stop_all(state / "nodes")
