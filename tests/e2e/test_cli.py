@@ -172,3 +172,19 @@ def test_release_waits_for_approval_across_processes_then_approve_finishes_it(tm
         assert served_version(ports["node-2"]) == "1.0.0"
     finally:
         stop_all(state / "nodes")
+
+
+def test_readme_release_file_example_is_a_valid_plan(tmp_path: Path) -> None:
+    """The release file shown in the README validates and plans as its comments say."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## A release file") :]
+    example = section[section.index("```yaml") + len("```yaml") : section.index("```", section.index("```yaml") + 7)]
+    path = tmp_path / "readme.yaml"
+    path.write_text(example.replace("5f0c…", "5f0c" + "0" * 60))
+    result = reactor("release", "plan", str(path), state=tmp_path / "state")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "local/node-" in line]
+    assert [row.split("│")[2].split() for row in rows] == [
+        ["local/node-1/hello"],
+        ["local/node-2/hello", "local/node-3/hello"],
+    ]
