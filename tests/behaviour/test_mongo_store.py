@@ -35,7 +35,7 @@ CONTENDERS = 20
 @pytest.fixture
 async def mongo(mongo_url: str, mongo_database: str) -> AsyncIterator[MongoStore]:
     """A MongoStore on a fresh database."""
-    async with MongoStore(mongo_url, database=mongo_database, timeout_s=5.0) as opened:
+    async with MongoStore(mongo_url, database=mongo_database) as opened:
         yield opened
 
 

@@ -91,10 +91,12 @@ def workers(kafka_bootstrap: str, mongo_url: str, mongo_database: str, tmp_path:
     group.stop_all()
 
 
+@pytest.mark.parametrize("moment", ["during a batch", "during a pause"])
 async def test_sigkilled_worker_mid_release_leaves_every_node_final_exactly_once(
-    workers: Workers, kafka_bootstrap: str, mongo_url: str, mongo_database: str
+    workers: Workers, kafka_bootstrap: str, mongo_url: str, mongo_database: str, moment: str
 ) -> None:
-    """200 nodes, two workers, one SIGKILLed midway: each node gets one outcome id, none is stuck, one completion."""
+    """200 nodes, two workers (every role), one SIGKILLed during a batch or during the pause between batches:
+    each node gets one outcome id, none is stuck, one completion; the pause timer survives in the store."""
     prefix = workers.env["REACTOR_TOPIC_PREFIX"]
     async with (
         KafkaBus(kafka_bootstrap, prefix=prefix) as bus,
@@ -110,20 +112,31 @@ async def test_sigkilled_worker_mid_release_leaves_every_node_final_exactly_once
             version="3.0.0",
             package=PACKAGE,
             nodes=[NodeTarget(node_key=f"noop/host-{index:03d}/app") for index in range(NODES)],
-            strategy=Strategy(batches=["50%"], max_parallel=10, failure_budget=0),
+            strategy=Strategy(
+                batches=["50%"],
+                max_parallel=10,
+                failure_budget=0,
+                pause_between_batches_s=4.0 if moment == "during a pause" else 0.0,
+            ),
         )
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="test"))
 
         async with asyncio.timeout(120):
-            while sum(node.state == NodeState.SUCCESS for node in await store.list_nodes()) < NODES // 3:
-                await asyncio.sleep(0.1)
+            if moment == "during a batch":
+                while sum(node.state == NodeState.SUCCESS for node in await store.list_nodes()) < NODES // 3:
+                    await asyncio.sleep(0.1)
+            else:
+                while (record := await store.get_release(release.release_id)) is None or (
+                    record.state != ReleaseState.WAITING
+                ):
+                    await asyncio.sleep(0.1)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
 
         async with asyncio.timeout(180):
             while True:
                 record = await store.get_release(release.release_id)
-                if record is not None and record.state != ReleaseState.RUNNING:
+                if record is not None and record.state not in {ReleaseState.RUNNING, ReleaseState.WAITING}:
                     break
                 await asyncio.sleep(0.2)
         assert record.state == ReleaseState.COMPLETED, record.reason
