@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=1800.0, gt=0)
     resend_after_s: float = Field(default=60.0, gt=0)
     timer_tick_s: float = Field(default=1.0, gt=0)
+    concurrent_releases: Literal["queue", "refuse"] = "queue"
     stop_timeout_s: float = Field(default=10.0, gt=0)
     noop_delay_s: float = Field(default=0.0, ge=0, le=3600)
     physical_driver: Literal["ssh", "ansible"] = "ssh"

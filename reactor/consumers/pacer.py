@@ -18,6 +18,7 @@ import structlog
 
 from reactor.domain.pacer import (
     ACTIVE,
+    FINAL,
     LIVE,
     AwaitApproval,
     BatchCounts,
@@ -81,10 +82,19 @@ class _Turns:
 class Pacer:
     """Handles the releases topic and the node outcomes that belong to a release."""
 
-    def __init__(self, store: Store, bus: EventBus, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        concurrent_releases: str = "queue",
+    ) -> None:
         self.store = store
         self.bus = bus
         self.clock = clock
+        # One active release per service: a second one waits its turn ("queue") or is refused ("refuse").
+        self.concurrent_releases = concurrent_releases
         self._turns: defaultdict[str, _Turns] = defaultdict(_Turns)
 
     async def handle(self, event: Event) -> None:
@@ -124,7 +134,11 @@ class Pacer:
     async def tick(self) -> None:
         """Fire what is due: pauses that ended, nodes past their deadline."""
         now = self.clock()
-        for record in await self.store.list_releases():
+        releases = await self.store.list_releases()
+        for record in releases:
+            if record.state == ReleaseState.QUEUED:
+                await self._promote(record.plan.service)
+        for record in releases:
             if record.state not in ACTIVE:
                 continue
             deadline = record.plan.strategy.node_deadline_s
@@ -209,12 +223,49 @@ class Pacer:
                     )
                 ]
             )
-            if await self.store.put_release(record, expected_revision=0) is not None:
+            saved = await self.store.put_release(record, expected_revision=0)
+            if saved is not None:
                 log.info("release planned", batches=record.batch_sizes, budget=record.budget)
-                await self._publish_batch_started(record, 0)
+                busy = await self._active_release_of(saved.plan.service, besides=saved.release_id)
+                if busy is None:
+                    await self._publish_batch_started(saved, 0)
+                elif self.concurrent_releases == "refuse":
+                    refused = await self._save(
+                        saved, state=ReleaseState.HALTED, reason=f"refused: release {busy} of {plan.service} is active"
+                    )
+                    await self._publish_halted(refused)
+                    return
+                else:
+                    await self._save(saved, state=ReleaseState.QUEUED, reason=f"queued behind release {busy}")
+                    log.info("release queued", behind=busy)
+                    return
         else:
             log.info("release already known; resuming it")
         await self._advance(request.release_id)
+
+    async def _active_release_of(self, service: str, *, besides: str) -> str | None:
+        """The id of another active release of `service`, if there is one."""
+        for other in await self.store.list_releases():
+            if other.release_id != besides and other.plan.service == service and other.state in ACTIVE:
+                return other.release_id
+        return None
+
+    async def _promote(self, service: str) -> None:
+        """Start the oldest queued release of `service` once no other release of it is active."""
+        releases = await self.store.list_releases()
+        if any(other.plan.service == service and other.state in ACTIVE for other in releases):
+            return
+        queued = [other for other in releases if other.plan.service == service and other.state == ReleaseState.QUEUED]
+        if not queued:
+            return
+        oldest = min(queued, key=lambda other: other.created_at)
+        try:
+            started = await self._save(oldest, state=ReleaseState.RUNNING, reason="")
+        except ConflictError:
+            return  # another pacer promoted it first
+        log.info("queued release starts", release_id=started.release_id)
+        await self._publish_batch_started(started, 0)
+        await self._advance(started.release_id)
 
     async def _count(
         self, release_id: str, node_key: str, from_state: ItemState, to_state: ItemState, outcome: str
@@ -277,8 +328,11 @@ class Pacer:
             covered = turn.requested
             await self._advance_once(release_id)
             turn.completed = covered
+        record = await self.store.get_release(release_id)
+        if record is not None and record.state in FINAL:
+            await self._promote(record.plan.service)
 
-    async def _advance_once(self, release_id: str) -> None:
+    async def _advance_once(self, release_id: str) -> None:  # noqa: PLR0912 (one branch per kind of decision)
         """One pass of pacing decisions, until the release must wait."""
         while True:
             record = await self.store.get_release(release_id)

@@ -10,8 +10,9 @@ from reactor.events import Model
 
 
 class ReleaseState(StrEnum):
-    """Where a release is. The first four are live; the rest are final or (rolling_back) winding down."""
+    """Where a release is: queued behind another release of its service, live, winding down, or over."""
 
+    QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"
     WAITING = "waiting"
@@ -25,6 +26,7 @@ class ReleaseState(StrEnum):
 
 LIVE = frozenset({ReleaseState.RUNNING, ReleaseState.PAUSED, ReleaseState.WAITING, ReleaseState.AWAITING_APPROVAL})
 ACTIVE = LIVE | {ReleaseState.ROLLING_BACK}
+FINAL = frozenset({ReleaseState.COMPLETED, ReleaseState.HALTED, ReleaseState.ABORTED, ReleaseState.ROLLED_BACK})
 
 
 class ItemState(StrEnum):

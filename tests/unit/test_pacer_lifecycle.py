@@ -269,3 +269,56 @@ async def _is(value: object, expected: object) -> bool:
     if asyncio.iscoroutine(value):
         value = await value
     return value == expected
+
+
+async def test_second_release_of_a_service_queues_until_the_first_ends(store: Store, tmp_path: Path) -> None:
+    """One active release per service: the second waits in `queued`, then runs once the first completes."""
+    gate = asyncio.Event()
+    script = Script(behaviour={"fake/host-00/app": "hang"}, release=gate)
+    first = plan(2, Strategy(batches=["100%"], max_parallel=2), release_id="app-2")
+    second = plan(2, Strategy(batches=["100%"], max_parallel=2), release_id="app-3")
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=first.release_id, plan=first))
+        await until(lambda: script.in_flight == 1, "the first release is deploying")
+        await bus.publish(ReleaseRequested(release_id=second.release_id, plan=second))
+        await until(lambda: _is(state_of(store, second.release_id), ReleaseState.QUEUED), "the second is queued")
+        assert script.calls["deploy:fake/host-00/app"] == 1
+        gate.set()
+        await until(lambda: _is(state_of(store, second.release_id), ReleaseState.COMPLETED), "the second completes")
+        assert await state_of(store, first.release_id) == ReleaseState.COMPLETED
+    started = [event.release_id for event in bus.events(Topic.RELEASES) if isinstance(event, BatchStarted)]
+    assert started == ["app-2", "app-3"]
+
+
+async def test_second_release_of_a_service_is_refused_when_so_configured(store: Store, tmp_path: Path) -> None:
+    """With concurrent_releases=refuse the second release halts at once, naming the active one."""
+    gate = asyncio.Event()
+    script = Script(behaviour={"fake/host-00/app": "hang"}, release=gate)
+    first = plan(1, Strategy(), release_id="app-2")
+    second = plan(1, Strategy(), release_id="app-3")
+    bus = MemoryBus(retry_delay_s=0.01)
+    started = asyncio.Event()
+    settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, concurrent_releases="refuse")
+    task = asyncio.create_task(
+        run_roles(
+            Backends(bus=bus, store=store, memory_bus=bus),
+            settings,
+            {Role.ALL},
+            factories={"fake": scripted(script)},
+            started=started,
+        )
+    )
+    await started.wait()
+    try:
+        await bus.publish(ReleaseRequested(release_id=first.release_id, plan=first))
+        await until(lambda: script.in_flight == 1, "the first release is deploying")
+        await bus.publish(ReleaseRequested(release_id=second.release_id, plan=second))
+        await until(lambda: _is(state_of(store, second.release_id), ReleaseState.HALTED), "the refusal")
+        record = await store.get_release(second.release_id)
+        assert record is not None
+        assert record.reason == "refused: release app-2 of app is active"
+        gate.set()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
