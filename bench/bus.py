@@ -148,7 +148,7 @@ def backends() -> Iterator[tuple[str, str]]:
 @contextlib.asynccontextmanager
 async def distributed(bootstrap: str, mongo: str) -> AsyncIterator[tuple[KafkaBus, MongoStore]]:
     async with (
-        KafkaBus(bootstrap, prefix=f"bench{uuid.uuid4().hex[:6]}.", concurrency=512, max_buffered=4000) as bus,
+        KafkaBus(bootstrap, prefix=f"bench{uuid.uuid4().hex[:6]}.", concurrency=64, max_buffered=2000) as bus,
         MongoStore(mongo, database=f"bench_{uuid.uuid4().hex[:8]}") as store,
     ):
         await bus.create_topics(partitions=6)
