@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +174,42 @@ async def test_status_probes_the_process_and_reports_drift(root: Path, packages:
     drifted = await node.executor(None).status()
     assert drifted.state == NodeState.FAILED
     assert "1.0.0 should run but nothing does" in drifted.last_error
+
+
+async def test_package_fetched_over_http_is_verified_and_deployed(
+    root: Path, packages: dict[str, BuiltPackage]
+) -> None:
+    """An http:// package URL (a server on loopback) is downloaded, checked against its SHA256 and deployed."""
+    directory = packages["1.0.0"].path.parent
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{packages['1.0.0'].path.name}"
+        remote = BuiltPackage(version="1.0.0", path=packages["1.0.0"].path, sha256=packages["1.0.0"].sha256)
+        node = Node(root)
+        status = await LocalExecutor(
+            ExecutionContext(
+                node_key=NODE,
+                service="hello",
+                host="box-1",
+                current=node.status,
+                target_version="1.0.0",
+                package=Package(url=url, sha256=remote.sha256),
+                port=node.port,
+                health=HealthCheck(timeout_s=5),
+                settings=ExecutorSettings(local_root=root, stop_timeout_s=5),
+            )
+        ).deploy()
+        assert status.state == NodeState.SUCCESS, status.last_error
+        assert node.served() == "1.0.0"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        return None
