@@ -8,6 +8,7 @@ from typing import Self
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from reactor.domain.status import NodeStatus
 from reactor.events import (
@@ -74,7 +75,7 @@ def node_table(nodes: list[NodeStatus], title: str = "Nodes") -> Table:
     for node in nodes:
         table.add_row(
             node.node_key,
-            f"[{STATE_STYLE.get(node.state.value, '')}]{node.state.value}[/]",
+            Text(node.state.value, style=STATE_STYLE.get(node.state.value, "")),
             node.current_version or "-",
             node.prev_version or "-",
             node.deploying_version or "-",
@@ -127,5 +128,5 @@ class Reporter:
         table.add_column("state")
         table.add_column("version")
         for key, (state, version) in sorted(self._rows.items()):
-            table.add_row(key, f"[{STATE_STYLE.get(state, '')}]{state}[/]", version)
+            table.add_row(key, Text(state, style=STATE_STYLE.get(state, "")), version)
         return table
