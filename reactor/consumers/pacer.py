@@ -69,6 +69,8 @@ from reactor.ports import EventBus, ReleaseNode, ReleaseRecord, Store
 
 log = structlog.get_logger(__name__)
 
+_FAN_OUT = 32
+
 
 @dataclass
 class _Turns:
@@ -96,6 +98,8 @@ class Pacer:
         # One active release per service: a second one waits its turn ("queue") or is refused ("refuse").
         self.concurrent_releases = concurrent_releases
         self._turns: defaultdict[str, _Turns] = defaultdict(_Turns)
+        # Dispatching a whole window at once must not open a store call per node all at the same time.
+        self._fan_out = asyncio.Semaphore(_FAN_OUT)
 
     async def handle(self, event: Event) -> None:
         """Start a release, apply a release command, or count a node's outcome and dispatch what may go next."""
@@ -441,14 +445,16 @@ class Pacer:
         now = self.clock()
 
         async def dispatch(node: ReleaseNode) -> None:
-            if await self.store.move_release_node(
-                record.release_id,
-                node.node_key,
-                from_states=[ItemState.QUEUED],
-                to_state=ItemState.DISPATCHED,
-                dispatched_at=now,
-            ):
-                await self.bus.publish(self._deploy_request(record, node))
+            async with self._fan_out:
+                moved = await self.store.move_release_node(
+                    record.release_id,
+                    node.node_key,
+                    from_states=[ItemState.QUEUED],
+                    to_state=ItemState.DISPATCHED,
+                    dispatched_at=now,
+                )
+                if moved:
+                    await self.bus.publish(self._deploy_request(record, node))
 
         await asyncio.gather(*(dispatch(node) for node in queued))
 
@@ -458,14 +464,16 @@ class Pacer:
         now = self.clock()
 
         async def dispatch(node: ReleaseNode) -> None:
-            if await self.store.move_release_node(
-                record.release_id,
-                node.node_key,
-                from_states=[ItemState.SUCCEEDED],
-                to_state=ItemState.ROLLBACK_DISPATCHED,
-                dispatched_at=now,
-            ):
-                await self.bus.publish(self._rollback_request(record, node))
+            async with self._fan_out:
+                moved = await self.store.move_release_node(
+                    record.release_id,
+                    node.node_key,
+                    from_states=[ItemState.SUCCEEDED],
+                    to_state=ItemState.ROLLBACK_DISPATCHED,
+                    dispatched_at=now,
+                )
+                if moved:
+                    await self.bus.publish(self._rollback_request(record, node))
 
         await asyncio.gather(*(dispatch(node) for node in newest_first))
 
