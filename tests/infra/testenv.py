@@ -674,6 +674,20 @@ COMPONENTS: dict[str, Component] = {
         ensure_ferretdb,
         start_ferretdb,
     ),
+    # Imported on use: tests/infra/fleet.py imports this module. Hosts: $REACTOR_FLEET_HOSTS (`up --hosts N`).
+    "fleet": Component(
+        "fleet",
+        "N Debian hosts with real systemd in systemd-nspawn on a bridge, plus a package server (root)",
+        lambda: __import__("tests.infra.fleet", fromlist=["ensure_rootfs"]).ensure_rootfs(),
+        lambda workdir: __import__("tests.infra.fleet", fromlist=["start_fleet"]).start_fleet(workdir),
+    ),
+    # Imported on use: tests/infra/k8s.py imports this module. Built once from Go modules (slow the first time).
+    "k8s": Component(
+        "k8s",
+        "Kubernetes 1.34 control plane (apiserver, controller-manager, scheduler, etcd) with 2 kwok fake nodes",
+        lambda: __import__("tests.infra.k8s", fromlist=["ensure_k8s"]).ensure_k8s(),
+        lambda workdir: __import__("tests.infra.k8s", fromlist=["start_k8s"]).start_k8s(workdir),
+    ),
 }
 
 

@@ -1,0 +1,1 @@
+"""Tests against the test Kubernetes cluster (tests/infra/k8s.py)."""
