@@ -442,40 +442,34 @@ class Pacer:
         queued = await self.store.list_release_nodes(
             record.release_id, batch=record.batch, state=ItemState.QUEUED, limit=count
         )
-        now = self.clock()
-
-        async def dispatch(node: ReleaseNode) -> None:
-            async with self._fan_out:
-                moved = await self.store.move_release_node(
-                    record.release_id,
-                    node.node_key,
-                    from_states=[ItemState.QUEUED],
-                    to_state=ItemState.DISPATCHED,
-                    dispatched_at=now,
-                )
-                if moved:
-                    await self.bus.publish(self._deploy_request(record, node))
-
-        await asyncio.gather(*(dispatch(node) for node in queued))
+        await self._send(record, queued, ItemState.QUEUED, ItemState.DISPATCHED, self._deploy_request)
 
     async def _dispatch_rollbacks(self, record: ReleaseRecord, count: int) -> None:
         deployed = await self.store.list_release_nodes(record.release_id, state=ItemState.SUCCEEDED)
         newest_first = sorted(deployed, key=lambda node: node.position, reverse=True)[:count]
+        await self._send(
+            record, newest_first, ItemState.SUCCEEDED, ItemState.ROLLBACK_DISPATCHED, self._rollback_request
+        )
+
+    async def _send(
+        self,
+        record: ReleaseRecord,
+        nodes: list[ReleaseNode],
+        from_state: ItemState,
+        to_state: ItemState,
+        command: Callable[[ReleaseRecord, ReleaseNode], Event],
+    ) -> None:
+        """Record each node as sent (a CAS: a node is sent once) and publish its command."""
         now = self.clock()
 
-        async def dispatch(node: ReleaseNode) -> None:
+        async def send(node: ReleaseNode) -> None:
             async with self._fan_out:
-                moved = await self.store.move_release_node(
-                    record.release_id,
-                    node.node_key,
-                    from_states=[ItemState.SUCCEEDED],
-                    to_state=ItemState.ROLLBACK_DISPATCHED,
-                    dispatched_at=now,
-                )
-                if moved:
-                    await self.bus.publish(self._rollback_request(record, node))
+                if await self.store.move_release_node(
+                    record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
+                ):
+                    await self.bus.publish(command(record, node))
 
-        await asyncio.gather(*(dispatch(node) for node in newest_first))
+        await asyncio.gather(*(send(node) for node in nodes))
 
     async def _save(self, record: ReleaseRecord, **changes: object) -> ReleaseRecord:
         updated = record.model_copy(update={**changes, "updated_at": self.clock()})
