@@ -45,6 +45,8 @@ from tests.behaviour.test_mongo_store import closing_with_the_server_down
 from tests.conftest import fresh_kafka_bus
 from tests.fakes import Script, scripted
 from tests.infra import testenv
+from tests.support import equals
+from tests.support import until as poll_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -99,18 +101,8 @@ async def workers(
 
 
 async def until(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
-    """Poll an async or plain condition until it holds; fail naming `what` after `timeout_s`."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                result = condition()
-                if asyncio.iscoroutine(result):
-                    result = await result
-                if result:
-                    return
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout_s}s waiting until {what}")
+    """Like tests.support.until, with the longer wait real backends need."""
+    await poll_until(condition, what, timeout_s)
 
 
 async def release_state(store: Store, release_id: str) -> ReleaseState | None:
@@ -134,7 +126,7 @@ async def test_release_with_a_failing_node_halts_and_rolls_back_on_kafka_and_mon
     async with workers(kafka, mongo, tmp_path, {Role.ALL}, {"fake": scripted(script)}):
         await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: release_state(mongo, release.release_id), "the release is recorded")
-        await until(lambda: _is(release_state(mongo, release.release_id), ReleaseState.HALTED), "the release halts")
+        await until(lambda: equals(release_state(mongo, release.release_id), ReleaseState.HALTED), "the release halts")
         await until(lambda: script.calls["rollback:fake/host-03/app"] == 1, "the second failed node is rolled back")
     outcomes = await events(kafka, Topic.OUTCOMES)
     failed = sorted(event.node_key for event in outcomes if isinstance(event, NodeFailed))
@@ -193,7 +185,8 @@ async def test_two_executors_in_one_group_share_the_work_and_deploy_each_node_on
         async with workers(kafka, mongo, tmp_path / "pacer", {Role.PACER, Role.ROLLBACK}):
             await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release))
             await until(
-                lambda: _is(release_state(mongo, release.release_id), ReleaseState.COMPLETED), "the release completes"
+                lambda: equals(release_state(mongo, release.release_id), ReleaseState.COMPLETED),
+                "the release completes",
             )
     calls = first.calls + second.calls
     assert sorted(calls) == sorted(f"deploy:{node.node_key}" for node in release.nodes)
@@ -220,13 +213,13 @@ async def test_demo_scenario_with_real_processes_on_kafka_and_mongo(
                 await kafka.publish(ReleaseRequested(release_id=good.release_id, plan=good))
                 release_id = good.release_id
                 await until(
-                    lambda: _is(release_state(mongo, release_id), ReleaseState.COMPLETED),  # noqa: B023 (awaited here)
+                    lambda: equals(release_state(mongo, release_id), ReleaseState.COMPLETED),  # noqa: B023 (awaited here)
                     "completion",
                 )
                 assert {served_version(port) for port in ports.values()} == {version}
             bad = plans[2]
             await kafka.publish(ReleaseRequested(release_id=bad.release_id, plan=bad))
-            await until(lambda: _is(release_state(mongo, bad.release_id), ReleaseState.HALTED), "the halt")
+            await until(lambda: equals(release_state(mongo, bad.release_id), ReleaseState.HALTED), "the halt")
             await until(lambda: _node_state(mongo, "local/node-1/hello", NodeState.ROLLED_BACK), "the rollback")
             assert {served_version(port) for port in ports.values()} == {"1.1.0"}
     finally:
@@ -241,7 +234,7 @@ async def test_replay_rebuild_matches_live_status_and_reports_a_tampered_node(
     release = plan(3, Strategy(batches=["100%"], max_parallel=3, failure_budget=1, auto_rollback="none"))
     async with workers(kafka, mongo, tmp_path, {Role.ALL}, {"fake": scripted(script)}):
         await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="ci-pipeline"))
-        await until(lambda: _is(release_state(mongo, release.release_id), ReleaseState.COMPLETED), "completion")
+        await until(lambda: equals(release_state(mongo, release.release_id), ReleaseState.COMPLETED), "completion")
     env = {
         **os.environ,
         "REACTOR_MODE": "distributed",
@@ -315,12 +308,6 @@ def _get(url: str) -> tuple[int, str]:
 
 def pending_success(node_key: str) -> NodeStatus:
     return pending(node_key, "app").model_copy(update={"state": NodeState.SUCCESS, "current_version": "1.0.0"})
-
-
-async def _is(value: object, expected: object) -> bool:
-    if asyncio.iscoroutine(value):
-        value = await value
-    return value == expected
 
 
 async def _count_state(store: Store, state: NodeState, count: int) -> bool:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-
-import pytest
 
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.domain.pacer import ItemState, ReleaseState
@@ -41,6 +39,7 @@ from reactor.ports import Store
 from reactor.runtime import Backends, Role, run_roles
 from reactor.settings import Settings
 from tests.fakes import Script, scripted
+from tests.support import equals, until
 
 PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="c" * 64)
 
@@ -82,20 +81,6 @@ async def reactor(
             await task
 
 
-async def until(condition: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                result = condition()
-                if asyncio.iscoroutine(result):
-                    result = await result
-                if result:
-                    return
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout_s}s waiting until {what}")
-
-
 async def state_of(store: Store, release_id: str) -> ReleaseState | None:
     record = await store.get_release(release_id)
     return None if record is None else record.state
@@ -120,13 +105,13 @@ async def test_approval_gate_holds_the_next_batch_until_approved(store: Store, t
     async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(
-            lambda: _is(state_of(store, release.release_id), ReleaseState.AWAITING_APPROVAL), "approval is awaited"
+            lambda: equals(state_of(store, release.release_id), ReleaseState.AWAITING_APPROVAL), "approval is awaited"
         )
         await bus.idle()
         assert sorted(script.order) == ["fake/host-00/app", "fake/host-01/app"]
         assert [event.batch for event in of_type(bus, Topic.RELEASES, ReleaseAwaitingApproval)] == [0]  # type: ignore[attr-defined]
         await bus.publish(ReleaseApproved(release_id=release.release_id, actor="alice"))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
     assert len(script.order) == 4
 
 
@@ -139,7 +124,7 @@ async def test_pause_stops_dispatch_and_resume_continues(store: Store, tmp_path:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: script.in_flight == 1, "the first node is in flight")
         await bus.publish(ReleasePaused(release_id=release.release_id, actor="alice", reason="metrics look odd"))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.PAUSED), "the pause")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.PAUSED), "the pause")
         gate.set()
         await until(lambda: script.in_flight == 0, "the in-flight node finishes")
         await bus.idle()
@@ -147,7 +132,7 @@ async def test_pause_stops_dispatch_and_resume_continues(store: Store, tmp_path:
         counts = await store.count_release_nodes(release.release_id)
         assert (counts[ItemState.SUCCEEDED], counts[ItemState.QUEUED]) == (1, 2)
         await bus.publish(ReleaseResumed(release_id=release.release_id, actor="alice"))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
     assert len(script.order) == 3
 
 
@@ -162,7 +147,7 @@ async def test_abort_with_nodes_in_flight_lets_them_finish_and_dispatches_nothin
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: script.in_flight == 2, "two nodes are in flight")
         await bus.publish(ReleaseAborted(release_id=release.release_id, actor="bob", reason="wrong build"))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.ABORTED), "the abort")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.ABORTED), "the abort")
         gate.set()
         await until(lambda: script.in_flight == 0, "the in-flight nodes finish")
         await bus.idle()
@@ -181,11 +166,11 @@ async def test_pause_between_batches_is_a_durable_timer(store: Store, tmp_path: 
         loop = asyncio.get_running_loop()
         started = loop.time()
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.WAITING), "the pause")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.WAITING), "the pause")
         record = await store.get_release(release.release_id)
         assert record is not None
         assert record.resume_at is not None
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
         assert loop.time() - started >= 0.4
     kinds = [type(event).__name__ for event in bus.events(Topic.RELEASES)]
     assert kinds[1:] == ["BatchStarted", "BatchCompleted", "BatchStarted", "BatchCompleted", "ReleaseCompleted"]
@@ -197,7 +182,7 @@ async def test_node_without_outcome_fails_by_deadline_and_the_policy_applies(sto
     release = plan(2, Strategy(batches=["100%"], max_parallel=1, node_deadline_s=0.3, auto_rollback="none"))
     async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.HALTED), "the halt")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.HALTED), "the halt")
         failures = of_type(bus, Topic.OUTCOMES, NodeFailed)
         assert [(event.node_key, event.step) for event in failures] == [("fake/host-00/app", "deadline")]  # type: ignore[attr-defined]
         assert script.release is not None
@@ -215,7 +200,9 @@ async def test_spent_budget_with_release_policy_rolls_back_every_deployed_node_n
     await seed_running(store, release)
     async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.ROLLED_BACK), "the release rollback")
+        await until(
+            lambda: equals(state_of(store, release.release_id), ReleaseState.ROLLED_BACK), "the release rollback"
+        )
         await bus.idle()
     release_rollbacks = [
         event.node_key  # type: ignore[attr-defined]
@@ -238,9 +225,9 @@ async def test_rollback_command_after_completion_returns_every_node(store: Store
     await seed_running(store, release)
     async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
         await bus.publish(ReleaseRollbackRequested(release_id=release.release_id, actor="carol", reason="bad metrics"))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.ROLLED_BACK), "the rollback")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.ROLLED_BACK), "the rollback")
     nodes = await store.list_nodes()
     assert {(node.state, node.current_version) for node in nodes} == {(NodeState.ROLLED_BACK, "1.0.0")}
 
@@ -253,9 +240,9 @@ async def test_pacer_stopped_during_a_pause_is_replaced_and_dispatches_each_node
     release = plan(3, Strategy(batches=[1], pause_between_batches_s=0.3))
     async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.WAITING), "the first pause")
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.WAITING), "the first pause")
     async with reactor(store, script, tmp_path) as second_bus:
-        await until(lambda: _is(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 15)
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 15)
     assert sorted(script.calls.elements()) == [f"deploy:fake/host-{index:02d}/app" for index in range(3)]
     deploys = [event for event in second_bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
     assert len({event.event_id for event in deploys}) == 2
@@ -263,12 +250,6 @@ async def test_pacer_stopped_during_a_pause_is_replaced_and_dispatches_each_node
     completed = [event for event in second_bus.events(Topic.RELEASES) if isinstance(event, BatchCompleted)]
     # The second pacer reports the batch it started and finished; batch 0 was reported by the first one.
     assert ([event.batch for event in started], [event.batch for event in completed]) == ([1, 2], [1, 2])
-
-
-async def _is(value: object, expected: object) -> bool:
-    if asyncio.iscoroutine(value):
-        value = await value
-    return value == expected
 
 
 async def test_second_release_of_a_service_queues_until_the_first_ends(store: Store, tmp_path: Path) -> None:
@@ -281,10 +262,10 @@ async def test_second_release_of_a_service_queues_until_the_first_ends(store: St
         await bus.publish(ReleaseRequested(release_id=first.release_id, plan=first))
         await until(lambda: script.in_flight == 1, "the first release is deploying")
         await bus.publish(ReleaseRequested(release_id=second.release_id, plan=second))
-        await until(lambda: _is(state_of(store, second.release_id), ReleaseState.QUEUED), "the second is queued")
+        await until(lambda: equals(state_of(store, second.release_id), ReleaseState.QUEUED), "the second is queued")
         assert script.calls["deploy:fake/host-00/app"] == 1
         gate.set()
-        await until(lambda: _is(state_of(store, second.release_id), ReleaseState.COMPLETED), "the second completes")
+        await until(lambda: equals(state_of(store, second.release_id), ReleaseState.COMPLETED), "the second completes")
         assert await state_of(store, first.release_id) == ReleaseState.COMPLETED
     started = [event.release_id for event in bus.events(Topic.RELEASES) if isinstance(event, BatchStarted)]
     assert started == ["app-2", "app-3"]
@@ -313,7 +294,7 @@ async def test_second_release_of_a_service_is_refused_when_so_configured(store: 
         await bus.publish(ReleaseRequested(release_id=first.release_id, plan=first))
         await until(lambda: script.in_flight == 1, "the first release is deploying")
         await bus.publish(ReleaseRequested(release_id=second.release_id, plan=second))
-        await until(lambda: _is(state_of(store, second.release_id), ReleaseState.HALTED), "the refusal")
+        await until(lambda: equals(state_of(store, second.release_id), ReleaseState.HALTED), "the refusal")
         record = await store.get_release(second.release_id)
         assert record is not None
         assert record.reason == "refused: release app-2 of app is active"
