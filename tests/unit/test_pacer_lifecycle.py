@@ -4,6 +4,9 @@ and a pacer stopped in the middle. Runs on every store backend (the `store` fixt
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from reactor.adapters.memory_bus import MemoryBus
@@ -16,6 +19,8 @@ from reactor.events import (
     DeployRequested,
     Event,
     NodeFailed,
+    NodeTarget,
+    Package,
     ReleaseAborted,
     ReleaseApproved,
     ReleaseAwaitingApproval,
@@ -31,8 +36,49 @@ from reactor.events import (
     Topic,
 )
 from reactor.ports import Store
-from tests.fakes import Script
-from tests.support import equals, fake_plan, running_reactor, until
+from reactor.runtime import Backends, Role, run_roles
+from reactor.settings import Settings
+from tests.fakes import Script, scripted
+from tests.support import equals, until
+
+PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="c" * 64)
+
+
+def plan(count: int, strategy: Strategy, release_id: str = "app-2") -> ReleasePlan:
+    return ReleasePlan(
+        release_id=release_id,
+        service="app",
+        version="2.0.0",
+        package=PACKAGE,
+        nodes=[NodeTarget(node_key=f"fake/host-{index:02d}/app") for index in range(count)],
+        strategy=strategy,
+    )
+
+
+@asynccontextmanager
+async def reactor(
+    store: Store, script: Script, tmp_path: Path, bus: MemoryBus | None = None
+) -> AsyncIterator[MemoryBus]:
+    """Every role on an in-memory bus and `store`, with fast timers."""
+    bus = bus or MemoryBus(retry_delay_s=0.01)
+    started = asyncio.Event()
+    settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, resend_after_s=3600)
+    task = asyncio.create_task(
+        run_roles(
+            Backends(bus=bus, store=store, memory_bus=bus),
+            settings,
+            {Role.ALL},
+            factories={"fake": scripted(script)},
+            started=started,
+        )
+    )
+    await started.wait()
+    try:
+        yield bus
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def state_of(store: Store, release_id: str) -> ReleaseState | None:
@@ -55,8 +101,8 @@ async def seed_running(store: Store, release: ReleasePlan, version: str = "1.0.0
 async def test_approval_gate_holds_the_next_batch_until_approved(store: Store, tmp_path: Path) -> None:
     """After batch 1 the release waits for approval, dispatching nothing; ReleaseApproved lets it finish."""
     script = Script()
-    release = fake_plan(4, Strategy(batches=[2], max_parallel=2, approval_after_batches=[1]))
-    async with running_reactor(store, script, tmp_path) as bus:
+    release = plan(4, Strategy(batches=[2], max_parallel=2, approval_after_batches=[1]))
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(
             lambda: equals(state_of(store, release.release_id), ReleaseState.AWAITING_APPROVAL), "approval is awaited"
@@ -73,8 +119,8 @@ async def test_pause_stops_dispatch_and_resume_continues(store: Store, tmp_path:
     """Paused mid-batch: the in-flight node finishes, no other starts; after resume the release completes."""
     gate = asyncio.Event()
     script = Script(behaviour={"fake/host-00/app": "hang"}, release=gate)
-    release = fake_plan(3, Strategy(batches=["100%"], max_parallel=1))
-    async with running_reactor(store, script, tmp_path) as bus:
+    release = plan(3, Strategy(batches=["100%"], max_parallel=1))
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: script.in_flight == 1, "the first node is in flight")
         await bus.publish(ReleasePaused(release_id=release.release_id, actor="alice", reason="metrics look odd"))
@@ -96,8 +142,8 @@ async def test_abort_with_nodes_in_flight_lets_them_finish_and_dispatches_nothin
     """Abort: the release is halted at once with the reason; in-flight nodes still report; queued ones never go."""
     gate = asyncio.Event()
     script = Script(behaviour={"fake/host-00/app": "hang", "fake/host-01/app": "hang"}, release=gate)
-    release = fake_plan(5, Strategy(batches=["100%"], max_parallel=2))
-    async with running_reactor(store, script, tmp_path) as bus:
+    release = plan(5, Strategy(batches=["100%"], max_parallel=2))
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: script.in_flight == 2, "two nodes are in flight")
         await bus.publish(ReleaseAborted(release_id=release.release_id, actor="bob", reason="wrong build"))
@@ -115,8 +161,8 @@ async def test_abort_with_nodes_in_flight_lets_them_finish_and_dispatches_nothin
 async def test_pause_between_batches_is_a_durable_timer(store: Store, tmp_path: Path) -> None:
     """The next batch starts no sooner than the pause after the previous one ended, from a timer in the store."""
     script = Script()
-    release = fake_plan(2, Strategy(batches=[1], pause_between_batches_s=0.4))
-    async with running_reactor(store, script, tmp_path) as bus:
+    release = plan(2, Strategy(batches=[1], pause_between_batches_s=0.4))
+    async with reactor(store, script, tmp_path) as bus:
         loop = asyncio.get_running_loop()
         started = loop.time()
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
@@ -133,8 +179,8 @@ async def test_pause_between_batches_is_a_durable_timer(store: Store, tmp_path: 
 async def test_node_without_outcome_fails_by_deadline_and_the_policy_applies(store: Store, tmp_path: Path) -> None:
     """A node whose worker never answers is failed by the pacer with step `deadline`; budget 0 halts."""
     script = Script(behaviour={"fake/host-00/app": "hang"}, release=asyncio.Event())
-    release = fake_plan(2, Strategy(batches=["100%"], max_parallel=1, node_deadline_s=0.3, auto_rollback="none"))
-    async with running_reactor(store, script, tmp_path) as bus:
+    release = plan(2, Strategy(batches=["100%"], max_parallel=1, node_deadline_s=0.3, auto_rollback="none"))
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.HALTED), "the halt")
         failures = of_type(bus, Topic.OUTCOMES, NodeFailed)
@@ -150,9 +196,9 @@ async def test_spent_budget_with_release_policy_rolls_back_every_deployed_node_n
 ) -> None:
     """Policy `release`: a failure in batch 2 rolls back batch 2's and batch 1's deployed nodes, newest first."""
     script = Script(behaviour={"fake/host-03/app": "fail"})
-    release = fake_plan(4, Strategy(batches=[2], max_parallel=1, auto_rollback=AutoRollback.RELEASE))
+    release = plan(4, Strategy(batches=[2], max_parallel=1, auto_rollback=AutoRollback.RELEASE))
     await seed_running(store, release)
-    async with running_reactor(store, script, tmp_path) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(
             lambda: equals(state_of(store, release.release_id), ReleaseState.ROLLED_BACK), "the release rollback"
@@ -175,9 +221,9 @@ async def test_spent_budget_with_release_policy_rolls_back_every_deployed_node_n
 async def test_rollback_command_after_completion_returns_every_node(store: Store, tmp_path: Path) -> None:
     """A completed release rolled back on request: every node returns to its previous version."""
     script = Script()
-    release = fake_plan(3, Strategy(batches=["100%"], max_parallel=3))
+    release = plan(3, Strategy(batches=["100%"], max_parallel=3))
     await seed_running(store, release)
-    async with running_reactor(store, script, tmp_path) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
         await bus.publish(ReleaseRollbackRequested(release_id=release.release_id, actor="carol", reason="bad metrics"))
@@ -191,11 +237,11 @@ async def test_pacer_stopped_during_a_pause_is_replaced_and_dispatches_each_node
 ) -> None:
     """The pause timer lives in the store: a new pacer on a new bus fires it; every node is deployed once."""
     script = Script()
-    release = fake_plan(3, Strategy(batches=[1], pause_between_batches_s=0.3))
-    async with running_reactor(store, script, tmp_path) as bus:
+    release = plan(3, Strategy(batches=[1], pause_between_batches_s=0.3))
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.WAITING), "the first pause")
-    async with running_reactor(store, script, tmp_path) as second_bus:
+    async with reactor(store, script, tmp_path) as second_bus:
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 15)
     assert sorted(script.calls.elements()) == [f"deploy:fake/host-{index:02d}/app" for index in range(3)]
     deploys = [event for event in second_bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
@@ -210,9 +256,9 @@ async def test_second_release_of_a_service_queues_until_the_first_ends(store: St
     """One active release per service: the second waits in `queued`, then runs once the first completes."""
     gate = asyncio.Event()
     script = Script(behaviour={"fake/host-00/app": "hang"}, release=gate)
-    first = fake_plan(2, Strategy(batches=["100%"], max_parallel=2), release_id="app-2")
-    second = fake_plan(2, Strategy(batches=["100%"], max_parallel=2), release_id="app-3")
-    async with running_reactor(store, script, tmp_path) as bus:
+    first = plan(2, Strategy(batches=["100%"], max_parallel=2), release_id="app-2")
+    second = plan(2, Strategy(batches=["100%"], max_parallel=2), release_id="app-3")
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=first.release_id, plan=first))
         await until(lambda: script.in_flight == 1, "the first release is deploying")
         await bus.publish(ReleaseRequested(release_id=second.release_id, plan=second))
@@ -229,9 +275,22 @@ async def test_second_release_of_a_service_is_refused_when_so_configured(store: 
     """With concurrent_releases=refuse the second release halts at once, naming the active one."""
     gate = asyncio.Event()
     script = Script(behaviour={"fake/host-00/app": "hang"}, release=gate)
-    first = fake_plan(1, Strategy(), release_id="app-2")
-    second = fake_plan(1, Strategy(), release_id="app-3")
-    async with running_reactor(store, script, tmp_path, concurrent_releases="refuse") as bus:
+    first = plan(1, Strategy(), release_id="app-2")
+    second = plan(1, Strategy(), release_id="app-3")
+    bus = MemoryBus(retry_delay_s=0.01)
+    started = asyncio.Event()
+    settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, concurrent_releases="refuse")
+    task = asyncio.create_task(
+        run_roles(
+            Backends(bus=bus, store=store, memory_bus=bus),
+            settings,
+            {Role.ALL},
+            factories={"fake": scripted(script)},
+            started=started,
+        )
+    )
+    await started.wait()
+    try:
         await bus.publish(ReleaseRequested(release_id=first.release_id, plan=first))
         await until(lambda: script.in_flight == 1, "the first release is deploying")
         await bus.publish(ReleaseRequested(release_id=second.release_id, plan=second))
@@ -240,3 +299,7 @@ async def test_second_release_of_a_service_is_refused_when_so_configured(store: 
         assert record is not None
         assert record.reason == "refused: release app-2 of app is active"
         gate.set()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
