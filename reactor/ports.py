@@ -155,6 +155,16 @@ class ReleaseNode(Model):
     outcome: str | None = None
 
 
+class Slot(Model):
+    """One unit of an in-flight limit, held by one dispatched node of a release."""
+
+    scope: str
+    index: int
+    release_id: str
+    node_key: str
+    taken_at: datetime
+
+
 class Store(Protocol):
     """Durable state: node statuses, processed event ids, releases. Writes are compare-and-set."""
 
@@ -225,4 +235,25 @@ class Store(Protocol):
 
     async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
         """How many nodes of the release (or of one batch) are in each state."""
+        ...
+
+    async def take_slots(
+        self, release_id: str, node_key: str, scopes: Sequence[tuple[str, int]], *, now: datetime
+    ) -> bool:
+        """Take one slot of every (scope, limit) for the node, or none of them: False if a scope is full.
+
+        Slots the node already holds count as taken (retrying is safe).
+        """
+        ...
+
+    async def free_slots(self, release_id: str, node_key: str) -> None:
+        """Give back every slot the node holds."""
+        ...
+
+    async def list_slots(self) -> list[Slot]:
+        """Every slot held, by scope and index."""
+        ...
+
+    async def take_lease(self, name: str, holder: str, *, now: datetime, ttl_s: float) -> bool:
+        """Take or renew the lease `name` for `holder` until `now + ttl_s`; False while another holder has it."""
         ...

@@ -109,7 +109,9 @@ async def run_roles(
         if Role.ROLLBACK in roles:
             tasks.create_task(bus.consume([Topic.OUTCOMES], "rollback", RollbackConsumer(bus).handle))
         if Role.PACER in roles:
-            pacer = Pacer(store, bus, concurrent_releases=settings.concurrent_releases)
+            pacer = Pacer(
+                store, bus, concurrent_releases=settings.concurrent_releases, limits=settings.in_flight_limits()
+            )
             tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
             await pacer.recover()
             tasks.create_task(pacer.run_timers(tick_s=settings.timer_tick_s, resend_s=settings.resend_after_s))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -13,6 +13,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from reactor.domain.limits import InFlightLimits
+from reactor.events import LABEL_KEY
 
 
 def _default_state_dir() -> Path:
@@ -46,6 +49,14 @@ class Settings(BaseSettings):
     resend_after_s: float = Field(default=60.0, gt=0)
     timer_tick_s: float = Field(default=1.0, gt=0)
     concurrent_releases: Literal["queue", "refuse"] = "queue"
+    # Nodes in flight at once across every release (None: no limit); per label, e.g. {"zone": 2, "cluster": 10}
+    # (a Kubernetes node's cluster is its kubeconfig context unless it carries a `cluster` label).
+    max_in_flight: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_in_flight_per_service: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_in_flight_per_label: dict[Annotated[str, Field(pattern=LABEL_KEY)], Annotated[int, Field(ge=1)]] = {}
+    # Enforce each release's max_parallel with store slots, exact across pacer processes. None: on in
+    # distributed mode (many pacers), off in embedded mode (one pacer, which serialises its own dispatches).
+    strict_max_parallel: bool | None = None
     stop_timeout_s: float = Field(default=10.0, gt=0)
     noop_delay_s: float = Field(default=0.0, ge=0, le=3600)
     physical_driver: Literal["ssh", "ansible"] = "ssh"
@@ -63,6 +74,16 @@ class Settings(BaseSettings):
     def effective_log_level(self, default: str) -> str:
         """The configured log level, or the command's own default (workers log more than the CLI)."""
         return self.log_level or default
+
+    def in_flight_limits(self) -> InFlightLimits:
+        """The pacer's limits on nodes in flight."""
+        strict = self.mode == "distributed" if self.strict_max_parallel is None else self.strict_max_parallel
+        return InFlightLimits(
+            overall=self.max_in_flight,
+            per_service=self.max_in_flight_per_service,
+            per_label=dict(self.max_in_flight_per_label),
+            release_parallel=strict,
+        )
 
     @property
     def nodes_root(self) -> Path:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 
 import pytest
+
+from reactor.events import Event
 
 
 async def until(condition: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
@@ -28,3 +31,36 @@ async def equals(value: object, expected: object) -> bool:
     if asyncio.iscoroutine(value):
         value = await value
     return value == expected
+
+
+def peak_in_flight(
+    commands: Sequence[Event], outcomes: Sequence[Event], scopes: Callable[[str, str], list[str]]
+) -> dict[str, int]:
+    """The most nodes in flight at once per scope, from the event log alone.
+
+    A node is in flight from its first command (DeployRequested or RollbackRequested, by event id) to the
+    first outcome caused by it; `scopes(release_id, node_key)` names the scopes it counts in. An outcome at
+    the instant another command goes out closes first.
+    """
+    first_command: dict[str, Event] = {}
+    for event in commands:
+        first_command.setdefault(event.event_id, event)
+    first_outcome: dict[str, Event] = {}
+    for event in outcomes:
+        if event.causation_id is not None:
+            first_outcome.setdefault(event.causation_id, event)
+    points: list[tuple[datetime, int, str]] = []
+    for command_id, command in first_command.items():
+        outcome = first_outcome.get(command_id)
+        node_key = getattr(command, "node_key", "")
+        for scope in scopes(command.release_id or "", node_key):
+            points.append((command.occurred_at, 1, scope))
+            if outcome is not None:
+                points.append((outcome.occurred_at, -1, scope))
+    points.sort(key=lambda point: (point[0], point[1]))
+    open_now: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    for _, step, scope in points:
+        open_now[scope] = open_now.get(scope, 0) + step
+        peaks[scope] = max(peaks.get(scope, 0), open_now[scope])
+    return peaks

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -16,7 +16,7 @@ from typing import Self
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeStatus
 from reactor.errors import BackendUnavailable
-from reactor.ports import ReleaseNode, ReleaseRecord
+from reactor.ports import ReleaseNode, ReleaseRecord, Slot
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -29,6 +29,11 @@ CREATE TABLE IF NOT EXISTS release_nodes (
     release_id TEXT NOT NULL, node_key TEXT NOT NULL, batch INTEGER NOT NULL, position INTEGER NOT NULL,
     state TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (release_id, node_key));
 CREATE INDEX IF NOT EXISTS release_nodes_batch ON release_nodes (release_id, batch, state, position);
+CREATE TABLE IF NOT EXISTS slots (
+    scope TEXT NOT NULL, idx INTEGER NOT NULL, release_id TEXT NOT NULL, node_key TEXT NOT NULL,
+    taken_at TEXT NOT NULL, PRIMARY KEY (scope, idx));
+CREATE INDEX IF NOT EXISTS slots_holder ON slots (release_id, node_key);
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TEXT NOT NULL);
 """
 
 
@@ -220,3 +225,62 @@ class EmbeddedStore:
         for state, count in rows:
             counts[ItemState(state)] = int(count)
         return counts
+
+    # --- in-flight slots and leases ---
+
+    async def take_slots(
+        self, release_id: str, node_key: str, scopes: Sequence[tuple[str, int]], *, now: datetime
+    ) -> bool:
+        # IMMEDIATE: the write lock is taken before reading, so two processes cannot both see a slot free.
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for scope, limit in scopes:
+                rows = self.db.execute("SELECT idx, release_id, node_key FROM slots WHERE scope = ?", (scope,))
+                taken: set[int] = set()
+                mine = False
+                for index, holder_release, holder_node in rows.fetchall():
+                    taken.add(int(index))
+                    mine = mine or (holder_release == release_id and holder_node == node_key)
+                if mine:
+                    continue
+                free = next((index for index in range(limit) if index not in taken), None)
+                if free is None:
+                    self.db.execute("ROLLBACK")
+                    return False
+                self.db.execute(
+                    "INSERT INTO slots (scope, idx, release_id, node_key, taken_at) VALUES (?, ?, ?, ?, ?)",
+                    (scope, free, release_id, node_key, now.astimezone(UTC).isoformat()),
+                )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return True
+
+    async def free_slots(self, release_id: str, node_key: str) -> None:
+        self.db.execute("DELETE FROM slots WHERE release_id = ? AND node_key = ?", (release_id, node_key))
+
+    async def list_slots(self) -> list[Slot]:
+        rows = self.db.execute(
+            "SELECT scope, idx, release_id, node_key, taken_at FROM slots ORDER BY scope, idx"
+        ).fetchall()
+        return [
+            Slot(
+                scope=scope,
+                index=int(index),
+                release_id=release_id,
+                node_key=node_key,
+                taken_at=datetime.fromisoformat(taken_at),
+            )
+            for scope, index, release_id, node_key, taken_at in rows
+        ]
+
+    async def take_lease(self, name: str, holder: str, *, now: datetime, ttl_s: float) -> bool:
+        expires = (now + timedelta(seconds=ttl_s)).astimezone(UTC).isoformat()
+        cursor = self.db.execute(
+            "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE"
+            " SET holder = excluded.holder, expires_at = excluded.expires_at"
+            " WHERE leases.holder = excluded.holder OR leases.expires_at <= ?",
+            (name, holder, expires, now.astimezone(UTC).isoformat()),
+        )
+        return cursor.rowcount == 1

@@ -31,7 +31,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError,
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeStatus
 from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
-from reactor.ports import ReleaseNode, ReleaseRecord
+from reactor.ports import ReleaseNode, ReleaseRecord, Slot
 
 log = structlog.get_logger(__name__)
 
@@ -127,6 +127,8 @@ class MongoStore:
                 False,
             ),
             ("locks", [("key", ASCENDING)], True),
+            ("slots", [("scope", ASCENDING), ("index", ASCENDING)], False),
+            ("slots", [("release_id", ASCENDING), ("node_key", ASCENDING)], False),
         ]
         for collection, keys, unique in indexes:
             await self._retry(
@@ -263,6 +265,57 @@ class MongoStore:
         for group in await self._retry("count release_nodes", aggregate):
             counts[ItemState(group["_id"])] = int(group["count"])
         return counts
+
+    # --- in-flight slots and leases ---
+
+    async def take_slots(
+        self, release_id: str, node_key: str, scopes: Sequence[tuple[str, int]], *, now: datetime
+    ) -> bool:
+        # A slot is a document whose `_id` names its scope and index: inserting it is the atomic step.
+        taken: list[str] = []
+        for scope, limit in scopes:
+            held = await self._find("slots", {"scope": scope}, sort=[("index", ASCENDING)])
+            if any(slot["release_id"] == release_id and slot["node_key"] == node_key for slot in held):
+                continue
+            used = {int(slot["index"]) for slot in held}
+            won: str | None = None
+            for index in range(limit):
+                slot_id = f"{scope}#{index}"
+                if index in used:
+                    continue
+                document = {
+                    "_id": slot_id,
+                    "scope": scope,
+                    "index": index,
+                    "release_id": release_id,
+                    "node_key": node_key,
+                    "taken_at": now,
+                }
+                if await self._insert("slots", document):
+                    won = slot_id
+                    break
+            if won is None:
+                if taken:
+                    await self._retry("free slots", partial(self.db["slots"].delete_many, {"_id": {"$in": taken}}))
+                return False
+            taken.append(won)
+        return True
+
+    async def free_slots(self, release_id: str, node_key: str) -> None:
+        await self._retry(
+            "free slots", partial(self.db["slots"].delete_many, {"release_id": release_id, "node_key": node_key})
+        )
+
+    async def list_slots(self) -> list[Slot]:
+        found = await self._find("slots", {}, sort=[("scope", ASCENDING), ("index", ASCENDING)])
+        return [Slot.model_validate({name: slot[name] for name in Slot.model_fields}) for slot in found]
+
+    async def take_lease(self, name: str, holder: str, *, now: datetime, ttl_s: float) -> bool:
+        fields = {"holder": holder, "expires_at": now + timedelta(seconds=ttl_s)}
+        if await self._insert("leases", {"_id": name, **fields}):
+            return True
+        condition = {"$or": [{"holder": holder}, {"expires_at": {"$lte": now}}]}
+        return await self._update("leases", {"_id": name}, condition, fields)
 
     # --- primitives ---
 

@@ -3,7 +3,11 @@
 All decisions are pure functions (`reactor.domain.pacer.decide`) of the release as stored; every change is a
 compare-and-set, so pacers can run anywhere and restart at any instant. Nodes dispatched before a restart are
 sent again with the same event ids and the worker dedupes them. Timers (pauses between batches) and node
-deadlines live in the store and are fired by `tick`, which any pacer may run.
+deadlines live in the store and are fired by `tick`, which the pacer holding the timer lease runs.
+
+In-flight limits across releases (overall, per service, per label such as zone or cluster, and each release's
+`max_parallel` across pacer processes) are slots in the store: a node is dispatched once it holds a slot of
+every scope that applies to it, and gives them back with its outcome (`reactor.domain.limits`).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from uuid import uuid4
 
 import structlog
 
+from reactor.domain.limits import InFlightLimits, scopes_for
 from reactor.domain.pacer import (
     ACTIVE,
     FINAL,
@@ -70,6 +76,11 @@ from reactor.ports import EventBus, ReleaseNode, ReleaseRecord, Store
 log = structlog.get_logger(__name__)
 
 _FAN_OUT = 32
+TIMER_LEASE = "pacer-timers"
+# A slot whose node is not in flight is a leftover of a pacer that died between taking it and dispatching
+# (or between an outcome and giving it back); it is freed once it is this old.
+_SLOT_GRACE_S = 10.0
+_DISPATCHED = (ItemState.DISPATCHED, ItemState.ROLLBACK_DISPATCHED)
 
 
 @dataclass
@@ -91,10 +102,15 @@ class Pacer:
         *,
         clock: Callable[[], datetime] = utc_now,
         concurrent_releases: str = "queue",
+        limits: InFlightLimits | None = None,
+        identity: str | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
         self.clock = clock
+        self.limits = limits or InFlightLimits()
+        # Who holds the timer lease: one pacer process fires timers at a time.
+        self.identity = identity or f"pacer-{uuid4().hex[:12]}"
         # One active release per service: a second one waits its turn ("queue") or is refused ("refuse").
         self.concurrent_releases = concurrent_releases
         self._turns: defaultdict[str, _Turns] = defaultdict(_Turns)
@@ -136,33 +152,70 @@ class Pacer:
             await self._advance(record.release_id)
 
     async def tick(self) -> None:
-        """Fire what is due: pauses that ended, nodes past their deadline."""
+        """Fire what is due: queued releases whose turn came, pauses that ended, nodes past their deadline.
+
+        A release is advanced only when something of it is due (or, with limits across releases, when a slot
+        another release gave back may let it go on), so a tick over idle releases costs a few reads.
+        """
         now = self.clock()
         releases = await self.store.list_releases()
-        for record in releases:
-            if record.state == ReleaseState.QUEUED:
-                await self._promote(record.plan.service)
+        for service in sorted({record.plan.service for record in releases if record.state == ReleaseState.QUEUED}):
+            await self._promote(service)
         for record in releases:
             if record.state not in ACTIVE:
                 continue
+            due = False
             deadline = record.plan.strategy.node_deadline_s
             if deadline is not None:
-                await self._expire(record, now - timedelta(seconds=deadline))
+                due = await self._expire(record, now - timedelta(seconds=deadline))
             if record.state == ReleaseState.WAITING and record.resume_at is not None and record.resume_at <= now:
+                due = True
+            if self.limits.global_ and record.state in {ReleaseState.RUNNING, ReleaseState.ROLLING_BACK}:
+                due = True
+            if due:
                 await self._advance(record.release_id)
+        if self.limits.any:
+            await self._sweep_slots(now)
 
     async def run_timers(self, *, tick_s: float, resend_s: float) -> None:
-        """Tick every `tick_s`; every `resend_s`, send again what is dispatched without an outcome."""
+        """While holding the timer lease, tick every `tick_s` and every `resend_s` send again what is
+        dispatched without an outcome. Every pacer runs this; the lease lets one of them work at a time and
+        passes to another within a few ticks of the holder dying.
+        """
         loop = asyncio.get_running_loop()
+        ttl_s = max(5 * tick_s, 3.0)
         next_resend = loop.time() + resend_s
         while True:
             await asyncio.sleep(tick_s)
+            if not await self.store.take_lease(TIMER_LEASE, self.identity, now=self.clock(), ttl_s=ttl_s):
+                continue
             await self.tick()
             if loop.time() >= next_resend:
                 await self.recover()
                 next_resend = loop.time() + resend_s
 
-    async def _expire(self, record: ReleaseRecord, dispatched_before: datetime) -> None:
+    async def _sweep_slots(self, now: datetime) -> None:
+        """Free slots whose node is not in flight (left by a pacer that died at the wrong instant)."""
+        slots = await self.store.list_slots()
+        old = now - timedelta(seconds=_SLOT_GRACE_S)
+        for release_id in sorted({slot.release_id for slot in slots}):
+            in_flight = {
+                node.node_key
+                for state in _DISPATCHED
+                for node in await self.store.list_release_nodes(release_id, state=state)
+            }
+            leftovers = {
+                slot.node_key
+                for slot in slots
+                if slot.release_id == release_id and slot.node_key not in in_flight and slot.taken_at <= old
+            }
+            for node_key in sorted(leftovers):
+                log.warning("freeing a leftover slot", release_id=release_id, node_key=node_key)
+                await self.store.free_slots(release_id, node_key)
+
+    async def _expire(self, record: ReleaseRecord, dispatched_before: datetime) -> bool:
+        """Fail the nodes dispatched before `dispatched_before` that have no outcome; whether any was."""
+        expired = False
         for state, failed in (
             (ItemState.DISPATCHED, ItemState.FAILED),
             (ItemState.ROLLBACK_DISPATCHED, ItemState.ROLLBACK_FAILED),
@@ -174,10 +227,13 @@ class Pacer:
                     record.release_id, node.node_key, from_states=[state], to_state=failed, outcome="deadline"
                 ):
                     continue
+                expired = True
                 log.warning("node missed its deadline", node_key=node.node_key)
+                if self.limits.any:
+                    await self.store.free_slots(record.release_id, node.node_key)
                 if state == ItemState.DISPATCHED:
                     await self.bus.publish(await self._deadline_failure(record, node))
-        await self._advance(record.release_id)
+        return expired
 
     async def _deadline_failure(self, record: ReleaseRecord, node: ReleaseNode) -> NodeFailed:
         """The outcome the worker never sent, as seen by the pacer; the rollback policy applies to it."""
@@ -275,11 +331,22 @@ class Pacer:
         self, release_id: str, node_key: str, from_state: ItemState, to_state: ItemState, outcome: str
     ) -> None:
         with structlog.contextvars.bound_contextvars(node_key=node_key):
-            if await self.store.move_release_node(
+            counted = await self.store.move_release_node(
                 release_id, node_key, from_states=[from_state], to_state=to_state, outcome=outcome
-            ):
+            )
+            if counted:
                 log.info("node outcome counted", state=to_state.value)
+                if self.limits.any:
+                    await self.store.free_slots(release_id, node_key)
             await self._advance(release_id)
+            if counted and self.limits.global_:
+                await self._wake_others(release_id)
+
+    async def _wake_others(self, release_id: str) -> None:
+        """A slot of a limit across releases came free: let the other releases that may use it go on."""
+        for other in await self.store.list_releases():
+            if other.release_id != release_id and other.state in {ReleaseState.RUNNING, ReleaseState.ROLLING_BACK}:
+                await self._advance(other.release_id)
 
     async def _command(self, command: ReleaseEvent) -> None:
         record = await self.store.get_release(command.release_id)
@@ -439,37 +506,71 @@ class Pacer:
         )
 
     async def _dispatch(self, record: ReleaseRecord, count: int) -> None:
+        # With per-label limits a node of a full zone is passed over for one of another zone, so every
+        # queued node of the batch is a candidate; otherwise the first `count` are.
         queued = await self.store.list_release_nodes(
-            record.release_id, batch=record.batch, state=ItemState.QUEUED, limit=count
+            record.release_id,
+            batch=record.batch,
+            state=ItemState.QUEUED,
+            limit=None if self.limits.per_label else count,
         )
-        await self._send(record, queued, ItemState.QUEUED, ItemState.DISPATCHED, self._deploy_request)
+        await self._send(record, queued, count, ItemState.QUEUED, ItemState.DISPATCHED, self._deploy_request)
 
     async def _dispatch_rollbacks(self, record: ReleaseRecord, count: int) -> None:
         deployed = await self.store.list_release_nodes(record.release_id, state=ItemState.SUCCEEDED)
-        newest_first = sorted(deployed, key=lambda node: node.position, reverse=True)[:count]
+        newest_first = sorted(deployed, key=lambda node: node.position, reverse=True)
         await self._send(
-            record, newest_first, ItemState.SUCCEEDED, ItemState.ROLLBACK_DISPATCHED, self._rollback_request
+            record, newest_first, count, ItemState.SUCCEEDED, ItemState.ROLLBACK_DISPATCHED, self._rollback_request
         )
 
     async def _send(
         self,
         record: ReleaseRecord,
-        nodes: list[ReleaseNode],
+        candidates: list[ReleaseNode],
+        count: int,
         from_state: ItemState,
         to_state: ItemState,
         command: Callable[[ReleaseRecord, ReleaseNode], Event],
     ) -> None:
-        """Record each node as sent (a CAS: a node is sent once) and publish its command."""
+        """Send up to `count` of `candidates`, in order: record each as sent (a CAS: a node is sent once) and
+        publish its command. With limits, a node goes only once it holds its slots."""
         now = self.clock()
+        nodes = await self._holding_slots(record, candidates, count, now) if self.limits.any else candidates[:count]
 
         async def send(node: ReleaseNode) -> None:
             async with self._fan_out:
+                # A node another pacer sent first keeps the slots it holds (same holder); any other slot
+                # left here is freed by the sweep once it is old.
                 if await self.store.move_release_node(
                     record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
                 ):
                     await self.bus.publish(command(record, node))
 
         await asyncio.gather(*(send(node) for node in nodes))
+
+    async def _holding_slots(
+        self, record: ReleaseRecord, candidates: list[ReleaseNode], count: int, now: datetime
+    ) -> list[ReleaseNode]:
+        """The first `count` candidates that could take a slot of each of their scopes."""
+        holding: list[ReleaseNode] = []
+        for node in candidates:
+            if len(holding) >= count:
+                break
+            scopes = scopes_for(
+                self.limits,
+                release_id=record.release_id,
+                service=record.plan.service,
+                max_parallel=record.plan.strategy.max_parallel,
+                node_key=node.node_key,
+                target=node.target,
+            )
+            if await self.store.take_slots(record.release_id, node.node_key, scopes, now=now):
+                holding.append(node)
+            elif not self.limits.per_label:
+                break  # every node has the same scopes: the next one would not fit either
+        if len(holding) < count:
+            log.info("in-flight limit reached", sent=len(holding), wanted=count)
+        return holding
 
     async def _save(self, record: ReleaseRecord, **changes: object) -> ReleaseRecord:
         updated = record.model_copy(update={**changes, "updated_at": self.clock()})

@@ -6,6 +6,7 @@ module adds none of its own; the two tests that open an EmbeddedStore directly a
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -410,3 +411,57 @@ async def test_embedded_file_store_keeps_everything_across_close_and_reopen(tmp_
         updated = await reopened.put_node(node, expected_revision=1)
         assert updated is not None
         assert updated.revision == 2
+
+
+# --- in-flight slots and leases ---
+
+
+async def test_take_slots_up_to_each_scope_limit_and_free_them(store: Store) -> None:
+    scopes = [("all", 3), ("label/zone=a", 2)]
+    taken = [await store.take_slots("r1", f"local/h{index}/api", scopes, now=T0) for index in range(3)]
+    assert taken == [True, True, False], "the zone scope holds two nodes"
+    assert await store.take_slots("r1", "local/h9/api", [("all", 3), ("label/zone=b", 2)], now=T0)
+    assert not await store.take_slots("r2", "local/h8/api", [("all", 3)], now=T0), "all three overall slots are held"
+    held = await store.list_slots()
+    assert sorted((slot.scope, slot.index, slot.node_key) for slot in held) == [
+        ("all", 0, "local/h0/api"),
+        ("all", 1, "local/h1/api"),
+        ("all", 2, "local/h9/api"),
+        ("label/zone=a", 0, "local/h0/api"),
+        ("label/zone=a", 1, "local/h1/api"),
+        ("label/zone=b", 0, "local/h9/api"),
+    ]
+    await store.free_slots("r1", "local/h0/api")
+    assert await store.take_slots("r2", "local/h8/api", [("all", 3)], now=T0), "a freed slot can be taken again"
+    assert {slot.node_key for slot in await store.list_slots() if slot.scope == "all"} == {
+        "local/h1/api",
+        "local/h8/api",
+        "local/h9/api",
+    }
+
+
+async def test_take_slots_is_all_or_nothing_and_idempotent(store: Store) -> None:
+    assert await store.take_slots("r1", "local/h0/api", [("label/zone=a", 1)], now=T0)
+    refused = await store.take_slots("r1", "local/h1/api", [("all", 5), ("label/zone=a", 1)], now=T0)
+    assert not refused
+    assert [slot.node_key for slot in await store.list_slots()] == ["local/h0/api"], "no slot of `all` was kept"
+    assert await store.take_slots("r1", "local/h0/api", [("label/zone=a", 1)], now=T0), "a node's own slot counts"
+    assert len(await store.list_slots()) == 1
+
+
+async def test_concurrent_takers_never_exceed_a_limit(store: Store) -> None:
+    results = await asyncio.gather(
+        *(store.take_slots("r1", f"local/h{index}/api", [("all", 4)], now=T0) for index in range(12))
+    )
+    assert sum(results) == 4
+    assert len(await store.list_slots()) == 4
+
+
+async def test_lease_is_held_by_one_holder_until_it_expires(store: Store) -> None:
+    assert await store.take_lease("timers", "pacer-a", now=T0, ttl_s=10)
+    assert not await store.take_lease("timers", "pacer-b", now=T0 + timedelta(seconds=5), ttl_s=10)
+    assert await store.take_lease("timers", "pacer-a", now=T0 + timedelta(seconds=6), ttl_s=10), "the holder renews"
+    assert not await store.take_lease("timers", "pacer-b", now=T0 + timedelta(seconds=15), ttl_s=10)
+    assert await store.take_lease("timers", "pacer-b", now=T0 + timedelta(seconds=16), ttl_s=10), "expired: taken over"
+    assert not await store.take_lease("timers", "pacer-a", now=T0 + timedelta(seconds=17), ttl_s=10)
+    assert await store.take_lease("other", "pacer-a", now=T0, ttl_s=10), "leases are separate by name"

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.domain.pacer import ItemState, ReleaseState
@@ -57,17 +58,23 @@ def plan(count: int, strategy: Strategy, release_id: str = "app-2") -> ReleasePl
 
 @asynccontextmanager
 async def reactor(
-    store: Store, script: Script, tmp_path: Path, bus: MemoryBus | None = None
+    store: Store,
+    script: Script,
+    tmp_path: Path,
+    bus: MemoryBus | None = None,
+    *,
+    roles: frozenset[Role] = frozenset({Role.ALL}),
+    **settings_changes: Any,
 ) -> AsyncIterator[MemoryBus]:
-    """Every role on an in-memory bus and `store`, with fast timers."""
+    """The given roles (every one by default) on an in-memory bus and `store`, with fast timers."""
     bus = bus or MemoryBus(retry_delay_s=0.01)
     started = asyncio.Event()
-    settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, resend_after_s=3600)
+    settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, resend_after_s=3600, **settings_changes)
     task = asyncio.create_task(
         run_roles(
             Backends(bus=bus, store=store, memory_bus=bus),
             settings,
-            {Role.ALL},
+            set(roles),
             factories={"fake": scripted(script)},
             started=started,
         )

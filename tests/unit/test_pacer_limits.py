@@ -1,0 +1,168 @@
+"""In-flight limits across releases, exact max_parallel across pacers, leftover slots and the timer lease,
+through the real consumers on every store backend (the `store` fixture). Limits are checked from the event
+log: a node is in flight from its command to its outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+from reactor.adapters.memory_bus import MemoryBus
+from reactor.consumers.pacer import TIMER_LEASE, Pacer
+from reactor.domain.limits import InFlightLimits, scopes_for
+from reactor.domain.pacer import ReleaseState
+from reactor.events import (
+    DeployRequested,
+    NodeTarget,
+    ReleasePlan,
+    ReleaseRequested,
+    RollbackRequested,
+    Strategy,
+    Topic,
+    utc_now,
+)
+from reactor.ports import ReleaseNode, Store
+from reactor.runtime import Role
+from tests.fakes import Script
+from tests.support import equals, peak_in_flight, until
+from tests.unit.test_pacer_lifecycle import PACKAGE, reactor, state_of
+
+ZONES = ("a", "b", "c")
+
+
+def zoned_plan(service: str, count: int, strategy: Strategy) -> ReleasePlan:
+    """`count` nodes of `service` spread over three zones, round robin."""
+    return ReleasePlan(
+        release_id=f"{service}-2",
+        service=service,
+        version="2.0.0",
+        package=PACKAGE,
+        nodes=[
+            NodeTarget(node_key=f"fake/host-{index:02d}/{service}", labels={"zone": ZONES[index % 3]})
+            for index in range(count)
+        ],
+        strategy=strategy,
+    )
+
+
+def zone_of(node_key: str) -> str:
+    return ZONES[int(node_key.split("/")[1].removeprefix("host-")) % 3]
+
+
+def log_peaks(bus: MemoryBus) -> dict[str, int]:
+    commands = [event for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested | RollbackRequested)]
+    return peak_in_flight(
+        commands,
+        bus.events(Topic.OUTCOMES),
+        lambda release_id, node_key: ["all", f"zone={zone_of(node_key)}", f"release={release_id}"],
+    )
+
+
+def test_scopes_of_a_node_follow_the_limits_in_a_fixed_order() -> None:
+    limits = InFlightLimits(overall=10, per_service=4, per_label={"zone": 2, "cluster": 3}, release_parallel=True)
+    zoned = NodeTarget(node_key="physical/web-1/shop", labels={"zone": "eu-1"})
+    assert scopes_for(
+        limits, release_id="r1", service="shop", max_parallel=5, node_key=zoned.node_key, target=zoned
+    ) == [("all", 10), ("service/shop", 4), ("label/zone=eu-1", 2), ("release/r1", 5)]
+    # A Kubernetes node's cluster is its context unless it is labelled; an unlabelled host has neither.
+    pod = "k8s/prod-east/shop/deployment/api"
+    assert scopes_for(limits, release_id="r1", service="shop", max_parallel=5, node_key=pod, target=None) == [
+        ("all", 10),
+        ("service/shop", 4),
+        ("label/cluster=prod-east", 3),
+        ("release/r1", 5),
+    ]
+    assert (
+        scopes_for(InFlightLimits(), release_id="r1", service="shop", max_parallel=5, node_key=pod, target=None) == []
+    )
+
+
+async def test_global_and_zone_limits_hold_across_two_concurrent_releases(store: Store, tmp_path: Path) -> None:
+    """Two services released at once, each allowed 4 in parallel; overall 3 and one per zone across both.
+
+    The log shows the limits reached, never exceeded, and both releases in flight at the same time.
+    """
+    script = Script(delay_s=0.05)
+    first = zoned_plan("app", 9, Strategy(batches=["100%"], max_parallel=4))
+    second = zoned_plan("web", 9, Strategy(batches=["100%"], max_parallel=4))
+    async with reactor(
+        store, script, tmp_path, max_in_flight=3, max_in_flight_per_label={"zone": 1}, concurrency=64
+    ) as bus:
+        await bus.publish(ReleaseRequested(release_id=first.release_id, plan=first))
+        await bus.publish(ReleaseRequested(release_id=second.release_id, plan=second))
+        await until(lambda: equals(state_of(store, first.release_id), ReleaseState.COMPLETED), "the first completes")
+        await until(lambda: equals(state_of(store, second.release_id), ReleaseState.COMPLETED), "the second completes")
+        await bus.idle()
+    peaks = log_peaks(bus)
+    assert peaks["all"] == 3, peaks
+    assert {zone: peaks[f"zone={zone}"] for zone in ZONES} == {"a": 1, "b": 1, "c": 1}, peaks
+    assert script.peak_in_flight == 3
+    assert len(script.order) == 18, "every node deployed once"
+    assert await store.list_slots() == [], "every slot given back"
+    # Both releases made progress side by side, not one after the other.
+    deploys = [event for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
+    first_of = {
+        release: min(i for i, e in enumerate(deploys) if e.release_id == release) for release in ("app-2", "web-2")
+    }
+    last_of = {
+        release: max(i for i, e in enumerate(deploys) if e.release_id == release) for release in ("app-2", "web-2")
+    }
+    assert max(first_of.values()) < min(last_of.values()), "the releases interleave"
+
+
+async def test_two_pacers_never_exceed_max_parallel_with_strict_slots(store: Store, tmp_path: Path) -> None:
+    """Two pacer members share one release's outcomes; slots keep it at max_parallel across them."""
+    script = Script(delay_s=0.03)
+    release = zoned_plan("app", 24, Strategy(batches=["100%"], max_parallel=3))
+    bus = MemoryBus(retry_delay_s=0.01)
+    async with (
+        reactor(store, script, tmp_path, bus, strict_max_parallel=True, concurrency=64),
+        reactor(store, script, tmp_path, bus, roles=frozenset({Role.PACER}), strict_max_parallel=True),
+    ):
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 30)
+        await bus.idle()
+    assert log_peaks(bus)["release=app-2"] == 3
+    assert script.peak_in_flight == 3
+    assert sorted(script.order) == sorted(node.node_key for node in release.nodes), "each node deployed once"
+
+
+async def test_a_leftover_slot_is_freed_and_the_release_goes_on(store: Store, tmp_path: Path) -> None:
+    """A pacer died holding the only overall slot for a node it never sent: the sweep frees it."""
+    script = Script()
+    release = zoned_plan("app", 2, Strategy(batches=["100%"], max_parallel=2))
+    long_ago = utc_now() - timedelta(minutes=5)
+    assert await store.take_slots("old-1", "fake/host-99/app", [("all", 1)], now=long_ago)
+    async with reactor(store, script, tmp_path, max_in_flight=1) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+    assert sorted(script.order) == ["fake/host-00/app", "fake/host-01/app"]
+    assert await store.list_slots() == []
+
+
+async def test_a_fresh_slot_of_a_node_being_dispatched_is_not_swept(store: Store) -> None:
+    """Between taking its slots and recording the dispatch a node is not in flight yet; the sweep waits."""
+    release = zoned_plan("app", 1, Strategy())
+    await store.add_release_nodes(
+        [ReleaseNode(release_id="app-2", node_key=release.nodes[0].node_key, batch=0, position=0)]
+    )
+    assert await store.take_slots("app-2", release.nodes[0].node_key, [("all", 1)], now=utc_now())
+    pacer = Pacer(store, MemoryBus(), limits=InFlightLimits(overall=1))
+    await pacer.tick()
+    assert [slot.node_key for slot in await store.list_slots()] == [release.nodes[0].node_key]
+
+
+async def test_only_the_lease_holder_fires_timers(store: Store, tmp_path: Path) -> None:
+    """Another pacer holds the timer lease: a due pause is not fired until that lease lapses."""
+    script = Script()
+    release = zoned_plan("app", 2, Strategy(batches=[1], pause_between_batches_s=0.01))
+    held_until = 1.5
+    async with reactor(store, script, tmp_path) as bus:
+        assert await store.take_lease(TIMER_LEASE, "someone-else", now=utc_now(), ttl_s=held_until)
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.WAITING), "the pause")
+        await asyncio.sleep(0.5)
+        assert await state_of(store, release.release_id) == ReleaseState.WAITING, "nobody fired the timer"
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 10)
+    assert len(script.order) == 2
