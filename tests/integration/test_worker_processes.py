@@ -20,6 +20,7 @@ from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState
 from reactor.events import (
     DeployRequested,
+    Event,
     NodeDeployed,
     NodeTarget,
     Package,
@@ -29,6 +30,7 @@ from reactor.events import (
     Strategy,
     Topic,
 )
+from tests.support import peak_in_flight
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -169,3 +171,65 @@ async def test_sigkilled_worker_mid_release_leaves_every_node_final_exactly_once
 
 def _decoded(records: list[Record]) -> list[object]:
     return [decode(record)[0] for record in records]
+
+
+async def test_limits_across_two_releases_hold_on_kafka_with_two_workers(
+    workers: Workers, kafka_bootstrap: str, mongo_url: str, mongo_database: str
+) -> None:
+    """Two services released at once through two worker processes with overall 4 and 2 per zone in flight:
+    the Kafka log shows the limits reached and never exceeded, and both releases complete."""
+    workers.env.update(
+        {
+            "REACTOR_MAX_IN_FLIGHT": "4",
+            "REACTOR_MAX_IN_FLIGHT_PER_LABEL": '{"zone": 2}',
+            "REACTOR_NOOP_DELAY_S": "1.0",
+            "REACTOR_RESEND_AFTER_S": "60",
+        }
+    )
+    zones = ("a", "b", "c")
+    prefix = workers.env["REACTOR_TOPIC_PREFIX"]
+    async with (
+        KafkaBus(kafka_bootstrap, prefix=prefix) as bus,
+        MongoStore(mongo_url, database=mongo_database) as store,
+    ):
+        await bus.create_topics(partitions=4)
+        workers.start()
+        workers.start()
+        await asyncio.sleep(5)  # both members join the groups before the releases arrive
+        releases = [
+            ReleasePlan(
+                release_id=f"{service}-3",
+                service=service,
+                version="3.0.0",
+                package=PACKAGE,
+                nodes=[
+                    NodeTarget(node_key=f"noop/host-{index:02d}/{service}", labels={"zone": zones[index % 3]})
+                    for index in range(12)
+                ],
+                strategy=Strategy(batches=["100%"], max_parallel=4),
+            )
+            for service in ("app", "web")
+        ]
+        for release in releases:
+            await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="test"))
+        async with asyncio.timeout(150):
+            for release in releases:
+                while (record := await store.get_release(release.release_id)) is None or (
+                    record.state != ReleaseState.COMPLETED
+                ):
+                    await asyncio.sleep(0.2)
+
+        commands = [event for event in _decoded(await bus.history(Topic.COMMANDS)) if isinstance(event, Event)]
+        outcomes = [event for event in _decoded(await bus.history(Topic.OUTCOMES)) if isinstance(event, Event)]
+        assert len({event.event_id for event in commands}) == 24, "each node was asked once"
+
+        def scopes(release_id: str, node_key: str) -> list[str]:
+            index = int(node_key.split("/")[1].removeprefix("host-"))
+            return ["all", f"zone={zones[index % 3]}", f"release={release_id}"]
+
+        peaks = peak_in_flight(commands, outcomes, scopes)
+        assert peaks["all"] == 4, peaks
+        assert max(peaks[f"zone={zone}"] for zone in zones) == 2, peaks
+        assert all(peaks[f"zone={zone}"] <= 2 for zone in zones), peaks
+        assert all(peaks[f"release={release.release_id}"] <= 4 for release in releases), peaks
+        assert await store.list_slots() == [], "every slot given back"
