@@ -397,30 +397,31 @@ class Pacer:
             if turn.completed >= mine:
                 return
             covered = turn.requested
-            await self._advance_once(release_id)
+            ended = await self._advance_once(release_id)
             turn.completed = covered
-        record = await self.store.get_release(release_id)
-        if record is not None and record.state in FINAL:
-            await self._promote(record.plan.service)
+        if ended is not None:
+            await self._promote(ended)
 
-    async def _advance_once(self, release_id: str) -> None:  # noqa: PLR0912 (one branch per kind of decision)
-        """One pass of pacing decisions, until the release must wait."""
+    async def _advance_once(self, release_id: str) -> str | None:  # noqa: PLR0912 (one branch per kind of decision)
+        """One pass of pacing decisions, until the release must wait; the service of a release that is over."""
         while True:
             record = await self.store.get_release(release_id)
             if record is None:
-                return
+                return None
+            if record.state in FINAL:
+                return record.plan.service
             batch_counts = BatchCounts.of(await self.store.count_release_nodes(release_id, batch=record.batch))
             totals = BatchCounts.of(await self.store.count_release_nodes(release_id))
             decision = decide(self._view(record, batch_counts, totals))
             match decision:
                 case Wait():
-                    return
+                    return None
                 case Dispatch(count=count):
                     await self._dispatch(record, count)
-                    return
+                    return None
                 case DispatchRollbacks(count=count):
                     await self._dispatch_rollbacks(record, count)
-                    return
+                    return None
                 case StartNextBatch(report_completed=report):
                     if report:
                         await self._publish_batch_completed(record, batch_counts)
@@ -437,12 +438,12 @@ class Pacer:
                             batch=record.batch,
                         )
                     )
-                    return
+                    return None
                 case PauseUntil(resume_at=resume_at):
                     await self._publish_batch_completed(record, batch_counts)
                     await self._save(record, state=ReleaseState.WAITING, resume_at=resume_at)
                     log.info("pausing between batches", resume_at=resume_at.isoformat())
-                    return
+                    return None
                 case Complete():
                     await self._publish_batch_completed(record, batch_counts)
                     await self._save(record, state=ReleaseState.COMPLETED)
@@ -456,12 +457,12 @@ class Pacer:
                             failed=totals.failed,
                         )
                     )
-                    return
+                    return record.plan.service
                 case Halt(reason=reason):
                     saved = await self._save(record, state=ReleaseState.HALTED, reason=reason)
                     log.warning("release halted", reason=reason)
                     await self._publish_halted(saved)
-                    return
+                    return record.plan.service
                 case RollBackRelease(reason=reason):
                     saved = await self._save(record, state=ReleaseState.ROLLING_BACK, reason=reason)
                     log.warning("rolling the release back", reason=reason)
@@ -478,7 +479,7 @@ class Pacer:
                             failed=totals.rollback_failed,
                         )
                     )
-                    return
+                    return record.plan.service
 
     def _view(self, record: ReleaseRecord, batch_counts: BatchCounts, totals: BatchCounts) -> View:
         strategy = record.plan.strategy
