@@ -163,12 +163,14 @@ class Pacer:
                 next_resend = loop.time() + resend_s
 
     async def _expire(self, record: ReleaseRecord, dispatched_before: datetime) -> None:
-        for state, failed in (
-            (ItemState.DISPATCHED, ItemState.FAILED),
-            (ItemState.ROLLBACK_DISPATCHED, ItemState.ROLLBACK_FAILED),
+        # A deploy's min_healthy observation is part of its run, not the worker's delay; rollbacks have none.
+        observation = timedelta(seconds=record.plan.strategy.min_healthy_s)
+        for state, failed, grace in (
+            (ItemState.DISPATCHED, ItemState.FAILED, observation),
+            (ItemState.ROLLBACK_DISPATCHED, ItemState.ROLLBACK_FAILED, timedelta(0)),
         ):
             for node in await self.store.list_release_nodes(record.release_id, state=state):
-                if node.dispatched_at is None or node.dispatched_at > dispatched_before:
+                if node.dispatched_at is None or node.dispatched_at > dispatched_before - grace:
                     continue
                 if not await self.store.move_release_node(
                     record.release_id, node.node_key, from_states=[state], to_state=failed, outcome="deadline"
@@ -532,6 +534,7 @@ class Pacer:
             port=target.port,
             health=plan.health,
             auto_rollback=plan.strategy.auto_rollback,
+            min_healthy_s=plan.strategy.min_healthy_s,
             release_id=record.release_id,
             causation_id=record.request_id,
             actor=record.actor,
