@@ -36,6 +36,7 @@ Version = Annotated[str, Field(pattern=VERSION)]
 NodeKey = Annotated[str, Field(pattern=NODE_KEY, max_length=512)]
 Actor = Annotated[str, Field(pattern=ACTOR)]
 Message = Annotated[str, Field(max_length=4000)]
+MinHealthy = Annotated[float, Field(ge=0, le=86400)]
 
 NAMESPACE = uuid.UUID("6f1c8f1e-5d1b-4a7e-9c61-2b7b0d3e9a10")
 
@@ -132,7 +133,7 @@ class ReleaseEvent(Event):
 
 
 class DeployRequested(NodeEvent):
-    """Put `version` of `service` on one node."""
+    """Put `version` of `service` on one node; with `min_healthy_s`, it must then stay healthy that long."""
 
     TYPE: ClassVar[str] = "dev.deployreactor.node.deploy.requested.v1"
     TOPIC: ClassVar[Topic] = Topic.COMMANDS
@@ -144,6 +145,7 @@ class DeployRequested(NodeEvent):
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     health: HealthCheck = HealthCheck()
     auto_rollback: AutoRollback = AutoRollback.NODE
+    min_healthy_s: MinHealthy = 0.0
     actor: Actor | None = None
 
     @model_validator(mode="after")
@@ -240,6 +242,8 @@ class Strategy(Model):
     count or percent; one more halts the release (and with `auto_rollback: release`, rolls back every node it
     deployed). Gates between batches: `pause_between_batches_s`, `approval_every_batch`,
     `approval_after_batches` (1-based batch numbers). `node_deadline_s`: a node with no outcome by then fails.
+    `min_healthy_s`: a deployed node counts as done only after staying healthy that long (its deadline grows
+    by as much); a node that turns unhealthy or drifts meanwhile fails at step `min_healthy`.
     """
 
     batches: Annotated[list[BatchSize | list[NodeKey]], Field(min_length=1, max_length=1000)] = ["100%"]
@@ -253,6 +257,7 @@ class Strategy(Model):
     approval_every_batch: bool = False
     approval_after_batches: list[Annotated[int, Field(ge=1)]] = []
     node_deadline_s: Annotated[float, Field(gt=0, le=7 * 86400)] | None = None
+    min_healthy_s: MinHealthy = 0.0
 
     @model_validator(mode="after")
     def _consistent(self) -> Strategy:

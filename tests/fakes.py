@@ -8,9 +8,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from reactor.domain.status import NodeState, NodeStatus
+from reactor.errors import BackendUnavailable, StepFailed
 from reactor.ports import ExecutionContext
 
 Behaviour = Literal["ok", "fail", "crash", "hang"]
+# What one status() probe finds: the node as recorded, a failed health check, another version running, a target
+# that cannot be reached right now (retriable), a probe that fails for good, a probe that crashes.
+Probe = Literal["healthy", "unhealthy", "drift", "unreachable", "refused", "crash"]
 
 
 @dataclass
@@ -24,6 +28,7 @@ class Script:
     in_flight: int = 0
     peak_in_flight: int = 0
     release: asyncio.Event | None = None
+    probes: dict[str, list[Probe]] = field(default_factory=dict)  # consumed in order; then "healthy"
 
 
 class ScriptedExecutor:
@@ -59,6 +64,8 @@ class ScriptedExecutor:
             raise RuntimeError("boom")
         if behaviour == "fail":
             return current.model_copy(update={"state": NodeState.FAILED, "last_error": "health: did not answer"})
+        if current.current_version == self.context.target_version:
+            return current.model_copy(update={"state": NodeState.SUCCESS})  # already there: nothing changes
         return current.model_copy(
             update={
                 "state": NodeState.SUCCESS,
@@ -74,7 +81,24 @@ class ScriptedExecutor:
         )
 
     async def status(self) -> NodeStatus:
-        return self.context.current
+        script, node = self.script, self.context.node_key
+        script.calls[f"status:{node}"] += 1
+        queued = script.probes.get(node)
+        probe = queued.pop(0) if queued else "healthy"
+        current = self.context.current
+        match probe:
+            case "healthy":
+                return current
+            case "unhealthy":
+                return current.model_copy(update={"state": NodeState.FAILED, "last_error": "health check fails"})
+            case "drift":
+                return current.model_copy(update={"current_version": "0.0.1-drift"})
+            case "unreachable":
+                raise BackendUnavailable(f"{node} cannot be reached right now")
+            case "refused":
+                raise StepFailed("status", "permission denied")
+            case "crash":
+                raise RuntimeError("probe boom")
 
 
 def scripted(script: Script) -> type[ScriptedExecutor]:

@@ -177,6 +177,11 @@ def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file
         + f"; auto_rollback {strategy.auto_rollback.value}"
         + (f"; node deadline {strategy.node_deadline_s:g}s" if strategy.node_deadline_s else "")
     )
+    if strategy.min_healthy_s:
+        out.print(
+            f"min_healthy {strategy.min_healthy_s:g}s: a deployed node counts as done only after staying healthy"
+            " that long"
+        )
     table = Table(title="Batches")
     for column in ("batch", "nodes", "spread", "after it"):
         table.add_column(column)

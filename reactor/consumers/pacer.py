@@ -216,12 +216,14 @@ class Pacer:
     async def _expire(self, record: ReleaseRecord, dispatched_before: datetime) -> bool:
         """Fail the nodes dispatched before `dispatched_before` that have no outcome; whether any was."""
         expired = False
-        for state, failed in (
-            (ItemState.DISPATCHED, ItemState.FAILED),
-            (ItemState.ROLLBACK_DISPATCHED, ItemState.ROLLBACK_FAILED),
+        # A deploy's min_healthy observation is part of its run, not the worker's delay; rollbacks have none.
+        observation = timedelta(seconds=record.plan.strategy.min_healthy_s)
+        for state, failed, grace in (
+            (ItemState.DISPATCHED, ItemState.FAILED, observation),
+            (ItemState.ROLLBACK_DISPATCHED, ItemState.ROLLBACK_FAILED, timedelta(0)),
         ):
             for node in await self.store.list_release_nodes(record.release_id, state=state):
-                if node.dispatched_at is None or node.dispatched_at > dispatched_before:
+                if node.dispatched_at is None or node.dispatched_at > dispatched_before - grace:
                     continue
                 if not await self.store.move_release_node(
                     record.release_id, node.node_key, from_states=[state], to_state=failed, outcome="deadline"
@@ -247,7 +249,7 @@ class Pacer:
             version=record.plan.version,
             current_version=running,
             step="deadline",
-            error=f"no outcome within {strategy.node_deadline_s:g}s of dispatch",
+            error=f"no outcome within {(strategy.node_deadline_s or 0) + strategy.min_healthy_s:g}s of dispatch",
             auto_rollback=strategy.auto_rollback,
             release_id=record.release_id,
             causation_id=derived_event_id(record.release_id, node.node_key, "deploy"),
@@ -634,6 +636,7 @@ class Pacer:
             port=target.port,
             health=plan.health,
             auto_rollback=plan.strategy.auto_rollback,
+            min_healthy_s=plan.strategy.min_healthy_s,
             release_id=record.release_id,
             causation_id=record.request_id,
             actor=record.actor,

@@ -93,11 +93,15 @@ def claim(
 def rollback_target(current: NodeStatus, to_version: str | None) -> str | None:
     """The version a rollback returns to.
 
-    After a failed deploy the node was restored to `current_version`, so that is the target; after a
-    successful one it is `prev_version`. An explicit `to_version` wins.
+    After a failed deploy the node was restored to `current_version`, so that is the target, unless it runs the
+    failed version itself (it failed after the switch, e.g. during min_healthy); after a successful deploy it is
+    `prev_version`. An explicit `to_version` wins.
     """
     if to_version is not None:
         return to_version
+    failed_after_switch = current.state == NodeState.FAILED and current.current_version == current.deploying_version
+    if failed_after_switch and current.current_version is not None:
+        return current.prev_version
     if current.state == NodeState.FAILED or (current.state == NodeState.DEPLOYING and current.operation == "rollback"):
         return current.current_version or current.prev_version
     return current.prev_version
@@ -120,6 +124,21 @@ def finish(claimed: NodeStatus, result: NodeStatus, *, now: datetime) -> NodeSta
             "prev_version": result.prev_version,
             "deploying_version": result.deploying_version if result.state == NodeState.FAILED else None,
             "last_error": result.last_error,
+            "updated_at": now,
+        }
+    )
+
+
+def fail_min_healthy(deployed: NodeStatus, *, running: str | None, error: str, now: datetime) -> NodeStatus:
+    """A deployed node that did not stay healthy for min_healthy: failed, running what the probe saw."""
+    if deployed.state != NodeState.SUCCESS or deployed.operation != "deploy":
+        raise IllegalTransition(f"{deployed.node_key}: min_healthy fails a deployed node, not {deployed.state}")
+    return deployed.model_copy(
+        update={
+            "state": NodeState.FAILED,
+            "current_version": running,
+            "deploying_version": deployed.current_version,
+            "last_error": f"min_healthy: {error}",
             "updated_at": now,
         }
     )

@@ -174,6 +174,19 @@ def test_release_waits_for_approval_across_processes_then_approve_finishes_it(tm
         stop_all(state / "nodes")
 
 
+def test_release_plan_shows_min_healthy_only_when_set(tmp_path: Path) -> None:
+    """`plan` prints a min_healthy line for a plan that sets it, and none for one that does not."""
+    package = build_package(tmp_path / "dist", "1.0.0")
+    plain = release_plan("hello-1.0.0", package, {"node-1": 1})
+    observed = plain.model_copy(update={"strategy": plain.strategy.model_copy(update={"min_healthy_s": 2.5})})
+    shown = reactor("release", "plan", str(write_plan(tmp_path / "observed.yaml", observed)), state=tmp_path / "s")
+    assert shown.returncode == 0, shown.stderr
+    assert "min_healthy 2.5s: a deployed node counts as done only after staying healthy that long" in shown.stdout
+    shown = reactor("release", "plan", str(write_plan(tmp_path / "plain.yaml", plain)), state=tmp_path / "s")
+    assert shown.returncode == 0, shown.stderr
+    assert "min_healthy" not in shown.stdout
+
+
 def test_readme_release_file_example_is_a_valid_plan(tmp_path: Path) -> None:
     """The release file shown in the README validates and plans as its comments say."""
     readme = (ROOT / "README.md").read_text()

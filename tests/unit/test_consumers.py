@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
 from datetime import timedelta
 from typing import cast
 
@@ -9,7 +12,7 @@ import pytest
 
 from reactor import outcomes
 from reactor.adapters.memory_bus import MemoryBus
-from reactor.consumers.executor_worker import ExecutorWorker
+from reactor.consumers.executor_worker import ExecutorWorker, probe_interval
 from reactor.consumers.rollback import RollbackConsumer
 from reactor.domain.status import NodeState, claim, pending
 from reactor.errors import NodeBusy
@@ -27,7 +30,7 @@ from reactor.events import (
     utc_now,
 )
 from reactor.ports import ExecutorFactory, Store
-from tests.fakes import Script, scripted
+from tests.fakes import Probe, Script, scripted
 
 # Tier: `unit` on the in-memory backends, `mongo` on FerretDB (from the `store` fixture parameter).
 
@@ -226,6 +229,160 @@ async def test_rollback_consumer_follows_the_policy() -> None:
     assert isinstance(requests[0], RollbackRequested)
     assert requests[0].causation_id == failed.event_id
     assert "sha256 mismatch" in requests[0].reason
+
+
+# --- min_healthy -------------------------------------------------------------------------------
+
+
+async def test_min_healthy_outcome_is_published_only_after_the_window(store: Store) -> None:
+    """Healthy probes: the node is recorded success at once, but NodeDeployed comes only after the window."""
+    bus, script = MemoryBus(), Script()
+    request = deploy(min_healthy_s=0.3)
+    began = time.monotonic()
+    running = asyncio.create_task(worker(store, bus, script).handle(request))
+    await asyncio.sleep(0.1)
+    assert bus.events(Topic.OUTCOMES) == []
+    assert await store.get_processed(request.event_id) is None
+    status = await store.get_node(NODE)
+    assert status is not None
+    assert (status.state, status.current_version) == (NodeState.SUCCESS, "2.0.0")
+    await running
+
+    assert time.monotonic() - began >= 0.3
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeDeployed)
+    assert outcome.duration_s >= 0.3
+    assert await store.get_processed(request.event_id) == outcomes.record(outcome)
+    assert script.calls[f"status:{NODE}"] >= 2  # probes every 0.1 s, the last one at the end of the window
+
+
+@pytest.mark.parametrize(
+    ("probe", "seen"),
+    [
+        ("unhealthy", "the probe saw failed, running 2.0.0: health check fails"),
+        ("drift", "the probe saw success, running 0.0.1-drift"),
+        ("refused", "the probe failed: status: permission denied"),
+        ("crash", "the probe crashed: RuntimeError: probe boom"),
+    ],
+)
+async def test_node_that_does_not_stay_healthy_fails_at_min_healthy(store: Store, probe: Probe, seen: str) -> None:
+    """A probe that finds the node unhealthy, running another version, or cannot probe at all fails the deploy."""
+    bus, script = MemoryBus(), Script()
+    consumer = worker(store, bus, script)
+    await consumer.handle(deploy("1.0.0"))
+    script.probes[NODE] = ["healthy", probe]
+    request = deploy("2.0.0", min_healthy_s=1.0)
+    began = time.monotonic()
+    await consumer.handle(request)
+
+    assert time.monotonic() - began < 0.9  # failed at the second probe, without waiting out the window
+    outcome = bus.events(Topic.OUTCOMES)[-1]
+    assert isinstance(outcome, NodeFailed)
+    assert (outcome.step, outcome.version, outcome.prev_version) == ("min_healthy", "2.0.0", "1.0.0")
+    assert re.fullmatch(rf"after 0\.[3-8]s of 1s, {re.escape(seen)}", outcome.error), outcome.error
+    status = await store.get_node(NODE)
+    assert status is not None
+    assert status.state == NodeState.FAILED
+    assert status.last_error == f"min_healthy: {outcome.error}"
+    assert status.current_version == ("0.0.1-drift" if probe == "drift" else "2.0.0")
+    assert await store.get_processed(request.event_id) == outcomes.record(outcome)
+
+
+async def test_min_healthy_failure_is_rolled_back_to_the_previous_version(store: Store) -> None:
+    """NodeFailed at min_healthy with policy node: the rollback consumer asks, the node returns to 1.0.0."""
+    bus, script = MemoryBus(), Script()
+    consumer = worker(store, bus, script)
+    await consumer.handle(deploy("1.0.0"))
+    script.probes[NODE] = ["unhealthy"]
+    await consumer.handle(deploy("2.0.0", min_healthy_s=0.3, auto_rollback=AutoRollback.NODE))
+    failed = bus.events(Topic.OUTCOMES)[-1]
+    assert isinstance(failed, NodeFailed)
+    assert (failed.step, failed.current_version) == ("min_healthy", "2.0.0")
+
+    await RollbackConsumer(bus).handle(failed)
+    [rollback] = bus.events(Topic.COMMANDS)
+    assert isinstance(rollback, RollbackRequested)
+    assert rollback.causation_id == failed.event_id
+    await consumer.handle(rollback)
+
+    status = await store.get_node(NODE)
+    assert status is not None
+    assert (status.state, status.current_version) == (NodeState.ROLLED_BACK, "1.0.0")
+    rolled_back = bus.events(Topic.OUTCOMES)[-1]
+    assert isinstance(rolled_back, NodeRolledBack)
+    assert (rolled_back.version, rolled_back.from_version) == ("1.0.0", "2.0.0")
+
+
+async def test_probe_that_cannot_tell_is_tried_again_at_the_next_interval(store: Store) -> None:
+    """A retriable probe error decides nothing: later healthy probes, the final one included, pass the node."""
+    bus, script = MemoryBus(), Script(probes={NODE: ["unreachable", "unreachable"]})
+    await worker(store, bus, script).handle(deploy(min_healthy_s=0.5))
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeDeployed)
+    assert script.calls[f"status:{NODE}"] >= 3
+
+
+async def test_window_that_ends_without_a_probe_that_could_tell_fails(store: Store) -> None:
+    """Retriable probe errors up to the end of the window fail the deploy at min_healthy, naming the error."""
+    bus, script = MemoryBus(), Script(probes={NODE: ["unreachable"] * 20})
+    await worker(store, bus, script).handle(deploy(min_healthy_s=0.3))
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeFailed)
+    assert outcome.step == "min_healthy"
+    assert "no probe could tell by the end of the window" in outcome.error
+    assert "cannot be reached right now" in outcome.error
+    assert outcome.current_version == "2.0.0"
+
+
+async def test_cancelled_observation_writes_nothing_and_redelivery_observes_again(store: Store) -> None:
+    """A worker stopped within the window records no outcome; the redelivered request deploys (a no-op) and
+    observes the whole window again before NodeDeployed."""
+    bus, script = MemoryBus(), Script()
+    request = deploy(min_healthy_s=0.3)
+    running = asyncio.create_task(worker(store, bus, script).handle(request))
+    await asyncio.sleep(0.15)
+    deployed = await store.get_node(NODE)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert bus.events(Topic.OUTCOMES) == []
+    assert await store.get_processed(request.event_id) is None
+    assert await store.get_node(NODE) == deployed
+
+    probes_before = script.calls[f"status:{NODE}"]
+    began = time.monotonic()
+    await worker(store, bus, script).handle(request)
+    assert time.monotonic() - began >= 0.3
+    assert script.calls[f"deploy:{NODE}"] == 2
+    assert script.calls[f"status:{NODE}"] > probes_before
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeDeployed)
+    assert outcome.prev_version is None
+    assert outcome.event_id == derived_event_id(request.event_id, "outcome")
+
+
+async def test_without_min_healthy_the_node_is_never_probed(store: Store) -> None:
+    """min_healthy 0 (the default): NodeDeployed right after the deploy, and status() is never called."""
+    bus, script = MemoryBus(), Script(probes={NODE: ["unhealthy"]})
+    await worker(store, bus, script).handle(deploy())
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeDeployed)
+    assert script.calls[f"status:{NODE}"] == 0
+
+
+async def test_failed_deploy_with_min_healthy_is_not_observed(store: Store) -> None:
+    """A deploy that fails on its own reports its own step; there is nothing to observe."""
+    bus, script = MemoryBus(), Script(behaviour={NODE: "fail"})
+    await worker(store, bus, script).handle(deploy(min_healthy_s=5.0))
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeFailed)
+    assert outcome.step == "health"
+    assert script.calls[f"status:{NODE}"] == 0
+
+
+@pytest.mark.parametrize(("window", "interval"), [(0.3, 0.1), (1.5, 0.3), (10, 2.0), (60, 5.0), (86400, 5.0)])
+def test_probe_interval_is_a_fifth_of_the_window_within_bounds(window: float, interval: float) -> None:
+    assert probe_interval(window) == pytest.approx(interval)
 
 
 class _ForgetfulStore:

@@ -25,7 +25,16 @@ from reactor.domain.pacer import (
     decide,
 )
 from reactor.domain.planner import failure_budget, plan_batches, resolve_size
-from reactor.domain.status import NodeState, NodeStatus, claim, finish, parse_node_key, pending, rollback_target
+from reactor.domain.status import (
+    NodeState,
+    NodeStatus,
+    claim,
+    fail_min_healthy,
+    finish,
+    parse_node_key,
+    pending,
+    rollback_target,
+)
 from reactor.errors import IllegalTransition, InvalidInput, NodeBusy
 from reactor.events import BatchSize, Strategy
 
@@ -229,6 +238,28 @@ def test_rollback_after_a_failed_deploy_returns_to_the_current_version() -> None
 def test_rollback_after_a_failed_deploy_without_current_version_falls_back_to_prev_version() -> None:
     failed = node(NodeState.FAILED, current_version=None, prev_version="0.9.0")
     assert rollback_target(failed, None) == "0.9.0"
+
+
+def test_rollback_after_a_deploy_that_failed_after_the_switch_returns_to_the_previous_version() -> None:
+    """The node runs the version that failed (e.g. at min_healthy): going back means prev_version."""
+    failed = node(NodeState.FAILED, current_version="2.0.0", prev_version="1.0.0", deploying_version="2.0.0")
+    assert rollback_target(failed, None) == "1.0.0"
+
+
+def test_min_healthy_failure_keeps_what_the_probe_saw_and_the_previous_version() -> None:
+    result = node(NodeState.SUCCESS, current_version="2.0.0", prev_version="1.0.0")
+    deployed = finish(claimed("deploy"), result, now=NOW)
+    failed = fail_min_healthy(deployed, running="2.0.0", error="the probe saw failed", now=NOW + timedelta(seconds=5))
+    assert (failed.state, failed.current_version, failed.prev_version) == (NodeState.FAILED, "2.0.0", "1.0.0")
+    assert (failed.deploying_version, failed.last_error) == ("2.0.0", "min_healthy: the probe saw failed")
+    assert (failed.request_id, failed.updated_at) == ("req-1", NOW + timedelta(seconds=5))
+    assert rollback_target(failed, None) == "1.0.0"
+
+
+@pytest.mark.parametrize("state", [NodeState.DEPLOYING, NodeState.FAILED, NodeState.ROLLED_BACK], ids=str)
+def test_min_healthy_fails_only_a_deployed_node(state: NodeState) -> None:
+    with pytest.raises(IllegalTransition):
+        fail_min_healthy(node(state, operation="deploy"), running="2.0.0", error="x", now=NOW)
 
 
 def test_rollback_after_a_successful_deploy_returns_to_the_previous_version() -> None:

@@ -358,6 +358,18 @@ def test_strategy_rejects_zero_parallelism() -> None:
     assert rejected_at(Strategy, {"max_parallel": 0}) == {("max_parallel",)}
 
 
+@pytest.mark.parametrize("seconds", [-0.1, 86400.5, float("nan")])
+def test_min_healthy_outside_zero_to_a_day_is_rejected(seconds: float) -> None:
+    assert rejected_at(Strategy, {"min_healthy_s": seconds}) == {("min_healthy_s",)}
+    assert rejected_at(DeployRequested, deploy_fields(min_healthy_s=seconds)) == {("min_healthy_s",)}
+
+
+def test_min_healthy_defaults_to_zero_and_accepts_up_to_a_day() -> None:
+    assert (Strategy().min_healthy_s, DeployRequested.model_validate(deploy_fields()).min_healthy_s) == (0.0, 0.0)
+    assert Strategy(min_healthy_s=86400).min_healthy_s == 86400
+    assert DeployRequested.model_validate(deploy_fields(min_healthy_s=1.5)).min_healthy_s == 1.5
+
+
 # --- the registry of event types ----------------------------------------------------------------
 
 

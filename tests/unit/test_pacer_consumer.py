@@ -194,3 +194,20 @@ async def test_restarted_pacer_resends_dispatched_nodes_and_finishes(store: Stor
     assert record.state == ReleaseState.COMPLETED
     assert sorted(script.order) == [node.node_key for node in release.nodes]
     assert len(outcomes) == 4
+
+
+async def test_release_min_healthy_is_carried_into_every_deploy_request(store: Store, tmp_path: Path) -> None:
+    """Strategy min_healthy_s 0.2: every DeployRequested carries it, and each node is probed before it counts."""
+    script = Script()
+    release = plan(3, Strategy(batches=[1, "100%"], max_parallel=2, min_healthy_s=0.2))
+    async with reactor(store, script, tmp_path, {Role.ALL}) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await bus.idle()
+
+    requests = [event for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
+    assert sorted(event.node_key for event in requests) == [node.node_key for node in release.nodes]
+    assert {event.min_healthy_s for event in requests} == {0.2}
+    record = await store.get_release(release.release_id)
+    assert record is not None
+    assert record.state == ReleaseState.COMPLETED
+    assert all(script.calls[f"status:{node.node_key}"] >= 1 for node in release.nodes)

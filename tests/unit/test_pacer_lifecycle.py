@@ -198,6 +198,16 @@ async def test_node_without_outcome_fails_by_deadline_and_the_policy_applies(sto
     assert (counts[ItemState.FAILED], counts[ItemState.QUEUED]) == (1, 1)
 
 
+async def test_node_deadline_leaves_room_for_the_min_healthy_window(store: Store, tmp_path: Path) -> None:
+    """Deadline 0.5 s, min_healthy 1 s: a node observed for its whole window is not failed by the deadline."""
+    script = Script()
+    release = plan(1, Strategy(node_deadline_s=0.5, min_healthy_s=1.0, auto_rollback="none"))
+    async with reactor(store, script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+        assert of_type(bus, Topic.OUTCOMES, NodeFailed) == []
+
+
 async def test_spent_budget_with_release_policy_rolls_back_every_deployed_node_newest_first(
     store: Store, tmp_path: Path
 ) -> None:
