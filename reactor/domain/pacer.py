@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from reactor.events import Model
-
 
 class ReleaseState(StrEnum):
     """Where a release is: queued behind another release of its service, live, winding down, or over."""
@@ -41,7 +39,8 @@ class ItemState(StrEnum):
     ROLLBACK_FAILED = "rollback_failed"
 
 
-class BatchCounts(Model):
+@dataclass(frozen=True, slots=True)
+class BatchCounts:
     """How many nodes of one batch (or of the release) are in each item state."""
 
     queued: int = 0
@@ -55,7 +54,16 @@ class BatchCounts(Model):
     @classmethod
     def of(cls, counts: dict[ItemState, int]) -> BatchCounts:
         """From a store's per-state counts."""
-        return cls(**{state.value: counts.get(state, 0) for state in ItemState})
+        get = counts.get
+        return cls(
+            get(ItemState.QUEUED, 0),
+            get(ItemState.DISPATCHED, 0),
+            get(ItemState.SUCCEEDED, 0),
+            get(ItemState.FAILED, 0),
+            get(ItemState.ROLLBACK_DISPATCHED, 0),
+            get(ItemState.ROLLED_BACK, 0),
+            get(ItemState.ROLLBACK_FAILED, 0),
+        )
 
     @property
     def done(self) -> bool:
