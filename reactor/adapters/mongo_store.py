@@ -50,6 +50,17 @@ def _is_transient(exc: PyMongoError) -> bool:
     return isinstance(exc, ConnectionFailure) or exc.has_error_label("RetryableWriteError")
 
 
+def _raise_swallowed_cancellation(task: asyncio.Task[Any] | None, cancels: int) -> None:
+    """Raise CancelledError if the task was cancelled while a pymongo call ran and the call ate it.
+
+    PyMongo's async client sometimes returns a result (or raises a connection error) instead of letting a
+    cancellation through (seen with find_one on FerretDB, pymongo 4.x); the caller would then go on, and a
+    worker being shut down would never stop. An unhandled request shows as a higher `cancelling()` count.
+    """
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError
+
+
 def _node_fields(status: NodeStatus) -> Document:
     return {
         "revision": status.revision,
@@ -323,10 +334,13 @@ class MongoStore:
         """Run `operation`, again after a transient failure while time is left; translate pymongo errors."""
         deadline = time.monotonic() + self.timeout_s
         attempt = 0
+        task = asyncio.current_task()
+        cancels = 0 if task is None else task.cancelling()
         while True:
             try:
-                return await operation()
+                result = await operation()
             except PyMongoError as exc:
+                _raise_swallowed_cancellation(task, cancels)
                 if not _is_transient(exc):
                     raise ReactorError(f"MongoDB {what}: {exc}") from exc
                 delay = _BACKOFF_S[attempt] if attempt < len(_BACKOFF_S) else None
@@ -335,6 +349,9 @@ class MongoStore:
                 log.warning("mongo operation failed; retrying", operation=what, attempt=attempt + 1, error=str(exc))
                 attempt += 1
                 await asyncio.sleep(delay)
+            else:
+                _raise_swallowed_cancellation(task, cancels)
+                return result
 
     async def _find_one(self, collection: str, query: Mapping[str, Any]) -> Document | None:
         return await self._retry(f"read {collection}", lambda: self.db[collection].find_one(query))

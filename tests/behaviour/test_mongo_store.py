@@ -238,3 +238,28 @@ async def test_everything_survives_closing_and_reopening(mongo_url: str, mongo_d
         updated = await reopened.put_node(node, expected_revision=1)
         assert updated is not None
         assert updated.revision == 2
+
+
+async def test_a_cancelled_store_call_always_stops_the_task(mongo: MongoStore) -> None:
+    """Cancelling a task inside any store call ends it, at every instant of the call: PyMongo's async client
+    sometimes eats the cancellation, and a worker shutting down must not run on."""
+
+    async def busy() -> None:
+        index = 0
+        while True:
+            await mongo.take_lease("timers", "me", now=datetime.now(UTC), ttl_s=5)
+            await mongo.list_releases()
+            await mongo.get_processed(f"event-{index}")
+            index += 1
+
+    stuck = 0
+    for attempt in range(120):
+        task = asyncio.create_task(busy())
+        await asyncio.sleep((attempt % 30) / 1000)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2)
+        if not done or not task.cancelled():
+            stuck += 1
+            task.cancel()
+            await asyncio.wait([task], timeout=2)
+    assert stuck == 0, f"{stuck} of 120 cancelled tasks went on running"
