@@ -413,7 +413,13 @@ class MongoStore:
         while True:
             if held is None:
                 lock = {"_id": lock_id, "key": key, "expires_at": datetime.now(UTC) + lease}
-                if await self._insert("locks", lock):
+                try:
+                    taken = await self._insert("locks", lock)
+                except asyncio.CancelledError:
+                    # The insert may have landed: give the lock back rather than leave it to expire.
+                    await asyncio.shield(self._unlock(key, lock_id))
+                    raise
+                if taken:
                     return lock_id
             elif held["expires_at"] <= datetime.now(UTC):
                 log.warning("taking over an expired lock", lock=key)

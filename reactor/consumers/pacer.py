@@ -44,7 +44,7 @@ from reactor.domain.pacer import (
     decide,
 )
 from reactor.domain.planner import failure_budget, plan_batches
-from reactor.errors import ConflictError
+from reactor.errors import ConflictError, ReactorError
 from reactor.events import (
     AutoRollback,
     BatchCompleted,
@@ -187,12 +187,18 @@ class Pacer:
         next_resend = loop.time() + resend_s
         while True:
             await asyncio.sleep(tick_s)
-            if not await self.store.take_lease(TIMER_LEASE, self.identity, now=self.clock(), ttl_s=ttl_s):
-                continue
-            await self.tick()
-            if loop.time() >= next_resend:
-                await self.recover()
-                next_resend = loop.time() + resend_s
+            try:
+                if not await self.store.take_lease(TIMER_LEASE, self.identity, now=self.clock(), ttl_s=ttl_s):
+                    continue
+                await self.tick()
+                if loop.time() >= next_resend:
+                    await self.recover()
+                    next_resend = loop.time() + resend_s
+            except ReactorError as exc:
+                if not exc.retriable:
+                    raise
+                # A store that does not answer now may at the next tick; every effect of a tick is a CAS.
+                log.warning("timer tick failed; trying again at the next one", error=str(exc))
 
     async def _sweep_slots(self, now: datetime) -> None:
         """Free slots whose node is not in flight (left by a pacer that died at the wrong instant)."""
