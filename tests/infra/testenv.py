@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -67,6 +68,7 @@ MAVEN_DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 
 KAFKA_START_TIMEOUT = 120.0
 FERRETDB_START_TIMEOUT = 60.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 KAFKA_STOP_GRACE = 30.0
 FERRETDB_STOP_GRACE = 10.0
 
@@ -254,9 +256,29 @@ class Service:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the process that started it dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
 def _spawn(
-    name: str, cmd: list[str], workdir: Path, logfile: Path, *, stop_grace: float, env: dict[str, str] | None = None
+    name: str,
+    cmd: list[str],
+    workdir: Path,
+    logfile: Path,
+    *,
+    stop_grace: float,
+    env: dict[str, str] | None = None,
+    outlive_parent: bool = False,
 ) -> Service:
+    """Start a service in its own session (the terminal's ^C does not reach it).
+
+    Unless `outlive_parent` (the `up` command, whose services live until `down`), the service is killed with
+    the process that started it, so a test run that is SIGKILLed leaves no broker or database behind. The
+    parent must be a thread that lives as long as the service (the kernel signals on the forking thread's exit).
+    """
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
             cmd,
@@ -265,7 +287,8 @@ def _spawn(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # survives the CLI that started it; not hit by the terminal's ^C
+            start_new_session=True,
+            preexec_fn=None if outlive_parent else _die_with_parent,  # noqa: PLW1509 (no threads fork here)
         )
     return Service(
         name=name,
@@ -468,7 +491,7 @@ def _kafka_api_versions_ok(port: int) -> bool:
     return bool(corr == 7 and err == 0)
 
 
-def start_kafka(workdir: Path, version: str = KAFKA_VERSION) -> Service:
+def start_kafka(workdir: Path, version: str = KAFKA_VERSION, *, outlive_parent: bool = False) -> Service:
     """Format and start a single-node KRaft broker in `workdir` (wiped first); wait until ready."""
     home = ensure_kafka(version)
     libs = home / "libs"
@@ -498,7 +521,7 @@ def start_kafka(workdir: Path, version: str = KAFKA_VERSION) -> Service:
 
     cmd = _kafka_java_cmd(libs, workdir, "512m", "kafka.Kafka", str(workdir / "server.properties"))
     cmd[1:1] = ["-Xms256m"]
-    svc = _spawn("kafka", cmd, workdir, logfile, stop_grace=KAFKA_STOP_GRACE)
+    svc = _spawn("kafka", cmd, workdir, logfile, stop_grace=KAFKA_STOP_GRACE, outlive_parent=outlive_parent)
     svc.env = {"REACTOR_KAFKA_BOOTSTRAP": f"{HOST}:{port}"}
 
     def ready() -> bool:
@@ -576,7 +599,7 @@ def ensure_ferretdb(version: str = FERRETDB_VERSION) -> Path:
     return binary
 
 
-def start_ferretdb(workdir: Path, version: str = FERRETDB_VERSION) -> Service:
+def start_ferretdb(workdir: Path, version: str = FERRETDB_VERSION, *, outlive_parent: bool = False) -> Service:
     """Start FerretDB (SQLite data in `workdir`, wiped first) and wait until it accepts TCP."""
     binary = ensure_ferretdb(version)
     workdir = Path(workdir).resolve()
@@ -590,6 +613,7 @@ def start_ferretdb(workdir: Path, version: str = FERRETDB_VERSION) -> Service:
         workdir,
         workdir / "ferretdb.log",
         stop_grace=FERRETDB_STOP_GRACE,
+        outlive_parent=outlive_parent,
     )
     svc.env = {"REACTOR_MONGO_URL": f"mongodb://{HOST}:{port}/"}
     _wait_until(svc, lambda: _tcp_accepts(port), FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
@@ -666,13 +690,13 @@ COMPONENTS: dict[str, Component] = {
         "kafka",
         f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)",
         ensure_kafka,
-        start_kafka,
+        lambda workdir: start_kafka(workdir, outlive_parent=True),
     ),
     "mongo": Component(
         "mongo",
         f"FerretDB {FERRETDB_VERSION} (MongoDB wire protocol, SQLite)",
         ensure_ferretdb,
-        start_ferretdb,
+        lambda workdir: start_ferretdb(workdir, outlive_parent=True),
     ),
     # Imported on use: tests/infra/fleet.py imports this module. Hosts: $REACTOR_FLEET_HOSTS (`up --hosts N`).
     "fleet": Component(
