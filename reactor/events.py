@@ -7,6 +7,7 @@ extension `correlationid` = release id and `causationid` = the event that caused
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -470,3 +471,14 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 )
 EVENTS_BY_TYPE: dict[str, type[Event]] = {cls.TYPE: cls for cls in EVENT_TYPES}
 OUTCOME_TYPES: tuple[type[NodeEvent], ...] = (NodeDeployed, NodeFailed, NodeRolledBack, RollbackFailed)
+
+
+def event_document(event: Event) -> str:
+    """An event in a stored form that keeps its type (for outboxes and recorded outcomes)."""
+    return json.dumps({"type": event.TYPE, "data": event.model_dump(mode="json")})
+
+
+def event_from_document(document: str) -> Event:
+    """The event of a stored form made by `event_document`."""
+    parsed = json.loads(document)
+    return EVENTS_BY_TYPE[parsed["type"]].model_validate(parsed["data"])

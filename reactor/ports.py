@@ -9,6 +9,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Protocol, Self
 
+from pydantic import Field
+
 from reactor.codec import Record
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeStatus
@@ -139,6 +141,9 @@ class ReleaseRecord(Model):
     created_at: datetime
     updated_at: datetime
     revision: int = 0
+    # Release events decided together with the last change and not yet known to be published (stored forms,
+    # `reactor.events.event_document`): whoever reads the record next publishes them, so none is lost.
+    outbox: list[str] = Field(default_factory=list)
 
 
 class ReleaseNode(Model):

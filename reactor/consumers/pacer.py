@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import uuid4
@@ -69,6 +69,8 @@ from reactor.events import (
     RollbackFailed,
     RollbackRequested,
     derived_event_id,
+    event_document,
+    event_from_document,
     utc_now,
 )
 from reactor.ports import EventBus, ReleaseNode, ReleaseRecord, Store
@@ -141,14 +143,22 @@ class Pacer:
     # --- recovery and timers ---
 
     async def recover(self) -> None:
-        """Send again every command dispatched without an outcome, then advance every active release."""
+        """Publish what a pacer decided but may not have announced, send again every command dispatched
+        without an outcome, then advance every active release."""
         for record in await self.store.list_releases():
+            if record.outbox:
+                record = await self._flush(record)  # noqa: PLW2901 (the record as it is after the flush)
             if record.state not in ACTIVE:
                 continue
             for node in await self.store.list_release_nodes(record.release_id, state=ItemState.DISPATCHED):
                 await self.bus.publish(self._deploy_request(record, node))
             for node in await self.store.list_release_nodes(record.release_id, state=ItemState.ROLLBACK_DISPATCHED):
                 await self.bus.publish(self._rollback_request(record, node))
+            # A deadline failure is recorded before it is published; a pacer that died between the two
+            # leaves it unannounced. Same id each time: consumers dedupe.
+            for node in await self.store.list_release_nodes(record.release_id, state=ItemState.FAILED):
+                if node.outcome == "deadline":
+                    await self.bus.publish(await self._deadline_failure(record, node))
             await self._advance(record.release_id)
 
     async def tick(self) -> None:
@@ -296,12 +306,11 @@ class Pacer:
                 log.info("release planned", batches=record.batch_sizes, budget=record.budget)
                 busy = await self._active_release_of(saved.plan.service, besides=saved.release_id)
                 if busy is None:
-                    await self._publish_batch_started(saved, 0)
+                    await self._save(saved, [await self._batch_started(saved, 0)])
                 elif self.concurrent_releases == "refuse":
-                    refused = await self._save(
-                        saved, state=ReleaseState.HALTED, reason=f"refused: release {busy} of {plan.service} is active"
-                    )
-                    await self._publish_halted(refused)
+                    reason = f"refused: release {busy} of {plan.service} is active"
+                    halted = await self._halted(saved, reason)
+                    await self._save(saved, [halted], state=ReleaseState.HALTED, reason=reason)
                     return
                 else:
                     await self._save(saved, state=ReleaseState.QUEUED, reason=f"queued behind release {busy}")
@@ -328,11 +337,12 @@ class Pacer:
             return
         oldest = min(queued, key=lambda other: other.created_at)
         try:
-            started = await self._save(oldest, state=ReleaseState.RUNNING, reason="")
+            started = await self._save(
+                oldest, [await self._batch_started(oldest, 0)], state=ReleaseState.RUNNING, reason=""
+            )
         except ConflictError:
             return  # another pacer promoted it first
         log.info("queued release starts", release_id=started.release_id)
-        await self._publish_batch_started(started, 0)
         await self._advance(started.release_id)
 
     async def _count(
@@ -384,10 +394,11 @@ class Pacer:
             case _:
                 log.info("command does not apply", command=type(command).__name__, state=record.state.value)
         if changes is not None:
-            saved = await self._save(record, **changes)
+            announce: list[Event] = []
+            if changes["state"] == ReleaseState.ABORTED:
+                announce.append(await self._halted(record, str(changes["reason"])))
+            saved = await self._save(record, announce, **changes)
             log.info("release command applied", command=type(command).__name__, state=saved.state.value)
-            if saved.state == ReleaseState.ABORTED:
-                await self._publish_halted(saved)
         await self._advance(command.release_id)
 
     # --- the decision loop ---
@@ -416,11 +427,14 @@ class Pacer:
             record = await self.store.get_release(release_id)
             if record is None:
                 return None
+            if record.outbox:
+                record = await self._flush(record)
             if record.state in FINAL:
                 return record.plan.service
             batch_counts = BatchCounts.of(await self.store.count_release_nodes(release_id, batch=record.batch))
             totals = BatchCounts.of(await self.store.count_release_nodes(release_id))
             decision = decide(self._view(record, batch_counts, totals))
+            announce: list[Event]
             match decision:
                 case Wait():
                     return None
@@ -431,62 +445,57 @@ class Pacer:
                     await self._dispatch_rollbacks(record, count)
                     return None
                 case StartNextBatch(report_completed=report):
-                    if report:
-                        await self._publish_batch_completed(record, batch_counts)
-                    saved = await self._save(record, batch=record.batch + 1, state=ReleaseState.RUNNING, resume_at=None)
-                    await self._publish_batch_started(saved, saved.batch)
-                case AwaitApproval():
-                    await self._publish_batch_completed(record, batch_counts)
-                    await self._save(record, state=ReleaseState.AWAITING_APPROVAL)
-                    await self.bus.publish(
-                        ReleaseAwaitingApproval(
-                            event_id=derived_event_id(release_id, "batch", str(record.batch), "approval"),
-                            release_id=release_id,
-                            causation_id=record.request_id,
-                            batch=record.batch,
-                        )
+                    announce = [self._batch_completed(record, batch_counts)] if report else []
+                    announce.append(await self._batch_started(record, record.batch + 1))
+                    await self._save(
+                        record, announce, batch=record.batch + 1, state=ReleaseState.RUNNING, resume_at=None
                     )
+                case AwaitApproval():
+                    approval = ReleaseAwaitingApproval(
+                        event_id=derived_event_id(release_id, "batch", str(record.batch), "approval"),
+                        release_id=release_id,
+                        causation_id=record.request_id,
+                        batch=record.batch,
+                    )
+                    announce = [self._batch_completed(record, batch_counts), approval]
+                    await self._save(record, announce, state=ReleaseState.AWAITING_APPROVAL)
                     return None
                 case PauseUntil(resume_at=resume_at):
-                    await self._publish_batch_completed(record, batch_counts)
-                    await self._save(record, state=ReleaseState.WAITING, resume_at=resume_at)
+                    announce = [self._batch_completed(record, batch_counts)]
+                    await self._save(record, announce, state=ReleaseState.WAITING, resume_at=resume_at)
                     log.info("pausing between batches", resume_at=resume_at.isoformat())
                     return None
                 case Complete():
-                    await self._publish_batch_completed(record, batch_counts)
-                    await self._save(record, state=ReleaseState.COMPLETED)
-                    log.info("release completed")
-                    await self.bus.publish(
-                        ReleaseCompleted(
-                            event_id=derived_event_id(release_id, "completed"),
-                            release_id=release_id,
-                            causation_id=record.request_id,
-                            succeeded=totals.succeeded,
-                            failed=totals.failed,
-                        )
+                    completed = ReleaseCompleted(
+                        event_id=derived_event_id(release_id, "completed"),
+                        release_id=release_id,
+                        causation_id=record.request_id,
+                        succeeded=totals.succeeded,
+                        failed=totals.failed,
                     )
+                    announce = [self._batch_completed(record, batch_counts), completed]
+                    await self._save(record, announce, state=ReleaseState.COMPLETED)
+                    log.info("release completed")
                     return record.plan.service
                 case Halt(reason=reason):
-                    saved = await self._save(record, state=ReleaseState.HALTED, reason=reason)
+                    halted = await self._halted(record, reason, totals)
+                    await self._save(record, [halted], state=ReleaseState.HALTED, reason=reason)
                     log.warning("release halted", reason=reason)
-                    await self._publish_halted(saved)
                     return record.plan.service
                 case RollBackRelease(reason=reason):
-                    saved = await self._save(record, state=ReleaseState.ROLLING_BACK, reason=reason)
+                    halted = await self._halted(record, reason, totals)
+                    await self._save(record, [halted], state=ReleaseState.ROLLING_BACK, reason=reason)
                     log.warning("rolling the release back", reason=reason)
-                    await self._publish_halted(saved)
                 case RolledBack():
-                    await self._save(record, state=ReleaseState.ROLLED_BACK)
-                    log.info("release rolled back")
-                    await self.bus.publish(
-                        ReleaseRolledBack(
-                            event_id=derived_event_id(release_id, "rolled_back"),
-                            release_id=release_id,
-                            causation_id=record.request_id,
-                            rolled_back=totals.rolled_back,
-                            failed=totals.rollback_failed,
-                        )
+                    rolled_back = ReleaseRolledBack(
+                        event_id=derived_event_id(release_id, "rolled_back"),
+                        release_id=release_id,
+                        causation_id=record.request_id,
+                        rolled_back=totals.rolled_back,
+                        failed=totals.rollback_failed,
                     )
+                    await self._save(record, [rolled_back], state=ReleaseState.ROLLED_BACK)
+                    log.info("release rolled back")
                     return record.plan.service
 
     def _view(self, record: ReleaseRecord, batch_counts: BatchCounts, totals: BatchCounts) -> View:
@@ -581,50 +590,60 @@ class Pacer:
             log.info("in-flight limit reached", sent=len(holding), wanted=count)
         return holding
 
-    async def _save(self, record: ReleaseRecord, **changes: object) -> ReleaseRecord:
-        updated = record.model_copy(update={**changes, "updated_at": self.clock()})
+    async def _save(self, record: ReleaseRecord, announce: Sequence[Event] = (), **changes: object) -> ReleaseRecord:
+        """Write `changes` (a CAS on the revision read) with the events that announce them in the record's
+        outbox, then publish the outbox. A pacer that dies in between leaves the events to the next reader."""
+        outbox = [*record.outbox, *(event_document(event) for event in announce)]
+        updated = record.model_copy(update={**changes, "outbox": outbox, "updated_at": self.clock()})
         saved = await self.store.put_release(updated, expected_revision=record.revision)
         if saved is None:
             raise ConflictError(f"release {record.release_id} changed under the pacer")
-        return saved
+        return await self._flush(saved) if saved.outbox else saved
 
-    # --- what the pacer publishes ---
+    async def _flush(self, record: ReleaseRecord) -> ReleaseRecord:
+        """Publish the record's outbox (ids are fixed, so publishing twice dedupes), then empty it."""
+        for document in record.outbox:
+            await self.bus.publish(event_from_document(document))
+        emptied = record.model_copy(update={"outbox": [], "updated_at": self.clock()})
+        saved = await self.store.put_release(emptied, expected_revision=record.revision)
+        if saved is not None:
+            return saved
+        # Changed meanwhile: the writer kept the outbox (a change appends to it) and publishes it in turn.
+        latest = await self.store.get_release(record.release_id)
+        return latest if latest is not None else record
 
-    async def _publish_batch_started(self, record: ReleaseRecord, batch: int) -> None:
+    # --- what the pacer announces ---
+
+    async def _batch_started(self, record: ReleaseRecord, batch: int) -> BatchStarted:
         nodes = await self.store.list_release_nodes(record.release_id, batch=batch)
-        await self.bus.publish(
-            BatchStarted(
-                event_id=derived_event_id(record.release_id, "batch", str(batch), "started"),
-                release_id=record.release_id,
-                causation_id=record.request_id,
-                batch=batch,
-                node_keys=[node.node_key for node in nodes],
-            )
+        return BatchStarted(
+            event_id=derived_event_id(record.release_id, "batch", str(batch), "started"),
+            release_id=record.release_id,
+            causation_id=record.request_id,
+            batch=batch,
+            node_keys=[node.node_key for node in nodes],
         )
 
-    async def _publish_batch_completed(self, record: ReleaseRecord, counts: BatchCounts) -> None:
-        await self.bus.publish(
-            BatchCompleted(
-                event_id=derived_event_id(record.release_id, "batch", str(record.batch), "completed"),
-                release_id=record.release_id,
-                causation_id=record.request_id,
-                batch=record.batch,
-                succeeded=counts.succeeded,
-                failed=counts.failed,
-            )
+    def _batch_completed(self, record: ReleaseRecord, counts: BatchCounts) -> BatchCompleted:
+        return BatchCompleted(
+            event_id=derived_event_id(record.release_id, "batch", str(record.batch), "completed"),
+            release_id=record.release_id,
+            causation_id=record.request_id,
+            batch=record.batch,
+            succeeded=counts.succeeded,
+            failed=counts.failed,
         )
 
-    async def _publish_halted(self, record: ReleaseRecord) -> None:
-        totals = BatchCounts.of(await self.store.count_release_nodes(record.release_id))
-        await self.bus.publish(
-            ReleaseHalted(
-                event_id=derived_event_id(record.release_id, "halted"),
-                release_id=record.release_id,
-                causation_id=record.request_id,
-                reason=record.reason,
-                succeeded=totals.succeeded,
-                failed=totals.failed,
-            )
+    async def _halted(self, record: ReleaseRecord, reason: str, totals: BatchCounts | None = None) -> ReleaseHalted:
+        if totals is None:
+            totals = BatchCounts.of(await self.store.count_release_nodes(record.release_id))
+        return ReleaseHalted(
+            event_id=derived_event_id(record.release_id, "halted"),
+            release_id=record.release_id,
+            causation_id=record.request_id,
+            reason=reason,
+            succeeded=totals.succeeded,
+            failed=totals.failed,
         )
 
     def _deploy_request(self, record: ReleaseRecord, node: ReleaseNode) -> DeployRequested:

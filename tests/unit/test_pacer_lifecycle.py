@@ -13,6 +13,7 @@ from typing import Any
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, pending
+from reactor.errors import BackendUnavailable
 from reactor.events import (
     AutoRollback,
     BatchCompleted,
@@ -25,6 +26,7 @@ from reactor.events import (
     ReleaseAborted,
     ReleaseApproved,
     ReleaseAwaitingApproval,
+    ReleaseCompleted,
     ReleaseHalted,
     ReleasePaused,
     ReleasePlan,
@@ -35,8 +37,11 @@ from reactor.events import (
     RollbackRequested,
     Strategy,
     Topic,
+    derived_event_id,
+    event_document,
+    utc_now,
 )
-from reactor.ports import Store
+from reactor.ports import ReleaseNode, ReleaseRecord, Store
 from reactor.runtime import Backends, Role, run_roles
 from reactor.settings import Settings
 from tests.fakes import Script, scripted
@@ -91,6 +96,12 @@ async def reactor(
 async def state_of(store: Store, release_id: str) -> ReleaseState | None:
     record = await store.get_release(release_id)
     return None if record is None else record.state
+
+
+async def completion_announced(store: Store, bus: MemoryBus, release_id: str, timeout_s: float = 10.0) -> None:
+    """Wait until the release is completed and subscribers were told (ReleaseCompleted on the bus)."""
+    await until(lambda: equals(state_of(store, release_id), ReleaseState.COMPLETED), "completion", timeout_s)
+    await until(lambda: of_type(bus, Topic.RELEASES, ReleaseCompleted), "ReleaseCompleted", timeout_s)
 
 
 def of_type(bus: MemoryBus, topic: Topic, kind: type[Event]) -> list[Event]:
@@ -177,7 +188,7 @@ async def test_pause_between_batches_is_a_durable_timer(store: Store, tmp_path: 
         record = await store.get_release(release.release_id)
         assert record is not None
         assert record.resume_at is not None
-        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+        await completion_announced(store, bus, release.release_id)
         assert loop.time() - started >= 0.4
     kinds = [type(event).__name__ for event in bus.events(Topic.RELEASES)]
     assert kinds[1:] == ["BatchStarted", "BatchCompleted", "BatchStarted", "BatchCompleted", "ReleaseCompleted"]
@@ -259,7 +270,7 @@ async def test_pacer_stopped_during_a_pause_is_replaced_and_dispatches_each_node
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.WAITING), "the first pause")
     async with reactor(store, script, tmp_path) as second_bus:
-        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 15)
+        await completion_announced(store, second_bus, release.release_id, 15)
     assert sorted(script.calls.elements()) == [f"deploy:fake/host-{index:02d}/app" for index in range(3)]
     deploys = [event for event in second_bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
     assert len({event.event_id for event in deploys}) == 2
@@ -320,3 +331,110 @@ async def test_second_release_of_a_service_is_refused_when_so_configured(store: 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_release_events_decided_before_a_crash_are_published_by_the_next_pacer(
+    store: Store, tmp_path: Path
+) -> None:
+    """A pacer died after recording the release completed but before announcing it: the events wait in the
+    record's outbox, and the next pacer publishes them, once each."""
+    release = plan(1, Strategy())
+    await store.add_release_nodes(
+        [ReleaseNode(release_id=release.release_id, node_key=release.nodes[0].node_key, batch=0, position=0)]
+    )
+    announced = [
+        BatchCompleted(
+            event_id=derived_event_id("app-2", "batch", "0", "completed"),
+            release_id="app-2",
+            batch=0,
+            succeeded=1,
+            failed=0,
+        ),
+        ReleaseCompleted(event_id=derived_event_id("app-2", "completed"), release_id="app-2", succeeded=1, failed=0),
+    ]
+    now = utc_now()
+    record = ReleaseRecord(
+        release_id=release.release_id,
+        plan=release.spec(),
+        batch_sizes=[1],
+        state=ReleaseState.COMPLETED,
+        request_id=derived_event_id("app-2", "request"),
+        created_at=now,
+        updated_at=now,
+        outbox=[event_document(event) for event in announced],
+    )
+    assert await store.put_release(record, expected_revision=0) is not None
+    async with reactor(store, Script(), tmp_path) as bus:
+        await until(lambda: of_type(bus, Topic.RELEASES, ReleaseCompleted), "the completion is announced")
+        await bus.idle()
+    assert [event.event_id for event in bus.events(Topic.RELEASES)] == [event.event_id for event in announced]
+    saved = await store.get_release(release.release_id)
+    assert saved is not None
+    assert (saved.state, saved.outbox) == (ReleaseState.COMPLETED, [])
+
+
+class _FlakyBus(MemoryBus):
+    """Refuses the first ReleaseCompleted, as a broker that is briefly away would."""
+
+    refused = 0
+
+    async def publish(self, event: Event) -> None:
+        if isinstance(event, ReleaseCompleted) and not self.refused:
+            self.refused += 1
+            raise BackendUnavailable("broker away")
+        await super().publish(event)
+
+
+async def test_an_announcement_that_fails_stays_in_the_outbox_until_published(store: Store, tmp_path: Path) -> None:
+    """The completion is recorded but its event cannot be published: the outcome is retried, the outbox is
+    published on the next pass, and subscribers see ReleaseCompleted once."""
+    release = plan(2, Strategy(batches=["100%"], max_parallel=2))
+    bus = _FlakyBus(retry_delay_s=0.01)
+    async with reactor(store, Script(), tmp_path, bus):
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await completion_announced(store, bus, release.release_id)
+        await bus.idle()
+    assert bus.refused == 1
+    assert len(of_type(bus, Topic.RELEASES, ReleaseCompleted)) == 1
+    saved = await store.get_release(release.release_id)
+    assert saved is not None
+    assert saved.outbox == []
+
+
+async def test_a_deadline_failure_recorded_but_not_announced_is_announced_on_recovery(
+    store: Store, tmp_path: Path
+) -> None:
+    """A pacer failed a node by deadline and died before publishing it: the next one publishes that NodeFailed
+    (same id), so the rollback policy still applies."""
+    release = plan(2, Strategy(batches=["100%"], max_parallel=2, node_deadline_s=600, failure_budget=1))
+    await seed_running(store, release)
+    node_key = release.nodes[0].node_key
+    await store.add_release_nodes(
+        [
+            ReleaseNode(release_id=release.release_id, node_key=node.node_key, batch=0, position=index)
+            for index, node in enumerate(release.nodes)
+        ]
+    )
+    now = utc_now()
+    record = ReleaseRecord(
+        release_id=release.release_id,
+        plan=release.spec(),
+        batch_sizes=[2],
+        budget=1,
+        request_id=derived_event_id("app-2", "request"),
+        created_at=now,
+        updated_at=now,
+    )
+    assert await store.put_release(record, expected_revision=0) is not None
+    assert await store.move_release_node(
+        release.release_id, node_key, from_states=[ItemState.QUEUED], to_state=ItemState.FAILED, outcome="deadline"
+    )
+    script = Script()
+    async with reactor(store, script, tmp_path) as bus:
+        await completion_announced(store, bus, release.release_id)
+        await until(lambda: of_type(bus, Topic.COMMANDS, RollbackRequested), "the node's rollback")
+        await bus.idle()
+    failures = [event for event in of_type(bus, Topic.OUTCOMES, NodeFailed) if event.node_key == node_key]  # type: ignore[attr-defined]
+    assert failures, "the deadline failure was announced"
+    assert {event.step for event in failures} == {"deadline"}  # type: ignore[attr-defined]
+    assert script.calls[f"rollback:{node_key}"] == 1
