@@ -262,3 +262,7 @@ class Store(Protocol):
     async def take_lease(self, name: str, holder: str, *, now: datetime, ttl_s: float) -> bool:
         """Take or renew the lease `name` for `holder` until `now + ttl_s`; False while another holder has it."""
         ...
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give up the lease `name` if `holder` has it, so another may take it at once."""
+        ...

@@ -349,3 +349,6 @@ class EmbeddedStore:
             (name, holder, expires, now.astimezone(UTC).isoformat()),
         )
         return cursor.rowcount == 1
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        self._writer().execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))

@@ -328,6 +328,9 @@ class MongoStore:
         condition = {"$or": [{"holder": holder}, {"expires_at": {"$lte": now}}]}
         return await self._update("leases", {"_id": name}, condition, fields)
 
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._retry("release lease", partial(self.db["leases"].delete_one, {"_id": name, "holder": holder}))
+
     # --- primitives ---
 
     async def _retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:

@@ -13,6 +13,7 @@ every scope that applies to it, and gives them back with its outcome (`reactor.d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -195,20 +196,26 @@ class Pacer:
         loop = asyncio.get_running_loop()
         ttl_s = max(5 * tick_s, 3.0)
         next_resend = loop.time() + resend_s
-        while True:
-            await asyncio.sleep(tick_s)
-            try:
-                if not await self.store.take_lease(TIMER_LEASE, self.identity, now=self.clock(), ttl_s=ttl_s):
-                    continue
-                await self.tick()
-                if loop.time() >= next_resend:
-                    await self.recover()
-                    next_resend = loop.time() + resend_s
-            except ReactorError as exc:
-                if not exc.retriable:
-                    raise
-                # A store that does not answer now may at the next tick; every effect of a tick is a CAS.
-                log.warning("timer tick failed; trying again at the next one", error=str(exc))
+        try:
+            while True:
+                await asyncio.sleep(tick_s)
+                try:
+                    if not await self.store.take_lease(TIMER_LEASE, self.identity, now=self.clock(), ttl_s=ttl_s):
+                        continue
+                    await self.tick()
+                    if loop.time() >= next_resend:
+                        await self.recover()
+                        next_resend = loop.time() + resend_s
+                except ReactorError as exc:
+                    if not exc.retriable:
+                        raise
+                    # A store that does not answer now may at the next tick; every effect of a tick is a CAS.
+                    log.warning("timer tick failed; trying again at the next one", error=str(exc))
+        finally:
+            # A pacer that stops hands the timers over at once rather than after the lease runs out.
+            with contextlib.suppress(ReactorError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(self.store.release_lease(TIMER_LEASE, self.identity))
 
     async def _sweep_slots(self, now: datetime) -> None:
         """Free slots whose node is not in flight (left by a pacer that died at the wrong instant)."""

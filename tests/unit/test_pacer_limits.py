@@ -166,3 +166,11 @@ async def test_only_the_lease_holder_fires_timers(store: Store, tmp_path: Path) 
         assert await state_of(store, release.release_id) == ReleaseState.WAITING, "nobody fired the timer"
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 10)
     assert len(script.order) == 2
+
+
+async def test_a_pacer_that_stops_hands_the_timer_lease_over_at_once(store: Store, tmp_path: Path) -> None:
+    """While a pacer runs, its timer lease is refused to others; once it stops, another takes it at once."""
+    async with reactor(store, Script(), tmp_path):
+        await asyncio.sleep(0.3)  # many ticks: the pacer has taken the lease
+        assert not await store.take_lease(TIMER_LEASE, "another-pacer", now=utc_now(), ttl_s=60)
+    assert await store.take_lease(TIMER_LEASE, "another-pacer", now=utc_now(), ttl_s=60)
