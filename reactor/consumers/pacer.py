@@ -363,9 +363,11 @@ class Pacer:
                 log.info("node outcome counted", state=to_state.value)
                 if self.limits.any:
                     await self.store.free_slots(release_id, node_key)
+                if self.limits.global_:
+                    # The other releases get the first go at the freed slots, so releases sharing a limit take
+                    # turns rather than the first one keeping it until it is done.
+                    await self._wake_others(release_id)
             await self._advance(release_id)
-            if counted and self.limits.global_:
-                await self._wake_others(release_id)
 
     async def _wake_others(self, release_id: str) -> None:
         """A slot of a limit across releases came free: let the other releases that may use it go on."""
