@@ -188,7 +188,9 @@ async def main() -> None:
         raw_rate = nodes / raw_s
         print(f"raw aiokafka produce->consume: {raw_s:8.2f} s  {raw_rate:9.0f} msg/s   (baseline)", flush=True)
         async with distributed(bootstrap, mongo) as (bus, store):
-            reactor_s, _ = await run_release(bus, store, plan, Settings(state_dir=Path(tempfile.gettempdir())))
+            # As a distributed deployment runs it: max_parallel held with store slots across pacers.
+            settings = Settings(mode="distributed", state_dir=Path(tempfile.gettempdir()))
+            reactor_s, _ = await run_release(bus, store, plan, settings)
         reactor_rate = nodes / reactor_s
         print(
             f"reactor full loop, Kafka+FerretDB: {reactor_s:8.2f} s  {reactor_rate:9.0f} nodes/s  "
