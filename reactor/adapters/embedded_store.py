@@ -263,17 +263,20 @@ class EmbeddedStore:
     async def list_release_nodes(
         self, release_id: str, *, batch: int | None = None, state: ItemState | None = None, limit: int | None = None
     ) -> list[ReleaseNode]:
+        # Only the conditions given, so SQLite walks the (release_id, batch, state, position) index rather than
+        # every row of the release (`? IS NULL OR ...` would defeat it).
+        where: list[str] = ["release_id = ?"]
+        params: list[object] = [release_id]
+        if batch is not None:
+            where.append("batch = ?")
+            params.append(batch)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state.value)
+        params.append(-1 if limit is None else limit)
         rows = self.db.execute(
-            "SELECT doc FROM release_nodes WHERE release_id = ? AND (? IS NULL OR batch = ?)"
-            " AND (? IS NULL OR state = ?) ORDER BY position LIMIT ?",
-            (
-                release_id,
-                batch,
-                batch,
-                None if state is None else state.value,
-                None if state is None else state.value,
-                -1 if limit is None else limit,
-            ),
+            f"SELECT doc FROM release_nodes WHERE {' AND '.join(where)} ORDER BY position LIMIT ?",  # noqa: S608 (fixed fragments)
+            params,
         ).fetchall()
         return [ReleaseNode.model_validate_json(row[0]) for row in rows]
 
