@@ -84,6 +84,9 @@ TIMER_LEASE = "pacer-timers"
 # (or between an outcome and giving it back); it is freed once it is this old.
 _SLOT_GRACE_S = 10.0
 _DISPATCHED = (ItemState.DISPATCHED, ItemState.ROLLBACK_DISPATCHED)
+# A node failed by its deadline is recorded before its NodeFailed is published, and marked once it is.
+DEADLINE = "deadline"
+DEADLINE_ANNOUNCED = "deadline, announced"
 
 
 @dataclass
@@ -158,8 +161,8 @@ class Pacer:
             # A deadline failure is recorded before it is published; a pacer that died between the two
             # leaves it unannounced. Same id each time: consumers dedupe.
             for node in await self.store.list_release_nodes(record.release_id, state=ItemState.FAILED):
-                if node.outcome == "deadline":
-                    await self.bus.publish(await self._deadline_failure(record, node))
+                if node.outcome == DEADLINE:
+                    await self._announce_deadline_failure(record, node)
             await self._advance(record.release_id)
 
     async def tick(self) -> None:
@@ -249,7 +252,7 @@ class Pacer:
                 if node.dispatched_at is None or node.dispatched_at > dispatched_before - grace:
                     continue
                 if not await self.store.move_release_node(
-                    record.release_id, node.node_key, from_states=[state], to_state=failed, outcome="deadline"
+                    record.release_id, node.node_key, from_states=[state], to_state=failed, outcome=DEADLINE
                 ):
                     continue
                 expired = True
@@ -257,8 +260,18 @@ class Pacer:
                 if self.limits.any:
                     await self.store.free_slots(record.release_id, node.node_key)
                 if state == ItemState.DISPATCHED:
-                    await self.bus.publish(await self._deadline_failure(record, node))
+                    await self._announce_deadline_failure(record, node)
         return expired
+
+    async def _announce_deadline_failure(self, record: ReleaseRecord, node: ReleaseNode) -> None:
+        await self.bus.publish(await self._deadline_failure(record, node))
+        await self.store.move_release_node(
+            record.release_id,
+            node.node_key,
+            from_states=[ItemState.FAILED],
+            to_state=ItemState.FAILED,
+            outcome=DEADLINE_ANNOUNCED,
+        )
 
     async def _deadline_failure(self, record: ReleaseRecord, node: ReleaseNode) -> NodeFailed:
         """The outcome the worker never sent, as seen by the pacer; the rollback policy applies to it."""
@@ -266,7 +279,7 @@ class Pacer:
         running = status.current_version if status is not None else None
         strategy = record.plan.strategy
         return NodeFailed(
-            event_id=derived_event_id(record.release_id, node.node_key, "deadline"),
+            event_id=derived_event_id(record.release_id, node.node_key, DEADLINE),
             node_key=node.node_key,
             service=record.plan.service,
             version=record.plan.version,
