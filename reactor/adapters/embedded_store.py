@@ -43,11 +43,7 @@ CREATE INDEX IF NOT EXISTS release_nodes_batch ON release_nodes (release_id, bat
 CREATE TABLE IF NOT EXISTS release_counts (
     release_id TEXT NOT NULL, batch INTEGER NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (release_id, batch, state));
-CREATE TRIGGER IF NOT EXISTS release_nodes_added AFTER INSERT ON release_nodes BEGIN
-    INSERT OR IGNORE INTO release_counts (release_id, batch, state, n) VALUES (new.release_id, new.batch, new.state, 0);
-    UPDATE release_counts SET n = n + 1
-        WHERE release_id = new.release_id AND batch = new.batch AND state = new.state;
-END;
+DROP TRIGGER IF EXISTS release_nodes_added;
 CREATE TRIGGER IF NOT EXISTS release_nodes_moved AFTER UPDATE OF state ON release_nodes
 WHEN old.state <> new.state BEGIN
     UPDATE release_counts SET n = n - 1
@@ -226,6 +222,14 @@ class EmbeddedStore:
                     for node in nodes
                 ],
             )
+            # Counted once per release here rather than by a trigger per row: a release adds thousands at once.
+            for release_id in sorted({node.release_id for node in nodes}):
+                db.execute("DELETE FROM release_counts WHERE release_id = ?", (release_id,))
+                db.execute(
+                    "INSERT INTO release_counts (release_id, batch, state, n) SELECT release_id, batch, state,"
+                    " COUNT(*) FROM release_nodes WHERE release_id = ? GROUP BY batch, state",
+                    (release_id,),
+                )
         except BaseException:
             db.execute("ROLLBACK TO add_release_nodes")
             db.execute("RELEASE add_release_nodes")

@@ -53,6 +53,7 @@ from reactor.events import (
     DeployRequested,
     Event,
     NodeDeployed,
+    NodeEvent,
     NodeFailed,
     NodeRolledBack,
     NodeTarget,
@@ -125,7 +126,10 @@ class Pacer:
 
     async def handle(self, event: Event) -> None:
         """Start a release, apply a release command, or count a node's outcome and dispatch what may go next."""
-        with structlog.contextvars.bound_contextvars(release_id=event.release_id, event_id=event.event_id):
+        bound: dict[str, object] = {"release_id": event.release_id, "event_id": event.event_id}
+        if isinstance(event, NodeEvent):
+            bound["node_key"] = event.node_key
+        with structlog.contextvars.bound_contextvars(**bound):
             match event:
                 case ReleaseRequested():
                     await self._start(event)
@@ -368,19 +372,18 @@ class Pacer:
     async def _count(
         self, release_id: str, node_key: str, from_state: ItemState, to_state: ItemState, outcome: str
     ) -> None:
-        with structlog.contextvars.bound_contextvars(node_key=node_key):
-            counted = await self.store.move_release_node(
-                release_id, node_key, from_states=[from_state], to_state=to_state, outcome=outcome
-            )
-            if counted:
-                log.info("node outcome counted", state=to_state.value)
-                if self.limits.any:
-                    await self.store.free_slots(release_id, node_key)
-                if self.limits.global_:
-                    # The other releases get the first go at the freed slots, so releases sharing a limit take
-                    # turns rather than the first one keeping it until it is done.
-                    await self._wake_others(release_id)
-            await self._advance(release_id)
+        counted = await self.store.move_release_node(
+            release_id, node_key, from_states=[from_state], to_state=to_state, outcome=outcome
+        )
+        if counted:
+            log.info("node outcome counted", state=to_state.value)
+            if self.limits.any:
+                await self.store.free_slots(release_id, node_key)
+            if self.limits.global_:
+                # The other releases get the first go at the freed slots, so releases sharing a limit take
+                # turns rather than the first one keeping it until it is done.
+                await self._wake_others(release_id)
+        await self._advance(release_id)
 
     async def _wake_others(self, release_id: str) -> None:
         """A slot of a limit across releases came free: let the other releases that may use it go on."""
