@@ -247,7 +247,9 @@ class Store(Protocol):
     ) -> bool:
         """Take one slot of every (scope, limit) for the node, or none of them: False if a scope is full.
 
-        Slots the node already holds count as taken (retrying is safe).
+        Each call takes slots of its own, even for a node that holds some already: counting those as taken
+        would let a node go out with none if their taker gave them back meanwhile. `free_slots` gives back
+        every slot of the node.
         """
         ...
 

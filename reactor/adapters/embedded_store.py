@@ -305,14 +305,8 @@ class EmbeddedStore:
         db.execute("SAVEPOINT take_slots")
         try:
             for scope, limit in scopes:
-                rows = db.execute("SELECT idx, release_id, node_key FROM slots WHERE scope = ?", (scope,))
-                taken: set[int] = set()
-                mine = False
-                for index, holder_release, holder_node in rows.fetchall():
-                    taken.add(int(index))
-                    mine = mine or (holder_release == release_id and holder_node == node_key)
-                if mine:
-                    continue
+                rows = db.execute("SELECT idx FROM slots WHERE scope = ?", (scope,))
+                taken = {int(row[0]) for row in rows.fetchall()}
                 free = next((index for index in range(limit) if index not in taken), None)
                 if free is None:
                     db.execute("ROLLBACK TO take_slots")

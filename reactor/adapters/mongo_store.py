@@ -286,8 +286,6 @@ class MongoStore:
         taken: list[str] = []
         for scope, limit in scopes:
             held = await self._find("slots", {"scope": scope}, sort=[("index", ASCENDING)])
-            if any(slot["release_id"] == release_id and slot["node_key"] == node_key for slot in held):
-                continue
             used = {int(slot["index"]) for slot in held}
             won: str | None = None
             for index in range(limit):

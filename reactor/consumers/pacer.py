@@ -82,8 +82,9 @@ log = structlog.get_logger(__name__)
 _FAN_OUT = 32
 TIMER_LEASE = "pacer-timers"
 # A slot whose node is not in flight is a leftover of a pacer that died between taking it and dispatching
-# (or between an outcome and giving it back); it is freed once it is this old.
-_SLOT_GRACE_S = 10.0
+# (or between an outcome and giving it back); it is freed once it is this old. Far longer than the one store
+# call between taking a node's slots and recording it as sent, even on a loaded store.
+_SLOT_GRACE_S = 60.0
 _DISPATCHED = (ItemState.DISPATCHED, ItemState.ROLLBACK_DISPATCHED)
 # A node failed by its deadline is recorded before its NodeFailed is published, and marked once it is.
 DEADLINE = "deadline"
@@ -577,27 +578,37 @@ class Pacer:
     ) -> None:
         """Send up to `count` of `candidates`, in order: record each as sent (a CAS: a node is sent once) and
         publish its command. With limits, a node goes only once it holds its slots."""
+        if self.limits.any:
+            await self._send_holding_slots(record, candidates, count, from_state, to_state, command)
+            return
         now = self.clock()
-        nodes = await self._holding_slots(record, candidates, count, now) if self.limits.any else candidates[:count]
 
         async def send(node: ReleaseNode) -> None:
             async with self._fan_out:
-                # A node another pacer sent first keeps the slots it holds (same holder); any other slot
-                # left here is freed by the sweep once it is old.
                 if await self.store.move_release_node(
                     record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
                 ):
                     await self.bus.publish(command(record, node))
 
-        await asyncio.gather(*(send(node) for node in nodes))
+        await asyncio.gather(*(send(node) for node in candidates[:count]))
 
-    async def _holding_slots(
-        self, record: ReleaseRecord, candidates: list[ReleaseNode], count: int, now: datetime
-    ) -> list[ReleaseNode]:
-        """The first `count` candidates that could take a slot of each of their scopes."""
-        holding: list[ReleaseNode] = []
+    async def _send_holding_slots(
+        self,
+        record: ReleaseRecord,
+        candidates: list[ReleaseNode],
+        count: int,
+        from_state: ItemState,
+        to_state: ItemState,
+        command: Callable[[ReleaseRecord, ReleaseNode], Event],
+    ) -> None:
+        """Send the first `count` candidates that can take a slot of each of their scopes, one at a time.
+
+        Each node is recorded as sent right after its slots are taken, with the time they were taken: the
+        sweep frees a slot of a node not in flight only once it is old, so that gap must stay short.
+        """
+        sent = 0
         for node in candidates:
-            if len(holding) >= count:
+            if sent >= count:
                 break
             scopes = scopes_for(
                 self.limits,
@@ -607,13 +618,20 @@ class Pacer:
                 node_key=node.node_key,
                 target=node.target,
             )
-            if await self.store.take_slots(record.release_id, node.node_key, scopes, now=now):
-                holding.append(node)
-            elif not self.limits.per_label:
-                break  # every node has the same scopes: the next one would not fit either
-        if len(holding) < count:
-            log.info("in-flight limit reached", sent=len(holding), wanted=count)
-        return holding
+            now = self.clock()
+            if not await self.store.take_slots(record.release_id, node.node_key, scopes, now=now):
+                if not self.limits.per_label:
+                    break  # every node has the same scopes: the next one would not fit either
+                continue
+            # If another pacer sent the node first, the slots taken here stay with it (same holder) until its
+            # outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
+            if await self.store.move_release_node(
+                record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
+            ):
+                await self.bus.publish(command(record, node))
+                sent += 1
+        if sent < count:
+            log.info("in-flight limit reached", sent=sent, wanted=count)
 
     async def _save(self, record: ReleaseRecord, announce: Sequence[Event] = (), **changes: object) -> ReleaseRecord:
         """Write `changes` (a CAS on the revision read) with the events that announce them in the record's
