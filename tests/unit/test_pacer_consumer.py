@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.pacer import Pacer
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, pending
@@ -17,64 +13,26 @@ from reactor.events import (
     BatchStarted,
     DeployRequested,
     NodeDeployed,
-    NodeTarget,
-    Package,
     ReleaseCompleted,
     ReleaseHalted,
-    ReleasePlan,
     ReleaseRequested,
     RollbackRequested,
     Strategy,
     Topic,
 )
 from reactor.ports import Store
-from reactor.runtime import Backends, Role, run_roles
-from reactor.settings import Settings
-from tests.fakes import Script, scripted
+from reactor.runtime import Role
+from tests.fakes import Script
+from tests.pacing import plan, reactor
 
 # Tier: `unit` on the in-memory backends, `mongo` on FerretDB (from the `store` fixture parameter).
-
-PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="b" * 64)
-
-
-def plan(count: int, strategy: Strategy, release_id: str = "app-2") -> ReleasePlan:
-    return ReleasePlan(
-        release_id=release_id,
-        service="app",
-        version="2.0.0",
-        package=PACKAGE,
-        nodes=[NodeTarget(node_key=f"fake/host-{index:02d}/app") for index in range(count)],
-        strategy=strategy,
-    )
-
-
-@asynccontextmanager
-async def reactor(store: Store, script: Script, tmp_path: Path, roles: set[Role]) -> AsyncIterator[MemoryBus]:
-    bus = MemoryBus(retry_delay_s=0.01)
-    started = asyncio.Event()
-    task = asyncio.create_task(
-        run_roles(
-            Backends(bus=bus, store=store, memory_bus=bus),
-            Settings(state_dir=tmp_path),
-            roles,
-            factories={"fake": scripted(script)},
-            started=started,
-        )
-    )
-    await started.wait()
-    try:
-        yield bus
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_batches_run_in_order_within_the_window(store: Store, tmp_path: Path) -> None:
     """5 nodes, batches [1, 50%], max_parallel 2: canary first, then batches of 3 and 1; never over 2 in flight."""
     script = Script(delay_s=0.02)
     release = plan(5, Strategy(batches=[1, "50%"], max_parallel=2))
-    async with reactor(store, script, tmp_path, {Role.ALL}) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await bus.idle()
 
@@ -98,7 +56,7 @@ async def test_next_batch_waits_for_every_outcome_of_the_current_one(store: Stor
     """No node of batch 2 is dispatched while a node of batch 1 has no outcome."""
     script = Script(behaviour={"fake/host-01/app": "hang"}, release=asyncio.Event())
     release = plan(4, Strategy(batches=[2], max_parallel=2))
-    async with reactor(store, script, tmp_path, {Role.ALL}) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         async with asyncio.timeout(10):
             while script.calls["deploy:fake/host-00/app"] == 0 or script.in_flight == 0:
@@ -123,7 +81,7 @@ async def test_spent_budget_halts_and_rolls_back_the_failed_node(store: Store, t
             update={"state": NodeState.SUCCESS, "current_version": "1.0.0"}
         )
         assert await store.put_node(running, expected_revision=0) is not None
-    async with reactor(store, script, tmp_path, {Role.ALL}) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await bus.idle()
 
@@ -148,7 +106,7 @@ async def test_failures_within_budget_let_the_release_complete(store: Store, tmp
     """Budget 1 of 4 nodes: one failure is tolerated and the release completes with it counted."""
     script = Script(behaviour={"fake/host-02/app": "fail"})
     release = plan(4, Strategy(batches=[2], max_parallel=2, failure_budget=1, auto_rollback="none"))
-    async with reactor(store, script, tmp_path, {Role.ALL}) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await bus.idle()
     completed = [event for event in bus.events(Topic.RELEASES) if isinstance(event, ReleaseCompleted)]
@@ -160,7 +118,7 @@ async def test_redelivered_outcomes_and_requests_are_not_counted_twice(store: St
     """Replaying every outcome and the release request changes nothing: counts and events stay the same."""
     script = Script()
     release = plan(3, Strategy(batches=[1, "100%"], max_parallel=3))
-    async with reactor(store, script, tmp_path, {Role.ALL}) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         request = ReleaseRequested(release_id=release.release_id, plan=release)
         await bus.publish(request)
         await bus.idle()
@@ -181,12 +139,12 @@ async def test_restarted_pacer_resends_dispatched_nodes_and_finishes(store: Stor
     script = Script()
     release = plan(4, Strategy(batches=[2], max_parallel=2))
     # First life: only the pacer runs, so its dispatched nodes never get an outcome.
-    async with reactor(store, script, tmp_path, {Role.PACER}) as bus:
+    async with reactor(store, script, tmp_path, roles=frozenset({Role.PACER})) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await bus.idle()
         assert (await store.count_release_nodes(release.release_id))[ItemState.DISPATCHED] == 2
     # Second life, on a fresh bus (the commands of the first life are lost): recovery resends them.
-    async with reactor(store, script, tmp_path, {Role.ALL}) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         await bus.idle()
         outcomes = [event for event in bus.events(Topic.OUTCOMES) if isinstance(event, NodeDeployed)]
     record = await store.get_release(release.release_id)
@@ -200,7 +158,7 @@ async def test_release_min_healthy_is_carried_into_every_deploy_request(store: S
     """Strategy min_healthy_s 0.2: every DeployRequested carries it, and each node is probed before it counts."""
     script = Script()
     release = plan(3, Strategy(batches=[1, "100%"], max_parallel=2, min_healthy_s=0.2))
-    async with reactor(store, script, tmp_path, {Role.ALL}) as bus:
+    async with reactor(store, script, tmp_path) as bus:
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await bus.idle()
 

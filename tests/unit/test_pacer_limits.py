@@ -25,8 +25,8 @@ from reactor.events import (
 from reactor.ports import ReleaseNode, Store
 from reactor.runtime import Role
 from tests.fakes import Script
+from tests.pacing import PACKAGE, reactor, state_of
 from tests.support import equals, peak_in_flight, until
-from tests.unit.test_pacer_lifecycle import PACKAGE, reactor, state_of
 
 ZONES = ("a", "b", "c")
 

@@ -1,0 +1,70 @@
+"""What the pacer test modules share: a release plan of fake nodes and the consumers running on a store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from reactor.adapters.memory_bus import MemoryBus
+from reactor.domain.pacer import ReleaseState
+from reactor.events import NodeTarget, Package, ReleasePlan, Strategy
+from reactor.ports import Store
+from reactor.runtime import Backends, Role, run_roles
+from reactor.settings import Settings
+from tests.fakes import Script, scripted
+
+PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="c" * 64)
+
+
+def plan(count: int, strategy: Strategy, release_id: str = "app-2") -> ReleasePlan:
+    """A release of service `app` to `count` fake nodes `fake/host-NN/app`."""
+    return ReleasePlan(
+        release_id=release_id,
+        service="app",
+        version="2.0.0",
+        package=PACKAGE,
+        nodes=[NodeTarget(node_key=f"fake/host-{index:02d}/app") for index in range(count)],
+        strategy=strategy,
+    )
+
+
+@asynccontextmanager
+async def reactor(
+    store: Store,
+    script: Script,
+    tmp_path: Path,
+    bus: MemoryBus | None = None,
+    *,
+    roles: frozenset[Role] = frozenset({Role.ALL}),
+    **settings_changes: Any,
+) -> AsyncIterator[MemoryBus]:
+    """The given roles (every one by default) on an in-memory bus and `store`, with fast timers."""
+    bus = bus or MemoryBus(retry_delay_s=0.01)
+    started = asyncio.Event()
+    settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, resend_after_s=3600, **settings_changes)
+    task = asyncio.create_task(
+        run_roles(
+            Backends(bus=bus, store=store, memory_bus=bus),
+            settings,
+            set(roles),
+            factories={"fake": scripted(script)},
+            started=started,
+        )
+    )
+    await started.wait()
+    try:
+        yield bus
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def state_of(store: Store, release_id: str) -> ReleaseState | None:
+    """The release's state, or None before it is known."""
+    record = await store.get_release(release_id)
+    return None if record is None else record.state
