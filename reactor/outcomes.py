@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 
-from reactor.domain.status import NodeState, NodeStatus
+from reactor.domain.status import NodeState, NodeStatus, error_text, split_error
 from reactor.events import (
     EVENTS_BY_TYPE,
     OUTCOME_TYPES,
@@ -20,15 +19,16 @@ from reactor.events import (
     derived_event_id,
 )
 
-_STEP = re.compile(r"^([a-z][a-z0-9_-]{0,31}): ")
 
-
-def split_error(last_error: str, default_step: str) -> tuple[str, str]:
-    """The failed step and the message of an executor's `last_error` ("<step>: <message>")."""
-    match = _STEP.match(last_error)
-    if match is None:
-        return default_step, last_error or "failed without a message"
-    return match.group(1), last_error[match.end() :] or "failed without a message"
+def _common(request: DeployRequested | RollbackRequested, duration_s: float) -> dict[str, object]:
+    return {
+        "event_id": derived_event_id(request.event_id, "outcome"),
+        "node_key": request.node_key,
+        "service": request.service,
+        "release_id": request.release_id,
+        "causation_id": request.event_id,
+        "duration_s": round(duration_s, 6),
+    }
 
 
 def outcome_for(
@@ -39,20 +39,15 @@ def outcome_for(
 ) -> NodeEvent:
     """The outcome event of `request`; its id derives from the request's, so a re-emission is a duplicate.
 
-    `before` is the node as it was before the request, which names the version a rollback left.
+    `before` is the node as it was before the request, which names the version a rollback left. `status` is the
+    node as recorded when the request finished; the event says what the record says (`finish` stores the error
+    in the form the event carries), so replaying the event rebuilds the record.
     """
-    common = {
-        "event_id": derived_event_id(request.event_id, "outcome"),
-        "node_key": request.node_key,
-        "service": request.service,
-        "release_id": request.release_id,
-        "causation_id": request.event_id,
-        "duration_s": round(duration_s, 6),
-    }
+    common = _common(request, duration_s)
     if isinstance(request, DeployRequested):
         if status.state == NodeState.SUCCESS:
             return NodeDeployed(version=request.version, prev_version=status.prev_version, **common)
-        step, error = split_error(status.last_error, "deploy")
+        step, error = split_error(error_text(status.last_error, "deploy"), "deploy")
         return NodeFailed(
             version=request.version,
             current_version=status.current_version,
@@ -70,7 +65,7 @@ def outcome_for(
         return NodeRolledBack(
             version=status.current_version, from_version=from_version, prev_version=status.prev_version, **common
         )
-    step, error = split_error(status.last_error, "rollback")
+    step, error = split_error(error_text(status.last_error, "rollback"), "rollback")
     return RollbackFailed(
         version=status.current_version,
         prev_version=status.prev_version,
@@ -78,6 +73,22 @@ def outcome_for(
         step=step,
         error=error,
         **common,
+    )
+
+
+def refused(request: RollbackRequested, current: NodeStatus, reason: str) -> RollbackFailed:
+    """The outcome of a rollback refused without running anything: `current` stays the node's record.
+
+    It names no `target_version`, which is how a replay tells a refusal (the node unchanged) from a rollback
+    that ran and failed (the node recorded failed).
+    """
+    return RollbackFailed(
+        version=current.current_version,
+        prev_version=current.prev_version,
+        target_version=None,
+        step="rollback",
+        error=reason,
+        **_common(request, 0.0),
     )
 
 

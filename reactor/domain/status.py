@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -22,6 +23,13 @@ class NodeState(StrEnum):
 
 
 TERMINAL = frozenset({NodeState.SUCCESS, NodeState.FAILED, NodeState.ROLLED_BACK})
+
+NO_ROLLBACK_TARGET = "no previous version to roll back to"
+NO_MESSAGE = "failed without a message"
+ERROR_LIMIT = 4000
+"""The most characters an outcome event's `error` holds (its `Message` type)."""
+
+_STEP = re.compile(r"^([a-z][a-z0-9_-]{0,31}): ")
 
 
 class NodeStatus(Model):
@@ -91,39 +99,75 @@ def claim(
 
 
 def rollback_target(current: NodeStatus, to_version: str | None) -> str | None:
-    """The version a rollback returns to.
+    """The version a rollback returns to; None when there is none (the rollback is then refused).
 
     After a failed deploy the node was restored to `current_version`, so that is the target, unless it runs the
     failed version itself (it failed after the switch, e.g. during min_healthy); after a successful deploy it is
-    `prev_version`. An explicit `to_version` wins.
+    `prev_version`. A rollback caught mid-way (redelivered, or taken over from a dead worker) keeps the target
+    its claim recorded. An explicit `to_version` wins.
     """
     if to_version is not None:
         return to_version
+    if current.state == NodeState.DEPLOYING and current.operation == "rollback":
+        return current.deploying_version or current.current_version or current.prev_version
     failed_after_switch = current.state == NodeState.FAILED and current.current_version == current.deploying_version
     if failed_after_switch and current.current_version is not None:
         return current.prev_version
-    if current.state == NodeState.FAILED or (current.state == NodeState.DEPLOYING and current.operation == "rollback"):
+    if current.state == NodeState.FAILED:
         return current.current_version or current.prev_version
     return current.prev_version
 
 
+def split_error(last_error: str, default_step: str) -> tuple[str, str]:
+    """The failed step and the message of a `last_error` ("<step>: <message>"), the message never empty."""
+    match = _STEP.match(last_error)
+    if match is None:
+        return default_step, last_error or NO_MESSAGE
+    return match.group(1), last_error[match.end() :] or NO_MESSAGE
+
+
+def error_text(last_error: str, default_step: str) -> str:
+    """`last_error` as the outcome event will carry it: "<step>: <message>", the message cut to fit the event.
+
+    Stored in this form, the record and its event say the same, and the event rebuilds the same record.
+    """
+    step, message = split_error(last_error, default_step)
+    if len(message) > ERROR_LIMIT:
+        message = message[: ERROR_LIMIT - 3] + "..."
+    return f"{step}: {message}"
+
+
 def finish(claimed: NodeStatus, result: NodeStatus, *, now: datetime) -> NodeStatus:
-    """Fold an executor's result into the claimed status; only a terminal result may finish a claim."""
+    """Fold an executor's result into the claimed status, in the form its outcome event carries.
+
+    A result that contradicts the claim (not final, the wrong final state for the operation, or success
+    running another version than the target) is recorded as a failure naming the contradiction: the record
+    must map onto exactly one outcome event, and an executor's bug must not pass for success.
+    """
     if claimed.state != NodeState.DEPLOYING:
         raise IllegalTransition(f"{claimed.node_key}: finish from {claimed.state}, expected deploying")
-    if result.state not in TERMINAL:
-        raise IllegalTransition(f"{claimed.node_key}: executor returned non-terminal state {result.state}")
-    if claimed.operation == "rollback" and result.state == NodeState.SUCCESS:
-        raise IllegalTransition(f"{claimed.node_key}: a rollback ends rolled_back or failed")
-    if claimed.operation == "deploy" and result.state == NodeState.ROLLED_BACK:
-        raise IllegalTransition(f"{claimed.node_key}: a deploy ends success or failed")
+    operation = claimed.operation or "deploy"
+    target = claimed.deploying_version
+    done = NodeState.ROLLED_BACK if operation == "rollback" else NodeState.SUCCESS
+    error = result.last_error
+    state = result.state
+    if state not in TERMINAL:
+        state, error = NodeState.FAILED, f"{operation}: the executor ended in {result.state.value}, not a final state"
+    elif state not in (done, NodeState.FAILED):
+        state, error = NodeState.FAILED, f"{operation}: the executor reported {result.state.value}, not {done.value}"
+    elif state == done and result.current_version != target:
+        state = NodeState.FAILED
+        error = f"{operation}: the executor reported {done.value} running {result.current_version or 'nothing'}"
+        error += f", not {target or 'a version'}"
+    failed = state == NodeState.FAILED
     return claimed.model_copy(
         update={
-            "state": result.state,
+            "state": state,
             "current_version": result.current_version,
             "prev_version": result.prev_version,
-            "deploying_version": result.deploying_version if result.state == NodeState.FAILED else None,
-            "last_error": result.last_error,
+            # The target comes from the claim: the event names the version this request was for.
+            "deploying_version": target if failed else None,
+            "last_error": error_text(error, operation) if failed else "",
             "updated_at": now,
         }
     )
@@ -138,7 +182,7 @@ def fail_min_healthy(deployed: NodeStatus, *, running: str | None, error: str, n
             "state": NodeState.FAILED,
             "current_version": running,
             "deploying_version": deployed.current_version,
-            "last_error": f"min_healthy: {error}",
+            "last_error": error_text(f"min_healthy: {error}", "min_healthy"),
             "updated_at": now,
         }
     )

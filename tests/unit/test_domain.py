@@ -174,20 +174,42 @@ def test_finish_rejects_a_claim_that_is_not_deploying(state: NodeState) -> None:
         finish(not_claimed, node(NodeState.SUCCESS, current_version="2.0.0"), now=NOW)
 
 
-@pytest.mark.parametrize("state", [NodeState.PENDING, NodeState.DEPLOYING], ids=str)
-def test_finish_rejects_a_non_terminal_result(state: NodeState) -> None:
-    with pytest.raises(IllegalTransition, match="non-terminal"):
-        finish(claimed("deploy"), node(state), now=NOW)
-
-
-def test_finish_rejects_a_rollback_ending_in_success() -> None:
-    with pytest.raises(IllegalTransition, match="rollback ends"):
-        finish(claimed("rollback"), node(NodeState.SUCCESS, current_version="0.9.0"), now=NOW)
-
-
-def test_finish_rejects_a_deploy_ending_rolled_back() -> None:
-    with pytest.raises(IllegalTransition, match="deploy ends"):
-        finish(claimed("deploy"), node(NodeState.ROLLED_BACK, current_version="1.0.0"), now=NOW)
+@pytest.mark.parametrize(
+    ("operation", "result", "error"),
+    [
+        ("deploy", node(NodeState.PENDING), "deploy: the executor ended in pending, not a final state"),
+        ("rollback", node(NodeState.DEPLOYING), "rollback: the executor ended in deploying, not a final state"),
+        (
+            "rollback",
+            node(NodeState.SUCCESS, current_version="0.9.0"),
+            "rollback: the executor reported success, not rolled_back",
+        ),
+        (
+            "deploy",
+            node(NodeState.ROLLED_BACK, current_version="1.0.0"),
+            "deploy: the executor reported rolled_back, not success",
+        ),
+        (
+            "deploy",
+            node(NodeState.SUCCESS, current_version="1.0.0"),
+            "deploy: the executor reported success running 1.0.0, not 2.0.0",
+        ),
+        (
+            "rollback",
+            node(NodeState.ROLLED_BACK, current_version=None),
+            "rollback: the executor reported rolled_back running nothing, not 0.9.0",
+        ),
+    ],
+    ids=["deploy-pending", "rollback-deploying", "rollback-success", "deploy-rolled-back", "other", "nothing"],
+)
+def test_finish_records_a_result_that_contradicts_the_claim_as_failed(
+    operation: str, result: NodeStatus, error: str
+) -> None:
+    """An executor result that is not final, not the operation's end, or not the target is a failure naming it."""
+    final = finish(claimed(operation), result, now=NOW)
+    assert (final.state, final.last_error) == (NodeState.FAILED, error)
+    assert final.deploying_version == ("2.0.0" if operation == "deploy" else "0.9.0")
+    assert final.current_version == result.current_version
 
 
 def test_finish_of_a_successful_deploy_records_the_new_versions() -> None:
@@ -213,6 +235,32 @@ def test_finish_of_a_failed_deploy_keeps_the_attempted_version_and_the_error() -
     assert final.state == NodeState.FAILED
     assert (final.current_version, final.deploying_version) == ("1.0.0", "2.0.0")
     assert final.last_error == "health: 503"
+
+
+@pytest.mark.parametrize(
+    ("last_error", "stored"),
+    [
+        ("health: 503", "health: 503"),
+        ("", "deploy: failed without a message"),
+        ("health: ", "health: failed without a message"),
+        ("Connection refused: port 80", "deploy: Connection refused: port 80"),
+        ("unpack: bad: archive", "unpack: bad: archive"),
+        ("x" * 5000, "deploy: " + "x" * 3997 + "..."),
+    ],
+    ids=["step", "empty", "empty-message", "no-step", "colon-in-message", "too-long"],
+)
+def test_finish_stores_the_error_as_its_outcome_event_carries_it(last_error: str, stored: str) -> None:
+    """`<step>: <message>`: the executor's step, else the operation; never empty; cut to fit the event's error."""
+    result = node(NodeState.FAILED, current_version="1.0.0", last_error=last_error)
+    assert finish(claimed("deploy"), result, now=NOW).last_error == stored
+
+
+def test_finish_takes_the_failed_target_from_the_claim_and_clears_the_error_on_success() -> None:
+    """A failed result that forgot the version it tried still names it; a success keeps no error."""
+    failed = finish(claimed("rollback"), node(NodeState.FAILED, current_version="1.0.0"), now=NOW)
+    assert failed.deploying_version == "0.9.0"
+    done = node(NodeState.SUCCESS, current_version="2.0.0", last_error="warning: slow start")
+    assert finish(claimed("deploy"), done, now=NOW).last_error == ""
 
 
 @pytest.mark.parametrize("state", [NodeState.ROLLED_BACK, NodeState.FAILED], ids=str)
@@ -272,6 +320,16 @@ def test_redelivered_rollback_keeps_the_current_version_as_target() -> None:
     assert rollback_target(in_rollback, None) == "1.0.0"
 
 
+def test_redelivered_rollback_after_a_successful_deploy_keeps_the_target_of_its_claim() -> None:
+    """Interrupted while leaving 2.0.0 for 1.0.0: the claim still runs 2.0.0 but the target stays 1.0.0."""
+    success = node(NodeState.SUCCESS, current_version="2.0.0", prev_version="1.0.0")
+    target = rollback_target(success, None)
+    in_rollback = claim(
+        success, request_id="rb-1", operation="rollback", target_version=target, release_id=None, now=NOW, lease=LEASE
+    )
+    assert rollback_target(in_rollback, None) == "1.0.0"
+
+
 @pytest.mark.parametrize(
     "state", [NodeState.FAILED, NodeState.SUCCESS, NodeState.ROLLED_BACK, NodeState.PENDING], ids=str
 )
@@ -280,8 +338,17 @@ def test_explicit_rollback_version_wins(state: NodeState) -> None:
     assert rollback_target(current, "0.5.0") == "0.5.0"
 
 
-def test_rollback_of_a_node_without_history_has_no_target() -> None:
-    assert rollback_target(node(NodeState.PENDING), None) is None
+@pytest.mark.parametrize(
+    "current",
+    [
+        node(NodeState.PENDING),
+        node(NodeState.SUCCESS, current_version="1.0.0"),
+        node(NodeState.FAILED, deploying_version="1.0.0", last_error="health: 503"),
+    ],
+    ids=["never-deployed", "first-version", "first-deploy-failed"],
+)
+def test_rollback_of_a_node_without_a_version_to_return_to_has_no_target(current: NodeStatus) -> None:
+    assert rollback_target(current, None) is None
 
 
 # --- planner ------------------------------------------------------------------------------------
