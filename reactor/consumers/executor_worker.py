@@ -2,7 +2,8 @@
 
 Exactly-once effects over at-least-once delivery: a finished request re-emits its recorded outcome; an
 interrupted one (node still deploying for the same request, or deployed but not yet observed for its
-min_healthy window) runs again, which is safe because deploy and rollback are idempotent.
+min_healthy window) runs again, which is safe because deploy and rollback are idempotent. A rollback with
+nothing to roll back to is refused without running the executor, and leaves the node's record as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import structlog
 
 from reactor import outcomes
 from reactor.domain.status import (
+    NO_ROLLBACK_TARGET,
     TERMINAL,
     NodeState,
     NodeStatus,
@@ -26,7 +28,7 @@ from reactor.domain.status import (
     rollback_target,
 )
 from reactor.errors import ConflictError, ReactorError
-from reactor.events import DeployRequested, Event, HealthCheck, RollbackRequested, utc_now
+from reactor.events import DeployRequested, Event, HealthCheck, NodeEvent, RollbackRequested, utc_now
 from reactor.executors import executor_factory
 from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory, ExecutorSettings, Store
 
@@ -83,6 +85,7 @@ class ExecutorWorker:
             target = request.version
         else:
             target = rollback_target(current, request.to_version)
+        # Claimed in memory first: a node another request holds is busy (retried later) even for a refusal.
         claimed = claim(
             current,
             request_id=request.event_id,
@@ -94,6 +97,12 @@ class ExecutorWorker:
         ).model_copy(
             update={"port": request.port or current.port, "health": request.health or current.health or HealthCheck()}
         )
+        if isinstance(request, RollbackRequested) and target is None:
+            # Nothing on record to go back to: nothing runs and nothing changes, so the record stays as it was
+            # and the outcome says so (RollbackFailed without a target), for the record and the log to agree.
+            log.warning("rollback refused", error=NO_ROLLBACK_TARGET)
+            await self._publish(request, outcomes.refused(request, current, NO_ROLLBACK_TARGET))
+            return
         written = await self.store.put_node(claimed, expected_revision=current.revision)
         if written is None:
             raise ConflictError(f"{request.node_key} changed while claiming it")
@@ -214,7 +223,10 @@ class ExecutorWorker:
         duration_s: float,
         before: NodeStatus | None = None,
     ) -> None:
-        outcome = outcomes.outcome_for(request, status, duration_s, before)
+        await self._publish(request, outcomes.outcome_for(request, status, duration_s, before))
+
+    async def _publish(self, request: DeployRequested | RollbackRequested, outcome: NodeEvent) -> None:
+        """Record the outcome of `request` (a redelivery re-emits it), then publish it."""
         await self.store.put_processed(request.event_id, outcomes.record(outcome))
         await self.bus.publish(outcome)
 

@@ -151,7 +151,8 @@ def _node_summary(event: NodeEvent, actor: str) -> str:
         case NodeRolledBack():
             return f"rolled back to {event.version}"
         case RollbackFailed():
-            return f"rollback failed at {event.step}: {event.error} (runs {event.version or 'nothing'})"
+            what = "rollback refused" if refused(event) else f"rollback failed at {event.step}"
+            return f"{what}: {event.error} (runs {event.version or 'nothing'})"
         case _:
             return type(event).__name__
 
@@ -279,7 +280,8 @@ def rebuild(events: Iterable[Event]) -> dict[str, NodeStatus]:
     """Node statuses recomputed from outcome events in time order (each event id once); commands are ignored.
 
     What an outcome does not carry stays as the node's previous outcome left it: the previous version after a
-    failed deploy or rollback, and port and health check, which no outcome records.
+    failed deploy or rollback, and port and health check, which no outcome records. A refused rollback changes
+    nothing, as it changed nothing live: a node known only from refusals is not rebuilt at all.
     """
     history = list(events)
     depths = causal_depths(history)
@@ -294,13 +296,22 @@ def rebuild(events: Iterable[Event]) -> dict[str, NodeStatus]:
         if outcome.event_id in seen:
             continue
         seen.add(outcome.event_id)
+        if refused(outcome):
+            continue
         before = nodes.get(outcome.node_key) or pending(outcome.node_key, outcome.service)
         nodes[outcome.node_key] = apply(before, outcome)
     return nodes
 
 
+def refused(outcome: NodeEvent) -> bool:
+    """A rollback refused without running (nothing to roll back to): it names no target and changed no record."""
+    return isinstance(outcome, RollbackFailed) and outcome.target_version is None
+
+
 def apply(status: NodeStatus, outcome: NodeDeployed | NodeFailed | NodeRolledBack | RollbackFailed) -> NodeStatus:
     """The node status after one outcome, as the executor worker recorded it when it emitted that outcome."""
+    if refused(outcome):
+        return status
     common: dict[str, object] = {
         "service": outcome.service,
         "release_id": outcome.release_id,

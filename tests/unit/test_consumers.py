@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -14,12 +16,15 @@ from reactor import outcomes
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.executor_worker import ExecutorWorker, probe_interval
 from reactor.consumers.rollback import RollbackConsumer
-from reactor.domain.status import NodeState, claim, pending
+from reactor.domain.replay import apply, refused
+from reactor.domain.status import NodeState, NodeStatus, claim, pending
 from reactor.errors import NodeBusy
 from reactor.events import (
     AutoRollback,
     DeployRequested,
+    Event,
     NodeDeployed,
+    NodeEvent,
     NodeFailed,
     NodeRolledBack,
     Package,
@@ -29,8 +34,9 @@ from reactor.events import (
     derived_event_id,
     utc_now,
 )
-from reactor.ports import ExecutorFactory, Store
-from tests.fakes import Probe, Script, scripted
+from reactor.executors.local import LocalExecutor
+from reactor.ports import ExecutorFactory, ExecutorSettings, Store
+from tests.fakes import Probe, Script, ScriptedExecutor, scripted
 
 # Tier: `unit` on the in-memory backends, `mongo` on FerretDB (from the `store` fixture parameter).
 
@@ -209,6 +215,318 @@ async def test_rollback_without_a_previous_version_fails_clearly(store: Store) -
     await worker(store, bus, script).handle(RollbackRequested(node_key=NODE, service="app"))
     [outcome] = bus.events(Topic.OUTCOMES)
     assert isinstance(outcome, RollbackFailed)
+
+
+# --- record and outcome agree ----------------------------------------------------------------------
+
+# What a record and its outcome event both tell; replaying the event (reactor replay --rebuild) gives them back.
+TOLD = ("state", "current_version", "prev_version", "deploying_version", "last_error", "operation", "request_id")
+
+
+class _RollbackScripted(ScriptedExecutor):
+    """The scripted executor, whose rollback also follows the node's behaviour: `fail` fails it at `switch`
+    with the node still on the version it was leaving, `crash` raises."""
+
+    async def rollback(self) -> NodeStatus:
+        behaviour = self.script.behaviour.get(self.context.node_key, "ok")
+        if behaviour == "fail":
+            self.script.calls[f"rollback:{self.context.node_key}"] += 1
+            return self.context.current.model_copy(
+                update={"state": NodeState.FAILED, "last_error": f"switch: {self.context.target_version} did not start"}
+            )
+        if behaviour == "crash":
+            raise RuntimeError("boom")
+        return await super().rollback()
+
+
+class _RolledBackToNothing(ScriptedExecutor):
+    """A broken executor: its rollback reports rolled_back while nothing runs."""
+
+    async def rollback(self) -> NodeStatus:
+        return self.context.current.model_copy(update={"state": NodeState.ROLLED_BACK, "current_version": None})
+
+
+def rollback_worker(store: Store, bus: MemoryBus, script: Script, tmp_path: Path) -> ExecutorWorker:
+    """A worker with the rollback-scripted `fake` platform and the real `local` one under `tmp_path`."""
+    bound = type("BoundRollbackScripted", (_RollbackScripted,), {"script": script})
+    factories: dict[str, ExecutorFactory] = {"fake": bound, "local": LocalExecutor}
+    return ExecutorWorker(store, bus, settings=ExecutorSettings(local_root=tmp_path), factories=factories)
+
+
+async def assert_record_agrees(store: Store, outcome: Event, before: NodeStatus | None) -> None:
+    """The node's record is what replaying `outcome` over the record before it gives: state, versions, error."""
+    assert isinstance(outcome, NodeDeployed | NodeFailed | NodeRolledBack | RollbackFailed)
+    live = await store.get_node(outcome.node_key)
+    if before is None and refused(outcome):
+        assert live is None
+        return
+    assert live is not None
+    told = apply(before or pending(outcome.node_key, outcome.service), outcome)
+    assert {name: getattr(live, name) for name in TOLD} == {name: getattr(told, name) for name in TOLD}
+    assert (live.release_id, live.service) == (told.release_id, told.service)
+
+
+Request = DeployRequested | RollbackRequested
+# Runs what comes before, then gives the request whose outcome is checked (not yet handled).
+Scenario = Callable[[ExecutorWorker, Script], Awaitable[Request]]
+
+
+async def _deployed(consumer: ExecutorWorker, script: Script) -> Request:
+    await consumer.handle(deploy("1.0.0"))
+    return deploy("2.0.0")
+
+
+async def _deploy_failed(consumer: ExecutorWorker, script: Script) -> Request:
+    await consumer.handle(deploy("1.0.0"))
+    script.behaviour[NODE] = "fail"
+    return deploy("2.0.0")
+
+
+async def _deploy_crashed(consumer: ExecutorWorker, script: Script) -> Request:
+    script.behaviour[NODE] = "crash"
+    return deploy("1.0.0")
+
+
+async def _min_healthy_failed(consumer: ExecutorWorker, script: Script) -> Request:
+    await consumer.handle(deploy("1.0.0"))
+    script.probes[NODE] = ["unhealthy"]
+    return deploy("2.0.0", min_healthy_s=0.2)
+
+
+async def _rolled_back(consumer: ExecutorWorker, script: Script) -> Request:
+    await consumer.handle(deploy("1.0.0"))
+    await consumer.handle(deploy("2.0.0"))
+    return RollbackRequested(node_key=NODE, service="app")
+
+
+async def _rolled_back_after_failure(consumer: ExecutorWorker, script: Script) -> Request:
+    await _deploy_failed(consumer, script)
+    await consumer.handle(deploy("2.0.0"))
+    script.behaviour.clear()
+    return RollbackRequested(node_key=NODE, service="app", release_id="app-7")
+
+
+async def _rollback_failed(consumer: ExecutorWorker, script: Script) -> Request:
+    await consumer.handle(deploy("1.0.0"))
+    await consumer.handle(deploy("2.0.0"))
+    script.behaviour[NODE] = "fail"
+    return RollbackRequested(node_key=NODE, service="app")
+
+
+async def _rollback_crashed(consumer: ExecutorWorker, script: Script) -> Request:
+    await _rolled_back(consumer, script)
+    script.behaviour[NODE] = "crash"
+    return RollbackRequested(node_key=NODE, service="app")
+
+
+async def _never_deployed(consumer: ExecutorWorker, script: Script) -> Request:
+    return RollbackRequested(node_key=NODE, service="app")
+
+
+async def _first_version_only(consumer: ExecutorWorker, script: Script) -> Request:
+    await consumer.handle(deploy("1.0.0", release_id="app-1"))
+    return RollbackRequested(node_key=NODE, service="app", release_id="app-2")
+
+
+async def _first_deploy_failed(consumer: ExecutorWorker, script: Script) -> Request:
+    script.behaviour[NODE] = "fail"
+    await consumer.handle(deploy("1.0.0"))
+    return RollbackRequested(node_key=NODE, service="app")
+
+
+async def _to_version_not_on_disk(consumer: ExecutorWorker, script: Script) -> Request:
+    return RollbackRequested(node_key="local/host-1/app", service="app", to_version="0.9.0")
+
+
+SCENARIOS: dict[str, tuple[Scenario, type[NodeEvent], str | None]] = {
+    # name: (scenario, outcome type, "<step>: <error>" of a failure)
+    "deployed": (_deployed, NodeDeployed, None),
+    "deploy-failed": (_deploy_failed, NodeFailed, "health: did not answer"),
+    "deploy-crashed": (_deploy_crashed, NodeFailed, "deploy: executor crashed: RuntimeError: boom"),
+    "min-healthy-failed": (_min_healthy_failed, NodeFailed, None),
+    "rolled-back": (_rolled_back, NodeRolledBack, None),
+    "rolled-back-after-failure": (_rolled_back_after_failure, NodeRolledBack, None),
+    "rollback-failed": (_rollback_failed, RollbackFailed, "switch: 1.0.0 did not start"),
+    "rollback-crashed": (_rollback_crashed, RollbackFailed, "rollback: executor crashed: RuntimeError: boom"),
+    "rollback-never-deployed": (_never_deployed, RollbackFailed, "rollback: no previous version to roll back to"),
+    "rollback-first-version": (_first_version_only, RollbackFailed, "rollback: no previous version to roll back to"),
+    "rollback-first-failed": (_first_deploy_failed, RollbackFailed, "rollback: no previous version to roll back to"),
+    "rollback-to-missing": (_to_version_not_on_disk, RollbackFailed, "rollback: release 0.9.0 is not on the node"),
+}
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+async def test_every_outcome_says_what_the_record_says(store: Store, tmp_path: Path, name: str) -> None:
+    """For every kind of outcome, the stored node is exactly what replaying its event gives (state, current and
+    previous version, target, error), and a failure's event carries the record's `<step>: <error>`."""
+    scenario, kind, error = SCENARIOS[name]
+    bus, script = MemoryBus(), Script()
+    consumer = rollback_worker(store, bus, script, tmp_path)
+    request = await scenario(consumer, script)
+    before = await store.get_node(request.node_key)
+    await consumer.handle(request)
+
+    outcome = bus.events(Topic.OUTCOMES)[-1]
+    assert isinstance(outcome, kind)
+    assert outcome.causation_id == request.event_id
+    await assert_record_agrees(store, outcome, before)
+    if isinstance(outcome, NodeFailed | RollbackFailed):
+        assert error is None or f"{outcome.step}: {outcome.error}" == error
+    assert await store.get_processed(request.event_id) == outcomes.record(outcome)
+
+
+@pytest.mark.parametrize("name", ["rollback-never-deployed", "rollback-first-version", "rollback-first-failed"])
+async def test_rollback_with_nothing_to_return_to_is_refused_and_leaves_the_node_as_it_was(
+    store: Store, tmp_path: Path, name: str
+) -> None:
+    """No version to go back to: the executor never runs, the record is untouched (a never-deployed node gets
+    none), and RollbackFailed names no target and reports what the node still runs."""
+    scenario, _, _ = SCENARIOS[name]
+    bus, script = MemoryBus(), Script()
+    consumer = rollback_worker(store, bus, script, tmp_path)
+    request = await scenario(consumer, script)
+    before = await store.get_node(NODE)
+    await consumer.handle(request)
+
+    assert script.calls[f"rollback:{NODE}"] == 0
+    assert await store.get_node(NODE) == before
+    outcome = bus.events(Topic.OUTCOMES)[-1]
+    assert isinstance(outcome, RollbackFailed)
+    assert (outcome.step, outcome.error, outcome.target_version) == (
+        "rollback",
+        "no previous version to roll back to",
+        None,
+    )
+    assert outcome.version == (before.current_version if before else None)
+    assert outcome.release_id == request.release_id
+
+    await consumer.handle(request)  # redelivered: the recorded refusal again, still nothing runs or changes
+    assert bus.events(Topic.OUTCOMES)[-1] == outcome
+    assert await store.get_node(NODE) == before
+
+
+async def test_refused_rollback_of_a_node_busy_with_another_request_waits_its_turn(store: Store) -> None:
+    """A node deploying for another request is busy for a rollback too, even one that would be refused."""
+    bus, script = MemoryBus(), Script()
+    holder = claim(
+        pending(NODE, "app"),
+        request_id="first-deploy",
+        operation="deploy",
+        target_version="1.0.0",
+        release_id=None,
+        now=utc_now(),
+        lease=timedelta(minutes=30),
+    )
+    await store.put_node(holder, expected_revision=0)
+    with pytest.raises(NodeBusy):
+        await worker(store, bus, script).handle(RollbackRequested(node_key=NODE, service="app"))
+    assert bus.events(Topic.OUTCOMES) == []
+
+
+async def test_executor_that_reports_rolled_back_running_nothing_is_recorded_and_told_failed(store: Store) -> None:
+    """A rollback result that contradicts its target is no success: record and event both say failed, and why."""
+    bus = MemoryBus()
+    consumer = ExecutorWorker(
+        store, bus, factories={"fake": type("Broken", (_RolledBackToNothing,), {"script": Script()})}
+    )
+    await consumer.handle(deploy("1.0.0"))
+    await consumer.handle(deploy("2.0.0"))
+    before = await store.get_node(NODE)
+    await consumer.handle(RollbackRequested(node_key=NODE, service="app"))
+
+    outcome = bus.events(Topic.OUTCOMES)[-1]
+    assert isinstance(outcome, RollbackFailed)
+    assert (outcome.step, outcome.error, outcome.target_version) == (
+        "rollback",
+        "the executor reported rolled_back running nothing, not 1.0.0",
+        "1.0.0",
+    )
+    await assert_record_agrees(store, outcome, before)
+
+
+@pytest.mark.parametrize(
+    ("said", "told"),
+    [
+        ("", "deploy: failed without a message"),
+        ("Connection refused: port 80", "deploy: Connection refused: port 80"),
+        ("unpack: " + "x" * 5000, "unpack: " + "x" * 3997 + "..."),
+    ],
+    ids=["empty", "no-step", "too-long"],
+)
+async def test_failure_in_the_executors_own_words_is_stored_as_its_event_tells_it(
+    store: Store, said: str, told: str
+) -> None:
+    """An error without a step, without a message or too long for an event: record and NodeFailed say the same."""
+
+    class SaysLittle(ScriptedExecutor):
+        script = Script()
+
+        async def deploy(self) -> NodeStatus:
+            return self.context.current.model_copy(update={"state": NodeState.FAILED, "last_error": said})
+
+    bus = MemoryBus()
+    await ExecutorWorker(store, bus, factories={"fake": SaysLittle}).handle(deploy())
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeFailed)
+    assert f"{outcome.step}: {outcome.error}" == told
+    await assert_record_agrees(store, outcome, None)
+
+
+async def test_redelivered_interrupted_rollback_returns_to_the_target_of_its_claim(store: Store) -> None:
+    """A worker died rolling 2.0.0 back to 1.0.0: the redelivery goes to 1.0.0, not to the version it was leaving."""
+    bus, script = MemoryBus(), Script()
+    consumer = worker(store, bus, script)
+    await consumer.handle(deploy("1.0.0"))
+    await consumer.handle(deploy("2.0.0"))
+    request = RollbackRequested(node_key=NODE, service="app")
+    deployed = await store.get_node(NODE)
+    assert deployed is not None
+    interrupted = claim(
+        deployed,
+        request_id=request.event_id,
+        operation="rollback",
+        target_version="1.0.0",
+        release_id=None,
+        now=utc_now(),
+        lease=timedelta(minutes=30),
+    )
+    assert await store.put_node(interrupted, expected_revision=deployed.revision) is not None
+
+    await consumer.handle(request)
+    outcome = bus.events(Topic.OUTCOMES)[-1]
+    assert isinstance(outcome, NodeRolledBack)
+    assert outcome.version == "1.0.0"
+    status = await store.get_node(NODE)
+    assert status is not None
+    assert (status.state, status.current_version) == (NodeState.ROLLED_BACK, "1.0.0")
+
+
+@pytest.mark.parametrize(
+    "name", ["deploy-failed", "min-healthy-failed", "rolled-back", "rollback-failed", "rollback-to-missing"]
+)
+async def test_crash_after_the_status_write_emits_the_outcome_the_record_tells(
+    store: Store, tmp_path: Path, name: str
+) -> None:
+    """The worker died after writing the node, before recording the outcome: the redelivery does not run again and
+    derives the same outcome from the record (the version a rollback left is the one thing it cannot know)."""
+    scenario, _, _ = SCENARIOS[name]
+    bus, script = MemoryBus(), Script()
+    consumer = rollback_worker(store, bus, script, tmp_path)
+    request = await scenario(consumer, script)
+    before = await store.get_node(request.node_key)
+    await consumer.handle(request)
+    first = bus.events(Topic.OUTCOMES)[-1]
+    calls = script.calls.copy()
+
+    again_bus = MemoryBus()
+    forgetful = cast(Store, _ForgetfulStore(store, request.event_id))
+    await rollback_worker(forgetful, again_bus, script, tmp_path).handle(request)
+
+    assert script.calls == calls
+    [again] = again_bus.events(Topic.OUTCOMES)
+    unknowable = {"duration_s", "from_version", "occurred_at"}
+    assert again.model_dump(exclude=unknowable) == first.model_dump(exclude=unknowable)
+    await assert_record_agrees(store, again, before)
 
 
 async def test_rollback_consumer_follows_the_policy() -> None:

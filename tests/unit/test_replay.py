@@ -19,6 +19,7 @@ from reactor.domain.replay import Difference, Filter, TimelineEntry, compare, re
 from reactor.domain.status import NodeState, pending
 from reactor.errors import InvalidInput
 from reactor.events import (
+    AutoRollback,
     DeployRequested,
     Event,
     NodeDeployed,
@@ -28,6 +29,8 @@ from reactor.events import (
     Package,
     ReleasePlan,
     ReleaseRequested,
+    RollbackFailed,
+    RollbackRequested,
     Strategy,
     Topic,
 )
@@ -80,10 +83,9 @@ async def play_history(bus: MemoryBus, script: Script) -> None:
     await bus.idle()
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    """The history played by the real executor worker, pacer and rollback consumer; they keep running."""
-    script = Script()
+@contextlib.asynccontextmanager
+async def reactor(tmp_path: Path, script: Script) -> AsyncIterator[Fleet]:
+    """The real executor worker, pacer and rollback consumer on an in-memory bus and store, while the block runs."""
     async with EmbeddedStore(":memory:") as store:
         bus = MemoryBus(retry_delay_s=0.01)
         started = asyncio.Event()
@@ -98,12 +100,20 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         )
         await started.wait()
         try:
-            await play_history(bus, script)
             yield Fleet(bus=bus, store=store)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    """The history played by the real executor worker, pacer and rollback consumer; they keep running."""
+    script = Script()
+    async with reactor(tmp_path, script) as running:
+        await play_history(running.bus, script)
+        yield running
 
 
 async def entries(bus: MemoryBus, flt: Filter) -> list[TimelineEntry]:
@@ -255,6 +265,95 @@ async def test_audit_reports_exactly_the_field_changed_by_hand_in_the_live_store
     assert (await fresh_audit(fleet, Filter(node_key=NODES[0])))[0] == []
     assert (await fresh_audit(fleet, Filter(service="web")))[0] == []
     assert (await fresh_audit(fleet, Filter(release_id=RELEASE)))[0] == differences
+
+
+def node(index: int, platform: str = "fake") -> str:
+    return f"{platform}/host-{index:02d}/app"
+
+
+async def play_every_outcome(bus: MemoryBus, script: Script) -> None:
+    """Every kind of outcome, each on its own node: deployed, failed (at a step, crashed, at min_healthy), rolled
+    back (asked and automatic), rollback failed (ran: a version not on the node) and refused (nothing to go to)."""
+
+    async def send(*requests: DeployRequested | RollbackRequested) -> None:
+        for request in requests:
+            await bus.publish(request)
+            await bus.idle()
+
+    def kept(node_key: str, version: str, **extra: object) -> DeployRequested:
+        return deploy(node_key, version, "ci").model_copy(update={"auto_rollback": AutoRollback.NONE, **extra})
+
+    def rollback(node_key: str, **extra: object) -> RollbackRequested:
+        return RollbackRequested(node_key=node_key, service="app", actor="alice", **extra)
+
+    await send(*(deploy(node(index), "1.0.0", "ci") for index in (0, 1, 2, 4)))
+    await send(deploy(node(0), "1.1.0", "ci"), rollback(node(0)))  # deployed, then rolled back by hand
+    script.behaviour[node(1)] = "fail"
+    await send(deploy(node(1), "1.1.0", "ci"))  # failed, rolled back automatically
+    script.probes[node(2)] = ["unhealthy"]
+    await send(kept(node(2), "1.1.0", min_healthy_s=0.2))  # failed at min_healthy, kept
+    await send(rollback(node(3)))  # refused: never deployed
+    await send(rollback(node(4), release_id="app-9"))  # refused: nothing before 1.0.0
+    script.behaviour[node(5)] = "fail"
+    await send(deploy(node(5), "1.0.0", "ci"), rollback(node(5)))  # first deploy failed; rollback refused
+    script.behaviour[node(6)] = "crash"
+    await send(kept(node(6), "1.0.0"))  # the executor crashed
+    await send(rollback(node(7, "local"), to_version="0.9.0"))  # ran and failed: 0.9.0 is not on the node
+
+
+async def test_rebuild_after_every_kind_of_outcome_finds_no_difference(tmp_path: Path) -> None:
+    """`reactor replay --rebuild` after deploys, failures, rollbacks, failed and refused rollbacks: the live store
+    and the rebuild agree on every node, and a refused rollback rebuilds no node that was never deployed."""
+    script = Script()
+    async with reactor(tmp_path, script) as running:
+        await play_every_outcome(running.bus, script)
+        differences, rebuilt = await fresh_audit(running, Filter())
+        live = {status.node_key: status for status in await running.store.list_nodes()}
+        told = running.bus.events(Topic.OUTCOMES)
+
+    assert differences == []
+    assert {type(outcome) for outcome in told} == {NodeDeployed, NodeFailed, NodeRolledBack, RollbackFailed}
+    failed_rollbacks = [outcome for outcome in told if isinstance(outcome, RollbackFailed)]
+    assert sorted((outcome.node_key, outcome.target_version, outcome.error) for outcome in failed_rollbacks) == [
+        (node(3), None, "no previous version to roll back to"),
+        (node(4), None, "no previous version to roll back to"),
+        (node(5), None, "no previous version to roll back to"),
+        (node(7, "local"), "0.9.0", "release 0.9.0 is not on the node"),
+    ]
+    summary = {key: (s.state.value, s.current_version, s.prev_version, s.last_error) for key, s in live.items()}
+    assert summary == {
+        node(0): ("rolled_back", "1.0.0", "1.0.0", ""),
+        node(1): ("rolled_back", "1.0.0", None, ""),
+        node(2): ("failed", "1.1.0", "1.0.0", summary[node(2)][3]),
+        node(4): ("success", "1.0.0", None, ""),
+        node(5): ("failed", None, None, "health: did not answer"),
+        node(6): ("failed", None, None, "deploy: executor crashed: RuntimeError: boom"),
+        node(7, "local"): ("failed", None, None, "rollback: release 0.9.0 is not on the node"),
+    }
+    assert summary[node(2)][3].startswith("min_healthy: ")
+    assert rebuilt == len(live)
+
+
+def test_refused_rollback_rebuilds_nothing_and_leaves_a_known_node_as_it_was() -> None:
+    """A RollbackFailed without a target (refused, nothing ran) creates no node and changes none."""
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    deployed = NodeDeployed(node_key=NODES[0], service="app", version="1.0.0", occurred_at=start, causation_id="a")
+    refusals = [
+        RollbackFailed(
+            node_key=key,
+            service="app",
+            version=version,
+            step="rollback",
+            error="no previous version to roll back to",
+            occurred_at=start + timedelta(seconds=1),
+            causation_id=f"rollback-{index}",
+        )
+        for index, (key, version) in enumerate(((NODES[0], "1.0.0"), (NODES[1], None)))
+    ]
+    rebuilt = rebuild([deployed, *refusals])
+    assert rebuilt == rebuild([deployed])
+    summaries = [entry.summary for entry in timeline([(Topic.OUTCOMES, refusals[1], "/reactor")], Filter())]
+    assert summaries == ["rollback refused: no previous version to roll back to (runs nothing)"]
 
 
 def test_compare_reports_a_node_known_to_one_side_only_as_presence() -> None:
