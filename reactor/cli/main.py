@@ -16,6 +16,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from reactor import logs, schemas
 from reactor.adapters.embedded_store import EmbeddedStore
@@ -61,19 +62,29 @@ app.add_typer(schemas_app, name="schemas")
 
 # Piped output is read by programs and people with wide screens: do not cut tables at 80 columns.
 _PIPED_WIDTH = 200
-out = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
+# Emoji codes off: ":x:" in a version, path or error message is text, not a picture.
+out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+err = Console(stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 T = TypeVar("T")
 EXIT_INVALID = 2
 # Release states that mean it did not do what it was asked: `submit` exits 1 on them.
 _FAILED_RELEASE = frozenset({ReleaseState.HALTED, ReleaseState.ABORTED, ReleaseState.ROLLED_BACK})
 
 
+def _say(console: Console, *parts: str | tuple[str, str]) -> None:
+    """Print `parts` as one line, each exactly as given, a (text, style) pair styled.
+
+    Whatever may hold user input or error text goes through here (or into a `Text`), never into markup: rich
+    would take `[a-z]` in a refused pattern, or `[bold]` in an error, for markup and print something else.
+    """
+    console.print(Text.assemble(*parts), soft_wrap=True)
+
+
 def _settings(log_level: str = "warning") -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
-        err.print(f"[red]invalid settings[/]: {describe_validation_error(exc)}")
+        _say(err, ("invalid settings", "red"), f": {describe_validation_error(exc)}")
         raise typer.Exit(EXIT_INVALID) from exc
     logs.configure(settings.log_format, settings.effective_log_level(log_level))
     return settings
@@ -83,10 +94,10 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coroutine)
     except InvalidInput as exc:
-        err.print(f"[red]invalid[/] {exc.field}: {exc.rule}", markup=True)
+        _say(err, ("invalid", "red"), f" {exc.field}: {exc.rule}")
         raise typer.Exit(EXIT_INVALID) from exc
     except ReactorError as exc:
-        err.print(f"[red]error[/]: {exc}")
+        _say(err, ("error", "red"), f": {exc}")
         raise typer.Exit(1) from exc
 
 
@@ -99,17 +110,17 @@ def demo(
     from reactor.demo.scenario import run_demo  # noqa: PLC0415 (the demo pulls in its own helpers only when asked)
 
     def say(text: str) -> None:
-        out.print(text, markup=False)
+        _say(out, text)
 
     with tempfile.TemporaryDirectory(prefix="reactor-demo-") as temporary:
         root = workdir or Path(temporary)
         root.mkdir(parents=True, exist_ok=True)
-        out.print(f"[bold]Deploy Reactor demo[/] in {root}")
+        _say(out, ("Deploy Reactor demo", "bold"), f" in {root}")
         with Reporter(out, live=False) as reporter:
             result = _run(run_demo(root, observer=reporter, say=say))
     out.print()
     for claim, holds in result.checks:
-        out.print(f"{'[green]ok  [/]' if holds else '[red]FAIL[/]'} {claim}", soft_wrap=True)
+        _say(out, ("ok  ", "green") if holds else ("FAIL", "red"), f" {claim}")
     if not result.ok:
         err.print("[red]demo failed[/]")
         raise typer.Exit(1)
@@ -128,10 +139,10 @@ def release_submit(
         plan = load_plan(file)
         request = ReleaseRequested(release_id=plan.release_id, plan=plan, actor=actor)
     except InvalidInput as exc:
-        err.print(f"[red]invalid release file[/] {file}: {exc.field}: {exc.rule}", markup=True)
+        _say(err, ("invalid release file", "red"), f" {file}: {exc.field}: {exc.rule}")
         raise typer.Exit(EXIT_INVALID) from exc
     except ValidationError as exc:
-        err.print(f"[red]invalid release[/] {file}: {describe_validation_error(exc)}")
+        _say(err, ("invalid release", "red"), f" {file}: {describe_validation_error(exc)}")
         raise typer.Exit(EXIT_INVALID) from exc
 
     def ended(event: Event) -> bool:
@@ -150,9 +161,9 @@ def release_submit(
 
     state = _run(submit())
     if not follow:
-        out.print(f"release {plan.release_id} submitted; follow it with `reactor release status {plan.release_id}`")
+        _say(out, f"release {plan.release_id} submitted; follow it with `reactor release status {plan.release_id}`")
         return
-    out.print(f"release {plan.release_id}: {state.value if state else 'unknown'}")
+    _say(out, f"release {plan.release_id}: {state.value if state else 'unknown'}")
     if state in _FAILED_RELEASE or state is None:
         raise typer.Exit(1)
 
@@ -165,17 +176,19 @@ def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file
         plan = load_plan(file)
         batches = plan_batches(plan.nodes, plan.strategy)
     except InvalidInput as exc:
-        err.print(f"[red]invalid release file[/] {file}: {exc.field}: {exc.rule}", markup=True)
+        _say(err, ("invalid release file", "red"), f" {file}: {exc.field}: {exc.rule}")
         raise typer.Exit(EXIT_INVALID) from exc
     strategy = plan.strategy
     labels = {node.node_key: node.labels for node in plan.nodes}
-    out.print(
-        f"[bold]{plan.release_id}[/]: {plan.service} {plan.version} to {len(plan.nodes)} nodes in {len(batches)}"
+    _say(
+        out,
+        (plan.release_id, "bold"),
+        f": {plan.service} {plan.version} to {len(plan.nodes)} nodes in {len(batches)}"
         f" batches; max_parallel {strategy.max_parallel}; failure budget"
         f" {failure_budget(strategy.failure_budget, len(plan.nodes))} of the release"
         + (f", {strategy.batch_failure_budget} per batch" if strategy.batch_failure_budget is not None else "")
         + f"; auto_rollback {strategy.auto_rollback.value}"
-        + (f"; node deadline {strategy.node_deadline_s:g}s" if strategy.node_deadline_s else "")
+        + (f"; node deadline {strategy.node_deadline_s:g}s" if strategy.node_deadline_s else ""),
     )
     if strategy.min_healthy_s:
         out.print(
@@ -194,13 +207,21 @@ def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file
                 gates.append("approval")
             elif strategy.pause_between_batches_s:
                 gates.append(f"pause {strategy.pause_between_batches_s:g}s")
-        table.add_row(str(index + 1), " ".join(batch), spread, ", ".join(gates) or "-")
+        table.add_row(Text(str(index + 1)), Text(" ".join(batch)), Text(spread), Text(", ".join(gates) or "-"))
     out.print(table)
 
 
-def _release_command(event: ReleaseEvent) -> None:
+_ReleaseCommand = type[ReleaseApproved | ReleasePaused | ReleaseResumed | ReleaseAborted | ReleaseRollbackRequested]
+
+
+def _release_command(kind: _ReleaseCommand, release_id: str, reason: str, actor: str) -> None:
     """Publish a release command; in embedded mode, run the release on from the store until it waits again."""
     settings = _settings()
+    try:
+        event: ReleaseEvent = kind(release_id=release_id, reason=reason, actor=actor)
+    except ValidationError as exc:
+        _say(err, ("invalid", "red"), f" {describe_validation_error(exc)}")
+        raise typer.Exit(EXIT_INVALID) from exc
 
     def settled(seen: Event) -> bool:
         return isinstance(seen, ReleaseEvent) and seen.release_id == event.release_id and seen is not event
@@ -216,9 +237,9 @@ def _release_command(event: ReleaseEvent) -> None:
 
     state = _run(send())
     if state is None:
-        err.print(f"no release {event.release_id}")
+        _say(err, f"no release {event.release_id}")
         raise typer.Exit(1)
-    out.print(f"release {event.release_id}: {state.value}")
+    _say(out, f"release {event.release_id}: {state.value}")
     if state in _FAILED_RELEASE and not isinstance(event, ReleaseAborted | ReleaseRollbackRequested):
         raise typer.Exit(1)
 
@@ -231,31 +252,31 @@ ActorOption = Annotated[str, typer.Option(help="Who asks, for the audit trail.")
 @release_app.command("approve")
 def release_approve(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
     """Let a release waiting for approval start its next batch."""
-    _release_command(ReleaseApproved(release_id=release_id, reason=reason, actor=actor))
+    _release_command(ReleaseApproved, release_id, reason, actor)
 
 
 @release_app.command("pause")
 def release_pause(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
     """Stop dispatching new nodes (in-flight ones finish) until resumed."""
-    _release_command(ReleasePaused(release_id=release_id, reason=reason, actor=actor))
+    _release_command(ReleasePaused, release_id, reason, actor)
 
 
 @release_app.command("resume")
 def release_resume(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
     """Dispatch again after a pause."""
-    _release_command(ReleaseResumed(release_id=release_id, reason=reason, actor=actor))
+    _release_command(ReleaseResumed, release_id, reason, actor)
 
 
 @release_app.command("abort")
 def release_abort(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
     """Dispatch nothing more for this release (in-flight nodes finish)."""
-    _release_command(ReleaseAborted(release_id=release_id, reason=reason, actor=actor))
+    _release_command(ReleaseAborted, release_id, reason, actor)
 
 
 @release_app.command("rollback")
 def release_rollback(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
     """Roll back every node the release deployed, newest batch first."""
-    _release_command(ReleaseRollbackRequested(release_id=release_id, reason=reason, actor=actor))
+    _release_command(ReleaseRollbackRequested, release_id, reason, actor)
 
 
 @release_app.command("status")
@@ -271,15 +292,17 @@ def release_status(release_id: Annotated[str, typer.Argument(help="Release id.")
             counts = await backends.store.count_release_nodes(release_id)
             reason = f" ({record.reason})" if record.reason else ""
             progress = ", ".join(f"{state.value} {counts[state]}" for state in ItemState)
-            out.print(
-                f"[bold]{record.release_id}[/]: {record.plan.service} {record.plan.version} — {record.state.value}"
-                f"{reason}; batch {record.batch + 1}/{len(record.batch_sizes)}; budget {record.budget}; {progress}"
+            _say(
+                out,
+                (record.release_id, "bold"),
+                f": {record.plan.service} {record.plan.version} — {record.state.value}"
+                f"{reason}; batch {record.batch + 1}/{len(record.batch_sizes)}; budget {record.budget}; {progress}",
             )
             table = Table(title="Release nodes")
             for column in ("batch", "node", "progress"):
                 table.add_column(column)
             for node in await backends.store.list_release_nodes(release_id):
-                table.add_row(str(node.batch + 1), node.node_key, node.state.value)
+                table.add_row(Text(str(node.batch + 1)), Text(node.node_key), Text(node.state.value))
             out.print(table)
             nodes = await backends.store.list_nodes(release_id=release_id)
             if nodes:
@@ -287,7 +310,7 @@ def release_status(release_id: Annotated[str, typer.Argument(help="Release id.")
             return True
 
     if not _run(show()):
-        err.print(f"no release {release_id}")
+        _say(err, f"no release {release_id}")
         raise typer.Exit(1)
 
 
@@ -355,7 +378,7 @@ def deploy(
             actor=actor,
         )
     except ValidationError as exc:
-        err.print(f"[red]invalid[/] {describe_validation_error(exc)}")
+        _say(err, ("invalid", "red"), f" {describe_validation_error(exc)}")
         raise typer.Exit(EXIT_INVALID) from exc
     _node_request(event)
 
@@ -377,7 +400,7 @@ def rollback(
             actor=actor,
         )
     except ValidationError as exc:
-        err.print(f"[red]invalid[/] {describe_validation_error(exc)}")
+        _say(err, ("invalid", "red"), f" {describe_validation_error(exc)}")
         raise typer.Exit(EXIT_INVALID) from exc
     _node_request(event)
 
@@ -417,7 +440,7 @@ def topics(
     """Create the Kafka topics (commands, outcomes, releases, dlq) under the configured prefix."""
     settings = _settings(log_level="info")
     if action != "create":
-        err.print(f"[red]invalid[/] action: {action!r}; the only action is 'create'")
+        _say(err, ("invalid", "red"), f" action: {action!r}; the only action is 'create'")
         raise typer.Exit(EXIT_INVALID)
 
     async def create() -> list[str]:
@@ -425,7 +448,7 @@ def topics(
             return await bus.create_topics(partitions=settings.topic_partitions, replication=settings.topic_replication)
 
     created = _run(create())
-    out.print(f"created {', '.join(created)}" if created else "topics already exist")
+    _say(out, f"created {', '.join(created)}" if created else "topics already exist")
 
 
 @app.command()
@@ -453,26 +476,24 @@ def replay(
             database = f"{settings.mongo_database}-rebuild-{utc_now():%Y%m%d%H%M%S}"
             async with MongoStore(settings.mongo_url, database) as fresh:
                 report = await audit(backends.bus, backends.store, fresh, flt)
-            out.print(f"rebuilt node status into database {database}")
+            _say(out, f"rebuilt node status into database {database}")
             return report
 
     report = _run(run())
     for entry in report.timeline:
-        out.print(
+        _say(
+            out,
             f"{entry.time:%Y-%m-%dT%H:%M:%S.%fZ} {entry.topic.value:<8} {entry.event_type:<16} {entry.subject}"
             f" [{entry.actor}] {entry.summary}",
-            markup=False,
-            soft_wrap=True,
         )
     for topic, problem in report.undecodable:
-        out.print(f"undecodable message on {topic.value}: {problem}", markup=False, soft_wrap=True)
+        _say(out, f"undecodable message on {topic.value}: {problem}")
     if rebuild:
         for difference in report.differences:
-            out.print(
+            _say(
+                out,
                 f"DIFFERENCE {difference.node_key} {difference.field}: live {difference.live!r},"
                 f" rebuilt from the log {difference.rebuilt!r}",
-                markup=False,
-                soft_wrap=True,
             )
         if report.differences:
             raise typer.Exit(1)
@@ -485,7 +506,7 @@ def schemas_export(
 ) -> None:
     """Write the JSON Schemas and the AsyncAPI document generated from the event models."""
     for path in schemas.export(directory):
-        out.print(f"wrote {path}")
+        _say(out, f"wrote {path}")
 
 
 @schemas_app.command("check")
@@ -495,7 +516,7 @@ def schemas_check(
     """Exit non-zero when the files differ from what the models generate."""
     problems = schemas.drift(directory)
     for problem in problems:
-        err.print(f"[red]drift[/] {problem}")
+        _say(err, ("drift", "red"), f" {problem}")
     if problems:
         err.print("run `reactor schemas export` and commit the result")
         raise typer.Exit(1)

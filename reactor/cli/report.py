@@ -1,4 +1,7 @@
-"""What the CLI shows: one line per event when not on a terminal, a live table of nodes when on one."""
+"""What the CLI shows: one line per event when not on a terminal, a live table of nodes when on one.
+
+Names, versions and errors come from users and hosts: they go into `Text`, which rich never reads as markup.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from reactor.domain.replay import refused
 from reactor.domain.status import NodeStatus
 from reactor.events import (
     BatchCompleted,
@@ -62,7 +66,8 @@ def describe(event: Event) -> str:
         case NodeRolledBack():
             return f"{event.node_key}: rolled back to {event.version}"
         case RollbackFailed():
-            return f"{event.node_key}: ROLLBACK FAILED at {event.step}: {event.error}"
+            what = "rollback REFUSED" if refused(event) else f"ROLLBACK FAILED at {event.step}"
+            return f"{event.node_key}: {what}: {event.error}"
         case _:
             return f"{event.subject()}: {type(event).__name__}"
 
@@ -74,13 +79,13 @@ def node_table(nodes: list[NodeStatus], title: str = "Nodes") -> Table:
         table.add_column(column)
     for node in nodes:
         table.add_row(
-            node.node_key,
+            Text(node.node_key),
             Text(node.state.value, style=STATE_STYLE.get(node.state.value, "")),
-            node.current_version or "-",
-            node.prev_version or "-",
-            node.deploying_version or "-",
-            node.release_id or "-",
-            node.last_error or "",
+            Text(node.current_version or "-"),
+            Text(node.prev_version or "-"),
+            Text(node.deploying_version or "-"),
+            Text(node.release_id or "-"),
+            Text(node.last_error),
         )
     return table
 
@@ -109,7 +114,7 @@ class Reporter:
 
     def __call__(self, event: Event) -> None:
         """Show one event."""
-        self.console.print(describe(event), markup=False, highlight=False, soft_wrap=True)
+        self.console.print(Text(describe(event)), soft_wrap=True)
         if isinstance(event, NodeDeployed):
             self._rows[event.node_key] = ("success", event.version)
         elif isinstance(event, NodeFailed):
@@ -128,5 +133,5 @@ class Reporter:
         table.add_column("state")
         table.add_column("version")
         for key, (state, version) in sorted(self._rows.items()):
-            table.add_row(key, Text(state, style=STATE_STYLE.get(state, "")), version)
+            table.add_row(Text(key), Text(state, style=STATE_STYLE.get(state, "")), Text(version))
         return table

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.demo import build_package
 from reactor.demo.scenario import free_ports, release_plan, served_version, write_plan
+from reactor.domain.status import NodeState, pending
+from reactor.events import RELEASE_ID, SERVICE, VERSION
 from reactor.executors.local import stop_all
 
 pytestmark = pytest.mark.e2e
@@ -77,6 +80,73 @@ def test_invalid_release_file_exits_2_naming_the_field_and_changes_nothing(
     assert result.returncode == 2, result.stdout + result.stderr
     assert field in result.stderr
     assert not (state / "reactor.db").exists()
+
+
+@pytest.mark.parametrize("command", ["plan", "submit"])
+def test_refused_release_file_shows_the_rule_and_the_file_name_literally(tmp_path: Path, command: str) -> None:
+    """The pattern a field must match is printed whole, brackets included, and so is a file name with brackets."""
+    package = build_package(tmp_path / "dist", "1.0.0")
+    document = release_plan("bad-1", package, {"node-1": 1}).model_dump(mode="json")
+    document["release_id"] = "Bad Release!"
+    path = tmp_path / "[bold]bad :x:.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = reactor("release", command, str(path), state=tmp_path / "state")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"String should match pattern '{RELEASE_ID}'" in result.stderr, result.stderr
+    assert str(path) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "rule"),
+    [
+        (("release", "approve", "Bad[x]"), f"release_id: String should match pattern '{RELEASE_ID}'"),
+        (
+            (
+                "deploy",
+                "local/n/hello",
+                "--service",
+                "Hello World",
+                "--version",
+                "1.0.0",
+                "--package-url",
+                "p.tgz",
+                "--sha256",
+                "e" * 64,
+            ),
+            f"service: String should match pattern '{SERVICE}'",
+        ),
+        (
+            ("rollback", "local/n/hello", "--to-version", "[bold]2[/]"),
+            f"to_version: String should match pattern '{VERSION}'",
+        ),
+    ],
+    ids=["release-approve", "deploy", "rollback"],
+)
+def test_refused_command_line_shows_the_rule_literally(tmp_path: Path, args: tuple[str, ...], rule: str) -> None:
+    """A command line value that breaks a pattern: exit 2 and the whole pattern, not a traceback or half a rule."""
+    result = reactor(*args, state=tmp_path / "state")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert rule in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_status_shows_errors_and_unknown_release_ids_literally(tmp_path: Path) -> None:
+    """A node's last_error with markup-like text and an emoji code is shown as stored, and so is a release id."""
+    state = tmp_path / "state"
+    state.mkdir()
+    error = "health: [bold]x[/] answered :x: [/]"
+    node = pending("local/node-1/hello", "hello").model_copy(
+        update={"state": NodeState.FAILED, "current_version": "1.0.0", "last_error": error}
+    )
+    async with EmbeddedStore(state / "reactor.db") as store:
+        assert await store.put_node(node, expected_revision=0) is not None
+
+    shown = reactor("status", state=state)
+    assert shown.returncode == 0, shown.stderr
+    assert error in shown.stdout, shown.stdout
+    missing = reactor("release", "status", "[bold]nope[/]", state=state)
+    assert missing.returncode == 1
+    assert "no release [bold]nope[/]" in missing.stderr
 
 
 def test_release_submit_status_and_node_commands_work_on_the_embedded_store(tmp_path: Path) -> None:
