@@ -100,7 +100,7 @@ class ExecutorWorker:
         if isinstance(request, RollbackRequested) and target is None:
             # Nothing on record to go back to: nothing runs and nothing changes, so the record stays as it was
             # and the outcome says so (RollbackFailed without a target), for the record and the log to agree.
-            log.warning("rollback refused", error=NO_ROLLBACK_TARGET)
+            log.info("rollback refused", error=NO_ROLLBACK_TARGET)
             await self._publish(request, outcomes.refused(request, current, NO_ROLLBACK_TARGET))
             return
         written = await self.store.put_node(claimed, expected_revision=current.revision)
