@@ -29,6 +29,24 @@ class Script:
     peak_in_flight: int = 0
     release: asyncio.Event | None = None
     probes: dict[str, list[Probe]] = field(default_factory=dict)  # consumed in order; then "healthy"
+    # Latched: every deploy and rollback waits, in flight, until the test lets it go (`let_go`).
+    latched: bool = False
+    gates: list[tuple[str, asyncio.Event]] = field(default_factory=list)
+
+    @property
+    def held(self) -> list[str]:
+        """The node keys waiting on the latch, in the order they arrived."""
+        return [node_key for node_key, _ in self.gates]
+
+    def let_go(self, count: int | None = None) -> list[str]:
+        """Let the first `count` held deploys (every one by default) go on; their node keys.
+
+        They stop counting as held at once, though each finishes only when its task runs next.
+        """
+        chosen, self.gates[:count] = self.gates[:count], []
+        for _, gate in chosen:
+            gate.set()
+        return [node_key for node_key, _ in chosen]
 
 
 class ScriptedExecutor:
@@ -49,6 +67,14 @@ class ScriptedExecutor:
         try:
             if script.delay_s:
                 await asyncio.sleep(script.delay_s)
+            if script.latched:
+                gate = (self.context.node_key, asyncio.Event())
+                script.gates.append(gate)
+                try:
+                    await gate[1].wait()
+                finally:
+                    if gate in script.gates:  # cancelled while held
+                        script.gates.remove(gate)
             behaviour = script.behaviour.get(self.context.node_key, "ok")
             if behaviour == "hang":
                 assert script.release is not None

@@ -4,9 +4,11 @@ log: a node is in flight from its command to its outcome."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
+from itertools import cycle
 from pathlib import Path
+
+import pytest
 
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.pacer import TIMER_LEASE, Pacer
@@ -24,6 +26,7 @@ from reactor.events import (
 )
 from reactor.ports import ReleaseNode, Store
 from reactor.runtime import Role
+from tests.control import TimerTicks, WatchedBus, settle
 from tests.fakes import Script
 from tests.pacing import PACKAGE, reactor, state_of
 from tests.support import equals, peak_in_flight, until
@@ -78,27 +81,39 @@ def test_scopes_of_a_node_follow_the_limits_in_a_fixed_order() -> None:
     )
 
 
-async def test_global_and_zone_limits_hold_across_two_concurrent_releases(store: Store, tmp_path: Path) -> None:
+async def test_global_and_zone_limits_hold_across_two_concurrent_releases(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two services released at once, each allowed 4 in parallel; overall 3 and one per zone across both.
 
-    The log shows the limits reached, never exceeded, and both releases in flight at the same time.
+    Deploys are held until the test lets them go, a few at a time: whenever the reactor can do nothing more,
+    one node of each zone that has nodes left is in flight, never more; the log shows the limits reached and
+    never exceeded, and both releases in flight at the same time.
     """
-    script = Script(delay_s=0.05)
+    script = Script(latched=True)
     first = zoned_plan("app", 9, Strategy(batches=["100%"], max_parallel=4))
     second = zoned_plan("web", 9, Strategy(batches=["100%"], max_parallel=4))
-    async with reactor(
-        store, script, tmp_path, max_in_flight=3, max_in_flight_per_label={"zone": 1}, concurrency=64
-    ) as bus:
+    every_node = [node.node_key for node in (*first.nodes, *second.nodes)]
+    bus, ticks = WatchedBus(), TimerTicks(store, monkeypatch)
+    async with reactor(store, script, tmp_path, bus, max_in_flight=3, max_in_flight_per_label={"zone": 1}):
         await bus.publish(ReleaseRequested(release_id=first.release_id, plan=first))
         await bus.publish(ReleaseRequested(release_id=second.release_id, plan=second))
+        finished: list[str] = []
+        for group in cycle((1, 2, 3)):
+            await settle(bus, script, ticks)
+            # Two held nodes of one zone break the zone limit; a zone with nodes left and none held is a slot unused.
+            zones_left = sorted({zone_of(node_key) for node_key in every_node if node_key not in finished})
+            assert sorted(zone_of(node_key) for node_key in script.held) == zones_left, (script.held, finished)
+            if not script.held:
+                break
+            finished += script.let_go(group)
         await until(lambda: equals(state_of(store, first.release_id), ReleaseState.COMPLETED), "the first completes")
         await until(lambda: equals(state_of(store, second.release_id), ReleaseState.COMPLETED), "the second completes")
-        await bus.idle()
     peaks = log_peaks(bus)
     assert peaks["all"] == 3, peaks
     assert {zone: peaks[f"zone={zone}"] for zone in ZONES} == {"a": 1, "b": 1, "c": 1}, peaks
     assert script.peak_in_flight == 3
-    assert len(script.order) == 18, "every node deployed once"
+    assert sorted(script.order) == sorted(every_node), "every node deployed once"
     assert await store.list_slots() == [], "every slot given back"
     # Both releases made progress side by side, not one after the other.
     deploys = [event for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
@@ -111,18 +126,38 @@ async def test_global_and_zone_limits_hold_across_two_concurrent_releases(store:
     assert max(first_of.values()) < min(last_of.values()), "the releases interleave"
 
 
-async def test_two_pacers_never_exceed_max_parallel_with_strict_slots(store: Store, tmp_path: Path) -> None:
-    """Two pacer members share one release's outcomes; slots keep it at max_parallel across them."""
-    script = Script(delay_s=0.03)
+async def test_two_pacers_never_exceed_max_parallel_with_strict_slots(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pacer members share one release's outcomes; slots keep it at max_parallel across them.
+
+    Deploys are held until the test lets them go, 1, 2 or 3 at a time. Whenever the reactor can do nothing more,
+    at most max_parallel are in flight, each holding a slot, and while nodes wait no slot is free: the first
+    window is full. Two pacers that race for one node may both take a slot for it, and the second is given back
+    with that node's outcome, so in between fewer than max_parallel may be in flight; never more.
+    """
+    script = Script(latched=True)
     release = zoned_plan("app", 24, Strategy(batches=["100%"], max_parallel=3))
-    bus = MemoryBus(retry_delay_s=0.01)
+    bus, ticks = WatchedBus(), TimerTicks(store, monkeypatch)
     async with (
-        reactor(store, script, tmp_path, bus, strict_max_parallel=True, concurrency=64),
+        reactor(store, script, tmp_path, bus, strict_max_parallel=True),
         reactor(store, script, tmp_path, bus, roles=frozenset({Role.PACER}), strict_max_parallel=True),
     ):
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
-        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 30)
-        await bus.idle()
+        await settle(bus, script, ticks)
+        assert len(script.held) == 3, "the first window is full"
+        finished: list[str] = []
+        for group in cycle((1, 2, 3)):
+            slots = await store.list_slots()
+            waiting = len(release.nodes) - len(finished) - len(script.held)
+            assert len(script.held) <= 3, (script.held, finished)
+            assert {slot.node_key for slot in slots} == set(script.held), "each node in flight holds a slot"
+            assert len(slots) == 3 if waiting else len(slots) <= 3, (slots, script.held)
+            if not script.held:
+                break
+            finished += script.let_go(group)
+            await settle(bus, script, ticks)
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
     assert log_peaks(bus)["release=app-2"] == 3
     assert script.peak_in_flight == 3
     assert sorted(script.order) == sorted(node.node_key for node in release.nodes), "each node deployed once"
@@ -153,24 +188,31 @@ async def test_a_fresh_slot_of_a_node_being_dispatched_is_not_swept(store: Store
     assert [slot.node_key for slot in await store.list_slots()] == [release.nodes[0].node_key]
 
 
-async def test_only_the_lease_holder_fires_timers(store: Store, tmp_path: Path) -> None:
+async def test_only_the_lease_holder_fires_timers(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another pacer holds the timer lease: a due pause is not fired until that lease lapses."""
     script = Script()
     release = zoned_plan("app", 2, Strategy(batches=[1], pause_between_batches_s=0.01))
-    held_until = 1.5
+    ticks = TimerTicks(store, monkeypatch)
     async with reactor(store, script, tmp_path) as bus:
-        assert await store.take_lease(TIMER_LEASE, "someone-else", now=utc_now(), ttl_s=held_until)
+        assert await store.take_lease(TIMER_LEASE, "someone-else", now=utc_now(), ttl_s=60)
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.WAITING), "the pause")
-        await asyncio.sleep(0.5)
+        skipped = ticks.refused.total()
+        await until(lambda: ticks.refused.total() >= skipped + 3, "the pacer skips ticks with the pause due")
         assert await state_of(store, release.release_id) == ReleaseState.WAITING, "nobody fired the timer"
+        assert await store.take_lease(TIMER_LEASE, "someone-else", now=utc_now(), ttl_s=0.2)  # lapses soon
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion", 10)
     assert len(script.order) == 2
 
 
-async def test_a_pacer_that_stops_hands_the_timer_lease_over_at_once(store: Store, tmp_path: Path) -> None:
+async def test_a_pacer_that_stops_hands_the_timer_lease_over_at_once(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While a pacer runs, its timer lease is refused to others; once it stops, another takes it at once."""
+    ticks = TimerTicks(store, monkeypatch)
     async with reactor(store, Script(), tmp_path):
-        await asyncio.sleep(0.3)  # many ticks: the pacer has taken the lease
+        await until(lambda: ticks.begun.total() > 0, "the pacer has taken the timer lease")
         assert not await store.take_lease(TIMER_LEASE, "another-pacer", now=utc_now(), ttl_s=60)
     assert await store.take_lease(TIMER_LEASE, "another-pacer", now=utc_now(), ttl_s=60)
