@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
+
+import pytest
 
 from reactor.consumers.pacer import Pacer
 from reactor.domain.pacer import ItemState, ReleaseState
@@ -22,20 +23,37 @@ from reactor.events import (
 )
 from reactor.ports import Store
 from reactor.runtime import Role
+from tests.control import TimerTicks, WatchedBus, settle
 from tests.fakes import Script
 from tests.pacing import plan, reactor
 
 # Tier: `unit` on the in-memory backends, `mongo` on FerretDB (from the `store` fixture parameter).
 
 
-async def test_batches_run_in_order_within_the_window(store: Store, tmp_path: Path) -> None:
-    """5 nodes, batches [1, 50%], max_parallel 2: canary first, then batches of 3 and 1; never over 2 in flight."""
-    script = Script(delay_s=0.02)
-    release = plan(5, Strategy(batches=[1, "50%"], max_parallel=2))
-    async with reactor(store, script, tmp_path) as bus:
-        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
-        await bus.idle()
+async def test_batches_run_in_order_within_the_window(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """5 nodes, batches [1, 50%], max_parallel 2: canary first, then batches of 3 and 1; never over 2 in flight.
 
+    Deploys are held until the test lets them go, one at a time; in flight whenever the reactor can do nothing
+    more: the canary, the window of 2 over batch 1 and its last node alone, then batch 2.
+    """
+    script = Script(latched=True)
+    release = plan(5, Strategy(batches=[1, "50%"], max_parallel=2))
+    bus, ticks = WatchedBus(), TimerTicks(store, monkeypatch)
+    held: list[list[str]] = []
+    async with reactor(store, script, tmp_path, bus):
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        while True:
+            await settle(bus, script, ticks)
+            held.append(sorted(script.held))
+            if not script.held:
+                break
+            script.let_go(1)
+
+    assert [len(nodes) for nodes in held] == [1, 2, 2, 1, 1, 0], held
+    assert held[0] == ["fake/host-00/app"]
+    assert all("fake/host-04/app" not in nodes for nodes in held[:4]), "batch 2 waits for all of batch 1"
     record = await store.get_release(release.release_id)
     assert record is not None
     assert record.state == ReleaseState.COMPLETED
@@ -52,21 +70,31 @@ async def test_batches_run_in_order_within_the_window(store: Store, tmp_path: Pa
     assert (completed.succeeded, completed.failed) == (5, 0)
 
 
-async def test_next_batch_waits_for_every_outcome_of_the_current_one(store: Store, tmp_path: Path) -> None:
+async def test_next_batch_waits_for_every_outcome_of_the_current_one(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No node of batch 2 is dispatched while a node of batch 1 has no outcome."""
-    script = Script(behaviour={"fake/host-01/app": "hang"}, release=asyncio.Event())
+    script = Script(latched=True)
     release = plan(4, Strategy(batches=[2], max_parallel=2))
-    async with reactor(store, script, tmp_path) as bus:
+    bus, ticks = WatchedBus(), TimerTicks(store, monkeypatch)
+    first_batch = {"fake/host-00/app", "fake/host-01/app"}
+
+    def dispatched() -> set[str]:
+        return {event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)}
+
+    async with reactor(store, script, tmp_path, bus):
         await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
-        async with asyncio.timeout(10):
-            while script.calls["deploy:fake/host-00/app"] == 0 or script.in_flight == 0:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
-        dispatched = {event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)}
-        assert dispatched == {"fake/host-00/app", "fake/host-01/app"}
-        assert script.release is not None
-        script.release.set()
-        await bus.idle()
+        await settle(bus, script, ticks)
+        assert set(script.held) == first_batch
+        [finished] = script.let_go(1)
+        await settle(bus, script, ticks)
+        assert script.held == sorted(first_batch - {finished})
+        assert dispatched() == first_batch
+        script.let_go()
+        await settle(bus, script, ticks)
+        assert set(script.held) == {"fake/host-02/app", "fake/host-03/app"}
+        script.let_go()
+        await settle(bus, script, ticks)
     record = await store.get_release(release.release_id)
     assert record is not None
     assert record.state == ReleaseState.COMPLETED
