@@ -24,6 +24,7 @@ from reactor.demo.scenario import free_ports, release_plan, served_version
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, NodeStatus, pending
 from reactor.events import (
+    AutoRollback,
     DeployRequested,
     Event,
     NodeDeployed,
@@ -33,8 +34,11 @@ from reactor.events import (
     Package,
     ReleasePlan,
     ReleaseRequested,
+    RollbackFailed,
+    RollbackRequested,
     Strategy,
     Topic,
+    derived_event_id,
 )
 from reactor.executors.local import stop_all
 from reactor.observability import CountingBus, HealthServer
@@ -229,12 +233,18 @@ async def test_demo_scenario_with_real_processes_on_kafka_and_mongo(
 async def test_replay_rebuild_matches_live_status_and_reports_a_tampered_node(
     kafka: KafkaBus, mongo: MongoStore, mongo_url: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    """`reactor replay` prints the timeline; `--rebuild` finds no difference, then exactly the one made by hand."""
+    """`reactor replay` prints the timeline; after every kind of outcome `--rebuild` finds no difference, then
+    exactly the one made by hand."""
     script = Script(behaviour={"fake/host-01/app": "fail"})
     release = plan(3, Strategy(batches=["100%"], max_parallel=3, failure_budget=1, auto_rollback="none"))
     async with workers(kafka, mongo, tmp_path, {Role.ALL}, {"fake": scripted(script)}):
         await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="ci-pipeline"))
         await until(lambda: equals(release_state(mongo, release.release_id), ReleaseState.COMPLETED), "completion")
+        await _every_other_outcome(kafka, script)
+    told = await events(kafka, Topic.OUTCOMES)
+    assert {type(event) for event in told} == {NodeDeployed, NodeFailed, NodeRolledBack, RollbackFailed}
+    refusals = [event for event in told if isinstance(event, RollbackFailed) and event.target_version is None]
+    assert len(refusals) == 3
     env = {
         **os.environ,
         "REACTOR_MODE": "distributed",
@@ -260,6 +270,8 @@ async def test_replay_rebuild_matches_live_status_and_reports_a_tampered_node(
     clean = replay("--rebuild")
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "live node status matches the log" in clean.stdout
+    assert await mongo.get_node("fake/host-09/app") is None  # a refused rollback writes no record
+    assert "rollback refused: no previous version to roll back to (runs nothing)" in clean.stdout
 
     node = await mongo.get_node("fake/host-02/app")
     assert node is not None
@@ -268,6 +280,47 @@ async def test_replay_rebuild_matches_live_status_and_reports_a_tampered_node(
     assert tampered.returncode == 1
     differences = [line for line in tampered.stdout.splitlines() if line.startswith("DIFFERENCE")]
     assert differences == ["DIFFERENCE fake/host-02/app current_version: live '6.6.6', rebuilt from the log '2.0.0'"]
+
+
+async def _every_other_outcome(bus: KafkaBus, script: Script) -> None:
+    """After the release (host-00 and host-02 deployed, host-01 failed): rolled back by hand and automatically,
+    failed at min_healthy and by a crash, a rollback that ran and failed, and three refused rollbacks."""
+
+    def fake(index: int) -> str:
+        return f"fake/host-{index:02d}/app"
+
+    def deploy(node_key: str, version: str, **extra: object) -> DeployRequested:
+        request = DeployRequested(node_key=node_key, service="app", version=version, package=PACKAGE)
+        return request.model_copy(update=extra)
+
+    async def answered(request: DeployRequested | RollbackRequested, caused_by: str | None = None) -> None:
+        """Publish `request`; wait for the outcome of the command `caused_by` names (itself by default)."""
+        await bus.publish(request)
+        command = caused_by or request.event_id
+        await until(
+            lambda: _has_outcome(bus, command),
+            f"the outcome of {type(request).__name__} on {request.node_key}",
+        )
+
+    await answered(deploy(fake(0), "2.1.0"))
+    await answered(RollbackRequested(node_key=fake(0), service="app"))  # rolled back by hand, to 2.0.0
+    for index in (1, 2, 9):  # refused: the first deploy failed, 2.0.0 is all it ran, never deployed
+        await answered(RollbackRequested(node_key=fake(index), service="app"))
+    # Ran and failed: the local executor has no 0.9.0 on the node.
+    await answered(RollbackRequested(node_key="local/host-05/app", service="app", to_version="0.9.0"))
+    await answered(deploy(fake(4), "1.0.0"))
+    script.probes[fake(4)] = ["unhealthy"]
+    await answered(deploy(fake(4), "2.0.0", min_healthy_s=0.3, auto_rollback=AutoRollback.NONE))
+    script.behaviour[fake(6)] = "crash"
+    await answered(deploy(fake(6), "1.0.0", auto_rollback=AutoRollback.NONE))
+    await answered(deploy(fake(7), "1.0.0"))
+    script.behaviour[fake(7)] = "fail"
+    failing = deploy(fake(7), "2.0.0")  # failed, then rolled back by the rollback consumer
+    await answered(failing, caused_by=derived_event_id(derived_event_id(failing.event_id, "outcome"), "rollback"))
+
+
+async def _has_outcome(bus: KafkaBus, command_id: str) -> bool:
+    return any(event.causation_id == command_id for event in await events(bus, Topic.OUTCOMES))
 
 
 async def test_health_endpoint_is_ready_only_when_bus_and_store_answer(
