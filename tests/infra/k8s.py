@@ -15,8 +15,11 @@ is written, so an interrupted or outdated build is redone.
 the API server, the controller manager, the scheduler and kwok, on free 127.0.0.1 ports; it creates
 two fake nodes, waits until they are Ready and writes ``<workdir>/kubeconfig`` (context
 ``reactor-test``). SIGTERM to the supervisor stops everything in reverse order; its children die with
-it even on SIGKILL (PR_SET_PDEATHSIG). Pods become Ready through kwok; pods with any container image
-ending in ``:broken`` stay Pending with ``ImagePullBackOff``, for failure tests.
+it even on SIGKILL (PR_SET_PDEATHSIG), and they are in its process group, which ``Service.stop`` sweeps.
+The supervisor itself dies with the process that started it (a test session), unless started with
+``outlive_parent=True``: ``scripts/testenv up k8s`` does, so the cluster runs until ``scripts/testenv
+down k8s``. Pods become Ready through kwok; pods with any container image ending in ``:broken`` stay
+Pending with ``ImagePullBackOff``, for failure tests.
 
 Pure standard library, like ``testenv``.
 """
@@ -148,8 +151,12 @@ def ensure_k8s(version: str = K8S_VERSION) -> Path:
 # start / stop (the caller's side)
 
 
-def start_k8s(workdir: Path, version: str = K8S_VERSION) -> testenv.Service:
-    """Start the cluster under `workdir` (wiped first) and wait until both fake nodes are Ready."""
+def start_k8s(workdir: Path, version: str = K8S_VERSION, *, outlive_parent: bool = False) -> testenv.Service:
+    """Start the cluster under `workdir` (wiped first) and wait until both fake nodes are Ready.
+
+    The cluster dies with the thread that calls this (a test session's), unless `outlive_parent`
+    (`scripts/testenv up`, whose services run until `scripts/testenv down`).
+    """
     home = ensure_k8s(version)
     workdir = Path(workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -163,6 +170,7 @@ def start_k8s(workdir: Path, version: str = K8S_VERSION) -> testenv.Service:
         workdir / "supervisor.log",
         stop_grace=STOP_GRACE,
         env=env,
+        outlive_parent=outlive_parent,
     )
     ready = workdir / "ready.json"
     svc.env = {"REACTOR_KUBECONFIG": str(workdir / "kubeconfig")}

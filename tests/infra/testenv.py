@@ -710,7 +710,7 @@ COMPONENTS: dict[str, Component] = {
         "k8s",
         "Kubernetes 1.34 control plane (apiserver, controller-manager, scheduler, etcd) with 2 kwok fake nodes",
         lambda: __import__("tests.infra.k8s", fromlist=["ensure_k8s"]).ensure_k8s(),
-        lambda workdir: __import__("tests.infra.k8s", fromlist=["start_k8s"]).start_k8s(workdir),
+        lambda workdir: __import__("tests.infra.k8s", fromlist=["start_k8s"]).start_k8s(workdir, outlive_parent=True),
     ),
 }
 
