@@ -129,16 +129,33 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def _proc_starttime(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of `pid`, or None if it is gone or a zombie."""
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, start time in clock ticks since boot) of `pid`, or None if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
+    return fields[0], int(fields[2]), int(fields[19])
+
+
+def _proc_starttime(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of `pid`, or None if it is gone or a zombie."""
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):
         return None
-    return int(fields[19])
+    return stat[2]
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
 
 
 @contextlib.contextmanager
@@ -221,10 +238,11 @@ class Service:
         return not self.alive()
 
     def stop(self, grace: float | None = None) -> None:
-        """SIGTERM, wait up to `grace` seconds, then SIGKILL. Idempotent."""
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL; then kill what it left behind. Idempotent."""
         grace = self.stop_grace if grace is None else grace
         if not self.alive():
             self._reap()
+            self._kill_leftovers()
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
@@ -235,6 +253,35 @@ class Service:
             if not self._wait_gone(10):
                 raise TestEnvError(f"{self.name} (pid {self.pid}) survived SIGKILL")
         self._reap()
+        self._kill_leftovers()
+
+    def _leftovers(self) -> list[int]:
+        """Processes still in the service's process group now that its leader is gone.
+
+        Every service leads a session of its own (`_spawn`, the fleet), so its group id is its pid and whatever
+        it started without a session of its own is in that group: the k8s supervisor's etcd, API server, etc.
+        Normally the leader stops those itself (and they die with it); this catches what a SIGKILLed leader
+        could not. A group id is never reused as a pid while the group has members, so while the pid is free
+        (or a zombie) the members are ours; a live process under that pid means the group is not ours.
+        """
+        leader = _proc_stat(self.pid)
+        if leader is not None and leader[0] not in ("Z", "X"):
+            return []
+        return _group_members(self.pid)
+
+    def _kill_leftovers(self) -> None:
+        members = self._leftovers()
+        if not members:
+            return
+        log(f"{self.name} (pid {self.pid}) left {len(members)} process(es) in its group; killing {members}")
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self._leftovers():
+            if time.monotonic() > deadline:
+                raise TestEnvError(f"{self.name} (pid {self.pid}): {self._leftovers()} survived SIGKILL")
+            time.sleep(0.1)
 
     def _reap(self) -> None:
         if self._proc is not None:
@@ -273,7 +320,8 @@ def _spawn(
     env: dict[str, str] | None = None,
     outlive_parent: bool = False,
 ) -> Service:
-    """Start a service in its own session (the terminal's ^C does not reach it).
+    """Start a service in its own session (the terminal's ^C does not reach it; its process group, whose id is
+    its pid, holds what it starts, which `Service.stop` kills if the service left any of it behind).
 
     Unless `outlive_parent` (the `up` command, whose services live until `down`), the service is killed with
     the process that started it, so a test run that is SIGKILLed leaves no broker or database behind. The
@@ -766,7 +814,11 @@ def up(names: list[str]) -> dict[str, Service]:
     comps = resolve(names)
     install(names)
     with _locked(rundir() / ".state.lock"):
-        state = {n: s for n, s in load_state().items() if s.alive()}
+        state = load_state()
+        for name, svc in list(state.items()):
+            if not svc.alive():
+                svc.stop()  # a dead one's leftovers (children of a killed supervisor) go before it is restarted
+                del state[name]
         todo = [c for c in comps if c.name not in state]
         for c in comps:
             if c.name in state:
@@ -805,10 +857,10 @@ def down(names: list[str] | None = None) -> list[str]:
             svc = state.pop(name)
             if svc.alive():
                 log(f"stopping {name} (pid {svc.pid})")
-                svc.stop()
                 stopped.append(name)
             else:
                 log(f"{name} (pid {svc.pid}) was not running")
+            svc.stop()  # also what a dead one left in its process group
         save_state(state)
         return stopped
 
