@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import tracemalloc
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,25 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[EventBus]:
         return
     async with MemoryBus(retry_delay_s=0.01) as opened:
         yield opened
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Collect the garbage a test that talks to a server leaves, once its fixtures and event loop are gone: what
+    it left unclosed fails this test, not whichever later one the garbage collector happens to run in."""
+    if not any(item.get_closest_marker(tier) for tier in ("mongo", "kafka")):
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    if caught:
+        pytest.fail("\n".join(_left_behind(warning) for warning in caught), pytrace=False)
+
+
+def _left_behind(warning: warnings.WarningMessage) -> str:
+    made = tracemalloc.get_object_traceback(warning.source) if warning.source is not None else None
+    where = "\n".join(made.format()) if made is not None else "(PYTHONTRACEMALLOC=20 shows where it was made)"
+    return f"{warning.category.__name__}: {warning.message}\n{where}"
 
 
 _TIERS = ("unit", "e2e", "kafka", "mongo", "fleet", "k8s")
