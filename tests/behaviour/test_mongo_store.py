@@ -6,11 +6,8 @@ The Store behaviour shared with every backend is in test_store.py (it runs on Mo
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import socket
 import time
-import warnings
 import weakref
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +23,7 @@ from reactor.errors import BackendUnavailable
 from reactor.events import NodeTarget, ReleasePlan, Strategy
 from reactor.ports import ReleaseNode, ReleaseRecord
 from tests.infra import testenv
+from tests.leaks import collecting_the_sockets_pymongo_leaks
 
 pytestmark = pytest.mark.mongo
 
@@ -39,28 +37,6 @@ async def mongo(mongo_url: str, mongo_database: str) -> AsyncIterator[MongoStore
     """A MongoStore on a fresh database."""
     async with MongoStore(mongo_url, database=mongo_database) as opened:
         yield opened
-
-
-@contextlib.asynccontextmanager
-async def collecting_the_sockets_pymongo_leaks() -> AsyncIterator[None]:
-    """Collect, here and silently, the sockets pymongo leaks when a connection it is making is cancelled.
-
-    pymongo 4.20 closes a half-made socket on OSError but not on the cancellation that `close()` sends to a
-    monitor dialling a dead server, or that a cancelled call brings (PYTHON-5867); the socket is freed when
-    collected, which `filterwarnings = error` would fail on in whichever test the collector runs. Only that
-    warning is silenced, only in this block, and the block ends by collecting, so none is left for later.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"unclosed <socket\.socket", category=ResourceWarning)
-        try:
-            yield
-        finally:
-            # `close()` cancels the client's monitor tasks without waiting for them: they leak once they run.
-            current = asyncio.current_task()
-            cancelled = [task for task in asyncio.all_tasks() if task is not current and task.cancelling()]
-            if cancelled:
-                await asyncio.wait(cancelled, timeout=5)
-            gc.collect()
 
 
 def release(release_id: str = "rel-1", *, created_at: datetime = T0) -> ReleaseRecord:

@@ -45,10 +45,10 @@ from reactor.observability import CountingBus, HealthServer
 from reactor.ports import ExecutorFactory, Store
 from reactor.runtime import Backends, Role, run_roles
 from reactor.settings import Settings
-from tests.behaviour.test_mongo_store import closing_with_the_server_down
 from tests.conftest import fresh_kafka_bus
 from tests.fakes import Script, scripted
 from tests.infra import testenv
+from tests.leaks import collecting_the_sockets_pymongo_leaks
 from tests.support import equals
 from tests.support import until as poll_until
 
@@ -340,11 +340,13 @@ async def test_health_endpoint_is_ready_only_when_bus_and_store_answer(
     # A store that was reachable and then went away: its own FerretDB, stopped under it.
     server_of_its_own = testenv.start_ferretdb(tmp_path / "ferretdb")
     try:
-        with closing_with_the_server_down():
-            async with MongoStore(server_of_its_own.env["REACTOR_MONGO_URL"], timeout_s=1.0) as doomed:
-                server_of_its_own.stop()
-                async with HealthServer(0, {"bus": kafka.ping, "store": doomed.ping}, host="127.0.0.1") as server:
-                    status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{server.port}/healthz")
+        async with (
+            collecting_the_sockets_pymongo_leaks(),
+            MongoStore(server_of_its_own.env["REACTOR_MONGO_URL"], timeout_s=1.0) as doomed,
+        ):
+            server_of_its_own.stop()
+            async with HealthServer(0, {"bus": kafka.ping, "store": doomed.ping}, host="127.0.0.1") as server:
+                status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{server.port}/healthz")
     finally:
         server_of_its_own.stop()
     assert status == 503
