@@ -590,14 +590,15 @@ async def test_node_that_does_not_stay_healthy_fails_at_min_healthy(store: Store
     await consumer.handle(deploy("1.0.0"))
     script.probes[NODE] = ["healthy", probe]
     request = deploy("2.0.0", min_healthy_s=1.0)
-    began = time.monotonic()
     await consumer.handle(request)
 
-    assert time.monotonic() - began < 0.9  # failed at the second probe, without waiting out the window
+    # Failed at the second probe, without waiting out the window (which takes five probes and one at its end);
+    # counted, not timed, so a loaded machine cannot fail it.
+    assert script.calls[f"status:{NODE}"] == 2
     outcome = bus.events(Topic.OUTCOMES)[-1]
     assert isinstance(outcome, NodeFailed)
     assert (outcome.step, outcome.version, outcome.prev_version) == ("min_healthy", "2.0.0", "1.0.0")
-    assert re.fullmatch(rf"after 0\.[3-8]s of 1s, {re.escape(seen)}", outcome.error), outcome.error
+    assert re.fullmatch(rf"after [0-9]+\.[0-9]s of 1s, {re.escape(seen)}", outcome.error), outcome.error
     status = await store.get_node(NODE)
     assert status is not None
     assert status.state == NodeState.FAILED

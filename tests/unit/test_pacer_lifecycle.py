@@ -58,7 +58,7 @@ def of_type(bus: MemoryBus, topic: Topic, kind: type[Event]) -> list[Event]:
 async def seed_running(store: Store, release: ReleasePlan, version: str = "1.0.0") -> None:
     for node in release.nodes:
         status = pending(node.node_key, "app").model_copy(
-            update={"state": NodeState.SUCCESS, "current_version": version}
+            update={"state": NodeState.SUCCESS, "current_version": version, "prev_version": "0.9.0"}
         )
         assert await store.put_node(status, expected_revision=0) is not None
 
