@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.v1.event import CloudEvent
 from pydantic import ValidationError
 
 from reactor.errors import DecodeError
-from reactor.events import EVENTS_BY_TYPE, Event
+from reactor.events import EVENT_ID, EVENTS_BY_TYPE, RELEASE_ID, Event, ReleaseEvent
 
 CONTENT_TYPE = "application/json"
 # Well under Kafka's default 1 MiB message limit, so a rejected message still fits in the dead-letter topic
@@ -19,6 +22,71 @@ CONTENT_TYPE = "application/json"
 MAX_EVENT_BYTES = 900 * 1024
 # Envelope fields live in the CloudEvents attributes; the JSON body carries the rest of the event.
 _ENVELOPE_FIELDS = {"event_id", "occurred_at", "release_id", "causation_id"}
+SPECVERSION = "1.0"
+# RFC 3339 date-time (seconds 00-59: a leap second cannot be represented, so it is refused).
+RFC3339 = (
+    r"^[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(?:\.[0-9]{1,9})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+# A header whose name starts with ce_ (in any case) is a CloudEvents attribute: lower-case letters and digits.
+ATTRIBUTE_HEADER = r"^ce_[a-z0-9]+$"
+_ANY_CE = re.compile(r"^[Cc][Ee]_")
+# Not attributes in binary mode: `data` is the message value and `datacontenttype` the content-type header.
+RESERVED_HEADERS = ("ce_data", "ce_datacontenttype")
+
+
+def matches(pattern: str, value: str) -> bool:
+    """`value` matches an anchored pattern as JSON Schema reads it (ECMA-262: `$` is the very end, no newline)."""
+    return re.search(pattern, value) is not None and not value.endswith("\n")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRule:
+    """One Kafka header of the binary content mode, as published in asyncapi.json and enforced by `decode`."""
+
+    name: str
+    description: str
+    required: bool = False
+    pattern: str | None = None
+    const: str | None = None
+    date_time: bool = False
+
+    def check(self, value: str) -> str | None:
+        """Why `value` breaks this rule, or None."""
+        if self.const is not None and value != self.const:
+            return f"must be {self.const!r}, not {value!r}"
+        if self.pattern is not None and not matches(self.pattern, value):
+            return f"{value!r} does not match {self.pattern}"
+        if not value:
+            return "must not be empty"
+        if self.date_time:
+            try:
+                datetime.fromisoformat(value)
+            except ValueError as exc:
+                return f"{value!r} is not an RFC 3339 date-time: {exc}"
+        return None
+
+
+# One source of truth for the headers: `reactor.schemas` publishes these, `decode` enforces exactly these.
+# ce_type is checked per message (its const is the message's type); release messages also need ce_correlationid.
+HEADER_RULES: tuple[HeaderRule, ...] = (
+    HeaderRule("ce_specversion", "CloudEvents version.", required=True, const=SPECVERSION),
+    HeaderRule("ce_id", "Event id; consumers dedupe on it.", required=True, pattern=EVENT_ID),
+    HeaderRule("ce_source", "The producer, e.g. /reactor or /ci/my-pipeline.", required=True),
+    HeaderRule("ce_type", "Versioned event type; one per message, see each message.", required=True),
+    HeaderRule("ce_time", "When it happened, RFC 3339.", required=True, pattern=RFC3339, date_time=True),
+    HeaderRule(
+        "ce_subject",
+        "The node key (node messages) or the release id (release messages); equal to that body field or release id"
+        " and to the message key.",
+        required=True,
+    ),
+    HeaderRule("ce_correlationid", "The release id; required on release messages.", pattern=RELEASE_ID),
+    HeaderRule("ce_causationid", "Id of the event that caused this one.", pattern=EVENT_ID),
+    HeaderRule("ce_partitionkey", "The partition key (equal to the message key when given)."),
+    HeaderRule("content-type", "The body's media type.", const=CONTENT_TYPE),
+)
+_RULES = {rule.name: rule for rule in HEADER_RULES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +127,35 @@ def encode(event: Event, source: str) -> Record:
 
 
 def decode(record: Record) -> tuple[Event, str]:
-    """The event in `record` and its source; raises DecodeError with the reason if it is not valid."""
+    """The event in `record` and its source; raises DecodeError with the reason if it is not valid.
+
+    Binary mode (any ce_* header) is held to HEADER_RULES exactly; structured mode to the same rules on the
+    attributes of its JSON envelope. Headers that are not ce_* attributes or content-type are ignored.
+    """
     if len(record.value) > MAX_EVENT_BYTES:
         raise DecodeError(f"oversized: {len(record.value)} bytes, the limit is {MAX_EVENT_BYTES}")
-    headers = dict(record.headers)
-    _require_id(headers, record.value)
-    try:
-        cloud_event = ce_kafka.from_kafka_event(
-            ce_kafka.KafkaMessage(headers=headers, key=record.key, value=record.value)
+    if any(_ANY_CE.match(name) for name, _ in record.headers):
+        headers = _attribute_headers(record.headers)
+        _check_attributes(headers, structured=False)
+        message = ce_kafka.KafkaMessage(
+            headers={name: value.encode() for name, value in headers.items()}, key=record.key, value=record.value
         )
+    else:
+        _check_structured(record.value)
+        message = ce_kafka.KafkaMessage(headers=dict(record.headers), key=record.key, value=record.value)
+    try:
+        cloud_event = ce_kafka.from_kafka_event(message)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise DecodeError(f"not a CloudEvent: {exc}") from exc
     except Exception as exc:  # the SDK raises its own validation errors, not rooted in ValueError
         raise DecodeError(f"not a CloudEvent: {type(exc).__name__}: {exc}") from exc
-    event_type = cloud_event.get_type()
-    model = EVENTS_BY_TYPE.get(event_type)
-    if model is None:
-        raise DecodeError(f"type: unknown event type {event_type!r}")
+    event = _event(cloud_event)
+    _check_key(record, event)
+    return event, cloud_event.get_source()
+
+
+def _event(cloud_event: BaseCloudEvent) -> Event:
+    model = EVENTS_BY_TYPE[cloud_event.get_type()]
     data = cloud_event.get_data()
     if isinstance(data, bytes | str):
         try:
@@ -84,11 +164,12 @@ def decode(record: Record) -> tuple[Event, str]:
             raise DecodeError(f"data: not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise DecodeError("data: must be a JSON object")
+    envelope = _ENVELOPE_FIELDS & data.keys()
+    if envelope:
+        raise DecodeError(f"data: {sorted(envelope)[0]} travels as a CloudEvents attribute, not in the body")
     fields = dict(data)
     fields["event_id"] = cloud_event.get_id()
-    time = cloud_event.get_time()
-    if time is not None:
-        fields["occurred_at"] = time
+    fields["occurred_at"] = cloud_event.get_time()
     for field, extension in (("release_id", "correlationid"), ("causation_id", "causationid")):
         value = cloud_event.get_extension(extension)
         if value is not None:
@@ -96,24 +177,77 @@ def decode(record: Record) -> tuple[Event, str]:
     try:
         event = model.model_validate(fields)
     except ValidationError as exc:
-        raise DecodeError(f"{event_type}: {describe_validation_error(exc)}") from exc
-    if cloud_event.get_subject() not in (None, event.subject()):
+        raise DecodeError(f"{model.TYPE}: {describe_validation_error(exc)}") from exc
+    if cloud_event.get_subject() != event.subject():
         raise DecodeError(f"subject: {cloud_event.get_subject()!r} does not match {event.subject()!r}")
-    return event, cloud_event.get_source()
+    return event
 
 
-def _require_id(headers: dict[str, bytes], value: bytes) -> None:
-    """The SDK invents a fresh id when none is given, which would defeat dedupe: refuse such messages."""
-    if any(name.lower().startswith("ce_") for name in headers):
-        if not headers.get("ce_id"):
-            raise DecodeError("id: the ce_id header is missing")
-        return
+def _check_key(record: Record, event: Event) -> None:
+    """The message key is the subject: it decides the partition, and with it the order of the node's messages."""
+    if record.key is None or record.key != event.subject().encode():
+        shown = None if record.key is None else record.key.decode(errors="replace")
+        raise DecodeError(f"key: must be the subject {event.subject()!r}, not {shown!r}")
+
+
+def _attribute_headers(headers: tuple[tuple[str, bytes], ...]) -> dict[str, str]:
+    """The ce_* and content-type headers of a binary-mode message, decoded; refuses malformed or repeated ones."""
+    found: dict[str, str] = {}
+    for name, raw in headers:
+        if _ANY_CE.match(name):
+            if not matches(ATTRIBUTE_HEADER, name) or name in RESERVED_HEADERS:
+                raise DecodeError(f"header {name!r}: a ce_* header is ce_ and a lower-case attribute name")
+        elif name != "content-type":
+            continue  # not part of the event (e.g. tracing headers)
+        if name in found:
+            raise DecodeError(f"{name}: the header appears twice")
+        try:
+            found[name] = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"{name}: not UTF-8: {exc}") from exc
+    return found
+
+
+def _check_structured(value: bytes) -> None:
+    """Hold the JSON envelope of a structured-mode message to the header rules, by attribute name."""
     try:
         envelope = json.loads(value)
     except ValueError as exc:
         raise DecodeError(f"not a CloudEvent: no ce_* headers and the body is not JSON: {exc}") from exc
-    if not isinstance(envelope, dict) or not envelope.get("id"):
-        raise DecodeError("id: a structured CloudEvent needs an id")
+    if not isinstance(envelope, dict):
+        raise DecodeError("not a CloudEvent: a structured CloudEvent is a JSON object")
+    attributes: dict[str, str] = {}
+    for name, item in envelope.items():
+        if name in ("data", "data_base64"):
+            continue
+        if not isinstance(item, str):
+            raise DecodeError(f"{name}: a CloudEvents attribute must be a string here")
+        attributes["content-type" if name == "datacontenttype" else f"ce_{name}"] = item
+    _check_attributes(attributes, structured=True)
+
+
+def _check_attributes(attributes: dict[str, str], *, structured: bool) -> None:
+    """Every rule of HEADER_RULES, the type's and the release messages' correlation id; named as the mode names them."""
+
+    def named(header: str) -> str:
+        if not structured:
+            return header
+        return "datacontenttype" if header == "content-type" else header.removeprefix("ce_")
+
+    for rule in HEADER_RULES:
+        value = attributes.get(rule.name)
+        if value is None:
+            if rule.required:
+                raise DecodeError(f"{named(rule.name)}: required, missing")
+            continue
+        problem = rule.check(value)
+        if problem is not None:
+            raise DecodeError(f"{named(rule.name)}: {problem}")
+    model = EVENTS_BY_TYPE.get(attributes["ce_type"])
+    if model is None:
+        raise DecodeError(f"{named('ce_type')}: unknown event type {attributes['ce_type']!r}")
+    if issubclass(model, ReleaseEvent) and "ce_correlationid" not in attributes:
+        raise DecodeError(f"{named('ce_correlationid')}: required on release messages (the release id)")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StrictBool, model_validator
+from pydantic.config import JsonDict
 
 # Patterns for every string that may reach a shell, a host or an API. Nothing outside them passes.
 EVENT_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -30,6 +31,23 @@ ACTOR = r"^[A-Za-z0-9][A-Za-z0-9._@:/-]{0,127}$"
 HTTP_PATH = r"^/[A-Za-z0-9._~/%-]{0,200}$"
 STEP = r"^[a-z][a-z0-9_-]{0,31}$"
 
+
+def _json_number(value: object) -> object:
+    """Let only JSON numbers through to number fields: no strings, no booleans (the schema says number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a JSON number, not {type(value).__name__}")  # noqa: TRY004 - pydantic reports only ValueError
+    return value
+
+
+# Number fields take what JSON Schema calls a number (integer: a number with no fraction, 8080.0 included) and
+# nothing else: pydantic's lax mode would turn "8080" into 8080 and true into 1, which the schema refuses.
+# The check goes after the constraints in each Annotated, or the JSON Schema loses them (pydantic then emits
+# non-standard "ge"/"le" keys instead of minimum/maximum).
+JSON_NUMBER = BeforeValidator(_json_number)
+Port = Annotated[int, Field(ge=1, le=65535), JSON_NUMBER]
+Count = Annotated[int, Field(ge=0), JSON_NUMBER]
+Seconds = Annotated[float, Field(ge=0), JSON_NUMBER]
+
 EventId = Annotated[str, Field(pattern=EVENT_ID)]
 ReleaseId = Annotated[str, Field(pattern=RELEASE_ID)]
 Service = Annotated[str, Field(pattern=SERVICE)]
@@ -37,7 +55,7 @@ Version = Annotated[str, Field(pattern=VERSION)]
 NodeKey = Annotated[str, Field(pattern=NODE_KEY, max_length=512)]
 Actor = Annotated[str, Field(pattern=ACTOR)]
 Message = Annotated[str, Field(max_length=4000)]
-MinHealthy = Annotated[float, Field(ge=0, le=86400)]
+MinHealthy = Annotated[float, Field(ge=0, le=86400), JSON_NUMBER]
 
 NAMESPACE = uuid.UUID("6f1c8f1e-5d1b-4a7e-9c61-2b7b0d3e9a10")
 
@@ -80,6 +98,16 @@ class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _present(field: str, kind: str) -> JsonDict:
+    """JSON Schema: `field` is given and not null."""
+    return {"required": [field], "properties": {field: {"type": kind}}}
+
+
+# The artifact rule as JSON Schema: a package or an image (either may be null, not both).
+ARTIFACT_CHOICES: list[JsonValue] = [_present("package", "object"), _present("image", "string")]
+ARTIFACT_RULE: JsonDict = {"anyOf": ARTIFACT_CHOICES}
+
+
 class Package(Model):
     """A release artifact for hosts: where to fetch it and its SHA256, checked before anything changes."""
 
@@ -92,7 +120,7 @@ class HealthCheck(Model):
 
     kind: Literal["http", "tcp"] = "http"
     path: Annotated[str, Field(pattern=HTTP_PATH)] = "/healthz"
-    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    timeout_s: Annotated[float, Field(gt=0, le=3600), JSON_NUMBER] = 15.0
 
 
 class Event(Model):
@@ -138,12 +166,13 @@ class DeployRequested(NodeEvent):
 
     TYPE: ClassVar[str] = "dev.deployreactor.node.deploy.requested.v1"
     TOPIC: ClassVar[Topic] = Topic.COMMANDS
+    model_config = ConfigDict(json_schema_extra=ARTIFACT_RULE)
 
     version: Version
     package: Package | None = None
     image: Annotated[str, Field(pattern=IMAGE)] | None = None
     container: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    port: Port | None = None
     health: HealthCheck = HealthCheck()
     auto_rollback: AutoRollback = AutoRollback.NODE
     min_healthy_s: MinHealthy = 0.0
@@ -163,7 +192,7 @@ class RollbackRequested(NodeEvent):
     TOPIC: ClassVar[Topic] = Topic.COMMANDS
 
     to_version: Version | None = None
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    port: Port | None = None
     health: HealthCheck | None = None
     reason: Message = ""
     actor: Actor | None = None
@@ -180,7 +209,7 @@ class NodeDeployed(NodeEvent):
 
     version: Version
     prev_version: Version | None = None
-    duration_s: Annotated[float, Field(ge=0)] = 0.0
+    duration_s: Seconds = 0.0
 
 
 class NodeFailed(NodeEvent):
@@ -195,7 +224,7 @@ class NodeFailed(NodeEvent):
     step: Annotated[str, Field(pattern=STEP)]
     error: Message
     auto_rollback: AutoRollback = AutoRollback.NODE
-    duration_s: Annotated[float, Field(ge=0)] = 0.0
+    duration_s: Seconds = 0.0
 
 
 class NodeRolledBack(NodeEvent):
@@ -207,7 +236,7 @@ class NodeRolledBack(NodeEvent):
     version: Version
     from_version: Version | None = None
     prev_version: Version | None = None
-    duration_s: Annotated[float, Field(ge=0)] = 0.0
+    duration_s: Seconds = 0.0
 
 
 class RollbackFailed(NodeEvent):
@@ -221,12 +250,15 @@ class RollbackFailed(NodeEvent):
     target_version: Version | None = None
     step: Annotated[str, Field(pattern=STEP)]
     error: Message
-    duration_s: Annotated[float, Field(ge=0)] = 0.0
+    duration_s: Seconds = 0.0
 
 
 # --- releases ---------------------------------------------------------------------------------
 
-BatchSize = int | Annotated[str, Field(pattern=r"^(?:100|[1-9][0-9]?)%$")]
+Percent = Annotated[str, Field(pattern=r"^(?:100|[1-9][0-9]?)%$")]
+BatchSize = Annotated[int, Field(ge=1), JSON_NUMBER] | Percent
+Budget = Count | Percent
+ExplicitBatch = Annotated[list[NodeKey], Field(min_length=1)]
 
 
 LABEL_KEY = r"^[a-z][a-z0-9_.-]{0,62}$"
@@ -247,34 +279,46 @@ class Strategy(Model):
     by as much); a node that turns unhealthy or drifts meanwhile fails at step `min_healthy`.
     """
 
-    batches: Annotated[list[BatchSize | list[NodeKey]], Field(min_length=1, max_length=1000)] = ["100%"]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "description": "batches: either every entry a size or every entry an explicit node list",
+                    "properties": {
+                        "batches": {"anyOf": [{"items": {"not": {"type": "array"}}}, {"items": {"type": "array"}}]}
+                    },
+                },
+                {
+                    "description": "canary and spread_by apply to sized batches only",
+                    "anyOf": [
+                        {"properties": {"batches": {"items": {"not": {"type": "array"}}}}},
+                        {"properties": {"canary": {"type": "null"}, "spread_by": {"type": "null"}}},
+                    ],
+                },
+            ]
+        }
+    )
+
+    batches: Annotated[list[BatchSize | ExplicitBatch], Field(min_length=1, max_length=1000)] = ["100%"]
     canary: BatchSize | None = None
     spread_by: LabelKey | None = None
-    max_parallel: Annotated[int, Field(ge=1, le=10_000)] = 1
-    failure_budget: BatchSize = 0
-    batch_failure_budget: BatchSize | None = None
+    max_parallel: Annotated[int, Field(ge=1, le=10_000), JSON_NUMBER] = 1
+    failure_budget: Budget = 0
+    batch_failure_budget: Budget | None = None
     auto_rollback: AutoRollback = AutoRollback.NODE
-    pause_between_batches_s: Annotated[float, Field(ge=0, le=7 * 86400)] = 0.0
-    approval_every_batch: bool = False
-    approval_after_batches: list[Annotated[int, Field(ge=1)]] = []
-    node_deadline_s: Annotated[float, Field(gt=0, le=7 * 86400)] | None = None
+    pause_between_batches_s: Annotated[float, Field(ge=0, le=7 * 86400), JSON_NUMBER] = 0.0
+    approval_every_batch: StrictBool = False
+    approval_after_batches: list[Annotated[int, Field(ge=1), JSON_NUMBER]] = []
+    node_deadline_s: Annotated[float, Field(gt=0, le=7 * 86400), JSON_NUMBER] | None = None
     min_healthy_s: MinHealthy = 0.0
 
     @model_validator(mode="after")
     def _consistent(self) -> Strategy:
-        sizes = [size for size in (*self.batches, self.canary) if size is not None and not isinstance(size, list)]
-        if any(isinstance(size, int) and size < 1 for size in sizes):
-            raise ValueError("batch sizes must be at least 1")
         explicit = [batch for batch in self.batches if isinstance(batch, list)]
         if explicit and len(explicit) != len(self.batches):
             raise ValueError("batches: use either sizes or explicit node lists, not both")
         if explicit and (self.canary is not None or self.spread_by is not None):
             raise ValueError("canary and spread_by apply to sized batches; explicit batches are used as given")
-        if any(not batch for batch in explicit):
-            raise ValueError("batches: an explicit batch must name at least one node")
-        for budget in (self.failure_budget, self.batch_failure_budget):
-            if isinstance(budget, int) and budget < 0:
-                raise ValueError("failure budgets must not be negative")
         return self
 
 
@@ -282,11 +326,15 @@ class NodeTarget(Model):
     """One node of a release, with optional per-node overrides."""
 
     node_key: NodeKey
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    port: Port | None = None
     package: Package | None = None
     image: Annotated[str, Field(pattern=IMAGE)] | None = None
     container: Annotated[str, Field(pattern=DNS_LABEL)] | None = None
-    labels: dict[LabelKey, Annotated[str, Field(pattern=LABEL_VALUE)]] = {}
+    # Pydantic states the key rule as patternProperties alone, which lets any other key through in JSON Schema.
+    labels: Annotated[
+        dict[LabelKey, Annotated[str, Field(pattern=LABEL_VALUE)]],
+        Field(json_schema_extra={"additionalProperties": False}),
+    ] = {}
 
 
 class ReleaseSpec(Model):
@@ -304,6 +352,19 @@ class ReleaseSpec(Model):
 
 class ReleasePlan(ReleaseSpec):
     """What a release file says: the release spec and its nodes."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Every node has a package or an image, its own or the release's.
+            "anyOf": [*ARTIFACT_CHOICES, {"properties": {"nodes": {"items": ARTIFACT_RULE}}}],
+            # What JSON Schema cannot say (it relates values to each other); workers enforce exactly these.
+            "x-reactor-rules": [
+                "nodes: no node key appears twice",
+                "nodes: every node key ends with '/' + service, except keys of platform k8s ('k8s/...')",
+                "strategy.batches: explicit batches name every node of `nodes` exactly once",
+            ],
+        }
+    )
 
     nodes: Annotated[list[NodeTarget], Field(min_length=1, max_length=100_000)]
 
@@ -337,6 +398,9 @@ class ReleaseRequested(ReleaseEvent):
 
     TYPE: ClassVar[str] = "dev.deployreactor.release.requested.v1"
     TOPIC: ClassVar[Topic] = Topic.RELEASES
+    model_config = ConfigDict(
+        json_schema_extra={"x-reactor-rules": ["plan.release_id equals the release id (header ce_correlationid)"]}
+    )
 
     plan: ReleasePlan
     actor: Actor | None = None
@@ -394,7 +458,7 @@ class ReleaseAwaitingApproval(ReleaseEvent):
     TYPE: ClassVar[str] = "dev.deployreactor.release.awaiting_approval.v1"
     TOPIC: ClassVar[Topic] = Topic.RELEASES
 
-    batch: Annotated[int, Field(ge=0)]
+    batch: Count
 
 
 class BatchStarted(ReleaseEvent):
@@ -403,7 +467,7 @@ class BatchStarted(ReleaseEvent):
     TYPE: ClassVar[str] = "dev.deployreactor.release.batch.started.v1"
     TOPIC: ClassVar[Topic] = Topic.RELEASES
 
-    batch: Annotated[int, Field(ge=0)]
+    batch: Count
     node_keys: list[NodeKey]
 
 
@@ -413,9 +477,9 @@ class BatchCompleted(ReleaseEvent):
     TYPE: ClassVar[str] = "dev.deployreactor.release.batch.completed.v1"
     TOPIC: ClassVar[Topic] = Topic.RELEASES
 
-    batch: Annotated[int, Field(ge=0)]
-    succeeded: Annotated[int, Field(ge=0)]
-    failed: Annotated[int, Field(ge=0)]
+    batch: Count
+    succeeded: Count
+    failed: Count
 
 
 class ReleaseCompleted(ReleaseEvent):
@@ -424,8 +488,8 @@ class ReleaseCompleted(ReleaseEvent):
     TYPE: ClassVar[str] = "dev.deployreactor.release.completed.v1"
     TOPIC: ClassVar[Topic] = Topic.RELEASES
 
-    succeeded: Annotated[int, Field(ge=0)]
-    failed: Annotated[int, Field(ge=0)]
+    succeeded: Count
+    failed: Count
 
 
 class ReleaseHalted(ReleaseEvent):
@@ -435,8 +499,8 @@ class ReleaseHalted(ReleaseEvent):
     TOPIC: ClassVar[Topic] = Topic.RELEASES
 
     reason: Message
-    succeeded: Annotated[int, Field(ge=0)]
-    failed: Annotated[int, Field(ge=0)]
+    succeeded: Count
+    failed: Count
 
 
 class ReleaseRolledBack(ReleaseEvent):
@@ -445,8 +509,8 @@ class ReleaseRolledBack(ReleaseEvent):
     TYPE: ClassVar[str] = "dev.deployreactor.release.rolled_back.v1"
     TOPIC: ClassVar[Topic] = Topic.RELEASES
 
-    rolled_back: Annotated[int, Field(ge=0)]
-    failed: Annotated[int, Field(ge=0)]
+    rolled_back: Count
+    failed: Count
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from reactor import __version__
-from reactor.codec import CONTENT_TYPE
-from reactor.events import EVENT_TYPES, Event, Topic
+from reactor.codec import ATTRIBUTE_HEADER, CONTENT_TYPE, HEADER_RULES, RESERVED_HEADERS, HeaderRule
+from reactor.events import EVENT_TYPES, Event, ReleaseEvent, Topic
 
 _ENVELOPE = ("event_id", "occurred_at", "release_id", "causation_id")
 _JSON_SCHEMA = "https://json-schema.org/draft/2020-12/schema"
@@ -20,6 +20,28 @@ _TOPIC_DOCS = {
 }
 
 
+_KEY_DOC = (
+    "The node key (node messages) or the release id (release messages), equal to ce_subject. Choose the partition"
+    " with Kafka's Java default partitioner (murmur2 of the key, positive, modulo the partition count), as the Java,"
+    " aiokafka and kafka-python clients do; librdkafka clients (kcat, confluent-kafka) must set"
+    " partitioner=murmur2_random. A message on another partition is not lost: workers serialise each node through"
+    " the store, but its order against the node's other messages is then not guaranteed."
+)
+
+
+def _header_schema(rule: HeaderRule) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string", "description": rule.description}
+    if rule.const is not None:
+        schema["const"] = rule.const
+    else:
+        schema["minLength"] = 1
+    if rule.pattern is not None:
+        schema["pattern"] = rule.pattern
+    if rule.date_time:
+        schema["format"] = "date-time"
+    return schema
+
+
 def file_name(event: type[Event]) -> str:
     """The schema file of an event type, named by its versioned CloudEvents type."""
     return f"{event.TYPE}.json"
@@ -27,7 +49,7 @@ def file_name(event: type[Event]) -> str:
 
 def event_schema(event: type[Event]) -> dict[str, Any]:
     """JSON Schema of the event's JSON body (the CloudEvents `data`; envelope fields travel as attributes)."""
-    schema = event.model_json_schema(mode="serialization")
+    schema = event.model_json_schema(mode="validation")
     for name in _ENVELOPE:
         schema["properties"].pop(name, None)
         if name in schema.get("required", []):
@@ -45,18 +67,18 @@ def asyncapi_document() -> dict[str, Any]:
     """AsyncAPI 3.0 description of the topics, their messages and the CloudEvents headers."""
     headers = {
         "type": "object",
-        "required": ["ce_id", "ce_source", "ce_type", "ce_specversion", "ce_time", "ce_subject"],
-        "properties": {
-            "ce_id": {"type": "string", "description": "Event id; consumers dedupe on it."},
-            "ce_source": {"type": "string", "description": "The producing role, e.g. /reactor."},
-            "ce_type": {"type": "string", "description": "Versioned event type."},
-            "ce_specversion": {"type": "string", "const": "1.0"},
-            "ce_time": {"type": "string", "format": "date-time"},
-            "ce_subject": {"type": "string", "description": "Node key or release id; also the message key."},
-            "ce_correlationid": {"type": "string", "description": "Release id."},
-            "ce_causationid": {"type": "string", "description": "Id of the event that caused this one."},
-            "content-type": {"type": "string", "const": CONTENT_TYPE},
+        "description": "Kafka headers of the binary content mode. Each header appears at most once; a header whose"
+        " name starts with ce_ in any case is a CloudEvents attribute and must be ce_ and lower-case letters or"
+        " digits; other headers (e.g. tracing) are ignored.",
+        "required": [rule.name for rule in HEADER_RULES if rule.required],
+        "properties": {rule.name: _header_schema(rule) for rule in HEADER_RULES},
+        "propertyNames": {
+            "anyOf": [
+                {"not": {"pattern": "^[Cc][Ee]_"}},
+                {"pattern": ATTRIBUTE_HEADER, "not": {"enum": list(RESERVED_HEADERS)}},
+            ]
         },
+        "additionalProperties": {"type": "string"},
     }
     messages: dict[str, Any] = {}
     channels: dict[str, Any] = {}
@@ -72,9 +94,22 @@ def asyncapi_document() -> dict[str, Any]:
                 "title": name,
                 "summary": (event.__doc__ or name).strip().splitlines()[0],
                 "contentType": CONTENT_TYPE,
-                "headers": {"$ref": "#/components/schemas/CloudEventHeaders"},
+                "headers": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/CloudEventHeaders"},
+                        {
+                            "properties": {"ce_type": {"const": event.TYPE}},
+                            "required": ["ce_correlationid"] if issubclass(event, ReleaseEvent) else [],
+                        },
+                    ]
+                },
                 "payload": {"$ref": f"events/{file_name(event)}"},
-                "bindings": {"kafka": {"key": {"type": "string"}, "bindingVersion": "0.5.0"}},
+                "bindings": {
+                    "kafka": {
+                        "key": {"type": "string", "description": _KEY_DOC},
+                        "bindingVersion": "0.5.0",
+                    }
+                },
             }
             channel_messages[name] = {"$ref": f"#/components/messages/{name}"}
         if topic == Topic.DLQ:

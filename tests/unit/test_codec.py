@@ -205,7 +205,7 @@ def test_time_header_is_the_occurrence_time_in_utc() -> None:
 
 @pytest.mark.parametrize("value", [b"\x00\x01garbage", b"not json at all", b"", b"\xff\xfe", b'{"id": "x"}'], ids=repr)
 def test_garbage_without_headers_is_rejected(value: bytes) -> None:
-    with pytest.raises(DecodeError, match="not a CloudEvent"):
+    with pytest.raises(DecodeError, match=r"not a CloudEvent|specversion: required"):
         decode(Record(key=b"k", value=value, headers=()))
 
 
@@ -220,9 +220,10 @@ def without_header(record: Record, name: str) -> Record:
     return Record(key=record.key, value=record.value, headers=tuple(item for item in record.headers if item[0] != name))
 
 
-@pytest.mark.parametrize("header", ["ce_source", "ce_type"])
+@pytest.mark.parametrize("header", ["ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time", "ce_subject"])
 def test_record_missing_a_required_attribute_is_rejected(header: str) -> None:
-    with pytest.raises(DecodeError, match="not a CloudEvent"):
+    """Every header asyncapi.json marks required is required by the codec, and the reason names it."""
+    with pytest.raises(DecodeError, match=f"^{header}: required, missing$"):
         decode(without_header(encode(SAMPLES[0], SOURCE), header))
 
 
@@ -259,16 +260,16 @@ def test_body_failing_validation_is_rejected_naming_the_field(change: dict[str, 
     assert f"{DeployRequested.TYPE}: {field}:" in str(info.value)
 
 
-def test_invalid_correlation_id_is_rejected_naming_release_id() -> None:
+def test_invalid_correlation_id_is_rejected_naming_the_header() -> None:
     record = with_header(encode(SAMPLES[0], SOURCE), "ce_correlationid", b"Rel 1; id")
-    with pytest.raises(DecodeError, match="release_id"):
+    with pytest.raises(DecodeError, match=r"^ce_correlationid: 'Rel 1; id' does not match"):
         decode(record)
 
 
 def test_release_event_without_correlation_id_is_rejected() -> None:
     """A release event's release id travels in the correlationid extension; without it the event is incomplete."""
     record = encode(ReleasePaused(release_id=REL), SOURCE)
-    with pytest.raises(DecodeError, match="release_id"):
+    with pytest.raises(DecodeError, match=r"^ce_correlationid: required on release messages"):
         decode(without_header(record, "ce_correlationid"))
 
 
