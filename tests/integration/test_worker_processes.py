@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.mongo_store import MongoStore
 from reactor.codec import Record, decode
-from reactor.domain.pacer import ReleaseState
+from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState
 from reactor.events import (
     DeployRequested,
@@ -30,11 +31,16 @@ from reactor.events import (
     Strategy,
     Topic,
 )
-from tests.support import peak_in_flight
+from reactor.ports import ReleaseNode
+from reactor.runtime import Backends, Role, run_roles
+from reactor.settings import Settings
+from tests.fakes import Script, scripted
+from tests.support import peak_in_flight, until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
 NODES = 200
+ZONES = ("a", "b", "c")
 PACKAGE = Package(url="https://packages.example.test/app-3.0.0.tar.gz", sha256="e" * 64)
 
 
@@ -46,10 +52,10 @@ class Workers:
         self.logs = logs
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, role: str = "all") -> subprocess.Popen[bytes]:
         log = (self.logs / f"worker-{len(self.processes)}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "reactor.cli.main", "worker", "--role", "all"],
+            [sys.executable, "-m", "reactor.cli.main", "worker", "--role", role],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -173,63 +179,130 @@ def _decoded(records: list[Record]) -> list[object]:
     return [decode(record)[0] for record in records]
 
 
+def zone_of(node_key: str) -> str:
+    return ZONES[int(node_key.split("/")[1].removeprefix("host-")) % 3]
+
+
+async def at_rest(store: MongoStore, releases: list[ReleasePlan], script: Script) -> bool:
+    """Every node dispatched is held by `script` and counted as in flight, every slot is a held node's, and no
+    node left fits under the limits (overall 4, 2 per zone, 4 per release): nothing can move until the test lets
+    a deploy go."""
+    if None in [await store.get_release(release.release_id) for release in releases]:
+        return False
+    held = set(script.held)
+    slots = await store.list_slots()
+    if any(slot.node_key not in held for slot in slots):
+        return False  # a slot taken for a node on its way, or not given back yet
+    dispatched: set[str] = set()
+    queued: list[ReleaseNode] = []
+    for release in releases:
+        dispatched |= {
+            node.node_key for node in await store.list_release_nodes(release.release_id, state=ItemState.DISPATCHED)
+        }
+        queued += await store.list_release_nodes(release.release_id, state=ItemState.QUEUED)
+    if dispatched != held:
+        return False  # a command on its way, or an outcome not counted yet
+    used = Counter(slot.scope for slot in slots)
+    return all(
+        used["all"] >= 4 or used[f"label/zone={zone_of(node.node_key)}"] >= 2 or used[f"release/{node.release_id}"] >= 4
+        for node in queued
+    )
+
+
+@contextlib.asynccontextmanager
+async def executing(bus: KafkaBus, store: MongoStore, tmp_path: Path, script: Script) -> AsyncIterator[None]:
+    """An executor worker in this process, deploying `fake/` nodes as `script` says, while the block runs."""
+    started = asyncio.Event()
+    task = asyncio.create_task(
+        run_roles(
+            Backends(bus=bus, store=store),
+            Settings(state_dir=tmp_path / "executor"),
+            {Role.EXECUTOR},
+            factories={"fake": scripted(script)},
+            started=started,
+        )
+    )
+    await started.wait()
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def test_limits_across_two_releases_hold_on_kafka_with_two_workers(
-    workers: Workers, kafka_bootstrap: str, mongo_url: str, mongo_database: str
+    workers: Workers, kafka_bootstrap: str, mongo_url: str, mongo_database: str, tmp_path: Path
 ) -> None:
-    """Two services released at once through two worker processes with overall 4 and 2 per zone in flight:
-    the Kafka log shows the limits reached and never exceeded, and both releases complete."""
+    """Two services released at once through two pacer processes with overall 4 and 2 per zone in flight, their
+    nodes deployed by an executor in the test that holds each deploy until the test lets it go, one at a time.
+
+    Whenever the pacers can dispatch nothing more (every free slot's node waits behind a full scope), the held
+    nodes keep to the limits, and at such a moment all 4 overall are in flight; the Kafka log shows the limits
+    reached and never exceeded, and both releases complete.
+    """
     workers.env.update(
         {
             "REACTOR_MAX_IN_FLIGHT": "4",
             "REACTOR_MAX_IN_FLIGHT_PER_LABEL": '{"zone": 2}',
-            "REACTOR_NOOP_DELAY_S": "1.0",
-            "REACTOR_RESEND_AFTER_S": "60",
+            "REACTOR_RESEND_AFTER_S": "600",
         }
     )
-    zones = ("a", "b", "c")
+    releases = [
+        ReleasePlan(
+            release_id=f"{service}-3",
+            service=service,
+            version="3.0.0",
+            package=PACKAGE,
+            nodes=[
+                NodeTarget(node_key=f"fake/host-{index:02d}/{service}", labels={"zone": ZONES[index % 3]})
+                for index in range(12)
+            ],
+            strategy=Strategy(batches=["100%"], max_parallel=4),
+        )
+        for service in ("app", "web")
+    ]
+    script = Script(latched=True)
     prefix = workers.env["REACTOR_TOPIC_PREFIX"]
     async with (
         KafkaBus(kafka_bootstrap, prefix=prefix) as bus,
         MongoStore(mongo_url, database=mongo_database) as store,
     ):
         await bus.create_topics(partitions=4)
-        workers.start()
-        workers.start()
-        await asyncio.sleep(5)  # both members join the groups before the releases arrive
-        releases = [
-            ReleasePlan(
-                release_id=f"{service}-3",
-                service=service,
-                version="3.0.0",
-                package=PACKAGE,
-                nodes=[
-                    NodeTarget(node_key=f"noop/host-{index:02d}/{service}", labels={"zone": zones[index % 3]})
-                    for index in range(12)
-                ],
-                strategy=Strategy(batches=["100%"], max_parallel=4),
-            )
-            for service in ("app", "web")
-        ]
-        for release in releases:
-            await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="test"))
-        async with asyncio.timeout(150):
+        workers.start(role="pacer")
+        workers.start(role="pacer")
+        async with executing(bus, store, tmp_path, script):
+            await asyncio.sleep(5)  # every member joins its group before the releases arrive
             for release in releases:
-                while (record := await store.get_release(release.release_id)) is None or (
-                    record.state != ReleaseState.COMPLETED
-                ):
-                    await asyncio.sleep(0.2)
+                await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="test"))
+            held_at_rest: list[int] = []
+            while True:
+                await until(lambda: at_rest(store, releases, script), "the pacers can dispatch nothing more", 60)
+                held = script.held
+                held_at_rest.append(len(held))
+                assert len(held) <= 4, held
+                assert all(count <= 2 for count in Counter(zone_of(node_key) for node_key in held).values()), held
+                if not held:
+                    break
+                script.let_go(1)
+
+            async def both_completed() -> bool:
+                records = [await store.get_release(release.release_id) for release in releases]
+                return all(record is not None and record.state == ReleaseState.COMPLETED for record in records)
+
+            await until(both_completed, "both releases complete", 60)
+        assert max(held_at_rest) == 4, held_at_rest
 
         commands = [event for event in _decoded(await bus.history(Topic.COMMANDS)) if isinstance(event, Event)]
         outcomes = [event for event in _decoded(await bus.history(Topic.OUTCOMES)) if isinstance(event, Event)]
         assert len({event.event_id for event in commands}) == 24, "each node was asked once"
 
         def scopes(release_id: str, node_key: str) -> list[str]:
-            index = int(node_key.split("/")[1].removeprefix("host-"))
-            return ["all", f"zone={zones[index % 3]}", f"release={release_id}"]
+            return ["all", f"zone={zone_of(node_key)}", f"release={release_id}"]
 
         peaks = peak_in_flight(commands, outcomes, scopes)
         assert peaks["all"] == 4, peaks
-        assert max(peaks[f"zone={zone}"] for zone in zones) == 2, peaks
-        assert all(peaks[f"zone={zone}"] <= 2 for zone in zones), peaks
+        assert max(peaks[f"zone={zone}"] for zone in ZONES) == 2, peaks
+        assert all(peaks[f"zone={zone}"] <= 2 for zone in ZONES), peaks
         assert all(peaks[f"release={release.release_id}"] <= 4 for release in releases), peaks
         assert await store.list_slots() == [], "every slot given back"
