@@ -28,6 +28,11 @@ EXECUTOR_DURATION = Histogram(
 )
 IN_FLIGHT = Gauge("reactor_events_in_flight", "Events being handled now.", ["group"])
 CONSUMER_LAG = Gauge("reactor_consumer_lag", "Messages behind the partition's end.", ["topic", "partition"])
+MISROUTED = Counter(
+    "reactor_misrouted_messages_total",
+    "Messages found on another partition than the Java default partitioner (murmur2) gives their key.",
+    ["topic"],
+)
 DEAD_LETTERED = Counter("reactor_dead_lettered_total", "Messages sent to the dead-letter topic.", ["topic"])
 
 _OUTCOME_NAMES: dict[type[Event], str] = {

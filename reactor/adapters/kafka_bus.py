@@ -20,12 +20,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import KeyedDispatcher, dead_letter_record, deliver
 from reactor.codec import Record, encode
 from reactor.errors import BackendUnavailable
 from reactor.events import Event, Topic
-from reactor.observability import CONSUMER_LAG
+from reactor.observability import CONSUMER_LAG, MISROUTED
 from reactor.ports import Handler
 
 log = structlog.get_logger(__name__)
@@ -81,6 +82,9 @@ class KafkaBus:
         self.commit_interval_s = commit_interval_s
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
+        # Messages seen on another partition than their key's murmur2 partition (a producer with another
+        # partitioner); counted, logged once per topic, and still handled (see `_GroupMember.run`).
+        self.misrouted = 0
 
     def topic_name(self, topic: Topic) -> str:
         """The Kafka topic of a logical topic."""
@@ -234,6 +238,7 @@ class _GroupMember:
         self.committed: dict[TopicPartition, int] = {}
         self.dispatcher: KeyedDispatcher[_Message] = KeyedDispatcher(self._process, self._done, limit=bus.concurrency)
         self.paused = False
+        self.warned: set[str] = set()
 
     async def _process(self, message: _Message) -> None:
         await deliver(
@@ -268,6 +273,7 @@ class _GroupMember:
             for tp, messages in batch.items():
                 state = self.progress.setdefault(tp, _PartitionProgress())
                 for message in messages:
+                    self._check_partition(tp, message.key)
                     state.taken.append(message.offset)
                     self.dispatcher.submit(
                         message.key, _Message(self.bus.logical(tp.topic), tp, message.offset, _record(message))
@@ -277,6 +283,31 @@ class _GroupMember:
                 await self.commit()
                 self._report_lag()
                 next_commit = loop.time() + interval
+
+    def _check_partition(self, tp: TopicPartition, key: bytes | None) -> None:
+        """Count a message its producer put on another partition than murmur2 of its key (the contract's rule).
+
+        Such a message is still handled: the per-node compare-and-set in the store keeps one run per node at a
+        time whatever the partition, but its order against the node's other messages is no longer guaranteed,
+        so the operator is told which topic gets them.
+        """
+        partitions = self.consumer.partitions_for_topic(tp.topic)
+        if key is None or not partitions:
+            return
+        expected = (murmur2(key) & 0x7FFFFFFF) % len(partitions)
+        if expected == tp.partition:
+            return
+        self.bus.misrouted += 1
+        MISROUTED.labels(tp.topic).inc()
+        if tp.topic not in self.warned:
+            self.warned.add(tp.topic)
+            log.warning(
+                "message on another partition than murmur2 of its key: its producer does not use Kafka's default"
+                " partitioner, so per-node order is not guaranteed (librdkafka clients: partitioner=murmur2_random)",
+                topic=tp.topic,
+                partition=tp.partition,
+                expected_partition=expected,
+            )
 
     def _apply_backpressure(self) -> None:
         """Stop fetching while too much is buffered in memory; fetch again once half of it is done."""
