@@ -119,24 +119,48 @@ def check_prerequisites() -> None:
         raise TestEnvError("test fleet prerequisites: " + "; ".join(problems))
 
 
-def _mirror() -> str:
-    """The Debian mirror: $REACTOR_FLEET_MIRROR, else the one apt uses here, else deb.debian.org."""
+def _mirror(apt: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror: $REACTOR_FLEET_MIRROR, else the first one apt uses here, else deb.debian.org.
+
+    apt reads sources.list and sources.list.d/*.list (one-line `deb [options] URI suite ...`) and
+    sources.list.d/*.sources (deb822 blocks with `Types`, `URIs`, `Suites`); security suites are skipped.
+    """
     if mirror := os.environ.get("REACTOR_FLEET_MIRROR"):
         return mirror
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    parts = apt / "sources.list.d"
+    sources = [apt / "sources.list", *sorted(parts.glob("*.list")), *sorted(parts.glob("*.sources"))]
     for source in sources:
         try:
             text = source.read_text()
         except OSError:
             continue
-        for raw in text.splitlines():
-            line = raw.strip()
-            if line.startswith("#"):
-                continue
-            match = re.search(r"(https?://\S+/debian)/?(?:\s|$)", line)
-            if match and "security" not in match.group(1):
-                return match.group(1)
+        for uri, suites in _apt_entries(text, deb822=source.suffix == ".sources"):
+            if not any(suite.endswith("-security") or "/updates" in suite for suite in suites):
+                return uri.rstrip("/")
     return DEFAULT_MIRROR
+
+
+def _apt_entries(text: str, *, deb822: bool) -> list[tuple[str, list[str]]]:
+    """(URI, suites) of each enabled binary-package source in an apt sources file."""
+    entries: list[tuple[str, list[str]]] = []
+    if not deb822:
+        for raw in text.splitlines():
+            match = re.match(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", raw)
+            if match:
+                entries.append((match.group(1), [match.group(2)]))
+        return entries
+    for block in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        for raw in block.splitlines():
+            if raw.startswith("#") or ":" not in raw:
+                continue
+            name, _, value = raw.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+            continue
+        for uri in fields.get("uris", "").split():
+            entries.append((uri, fields.get("suites", "").split()))
+    return entries
 
 
 def rootfs_key(suite: str = SUITE) -> str:
