@@ -15,7 +15,8 @@ from reactor.codec import Record, decode
 from reactor.errors import DecodeError
 from tests.contract import Message, command_types, messages, mutated, valid_messages, verdict
 
-pytestmark = pytest.mark.unit
+# Hundreds of generated examples per type: minutes on a loaded 2-core machine, past the default per-test limit.
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(600)]
 
 # No shrinking: hypothesis-jsonschema's strategies do not replay the same way while shrinking (hypothesis reports
 # them as flaky), so the first failing example is the one reported.
