@@ -29,7 +29,8 @@ def load_plan(path: Path) -> ReleasePlan:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(plan)"
-        raise InvalidInput(field, describe_validation_error(exc)) from exc
+        # The description names every broken field; the first one is the field already named.
+        raise InvalidInput(field, describe_validation_error(exc).removeprefix(f"{field}: ")) from exc
 
 
 def _resolve_urls(document: dict[str, Any], base: Path) -> None:
