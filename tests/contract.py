@@ -90,11 +90,6 @@ def messages() -> dict[str, dict[str, Any]]:
     return found
 
 
-def command_types() -> list[str]:
-    """The types a worker or pacer acts on: every message of the commands and releases topics."""
-    return sorted(name for name, message in messages().items() if message["topic"] in ("commands", "releases"))
-
-
 def is_release_message(event_type: str) -> bool:
     """Release messages (subject = release id) are those on the releases topic."""
     return str(messages()[event_type]["topic"]) == "releases"
