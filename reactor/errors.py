@@ -38,6 +38,11 @@ class ConflictError(ReactorError):
     retriable = True
 
 
+class Fenced(ConflictError):
+    """A run's claim on its node was taken over (the node has a newer epoch): its writes are refused and it emits
+    nothing. Retriable: the redelivery re-emits the outcome the new holder records, or waits for the node."""
+
+
 class BackendUnavailable(ReactorError):
     """The bus or the store cannot be reached right now."""
 

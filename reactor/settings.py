@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=64, ge=1, le=10_000)
     grace_s: float = Field(default=10.0, gt=0)
     http_port: int = Field(default=8080, ge=0, le=65535)
-    lease_s: float = Field(default=1800.0, gt=0)
+    # A claim not renewed for this long may be taken over; a running claim is renewed every third of it.
+    lease_s: float = Field(default=60.0, gt=0)
     resend_after_s: float = Field(default=60.0, gt=0)
     timer_tick_s: float = Field(default=1.0, gt=0)
     concurrent_releases: Literal["queue", "refuse"] = "queue"

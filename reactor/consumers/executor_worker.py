@@ -4,14 +4,22 @@ Exactly-once effects over at-least-once delivery: a finished request re-emits it
 interrupted one (node still deploying for the same request, or deployed but not yet observed for its
 min_healthy window) runs again, which is safe because deploy and rollback are idempotent. A rollback with
 nothing to roll back to is refused without running the executor, and leaves the node's record as it was.
+
+Fencing: each worker process has an owner id; a claim records it with a new epoch. While the executor runs the
+claim is renewed every lease/3, so a live run is never taken over; a claim left unrenewed for a whole lease
+(its worker died or froze) may be taken by another worker, which raises the epoch. A run whose epoch is no
+longer the node's is fenced: its writes are refused, it is cancelled if still running, and it emits nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, NoReturn, TypeVar
+from uuid import uuid4
 
 import structlog
 
@@ -24,15 +32,22 @@ from reactor.domain.status import (
     claim,
     fail_min_healthy,
     finish,
+    holds,
     pending,
+    renew,
     rollback_target,
 )
-from reactor.errors import ConflictError, ReactorError
+from reactor.errors import ConflictError, Fenced, ReactorError
 from reactor.events import DeployRequested, Event, HealthCheck, NodeEvent, RollbackRequested, utc_now
 from reactor.executors import executor_factory
 from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory, ExecutorSettings, Store
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_LEASE = timedelta(seconds=60)
+"""How long a claim holds a node without being renewed; a running claim is renewed every third of it."""
 
 
 def probe_interval(min_healthy_s: float) -> float:
@@ -50,8 +65,9 @@ class ExecutorWorker:
         *,
         settings: ExecutorSettings | None = None,
         factories: dict[str, ExecutorFactory] | None = None,
-        lease: timedelta = timedelta(minutes=30),
+        lease: timedelta = DEFAULT_LEASE,
         clock: Callable[[], datetime] = utc_now,
+        owner: str | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -59,6 +75,8 @@ class ExecutorWorker:
         self.factories = factories
         self.lease = lease
         self.clock = clock
+        # One id per worker process: a claim it made is its own to take again (its redelivery), no one else's.
+        self.owner = owner or f"executor-{uuid4().hex}"
 
     async def handle(self, event: Event) -> None:
         """Run a command; other events are not for this worker."""
@@ -89,6 +107,7 @@ class ExecutorWorker:
         claimed = claim(
             current,
             request_id=request.event_id,
+            owner=self.owner,
             operation=operation,
             target_version=target,
             release_id=request.release_id,
@@ -106,25 +125,81 @@ class ExecutorWorker:
         written = await self.store.put_node(claimed, expected_revision=current.revision)
         if written is None:
             raise ConflictError(f"{request.node_key} changed while claiming it")
-        log.info("claimed node", operation=operation, version=target)
+        held = _Held(written)
+        log.info("claimed node", operation=operation, version=target, owner=self.owner, epoch=written.epoch)
         started = time.monotonic()
-        result = await self._execute(request, written, target)
-        final = finish(written, result, now=self.clock())
-        # The effect happened: its record must be written even if this task is being cancelled.
-        saved = await asyncio.shield(self.store.put_node(final, expected_revision=written.revision))
-        if saved is None:
-            raise ConflictError(f"{request.node_key} was taken over while {operation} ran")
+        result = await self._while_held(held, self._execute(request, written, target))
+        final = finish(held.status, result, now=self.clock())
+        # The effect happened: its record must be written even if this task is being cancelled (unless fenced).
+        saved = await asyncio.shield(self._write(held, final))
         log.info("finished", operation=operation, state=saved.state.value, error=saved.last_error or None)
         if isinstance(request, DeployRequested) and _unobserved(request, saved):
-            saved = await self._observe(request, saved)
+            saved = await self._observe(request, held)
+            if not holds(await self.store.get_node(request.node_key), saved):
+                self._fenced(saved)
         await self._emit(request, saved, time.monotonic() - started, before=current)
 
-    async def _observe(self, request: DeployRequested, deployed: NodeStatus) -> NodeStatus:
+    async def _while_held(self, held: _Held, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` while renewing the claim every lease/3; Fenced (and `work` cancelled) if the claim is lost."""
+        running = asyncio.create_task(work)
+        heartbeat = asyncio.create_task(self._heartbeat(held, running))
+        try:
+            return await running
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if held.fenced and (task is None or task.cancelling() == 0):
+                raise Fenced(f"{held.status.node_key} was taken over while {held.status.operation} ran") from None
+            raise
+        finally:
+            heartbeat.cancel()
+            await asyncio.wait([heartbeat])
+
+    async def _heartbeat(self, held: _Held, running: asyncio.Task[Any]) -> None:
+        """Renew the claim every lease/3 while `running` runs; cancel it once a newer claim fenced this one."""
+        interval = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._write(held, renew(held.status, now=self.clock()))
+            except Fenced:
+                held.fenced = True
+                running.cancel()
+                return
+            except ReactorError as exc:  # the store may answer again before the lease runs out
+                log.warning("could not renew the claim; trying again", error=str(exc))
+
+    async def _write(self, held: _Held, status: NodeStatus) -> NodeStatus:
+        """Write a status of the held claim with a compare-and-set; Fenced once a newer claim holds the node."""
+        while True:
+            saved = await self.store.put_node(status, expected_revision=held.status.revision)
+            if saved is not None:
+                held.status = saved
+                return saved
+            stored = await self.store.get_node(status.node_key)
+            if stored is None or not holds(stored, held.status):
+                self._fenced(held.status, stored)
+            if stored.state != NodeState.DEPLOYING:
+                raise ConflictError(f"{status.node_key} changed under its own claim")
+            # A renewal of ours landed though its caller did not see it (cancelled while it ran): write over it.
+            held.status = stored
+
+    def _fenced(self, claimed: NodeStatus, stored: NodeStatus | None = None) -> NoReturn:
+        log.warning(
+            "fenced",
+            owner=claimed.owner,
+            epoch=claimed.epoch,
+            holder=None if stored is None else stored.owner,
+            holder_epoch=None if stored is None else stored.epoch,
+        )
+        raise Fenced(f"{claimed.node_key} was claimed again (epoch {claimed.epoch} is no longer the node's)")
+
+    async def _observe(self, request: DeployRequested, held: _Held) -> NodeStatus:
         """Probe the deployed node through its min_healthy window; the node as it is at the end of it.
 
         Nothing is written while the window runs, so a cancelled or crashed observation leaves the request
         unrecorded and its redelivery deploys again (a no-op) and observes again.
         """
+        deployed = held.status
         window = request.min_healthy_s
         interval = probe_interval(window)
         # A probe that hangs must not hold the window open; one that times out could not tell.
@@ -166,16 +241,14 @@ class ExecutorWorker:
             if not problem and final:
                 problem = f"no probe could tell by the end of the window: {undecided}"
             if problem:
-                return await self._unhealthy(deployed, running, f"after {elapsed:.1f}s of {window:g}s, {problem}")
+                return await self._unhealthy(held, running, f"after {elapsed:.1f}s of {window:g}s, {problem}")
             if undecided:
                 log.info("probe could not tell; trying again", error=undecided)
 
-    async def _unhealthy(self, deployed: NodeStatus, running: str | None, problem: str) -> NodeStatus:
+    async def _unhealthy(self, held: _Held, running: str | None, problem: str) -> NodeStatus:
         """Record the deployed node as failed at min_healthy, as its final status write."""
-        failed = fail_min_healthy(deployed, running=running, error=problem, now=self.clock())
-        saved = await asyncio.shield(self.store.put_node(failed, expected_revision=deployed.revision))
-        if saved is None:
-            raise ConflictError(f"{deployed.node_key} changed while it was observed")
+        failed = fail_min_healthy(held.status, running=running, error=problem, now=self.clock())
+        saved = await asyncio.shield(self._write(held, failed))
         log.warning("did not stay healthy", error=saved.last_error)
         return saved
 
@@ -229,6 +302,14 @@ class ExecutorWorker:
         """Record the outcome of `request` (a redelivery re-emits it), then publish it."""
         await self.store.put_processed(request.event_id, outcomes.record(outcome))
         await self.bus.publish(outcome)
+
+
+@dataclass
+class _Held:
+    """A run's claim as last written (its revision moves with each renewal), and whether it was fenced."""
+
+    status: NodeStatus
+    fenced: bool = False
 
 
 def _unobserved(request: DeployRequested | RollbackRequested, status: NodeStatus) -> bool:

@@ -51,6 +51,10 @@ class NodeStatus(Model):
     health: HealthCheck | None = None
     updated_at: datetime | None = None
     revision: int = 0
+    # Fencing: the worker process that holds (or last held) the claim, and a token raised by every claim.
+    # A run writes only while the node's epoch is still the one its claim got; `updated_at` is its heartbeat.
+    owner: str | None = None
+    epoch: int = 0
 
 
 def parse_node_key(node_key: str) -> tuple[str, str]:
@@ -71,20 +75,24 @@ def claim(
     current: NodeStatus,
     *,
     request_id: str,
+    owner: str,
     operation: str,
     target_version: str | None,
     release_id: str | None,
     now: datetime,
     lease: timedelta,
 ) -> NodeStatus:
-    """Mark the node deploying for this request; the caller writes it with a compare-and-set.
+    """Mark the node deploying for this request under `owner`, with the next epoch; the caller writes it with a
+    compare-and-set.
 
-    A node deploying for another request is busy unless that request's lease ran out (its worker died).
-    The same request may claim again: that is a redelivery of an interrupted request.
+    A node deploying under another claim is busy until that claim's lease runs out (its holder stopped renewing
+    it: it died or froze), even for the same request: a redelivery to another worker must not run beside the
+    one still running it. Only the same owner may claim its own request again (its redelivery after an
+    interruption). Every claim raises the epoch, so whatever an earlier claim's run still writes is refused.
     """
-    held_by_other = current.state == NodeState.DEPLOYING and current.request_id != request_id
-    if held_by_other and current.updated_at is not None and now - current.updated_at < lease:
-        raise NodeBusy(f"{current.node_key} is busy with request {current.request_id}")
+    own_redelivery = current.owner == owner and current.request_id == request_id
+    if current.state == NodeState.DEPLOYING and not own_redelivery and not lease_expired(current, now=now, lease=lease):
+        raise NodeBusy(f"{current.node_key} is busy with request {current.request_id} of {current.owner}")
     return current.model_copy(
         update={
             "state": NodeState.DEPLOYING,
@@ -94,8 +102,27 @@ def claim(
             "release_id": release_id,
             "last_error": "",
             "updated_at": now,
+            "owner": owner,
+            "epoch": current.epoch + 1,
         }
     )
+
+
+def lease_expired(current: NodeStatus, *, now: datetime, lease: timedelta) -> bool:
+    """Whether the claim on a node was last renewed a whole lease ago (or never recorded when)."""
+    return current.updated_at is None or now - current.updated_at >= lease
+
+
+def holds(current: NodeStatus | None, claimed: NodeStatus) -> bool:
+    """Whether the node as stored is still under the claim `claimed` (same owner and epoch)."""
+    return current is not None and (current.owner, current.epoch) == (claimed.owner, claimed.epoch)
+
+
+def renew(claimed: NodeStatus, *, now: datetime) -> NodeStatus:
+    """The claim with its heartbeat moved to `now` (same owner and epoch); written with a compare-and-set."""
+    if claimed.state != NodeState.DEPLOYING:
+        raise IllegalTransition(f"{claimed.node_key}: renew a claim in {claimed.state}, expected deploying")
+    return claimed.model_copy(update={"updated_at": now})
 
 
 def rollback_target(current: NodeStatus, to_version: str | None) -> str | None:

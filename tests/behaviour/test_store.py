@@ -93,6 +93,22 @@ async def test_put_node_with_revision_zero_inserts_it_at_revision_one(store: Sto
     assert await store.get_node("local/h1/api") == written
 
 
+async def test_claim_owner_epoch_and_heartbeat_round_trip(store: Store) -> None:
+    """The fencing fields of a claim (owner, epoch, the renewed `updated_at`) come back as written."""
+    held = status("local/h1/api").model_copy(
+        update={"state": NodeState.DEPLOYING, "owner": "executor-a", "epoch": 7, "updated_at": T0}
+    )
+    first = await store.put_node(held, expected_revision=0)
+    assert first is not None
+    assert await store.get_node("local/h1/api") == first
+    renewed = first.model_copy(update={"updated_at": T0 + timedelta(seconds=20)})
+    second = await store.put_node(renewed, expected_revision=first.revision)
+    assert second is not None
+    stored = await store.get_node("local/h1/api")
+    assert stored is not None
+    assert (stored.owner, stored.epoch, stored.updated_at) == ("executor-a", 7, T0 + timedelta(seconds=20))
+
+
 async def test_second_insert_with_revision_zero_fails_and_keeps_the_first(store: Store) -> None:
     first = await store.put_node(status("local/h1/api", release_id="rel-1"), expected_revision=0)
     second = await store.put_node(status("local/h1/api", release_id="rel-2"), expected_revision=0)

@@ -84,21 +84,23 @@ async def test_redelivered_finished_request_re_emits_recorded_outcome_without_ru
 
 
 async def test_interrupted_request_runs_again_on_redelivery(store: Store) -> None:
-    """A worker that died mid-deploy left the node deploying for the request; the redelivery finishes it."""
+    """A worker that died mid-deploy left the node deploying for the request; once its claim is a lease old,
+    the redelivery (on another worker) takes the node and finishes the request."""
     bus, script = MemoryBus(), Script()
     request = deploy()
     interrupted = claim(
         pending(NODE, "app"),
         request_id=request.event_id,
+        owner="dead-worker",
         operation="deploy",
         target_version="2.0.0",
         release_id=None,
-        now=utc_now(),
-        lease=timedelta(minutes=30),
+        now=utc_now() - timedelta(minutes=2),
+        lease=timedelta(minutes=1),
     )
     assert await store.put_node(interrupted, expected_revision=0) is not None
 
-    await worker(store, bus, script).handle(request)
+    await worker(store, bus, script, lease=timedelta(minutes=1)).handle(request)
 
     status = await store.get_node(NODE)
     assert status is not None
@@ -131,6 +133,7 @@ async def test_node_busy_with_another_request_is_retriable(store: Store) -> None
     holder = claim(
         pending(NODE, "app"),
         request_id="other-request",
+        owner="other-worker",
         operation="deploy",
         target_version="1.0.0",
         release_id=None,
@@ -150,6 +153,7 @@ async def test_stale_claim_of_a_dead_worker_is_taken_over(store: Store) -> None:
     holder = claim(
         pending(NODE, "app"),
         request_id="dead-request",
+        owner="dead-worker",
         operation="deploy",
         target_version="1.0.0",
         release_id=None,
@@ -411,6 +415,7 @@ async def test_refused_rollback_of_a_node_busy_with_another_request_waits_its_tu
     holder = claim(
         pending(NODE, "app"),
         request_id="first-deploy",
+        owner="other-worker",
         operation="deploy",
         target_version="1.0.0",
         release_id=None,
@@ -484,6 +489,7 @@ async def test_redelivered_interrupted_rollback_returns_to_the_target_of_its_cla
     interrupted = claim(
         deployed,
         request_id=request.event_id,
+        owner=consumer.owner,
         operation="rollback",
         target_version="1.0.0",
         release_id=None,

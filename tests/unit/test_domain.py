@@ -31,8 +31,11 @@ from reactor.domain.status import (
     claim,
     fail_min_healthy,
     finish,
+    holds,
+    lease_expired,
     parse_node_key,
     pending,
+    renew,
     rollback_target,
 )
 from reactor.errors import IllegalTransition, InvalidInput, NodeBusy
@@ -56,6 +59,7 @@ def claimed(operation: str = "deploy", request_id: str = "req-1", **changes: obj
     return claim(
         base,
         request_id=request_id,
+        owner="worker-a",
         operation=operation,
         target_version="2.0.0" if operation == "deploy" else "0.9.0",
         release_id="rel-1",
@@ -99,6 +103,7 @@ def test_claim_marks_an_idle_node_deploying_for_the_request(state: NodeState) ->
     result = claim(
         current,
         request_id="req-9",
+        owner="worker-b",
         operation="deploy",
         target_version="2.0.0",
         release_id="rel-1",
@@ -126,6 +131,7 @@ def test_claim_of_a_node_deploying_for_another_request_within_the_lease_raises_n
         claim(
             held,
             request_id="req-2",
+            owner="worker-b",
             operation="deploy",
             target_version="3.0.0",
             release_id=None,
@@ -141,6 +147,7 @@ def test_claim_of_a_node_whose_lease_ran_out_succeeds(held_for: timedelta) -> No
     result = claim(
         held,
         request_id="req-2",
+        owner="worker-b",
         operation="rollback",
         target_version="0.9.0",
         release_id=None,
@@ -156,10 +163,89 @@ def test_same_request_may_claim_again_within_the_lease() -> None:
     held = claimed(request_id="req-1")
     later = NOW + timedelta(seconds=30)
     result = claim(
-        held, request_id="req-1", operation="deploy", target_version="2.0.0", release_id="rel-1", now=later, lease=LEASE
+        held,
+        request_id="req-1",
+        owner="worker-a",
+        operation="deploy",
+        target_version="2.0.0",
+        release_id="rel-1",
+        now=later,
+        lease=LEASE,
     )
     assert (result.state, result.request_id) == (NodeState.DEPLOYING, "req-1")
     assert result.updated_at == later
+
+
+def test_same_request_under_another_owner_within_the_lease_raises_node_busy() -> None:
+    """A redelivery to another worker while the first still holds the claim must not run beside it."""
+    held = claimed(request_id="req-1")
+    with pytest.raises(NodeBusy, match="req-1") as info:
+        claim(
+            held,
+            request_id="req-1",
+            owner="worker-b",
+            operation="deploy",
+            target_version="2.0.0",
+            release_id="rel-1",
+            now=NOW + LEASE - timedelta(microseconds=1),
+            lease=LEASE,
+        )
+    assert info.value.retriable
+
+
+def test_every_claim_records_its_owner_and_raises_the_epoch() -> None:
+    first = claimed(request_id="req-1", epoch=4)
+    assert (first.owner, first.epoch) == ("worker-a", 5)
+    again = claim(
+        first,
+        request_id="req-1",
+        owner="worker-a",
+        operation="deploy",
+        target_version="2.0.0",
+        release_id="rel-1",
+        now=NOW,
+        lease=LEASE,
+    )
+    assert (again.owner, again.epoch) == ("worker-a", 6), "the owner's own redelivery fences its earlier run"
+    taken = claim(
+        again,
+        request_id="req-1",
+        owner="worker-b",
+        operation="deploy",
+        target_version="2.0.0",
+        release_id="rel-1",
+        now=NOW + LEASE,
+        lease=LEASE,
+    )
+    assert (taken.owner, taken.epoch) == ("worker-b", 7)
+    assert holds(taken, taken)
+    assert not holds(taken, again), "the claim taken over no longer holds the node"
+    assert not holds(None, again)
+
+
+def test_renewing_a_claim_moves_its_heartbeat_and_keeps_it_alive() -> None:
+    held = claimed(request_id="req-1")
+    renewed = renew(held, now=NOW + LEASE / 3)
+    assert (renewed.owner, renewed.epoch, renewed.updated_at) == (held.owner, held.epoch, NOW + LEASE / 3)
+    assert lease_expired(held, now=NOW + LEASE, lease=LEASE)
+    assert not lease_expired(renewed, now=NOW + LEASE, lease=LEASE)
+    with pytest.raises(NodeBusy):
+        claim(
+            renewed,
+            request_id="req-2",
+            owner="worker-b",
+            operation="deploy",
+            target_version="3.0.0",
+            release_id=None,
+            now=NOW + LEASE,
+            lease=LEASE,
+        )
+
+
+@pytest.mark.parametrize("state", [NodeState.SUCCESS, NodeState.FAILED, NodeState.PENDING], ids=str)
+def test_only_a_running_claim_is_renewed(state: NodeState) -> None:
+    with pytest.raises(IllegalTransition):
+        renew(node(state), now=NOW)
 
 
 # --- finish -------------------------------------------------------------------------------------
@@ -325,7 +411,14 @@ def test_redelivered_rollback_after_a_successful_deploy_keeps_the_target_of_its_
     success = node(NodeState.SUCCESS, current_version="2.0.0", prev_version="1.0.0")
     target = rollback_target(success, None)
     in_rollback = claim(
-        success, request_id="rb-1", operation="rollback", target_version=target, release_id=None, now=NOW, lease=LEASE
+        success,
+        request_id="rb-1",
+        owner="worker-a",
+        operation="rollback",
+        target_version=target,
+        release_id=None,
+        now=NOW,
+        lease=LEASE,
     )
     assert rollback_target(in_rollback, None) == "1.0.0"
 
