@@ -13,12 +13,14 @@ from typing import cast
 import pytest
 
 from reactor import outcomes
+from reactor.adapters.dispatch import deliver
 from reactor.adapters.memory_bus import MemoryBus
+from reactor.codec import Record, encode
 from reactor.consumers.executor_worker import ExecutorWorker, probe_interval
 from reactor.consumers.rollback import RollbackConsumer
 from reactor.domain.replay import apply, refused
 from reactor.domain.status import NodeState, NodeStatus, claim, pending
-from reactor.errors import NodeBusy
+from reactor.errors import Fenced, NodeBusy
 from reactor.events import (
     AutoRollback,
     DeployRequested,
@@ -37,6 +39,7 @@ from reactor.events import (
 from reactor.executors.local import LocalExecutor
 from reactor.ports import ExecutorFactory, ExecutorSettings, Store
 from tests.fakes import Probe, Script, ScriptedExecutor, scripted
+from tests.support import until
 
 # Tier: `unit` on the in-memory backends, `mongo` on FerretDB (from the `store` fixture parameter).
 
@@ -722,3 +725,173 @@ class _ForgetfulStore:
 
     async def get_processed(self, event_id: str) -> str | None:
         return None if event_id == self._forget else await self._inner.get_processed(event_id)
+
+
+# --- fencing: one run per node across workers ---------------------------------------------------
+
+
+async def test_same_request_on_two_workers_runs_once_and_the_second_re_emits_its_outcome(store: Store) -> None:
+    """A request delivered to two workers at once (a rebalance): the second finds the node busy under the first
+    one's claim and retries; once the first finished it re-emits the recorded outcome and never runs it."""
+    bus, script = MemoryBus(), Script(latched=True)
+    request = deploy()
+    first = worker(store, bus, script, owner="worker-a")
+    second = worker(store, bus, script, owner="worker-b")
+    running = asyncio.create_task(first.handle(request))
+    await until(lambda: script.held == [NODE], "the first worker's deploy is held")
+
+    with pytest.raises(NodeBusy):
+        async with asyncio.timeout(5):
+            await second.handle(request)
+    assert script.calls[f"deploy:{NODE}"] == 1
+    retried = asyncio.create_task(_retrying(second.handle, request))
+    await asyncio.sleep(0.05)  # let the retries find the node busy a few times
+    assert not retried.done()
+    script.let_go()
+    await running
+    async with asyncio.timeout(5):
+        await retried
+
+    assert script.calls[f"deploy:{NODE}"] == 1
+    first_outcome, second_outcome = bus.events(Topic.OUTCOMES)
+    assert isinstance(first_outcome, NodeDeployed)
+    assert first_outcome == second_outcome
+
+
+async def test_run_taken_over_after_its_lease_is_cancelled_and_emits_nothing(store: Store) -> None:
+    """A worker whose claim was taken over (it did not renew it for a lease, as a frozen worker would not) learns
+    it at its next renewal: its executor is cancelled, its writes are refused (fenced) and it emits no outcome;
+    only the new holder's run finishes the node and tells its outcome."""
+    bus, script = MemoryBus(), Script(latched=True)
+    request = deploy()
+    lease = timedelta(seconds=0.3)
+    stale = worker(store, bus, script, owner="worker-a", lease=lease)
+    running = asyncio.create_task(stale.handle(request))
+    await until(lambda: script.held == [NODE], "the first worker's deploy is held")
+    # The new holder's clock is a lease past the first claim's last renewal: to it, that worker is dead.
+    successor = worker(store, bus, script, owner="worker-b", lease=lease, clock=lambda: utc_now() + timedelta(hours=1))
+    taking = asyncio.create_task(_retrying(successor.handle, request))
+    await until(lambda: len(script.held) == 2, "the successor's deploy is held")
+
+    async with asyncio.timeout(5):
+        with pytest.raises(Fenced):
+            await running
+    assert script.held == [NODE], "the fenced run's executor was cancelled; only the successor's runs"
+    assert bus.events(Topic.OUTCOMES) == []
+    held = await store.get_node(NODE)
+    assert held is not None
+    assert (held.state, held.owner, held.epoch) == (NodeState.DEPLOYING, "worker-b", 2)
+
+    script.let_go()
+    async with asyncio.timeout(5):
+        await taking
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeDeployed)
+    status = await store.get_node(NODE)
+    assert status is not None
+    assert (status.state, status.owner, status.epoch) == (NodeState.SUCCESS, "worker-b", 2)
+
+
+async def test_final_write_of_a_run_whose_claim_was_taken_over_is_refused(store: Store) -> None:
+    """A run that finishes after a newer claim took its node writes nothing and emits nothing (fenced)."""
+    bus, script = MemoryBus(), Script(latched=True)
+    request = deploy()
+    frozen = worker(store, bus, script, owner="worker-a", lease=timedelta(minutes=1))  # renews only after 20 s
+    running = asyncio.create_task(frozen.handle(request))
+    await until(lambda: script.held == [NODE], "the first worker's deploy is held")
+    claimed = await store.get_node(NODE)
+    assert claimed is not None
+    taken = claim(
+        claimed,
+        request_id="other-request",
+        owner="worker-b",
+        operation="deploy",
+        target_version="3.0.0",
+        release_id=None,
+        now=utc_now() + timedelta(minutes=2),
+        lease=timedelta(minutes=1),
+    )
+    holder = await store.put_node(taken, expected_revision=claimed.revision)
+    assert holder is not None
+
+    script.let_go()
+    with pytest.raises(Fenced):
+        await running
+    assert await store.get_node(NODE) == holder
+    assert bus.events(Topic.OUTCOMES) == []
+    assert await store.get_processed(request.event_id) is None
+
+
+async def test_renewals_keep_a_long_run_claimed_past_its_lease(store: Store) -> None:
+    """A deploy that runs longer than the lease renews its claim every lease/3, so no one takes it over."""
+    bus, script = MemoryBus(), Script(latched=True)
+    lease = timedelta(seconds=0.3)
+    running = asyncio.create_task(worker(store, bus, script, owner="worker-a", lease=lease).handle(deploy()))
+    await until(lambda: script.held == [NODE], "the deploy is held")
+    claimed = await store.get_node(NODE)
+    assert claimed is not None
+    assert claimed.updated_at is not None
+    claimed_at = claimed.updated_at
+
+    async def renewed_past_the_lease() -> bool:
+        stored = await store.get_node(NODE)
+        return stored is not None and stored.updated_at is not None and stored.updated_at - claimed_at >= lease
+
+    await until(renewed_past_the_lease, "the claim is renewed past its lease", timeout_s=5)
+    renewed = await store.get_node(NODE)
+    assert renewed is not None
+    assert renewed.updated_at is not None
+    assert (renewed.owner, renewed.epoch, renewed.state) == ("worker-a", 1, NodeState.DEPLOYING)
+    # Half a lease after the last renewal, and more than a lease after the claim: still busy.
+    late = renewed.updated_at + lease / 2
+    other = worker(store, bus, script, owner="worker-b", lease=lease, clock=lambda: late)
+    with pytest.raises(NodeBusy):
+        await other.handle(deploy("3.0.0"))
+
+    script.let_go()
+    await running
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeDeployed)
+    assert script.calls[f"deploy:{NODE}"] == 1
+
+
+async def test_interrupted_request_is_run_again_by_its_own_worker_but_not_by_another_within_the_lease(
+    store: Store,
+) -> None:
+    """A run cancelled mid-deploy leaves its claim: another worker waits for the lease, the same worker (its
+    redelivery) takes it again at once and finishes the request."""
+    bus, script = MemoryBus(), Script(latched=True)
+    request = deploy()
+    own = worker(store, bus, script, owner="worker-a")
+    running = asyncio.create_task(own.handle(request))
+    await until(lambda: script.held == [NODE], "the deploy is held")
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    with pytest.raises(NodeBusy):
+        async with asyncio.timeout(5):
+            await worker(store, bus, script, owner="worker-b").handle(request)
+    assert script.calls[f"deploy:{NODE}"] == 1
+    interrupted = await store.get_node(NODE)
+    assert interrupted is not None
+    assert (interrupted.state, interrupted.owner) == (NodeState.DEPLOYING, "worker-a")
+
+    script.latched = False
+    await own.handle(request)
+    assert script.calls[f"deploy:{NODE}"] == 2
+    status = await store.get_node(NODE)
+    assert status is not None
+    assert (status.state, status.owner, status.epoch) == (NodeState.SUCCESS, "worker-a", 2)
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeDeployed)
+
+
+async def _retrying(handler: Callable[[Event], Awaitable[None]], request: DeployRequested) -> None:
+    """Handle `request` as a bus does: a retriable error (a busy node) is tried again after a short pause."""
+
+    async def no_dead_letters(topic: Topic, record: Record, reason: str) -> None:
+        pytest.fail(f"dead-lettered from {topic}: {reason}")
+
+    await deliver(
+        Topic.COMMANDS, lambda: encode(request, "test"), handler, no_dead_letters, retry_delay_s=0.01, event=request
+    )
