@@ -102,6 +102,7 @@ class KeyedDispatcher(Generic[M]):
         self.pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._progressed = asyncio.Event()  # set whenever a message finishes or a lane ends
 
     def submit(self, key: bytes | None, message: M) -> None:
         """Queue a message behind earlier ones of the same key."""
@@ -124,27 +125,50 @@ class KeyedDispatcher(Generic[M]):
                 lane.queue.popleft()
                 self.pending -= 1
                 self._on_done(message)
+                self._progressed.set()
         finally:
             if self._lanes.get(key) is lane:
                 del self._lanes[key]
             if not self._lanes:
                 self._idle.set()
+            self._progressed.set()
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Wait until every queued message is processed; False if the time ran out first."""
+    def _holding(self, which: Callable[[M], bool] | None) -> list[tuple[bytes | None, _Lane[M]]]:
+        return [
+            (key, lane)
+            for key, lane in self._lanes.items()
+            if which is None or any(which(message) for message in lane.queue)
+        ]
+
+    async def drain(self, timeout_s: float, which: Callable[[M], bool] | None = None) -> bool:
+        """Wait until every queued message (or every one `which` picks) is processed; False if the time ran out."""
         try:
             async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
+                while self._holding(which):
+                    self._progressed.clear()
+                    await self._progressed.wait()
         except TimeoutError:
             return False
         return True
 
-    async def cancel(self) -> None:
-        """Cancel whatever still runs; its messages are not reported done."""
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+    async def cancel(self, which: Callable[[M], bool] | None = None) -> None:
+        """Cancel the lanes holding any message (or any one `which` picks), the running handler included; their
+        messages are not reported done. Messages of those lanes that `which` does not pick are queued again."""
+        held = self._holding(which)
+        tasks = [lane.task for _, lane in held if lane.task is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._lanes.clear()
-        self.pending = 0
-        self._idle.set()
+        # Only the tasks cancelled here are awaited, and their CancelledError is theirs, not ours.
+        if tasks:
+            await asyncio.wait(tasks)
+        spared: list[tuple[bytes | None, M]] = []
+        for key, lane in held:
+            if self._lanes.get(key) is lane:
+                del self._lanes[key]
+            self.pending -= len(lane.queue)
+            spared.extend((key, message) for message in lane.queue if which is not None and not which(message))
+        if not self._lanes:
+            self._idle.set()
+        self._progressed.set()
+        for key, message in spared:
+            self.submit(key, message)

@@ -3,7 +3,8 @@
 Offsets are committed only for messages whose handling finished (the handler returned after its effects and
 outcome were durable), and only up to the lowest offset still in flight in each partition. Different keys
 of one partition are handled concurrently; one key's messages stay in order. On a rebalance the revoked
-partitions stop being taken, in-flight work drains within a grace period, finished offsets are committed.
+partitions stop being taken, their in-flight work drains within a grace period and what still runs after it is
+cancelled (uncommitted, so the new owner runs it again), finished offsets are committed.
 """
 
 from __future__ import annotations
@@ -351,7 +352,11 @@ class _GroupMember:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information
-    """Before partitions go to another member: drain, commit what finished, forget them."""
+    """Before partitions go to another member: drain their messages within the grace period, cancel what still
+    runs (its offsets stay uncommitted: the new owner runs it again), commit what finished, forget them.
+
+    Abandoning the unfinished handlers instead would leave them running beside the new owner's.
+    """
 
     def __init__(self, member: _GroupMember) -> None:
         self.member = member
@@ -360,7 +365,14 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka s
         if not revoked:
             return
         log.info("partitions revoked; draining", partitions=sorted(str(tp) for tp in revoked))
-        await self.member.dispatcher.drain(self.member.bus.grace_s)
+
+        def from_revoked(message: _Message) -> bool:
+            return message.partition in revoked
+
+        dispatcher = self.member.dispatcher
+        if not await dispatcher.drain(self.member.bus.grace_s, from_revoked):
+            log.warning("grace period over; cancelling the revoked partitions' unfinished messages")
+            await dispatcher.cancel(from_revoked)
         with contextlib.suppress(KafkaError):
             await self.member.commit(list(revoked))
         for tp in revoked:

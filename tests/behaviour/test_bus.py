@@ -28,6 +28,7 @@ from reactor.errors import (
 )
 from reactor.events import Event, ReleaseApproved, ReleasePaused, Topic
 from reactor.ports import EventBus, Handler
+from tests.conftest import fresh_kafka_bus
 
 TIMEOUT_S = 30.0  # a bound for failures only; passing tests return as soon as the condition holds
 POLL_S = 0.002
@@ -451,3 +452,38 @@ async def test_consumer_cancelled_while_starting_leaves_no_connection_open(bus: 
             await asyncio.sleep(0.02)
             gc.collect()
     assert [str(warning.message) for warning in caught if issubclass(warning.category, ResourceWarning)] == []
+
+
+@pytest.mark.kafka
+async def test_handler_of_a_revoked_partition_is_cancelled_after_the_grace_period_and_runs_again(
+    kafka_bootstrap: str,
+) -> None:
+    """A member that loses partitions to a new member waits the grace period for their handlers, then cancels what
+    still runs instead of leaving it running beside the new owner's; that message is not committed, so it runs
+    again."""
+    stuck = paused("rel-1", 1)
+    runs: Counter[str] = Counter()
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(event: Event) -> None:
+        runs[event.event_id] += 1
+        if event.event_id == stuck.event_id and runs[event.event_id] == 1:
+            entered.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    async with (
+        fresh_kafka_bus(kafka_bootstrap, retry_delay_s=0.01, grace_s=0.5) as bus,
+        consuming(bus, [Topic.RELEASES], "workers", handler),
+    ):
+        await bus.publish(stuck)
+        async with asyncio.timeout(TIMEOUT_S):
+            await entered.wait()
+        # A second member joins the group: the first one's partitions are revoked.
+        async with consuming(bus, [Topic.RELEASES], "workers", handler):
+            async with asyncio.timeout(TIMEOUT_S):
+                await cancelled.wait()
+            await eventually(lambda: runs[stuck.event_id] >= 2, "the cancelled message is delivered again")
