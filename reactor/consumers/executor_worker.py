@@ -146,13 +146,28 @@ class ExecutorWorker:
         try:
             return await running
         except asyncio.CancelledError:
+            heartbeat.cancel()
             task = asyncio.current_task()
             if held.fenced and (task is None or task.cancelling() == 0):
                 raise Fenced(f"{held.status.node_key} was taken over while {held.status.operation} ran") from None
+            if not held.fenced:
+                # Stopping or revoked: give the claim up once the executor stopped, so the next worker does not
+                # wait out the lease. Shielded: this task is being cancelled.
+                await asyncio.shield(self._release(held, running, heartbeat))
             raise
         finally:
             heartbeat.cancel()
             await asyncio.wait([heartbeat])
+
+    async def _release(self, held: _Held, running: asyncio.Task[Any], heartbeat: asyncio.Task[None]) -> None:
+        """Give up an interrupted run's claim (owner none, same epoch) after its executor and heartbeat stopped."""
+        await asyncio.wait([running, heartbeat])
+        try:
+            await self._write(held, held.status.model_copy(update={"owner": None}))
+        except ReactorError as exc:  # fenced meanwhile, or the store is away: the lease still frees the node
+            log.warning("could not give the interrupted claim up; it frees itself after its lease", error=str(exc))
+        else:
+            log.info("interrupted; claim given up", epoch=held.status.epoch)
 
     async def _heartbeat(self, held: _Held, running: asyncio.Task[Any]) -> None:
         """Renew the claim every lease/3 while `running` runs; cancel it once a newer claim fenced this one."""

@@ -88,10 +88,13 @@ def claim(
     A node deploying under another claim is busy until that claim's lease runs out (its holder stopped renewing
     it: it died or froze), even for the same request: a redelivery to another worker must not run beside the
     one still running it. Only the same owner may claim its own request again (its redelivery after an
-    interruption). Every claim raises the epoch, so whatever an earlier claim's run still writes is refused.
+    interruption), and anyone may claim a node whose interrupted run gave its claim up (owner none). Every claim
+    raises the epoch, so whatever an earlier claim's run still writes is refused.
     """
     own_redelivery = current.owner == owner and current.request_id == request_id
-    if current.state == NodeState.DEPLOYING and not own_redelivery and not lease_expired(current, now=now, lease=lease):
+    released = current.owner is None  # its run stopped and gave the claim up (or it predates owners)
+    held = current.state == NodeState.DEPLOYING and not released
+    if held and not own_redelivery and not lease_expired(current, now=now, lease=lease):
         raise NodeBusy(f"{current.node_key} is busy with request {current.request_id} of {current.owner}")
     return current.model_copy(
         update={

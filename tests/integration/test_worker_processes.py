@@ -92,6 +92,8 @@ def workers(kafka_bootstrap: str, mongo_url: str, mongo_database: str, tmp_path:
         "REACTOR_NOOP_DELAY_S": "0.2",
         "REACTOR_RESEND_AFTER_S": "5",
         "REACTOR_GRACE_S": "2",
+        # A SIGKILLed worker cannot give its claims up: the others take them over once the lease ran out.
+        "REACTOR_LEASE_S": "3",
         "REACTOR_LOG_FORMAT": "json",
     }
     group = Workers(env, tmp_path)

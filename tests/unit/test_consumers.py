@@ -858,27 +858,28 @@ async def test_renewals_keep_a_long_run_claimed_past_its_lease(store: Store) -> 
 async def test_interrupted_request_is_run_again_by_its_own_worker_but_not_by_another_within_the_lease(
     store: Store,
 ) -> None:
-    """A run cancelled mid-deploy leaves its claim: another worker waits for the lease, the same worker (its
-    redelivery) takes it again at once and finishes the request."""
-    bus, script = MemoryBus(), Script(latched=True)
+    """A claim left by a worker that died mid-deploy (it could not give it up): another worker waits for the lease,
+    the same worker (its redelivery) takes it again at once and finishes the request."""
+    bus, script = MemoryBus(), Script()
     request = deploy()
-    own = worker(store, bus, script, owner="worker-a")
-    running = asyncio.create_task(own.handle(request))
-    await until(lambda: script.held == [NODE], "the deploy is held")
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
+    left = claim(
+        pending(NODE, "app"),
+        request_id=request.event_id,
+        owner="worker-a",
+        operation="deploy",
+        target_version=request.version,
+        release_id=None,
+        now=utc_now(),
+        lease=timedelta(seconds=60),
+    )
+    assert await store.put_node(left, expected_revision=0) is not None
     with pytest.raises(NodeBusy):
         async with asyncio.timeout(5):
             await worker(store, bus, script, owner="worker-b").handle(request)
-    assert script.calls[f"deploy:{NODE}"] == 1
-    interrupted = await store.get_node(NODE)
-    assert interrupted is not None
-    assert (interrupted.state, interrupted.owner) == (NodeState.DEPLOYING, "worker-a")
+    assert script.calls[f"deploy:{NODE}"] == 0
 
-    script.latched = False
-    await own.handle(request)
-    assert script.calls[f"deploy:{NODE}"] == 2
+    await worker(store, bus, script, owner="worker-a").handle(request)
+    assert script.calls[f"deploy:{NODE}"] == 1
     status = await store.get_node(NODE)
     assert status is not None
     assert (status.state, status.owner, status.epoch) == (NodeState.SUCCESS, "worker-a", 2)
@@ -895,3 +896,32 @@ async def _retrying(handler: Callable[[Event], Awaitable[None]], request: Deploy
     await deliver(
         Topic.COMMANDS, lambda: encode(request, "test"), handler, no_dead_letters, retry_delay_s=0.01, event=request
     )
+
+
+async def test_a_run_interrupted_by_its_worker_stopping_gives_the_claim_up_at_once(store: Store) -> None:
+    """A worker that stops (or loses the partition) mid-deploy cancels the run and gives its claim up once the
+    executor stopped: another worker runs the redelivered request at once instead of waiting out the lease."""
+    bus, script = MemoryBus(), Script(latched=True)
+    request = deploy()
+    first = worker(store, bus, script, owner="worker-a")
+    running = asyncio.create_task(first.handle(request))
+    await until(lambda: script.held == [NODE], "the first worker's deploy is held")
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    released = await store.get_node(NODE)
+    assert released is not None
+    assert (released.state, released.owner) == (NodeState.DEPLOYING, None)
+
+    second = worker(store, bus, script, owner="worker-b")
+    taking = asyncio.create_task(second.handle(request))
+    await until(lambda: script.held == [NODE], "the second worker runs it without waiting for the lease")
+    script.let_go()
+    async with asyncio.timeout(5):
+        await taking
+    assert script.calls[f"deploy:{NODE}"] == 2
+    [outcome] = bus.events(Topic.OUTCOMES)
+    assert isinstance(outcome, NodeDeployed)
+    node = await store.get_node(NODE)
+    assert node is not None
+    assert (node.state, node.owner, node.epoch) == (NodeState.SUCCESS, "worker-b", released.epoch + 1)
