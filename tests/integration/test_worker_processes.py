@@ -101,6 +101,7 @@ def workers(kafka_bootstrap: str, mongo_url: str, mongo_database: str, tmp_path:
     group.stop_all()
 
 
+@pytest.mark.timeout(400)  # its own waits: 5 s to join, 120 s to the kill, 180 s to the end
 @pytest.mark.parametrize("moment", ["during a batch", "during a pause"])
 async def test_sigkilled_worker_mid_release_leaves_every_node_final_exactly_once(
     workers: Workers, kafka_bootstrap: str, mongo_url: str, mongo_database: str, moment: str
