@@ -1,4 +1,10 @@
-"""Rollback consumer: a failed node whose policy asks for it gets a RollbackRequested."""
+"""Rollback consumer: a failed node whose policy asks for it gets a RollbackRequested.
+
+One failure, one rollback: a deploy can be reported failed twice (the pacer's deadline, then the worker's own
+late outcome, or a redelivery). The rollback's id derives from the failed request, not from the report, so
+every report of one failed deploy asks for the same rollback and the worker runs it once (a repeat re-emits its
+outcome). The first report names the cause; a later one changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -26,10 +32,12 @@ class RollbackConsumer:
             if event.current_version is None:
                 log.info("failed node ran nothing before; nothing to roll back to")
                 return
-            log.info("requesting rollback", to_version=event.current_version)
+            # A report without its request (published by hand) stands for itself.
+            failed_request = event.causation_id or event.event_id
+            log.info("requesting rollback", to_version=event.current_version, failed_request=failed_request)
             await self.bus.publish(
                 RollbackRequested(
-                    event_id=derived_event_id(event.event_id, "rollback"),
+                    event_id=derived_event_id(failed_request, "rollback"),
                     node_key=event.node_key,
                     service=event.service,
                     release_id=event.release_id,

@@ -27,16 +27,21 @@ class BuiltPackage:
         return self.path.resolve().as_uri()
 
 
-def build_package(out_dir: Path, version: str, *, broken: bool = False) -> BuiltPackage:
-    """Build `hello-<version>.tar.gz` byte-for-byte reproducibly; `broken` makes a service that exits at once."""
+BROKEN_RUN = b"#!/bin/sh\necho 'refusing to start' >&2\nexit 3\n"
+
+
+def build_package(out_dir: Path, version: str, *, broken: bool = False, run: bytes | None = None) -> BuiltPackage:
+    """Build `hello-<version>.tar.gz` byte-for-byte reproducibly.
+
+    `broken` makes a service that exits at once; `run` replaces the package's start script (a service that
+    never answers, say).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    start = run if run is not None else BROKEN_RUN if broken else (SOURCE / "run").read_bytes()
     files: dict[str, tuple[bytes, int]] = {
         "VERSION": (f"{version}\n".encode(), 0o644),
         "app.py": ((SOURCE / "app.py").read_bytes(), 0o644),
-        "run": (
-            b"#!/bin/sh\necho 'refusing to start' >&2\nexit 3\n" if broken else (SOURCE / "run").read_bytes(),
-            0o755,
-        ),
+        "run": (start, 0o755),
     }
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -558,6 +558,46 @@ async def test_rollback_consumer_follows_the_policy() -> None:
     assert "sha256 mismatch" in requests[0].reason
 
 
+async def test_every_report_of_one_failed_deploy_asks_for_the_same_rollback(store: Store) -> None:
+    """The pacer's deadline report and the worker's late one of the same deploy lead to one rollback, run once."""
+    bus, script = MemoryBus(), Script()
+    await worker(store, bus, script).handle(deploy("1.0.0"))
+    script.behaviour[NODE] = "fail"
+    request = deploy("2.0.0")
+    deadline = NodeFailed(
+        event_id=derived_event_id("release", NODE, "deadline"),
+        node_key=NODE,
+        service="app",
+        version="2.0.0",
+        current_version="1.0.0",
+        step="deadline",
+        error="no outcome within 2s of dispatch",
+        causation_id=request.event_id,
+    )
+    consumer = RollbackConsumer(bus)
+    await consumer.handle(deadline)
+    await worker(store, bus, script).handle(request)
+    [late] = [event for event in bus.events(Topic.OUTCOMES) if event.causation_id == request.event_id]
+    assert isinstance(late, NodeFailed)
+    assert late.step != "deadline"
+    await consumer.handle(late)
+
+    first, second = bus.events(Topic.COMMANDS)
+    assert isinstance(first, RollbackRequested)
+    assert first.event_id == second.event_id == derived_event_id(request.event_id, "rollback")
+    assert first.causation_id == deadline.event_id
+    assert "deadline" in first.reason
+    for command in (first, second):
+        await worker(store, bus, script).handle(command)
+    outcomes_of_rollback = [event for event in bus.events(Topic.OUTCOMES) if event.causation_id == first.event_id]
+    assert [type(event) for event in outcomes_of_rollback] == [NodeRolledBack, NodeRolledBack]
+    assert outcomes_of_rollback[0].event_id == outcomes_of_rollback[1].event_id  # a re-emission, not a second run
+    assert script.calls[f"rollback:{NODE}"] == 1
+    status = await store.get_node(NODE)
+    assert status is not None
+    assert (status.state, status.current_version) == (NodeState.ROLLED_BACK, "1.0.0")
+
+
 # --- min_healthy -------------------------------------------------------------------------------
 
 
