@@ -18,8 +18,7 @@ class NoopExecutor:
         self.context = context
 
     async def deploy(self) -> NodeStatus:
-        if self.context.settings.noop_delay_s:
-            await asyncio.sleep(self.context.settings.noop_delay_s)
+        await self._work()
         current = self.context.current
         if current.current_version == self.context.target_version:
             return current.model_copy(update={"state": NodeState.SUCCESS})
@@ -32,6 +31,7 @@ class NoopExecutor:
         )
 
     async def rollback(self) -> NodeStatus:
+        await self._work()
         current = self.context.current
         return current.model_copy(
             update={
@@ -43,3 +43,8 @@ class NoopExecutor:
 
     async def status(self) -> NodeStatus:
         return self.context.current
+
+    async def _work(self) -> None:
+        """Stand for the time a real deploy or rollback takes (`noop_delay_s`), so pacing can be measured."""
+        if self.context.settings.noop_delay_s:
+            await asyncio.sleep(self.context.settings.noop_delay_s)
