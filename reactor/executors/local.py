@@ -3,6 +3,11 @@
 Layout per node, mirroring the host contract: `<root>/<host>/<service>/releases/<version>/` unpacked,
 `current` -> the active release, `state.json` with the version history, `run/pid` of the running process.
 The package must have an executable `run` at its top; it is started with `PORT` and `SERVICE_VERSION` set.
+
+What answers the health check must be what this node started: the port's listening socket must belong to the
+running process (or a process of its session, e.g. a child it forked), and a version is not started while a
+process nobody of this node started holds the port. A leftover of this node's own (a process in its releases
+whose pid file was lost) is stopped first.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ _CHUNK = 1 << 16
 # Services this process started, so they are reaped when they exit (they outlive the request, not the process).
 _children: dict[int, subprocess.Popen[bytes]] = {}
 _DOWNLOAD_TIMEOUT_S = 60.0
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 
 class LocalExecutor:
@@ -138,8 +144,26 @@ class LocalExecutor:
     async def _switch_process(self, version: str) -> None:
         """Stop whatever runs, start `version`, wait for it to be healthy."""
         await self._stop()
+        await self._free_port(version)
         process = self._start(version)
         await self._wait_healthy(process, version)
+
+    async def _free_port(self, version: str) -> None:
+        """Make sure nobody holds the node's port before `version` starts: a leftover of this node's own is
+        stopped; anyone else's is refused (StepFailed), never started beside."""
+        port = self.context.port
+        if port is None:
+            return
+        for pid in await asyncio.to_thread(port_holders, port):
+            if self._is_ours(pid):
+                log.warning("stopping a leftover process of this node that holds its port", pid=pid, port=port)
+                await self._stop_pid(pid)
+            else:
+                raise StepFailed(
+                    "start",
+                    f"port {port} is held by pid {pid} ({_command_line(pid)}), not by this node; {version} "
+                    "was not started beside it",
+                )
 
     async def _restore(self, previous: str | None) -> str:
         """Put the previous version back after a failed switch; the text says how that went."""
@@ -147,6 +171,7 @@ class LocalExecutor:
         if previous is None:
             return "; nothing ran before, so nothing was restored"
         try:
+            await self._free_port(previous)
             process = self._start(previous)
             await self._wait_healthy(process, previous)
         except StepFailed as exc:
@@ -187,34 +212,53 @@ class LocalExecutor:
         pid_file = self.base / "run" / "pid"
         pid = self._running_pid()
         if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.context.settings.stop_timeout_s
-            while _alive(pid) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                while _alive(pid):
-                    await asyncio.sleep(0.05)
-            log.info("stopped", pid=pid)
+            await self._stop_pid(pid)
         pid_file.unlink(missing_ok=True)
+
+    async def _stop_pid(self, pid: int) -> None:
+        """SIGTERM the process group of `pid`, SIGKILL it after the stop timeout; return once `pid` is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.context.settings.stop_timeout_s
+        while _alive(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            while _alive(pid):
+                await asyncio.sleep(0.05)
+        log.info("stopped", pid=pid)
 
     async def _wait_healthy(self, process: subprocess.Popen[bytes], version: str) -> None:
         deadline = time.monotonic() + self.context.health.timeout_s
+        why = "it never answered"
         while time.monotonic() < deadline:
             code = process.poll()
             if code is not None:
                 raise StepFailed("start", f"{version} exited with code {code}: {self._log_tail(version)}")
-            if await self._healthy_once():
+            why = await self._unhealthy(process.pid)
+            if not why:
                 return
             await asyncio.sleep(0.1)
-        raise StepFailed("health", f"{version} not healthy within {self.context.health.timeout_s:g}s")
+        raise StepFailed("health", f"{version} not healthy within {self.context.health.timeout_s:g}s: {why}")
 
     async def _healthy_once(self) -> bool:
+        """Whether the node's running process answers its health check itself."""
+        pid = self._running_pid()
+        return pid is not None and not await self._unhealthy(pid)
+
+    async def _unhealthy(self, pid: int) -> str:
+        """Why the process `pid` does not pass the health check ("" when it does): the port must be held by it
+        (or its session) alone, and answer."""
         port = self.context.port
         if port is None:
-            return self._running_pid() is not None
+            return "" if _alive(pid) else "it is not running"
+        why = await asyncio.to_thread(_held_by_others, port, pid)
+        if why:
+            return why
+        return "" if await self._answers(port) else f"port {port} does not pass the {self.context.health.kind} check"
+
+    async def _answers(self, port: int) -> bool:
         try:
             async with asyncio.timeout(2.0):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -244,11 +288,15 @@ class LocalExecutor:
         if not _alive(pid):
             return None
         # A reused pid belongs to some other program: ours runs inside this node's releases.
+        return pid if self._is_ours(pid) else None
+
+    def _is_ours(self, pid: int) -> bool:
+        """Whether `pid` runs inside this node's releases (a service of this node, whoever started it)."""
         try:
             cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
         except OSError:
-            return None
-        return pid if (self.base / "releases") in cwd.parents else None
+            return False
+        return (self.base / "releases") in cwd.parents
 
     def _running_version(self) -> str | None:
         if self._running_pid() is None:
@@ -320,6 +368,84 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def listening_inodes(table: str, port: int) -> set[str]:
+    """The socket inodes listening on `port` in a /proc/net/tcp or tcp6 table."""
+    inodes = set()
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != _LISTEN:
+            continue
+        local_port = fields[1].rsplit(":", 1)[-1]
+        if int(local_port, 16) == port:
+            inodes.add(fields[9])
+    return inodes
+
+
+def listening(port: int) -> set[str]:
+    """The inodes of the TCP sockets listening on `port` (any address, IPv4 or IPv6), from /proc."""
+    inodes: set[str] = set()
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            inodes |= listening_inodes(Path(f"/proc/net/{name}").read_text(), port)
+    return inodes
+
+
+def socket_holders(inodes: set[str], pids: list[int] | None = None) -> dict[str, int]:
+    """Which of `pids` (default: every process) holds each of the socket `inodes`; one pid per inode found."""
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
+    found: dict[str, int] = {}
+    for pid in _all_pids() if pids is None else pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    inode = wanted.get(os.readlink(fd))
+                    if inode is not None:
+                        found.setdefault(inode, pid)
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def port_holders(port: int) -> list[int]:
+    """The pids of the processes holding a listening TCP socket on `port`."""
+    return sorted(set(socket_holders(listening(port)).values()))
+
+
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _held_by_others(port: int, pid: int) -> str:
+    """Why `port` is not held by `pid`'s session alone ("" when it is)."""
+    inodes = listening(port)
+    if not inodes:
+        return f"nothing listens on port {port}"
+    session = _session(pid)
+    members = [member for member in _all_pids() if _session(member) == session]
+    strangers = inodes - socket_holders(inodes, members).keys()
+    if not strangers:
+        return ""
+    holders = sorted(set(socket_holders(strangers).values()))
+    who = ", ".join(f"pid {holder} ({_command_line(holder)})" for holder in holders) or "a process out of sight"
+    return f"port {port} is held by {who}, not by pid {pid}"
+
+
+def _session(pid: int) -> int | None:
+    """The session id of `pid` (a service and every process it forks share the one it was started in)."""
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "gone"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200] or "?"
 
 
 def stop_all(root: Path) -> list[int]:

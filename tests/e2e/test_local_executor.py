@@ -213,3 +213,90 @@ async def test_package_fetched_over_http_is_verified_and_deployed(
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         return None
+
+
+class _Impostor(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with 200 and a version of its own, as any program could on a node's port."""
+
+    def do_GET(self) -> None:
+        body = b"9.9.9"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+def gone(pid: int) -> bool:
+    """The process `pid` exited (a zombie waiting for its parent counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def impostor() -> Iterator[int]:
+    """A server of this test process (not of any node) answering 200 on a port; the port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_ports(1)[0]), _Impostor)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+async def test_a_port_held_by_another_program_is_refused_not_reported_healthy(
+    root: Path, packages: dict[str, BuiltPackage], impostor: int
+) -> None:
+    """Another program answers 200 on the node's port: the deploy fails at start naming it, nothing is started,
+    and the impostor is left alone (a 2xx from a process the node did not start is no proof of health)."""
+    node = Node(root)
+    node.port = impostor
+    failed = await node.deploy(packages["1.0.0"])
+    assert failed.state == NodeState.FAILED
+    assert failed.last_error.startswith(f"start: port {impostor} is held by pid {os.getpid()}"), failed.last_error
+    assert not (root / "box-1" / "hello" / "run" / "pid").exists()
+    assert node.served() == "9.9.9"
+    assert (await node.executor(None).status()).state != NodeState.SUCCESS
+
+
+async def test_status_fails_while_another_program_answers_for_the_node(
+    root: Path, packages: dict[str, BuiltPackage], impostor: int
+) -> None:
+    """The node's service runs but another program holds the port it should serve on: status is not success."""
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    node.port = impostor  # the record says the service serves where the impostor listens
+    seen = await node.executor(None).status()
+    assert seen.state == NodeState.FAILED
+    assert "health check fails" in seen.last_error
+
+
+async def test_a_leftover_of_the_node_on_its_port_is_stopped_before_the_new_version_starts(
+    root: Path, packages: dict[str, BuiltPackage]
+) -> None:
+    """1.0.0 runs but its pid file is lost (its starter died before writing it): the next deploy stops that
+    leftover first, then starts 1.1.0, which alone answers."""
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    leftover = node.pid()
+    (root / "box-1" / "hello" / "run" / "pid").unlink()
+    deployed = await node.deploy(packages["1.1.0"])
+    assert deployed.state == NodeState.SUCCESS, deployed.last_error
+    assert gone(leftover)
+    assert node.pid() != leftover
+    assert node.served() == "1.1.0"
+
+
+async def test_a_service_whose_listener_is_a_forked_child_is_its_own(root: Path, tmp_path: Path) -> None:
+    """`run` forks the server instead of exec'ing it: the listener is in the service's session, so it counts."""
+    forked = build_package(tmp_path / "dist", "1.2.0", run=b'#!/bin/sh\npython3 "$(dirname "$0")/app.py"\n')
+    node = Node(root)
+    deployed = await node.deploy(forked)
+    assert deployed.state == NodeState.SUCCESS, deployed.last_error
+    assert (await node.executor(None).status()).state == NodeState.SUCCESS
+    assert node.served() == "1.2.0"
