@@ -277,6 +277,9 @@ class Strategy(Model):
     `approval_after_batches` (1-based batch numbers). `node_deadline_s`: a node with no outcome by then fails.
     `min_healthy_s`: a deployed node counts as done only after staying healthy that long (its deadline grows
     by as much); a node that turns unhealthy or drifts meanwhile fails at step `min_healthy`.
+    A release rollback (automatic or requested) takes every deployed node back `max_parallel` at a time, newest
+    batch first; with `fast_rollback` (or a request with `fast`) every deployed node goes back at once, or at most
+    `rollback_parallel` at a time, within the limits across releases.
     """
 
     model_config = ConfigDict(
@@ -311,6 +314,8 @@ class Strategy(Model):
     approval_after_batches: list[Annotated[int, Field(ge=1), JSON_NUMBER]] = []
     node_deadline_s: Annotated[float, Field(gt=0, le=7 * 86400), JSON_NUMBER] | None = None
     min_healthy_s: MinHealthy = 0.0
+    fast_rollback: StrictBool = False
+    rollback_parallel: Annotated[int, Field(ge=1, le=100_000), JSON_NUMBER] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Strategy:
@@ -446,10 +451,17 @@ class ReleaseAborted(_ReleaseControl):
 
 
 class ReleaseRollbackRequested(_ReleaseControl):
-    """Roll back every node the release deployed, newest batch first, with the release's pacing."""
+    """Roll back every node the release deployed, `max_parallel` at a time or, with `fast`, all at once.
+
+    Newest batch first. A fast rollback sends every deployed node at once, at most the strategy's
+    `rollback_parallel`, within the limits across releases; a fast request also speeds up a rollback under way.
+    Pauses and approval gates never hold a release rollback back.
+    """
 
     TYPE: ClassVar[str] = "dev.deployreactor.release.rollback.requested.v1"
     TOPIC: ClassVar[Topic] = Topic.RELEASES
+
+    fast: StrictBool = False
 
 
 class ReleaseAwaitingApproval(ReleaseEvent):
@@ -504,13 +516,17 @@ class ReleaseHalted(ReleaseEvent):
 
 
 class ReleaseRolledBack(ReleaseEvent):
-    """Every node the release had deployed was rolled back (or failed to, counted in `failed`)."""
+    """Every node the release had deployed was rolled back (or failed to, counted in `failed`).
+
+    `fast`: the rollback sent them all at once (a fast rollback), not `max_parallel` at a time.
+    """
 
     TYPE: ClassVar[str] = "dev.deployreactor.release.rolled_back.v1"
     TOPIC: ClassVar[Topic] = Topic.RELEASES
 
     rolled_back: Count
     failed: Count
+    fast: StrictBool = False
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (

@@ -136,6 +136,8 @@ class ReleaseRecord(Model):
     approved_batch: int = -1
     resume_at: datetime | None = None
     reason: str = ""
+    # Rolling back all at once (see `reactor.domain.pacer.rollback_window`), as asked or as the strategy says.
+    fast_rollback: bool = False
     request_id: str
     actor: str | None = None
     created_at: datetime

@@ -1,4 +1,4 @@
-"""What the pacer test modules share: a release plan of fake nodes and the consumers running on a store."""
+"""What the pacer test modules share: a release plan of fake nodes and the consumers running on a store and a bus."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from reactor.adapters.memory_bus import MemoryBus
+from reactor.codec import decode
 from reactor.domain.pacer import ReleaseState
-from reactor.events import NodeTarget, Package, ReleasePlan, Strategy
-from reactor.ports import Store
+from reactor.events import Event, NodeTarget, Package, ReleasePlan, Strategy, Topic
+from reactor.ports import EventBus, Store
 from reactor.runtime import Backends, Role, run_roles
 from reactor.settings import Settings
 from tests.fakes import Script, scripted
@@ -44,11 +45,27 @@ async def reactor(
 ) -> AsyncIterator[MemoryBus]:
     """The given roles (every one by default) on an in-memory bus and `store`, with fast timers."""
     bus = bus or MemoryBus(retry_delay_s=0.01)
+    async with running(bus, store, script, tmp_path, roles=roles, **settings_changes):
+        yield bus
+
+
+@asynccontextmanager
+async def running(
+    bus: EventBus,
+    store: Store,
+    script: Script,
+    tmp_path: Path,
+    *,
+    roles: frozenset[Role] = frozenset({Role.ALL}),
+    **settings_changes: Any,
+) -> AsyncIterator[None]:
+    """The given roles (every one by default) on any bus and store, with fast timers."""
     started = asyncio.Event()
     settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, resend_after_s=3600, **settings_changes)
+    memory_bus = bus if isinstance(bus, MemoryBus) else None
     task = asyncio.create_task(
         run_roles(
-            Backends(bus=bus, store=store, memory_bus=bus),
+            Backends(bus=bus, store=store, memory_bus=memory_bus),
             settings,
             set(roles),
             factories={"fake": scripted(script)},
@@ -57,11 +74,16 @@ async def reactor(
     )
     await started.wait()
     try:
-        yield bus
+        yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def published(bus: EventBus, topic: Topic) -> list[Event]:
+    """Every event on `topic` so far, read back as a subscriber would (in order per partition)."""
+    return [decode(record)[0] for record in await bus.history(topic)]
 
 
 async def state_of(store: Store, release_id: str) -> ReleaseState | None:

@@ -8,6 +8,10 @@ deadlines live in the store and are fired by `tick`, which the pacer holding the
 In-flight limits across releases (overall, per service, per label such as zone or cluster, and each release's
 `max_parallel` across pacer processes) are slots in the store: a node is dispatched once it holds a slot of
 every scope that applies to it, and gives them back with its outcome (`reactor.domain.limits`).
+
+A release rollback takes every deployed node back within the release's window, newest batch first; a fast one
+(asked with `fast`, or the strategy's `fast_rollback`) opens the window to `rollback_parallel` or to every node,
+and only the limits across releases hold it back.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from reactor.domain.pacer import (
     View,
     Wait,
     decide,
+    rollback_window,
 )
 from reactor.domain.planner import failure_budget, plan_batches
 from reactor.errors import ConflictError, ReactorError
@@ -416,12 +421,18 @@ class Pacer:
                 changes = {
                     "state": ReleaseState.ROLLING_BACK,
                     "reason": f"rollback requested by {who}{': ' + why if why else ''}",
+                    "fast_rollback": command.fast or record.plan.strategy.fast_rollback,
                 }
+            case ReleaseRollbackRequested() if (
+                command.fast and record.state == ReleaseState.ROLLING_BACK and not record.fast_rollback
+            ):
+                # A rollback under way is sped up: the nodes it has not sent yet go at once.
+                changes = {"fast_rollback": True}
             case _:
                 log.info("command does not apply", command=type(command).__name__, state=record.state.value)
         if changes is not None:
             announce: list[Event] = []
-            if changes["state"] == ReleaseState.ABORTED:
+            if changes.get("state") == ReleaseState.ABORTED:
                 announce.append(await self._halted(record, str(changes["reason"])))
             saved = await self._save(record, announce, **changes)
             log.info("release command applied", command=type(command).__name__, state=saved.state.value)
@@ -459,7 +470,8 @@ class Pacer:
                 return record.plan.service
             batch_counts = BatchCounts.of(await self.store.count_release_nodes(release_id, batch=record.batch))
             totals = BatchCounts.of(await self.store.count_release_nodes(release_id))
-            decision = decide(self._view(record, batch_counts, totals))
+            view = self._view(record, batch_counts, totals)
+            decision = decide(view)
             announce: list[Event]
             match decision:
                 case Wait():
@@ -468,7 +480,8 @@ class Pacer:
                     await self._dispatch(record, count)
                     return None
                 case DispatchRollbacks(count=count):
-                    await self._dispatch_rollbacks(record, count)
+                    window = rollback_window(view)
+                    await self._dispatch_rollbacks(record, count, sum(record.batch_sizes) if window is None else window)
                     return None
                 case StartNextBatch(report_completed=report):
                     announce = [self._batch_completed(record, batch_counts)] if report else []
@@ -510,8 +523,11 @@ class Pacer:
                     return record.plan.service
                 case RollBackRelease(reason=reason):
                     halted = await self._halted(record, reason, totals)
-                    await self._save(record, [halted], state=ReleaseState.ROLLING_BACK, reason=reason)
-                    log.warning("rolling the release back", reason=reason)
+                    fast = record.fast_rollback or record.plan.strategy.fast_rollback
+                    await self._save(
+                        record, [halted], state=ReleaseState.ROLLING_BACK, reason=reason, fast_rollback=fast
+                    )
+                    log.warning("rolling the release back", reason=reason, fast=fast)
                 case RolledBack():
                     rolled_back = ReleaseRolledBack(
                         event_id=derived_event_id(release_id, "rolled_back"),
@@ -519,9 +535,10 @@ class Pacer:
                         causation_id=record.request_id,
                         rolled_back=totals.rolled_back,
                         failed=totals.rollback_failed,
+                        fast=record.fast_rollback,
                     )
                     await self._save(record, [rolled_back], state=ReleaseState.ROLLED_BACK)
-                    log.info("release rolled back")
+                    log.info("release rolled back", fast=record.fast_rollback)
                     return record.plan.service
 
     def _view(self, record: ReleaseRecord, batch_counts: BatchCounts, totals: BatchCounts) -> View:
@@ -547,6 +564,8 @@ class Pacer:
             resume_at=record.resume_at,
             now=self.clock(),
             rollback_on_budget=strategy.auto_rollback == AutoRollback.RELEASE,
+            fast_rollback=record.fast_rollback,
+            rollback_parallel=strategy.rollback_parallel,
         )
 
     async def _dispatch(self, record: ReleaseRecord, count: int) -> None:
@@ -558,13 +577,29 @@ class Pacer:
             state=ItemState.QUEUED,
             limit=None if self.limits.per_label else count,
         )
-        await self._send(record, queued, count, ItemState.QUEUED, ItemState.DISPATCHED, self._deploy_request)
+        await self._send(
+            record,
+            queued,
+            count,
+            ItemState.QUEUED,
+            ItemState.DISPATCHED,
+            self._deploy_request,
+            parallel=record.plan.strategy.max_parallel,
+        )
 
-    async def _dispatch_rollbacks(self, record: ReleaseRecord, count: int) -> None:
+    async def _dispatch_rollbacks(self, record: ReleaseRecord, count: int, parallel: int) -> None:
+        """Send `count` rollbacks of deployed nodes, newest first; `parallel` is the window the release's own
+        slots hold them to across pacers (a fast rollback's, not max_parallel)."""
         deployed = await self.store.list_release_nodes(record.release_id, state=ItemState.SUCCEEDED)
         newest_first = sorted(deployed, key=lambda node: node.position, reverse=True)
         await self._send(
-            record, newest_first, count, ItemState.SUCCEEDED, ItemState.ROLLBACK_DISPATCHED, self._rollback_request
+            record,
+            newest_first,
+            count,
+            ItemState.SUCCEEDED,
+            ItemState.ROLLBACK_DISPATCHED,
+            self._rollback_request,
+            parallel=parallel,
         )
 
     async def _send(
@@ -575,11 +610,13 @@ class Pacer:
         from_state: ItemState,
         to_state: ItemState,
         command: Callable[[ReleaseRecord, ReleaseNode], Event],
+        *,
+        parallel: int,
     ) -> None:
         """Send up to `count` of `candidates`, in order: record each as sent (a CAS: a node is sent once) and
-        publish its command. With limits, a node goes only once it holds its slots."""
+        publish its command. With limits, a node goes only once it holds its slots (the release's own: `parallel`)."""
         if self.limits.any:
-            await self._send_holding_slots(record, candidates, count, from_state, to_state, command)
+            await self._send_holding_slots(record, candidates, count, from_state, to_state, command, parallel=parallel)
             return
         now = self.clock()
 
@@ -600,6 +637,8 @@ class Pacer:
         from_state: ItemState,
         to_state: ItemState,
         command: Callable[[ReleaseRecord, ReleaseNode], Event],
+        *,
+        parallel: int,
     ) -> None:
         """Send the first `count` candidates that can take a slot of each of their scopes, one at a time.
 
@@ -614,7 +653,7 @@ class Pacer:
                 self.limits,
                 release_id=record.release_id,
                 service=record.plan.service,
-                max_parallel=record.plan.strategy.max_parallel,
+                max_parallel=parallel,
                 node_key=node.node_key,
                 target=node.target,
             )
@@ -711,13 +750,14 @@ class Pacer:
         )
 
     def _rollback_request(self, record: ReleaseRecord, node: ReleaseNode) -> RollbackRequested:
-        """The release-level rollback of one node; its id is fixed by release and node."""
+        """The release-level rollback of one node; its id is fixed by release and node (fast or not)."""
+        kind = "fast release rollback" if record.fast_rollback else "release rollback"
         return RollbackRequested(
             event_id=derived_event_id(record.release_id, node.node_key, "rollback"),
             node_key=node.node_key,
             service=record.plan.service,
             release_id=record.release_id,
             causation_id=record.request_id,
-            reason=f"release rollback: {record.reason}"[:4000],
+            reason=f"{kind}: {record.reason}"[:4000],
             actor=record.actor,
         )

@@ -101,6 +101,16 @@ class View:
     resume_at: datetime | None
     now: datetime
     rollback_on_budget: bool
+    # A fast release rollback takes no window from max_parallel: every deployed node at once, or at most
+    # `rollback_parallel` (None: no cap of its own; limits across releases still apply).
+    fast_rollback: bool = False
+    rollback_parallel: int | None = None
+
+
+def rollback_window(view: View) -> int | None:
+    """How many nodes a release rollback keeps in flight at once: `max_parallel`, or with a fast rollback
+    `rollback_parallel`; None: no window, every deployed node goes at once."""
+    return view.rollback_parallel if view.fast_rollback else view.max_parallel
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,10 +240,13 @@ def _spent_budget(view: View) -> str | None:
 
 
 def _rolling_back(view: View) -> Decision:
+    """Roll back every deployed node, gates and pauses aside: within the window (deploys still in flight take
+    part of it), or all at once for a fast rollback without one. Deploys in flight finish, then go back too."""
     totals = view.totals
     if totals.succeeded == 0 and totals.rollback_dispatched == 0 and totals.dispatched == 0:
         return RolledBack()
-    free = view.max_parallel - totals.rollback_dispatched - totals.dispatched
+    window = rollback_window(view)
+    free = totals.succeeded if window is None else window - totals.rollback_dispatched - totals.dispatched
     if free > 0 and totals.succeeded > 0:
         return DispatchRollbacks(min(free, totals.succeeded))
     return Wait()

@@ -23,6 +23,7 @@ from reactor.domain.pacer import (
     View,
     Wait,
     decide,
+    rollback_window,
 )
 from reactor.domain.planner import failure_budget, plan_batches, resolve_size
 from reactor.domain.status import (
@@ -525,6 +526,8 @@ def decision(
     approved_batch: int = -1,
     resume_at: datetime | None = None,
     rollback_on_budget: bool = False,
+    fast_rollback: bool = False,
+    rollback_parallel: int | None = None,
 ) -> Decision:
     return decide(
         View(
@@ -541,6 +544,8 @@ def decision(
             resume_at=resume_at,
             now=NOW,
             rollback_on_budget=rollback_on_budget,
+            fast_rollback=fast_rollback,
+            rollback_parallel=rollback_parallel,
         )
     )
 
@@ -656,3 +661,93 @@ def test_release_rollback_dispatches_within_the_window_then_ends() -> None:
     assert decision(state=rolling, counts=empty, totals=BatchCounts(succeeded=5, rollback_dispatched=2)) == Wait()
     assert decision(state=rolling, counts=empty, totals=BatchCounts(dispatched=1)) == Wait()
     assert decision(state=rolling, counts=empty, totals=BatchCounts(rolled_back=5, rollback_failed=1)) == RolledBack()
+
+
+def test_fast_release_rollback_sends_every_deployed_node_at_once() -> None:
+    """Fast without rollback_parallel: all 7 deployed nodes at once, though max_parallel is 2; then it waits for
+    their outcomes and ends like a normal rollback."""
+    rolling, empty = ReleaseState.ROLLING_BACK, BatchCounts()
+    assert decision(state=rolling, counts=empty, totals=BatchCounts(succeeded=7), fast_rollback=True) == (
+        DispatchRollbacks(7)
+    )
+    in_flight = BatchCounts(rollback_dispatched=7, queued=3)
+    assert decision(state=rolling, counts=empty, totals=in_flight, fast_rollback=True) == Wait()
+    done = BatchCounts(rolled_back=6, rollback_failed=1, queued=3)
+    assert decision(state=rolling, counts=empty, totals=done, fast_rollback=True) == RolledBack()
+
+
+def test_fast_release_rollback_sends_deploys_in_flight_back_as_soon_as_they_land() -> None:
+    """A deploy still in flight holds nothing back: the deployed nodes go at once, the late one when it lands."""
+    rolling, empty = ReleaseState.ROLLING_BACK, BatchCounts()
+    totals = BatchCounts(succeeded=4, dispatched=2)
+    assert decision(state=rolling, counts=empty, totals=totals, fast_rollback=True) == DispatchRollbacks(4)
+    landed = BatchCounts(succeeded=1, dispatched=1, rollback_dispatched=4)
+    assert decision(state=rolling, counts=empty, totals=landed, fast_rollback=True) == DispatchRollbacks(1)
+
+
+@pytest.mark.parametrize(
+    ("totals", "expected"),
+    [
+        (BatchCounts(succeeded=7), DispatchRollbacks(3)),
+        (BatchCounts(succeeded=5, rollback_dispatched=2), DispatchRollbacks(1)),
+        (BatchCounts(succeeded=4, rollback_dispatched=2, dispatched=1), Wait()),
+        (BatchCounts(succeeded=1, rollback_dispatched=1), DispatchRollbacks(1)),
+    ],
+)
+def test_fast_release_rollback_keeps_to_rollback_parallel(totals: BatchCounts, expected: Decision) -> None:
+    """rollback_parallel 3 (max_parallel 2): a fast rollback keeps 3 nodes in flight, deploys in flight included."""
+    rolling = ReleaseState.ROLLING_BACK
+    assert (
+        decision(state=rolling, counts=BatchCounts(), totals=totals, fast_rollback=True, rollback_parallel=3)
+        == expected
+    )
+
+
+def test_normal_release_rollback_keeps_max_parallel_whatever_rollback_parallel_says() -> None:
+    """rollback_parallel is a fast rollback's window only: a normal one goes max_parallel (2) at a time."""
+    rolling = ReleaseState.ROLLING_BACK
+    totals = BatchCounts(succeeded=7)
+    assert decision(state=rolling, counts=BatchCounts(), totals=totals, rollback_parallel=5) == DispatchRollbacks(2)
+    assert decision(state=rolling, counts=BatchCounts(), totals=totals) == DispatchRollbacks(2)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "normal"])
+def test_release_rollback_is_not_held_by_gates_pauses_or_approvals(fast: bool) -> None:
+    """A rolling-back release with every gate set, a pause timer pending and no approval still sends rollbacks."""
+    gates = Gates(pause_s=600, approval_every_batch=True, approval_after=frozenset({1, 2}))
+    result = decision(
+        state=ReleaseState.ROLLING_BACK,
+        batch=1,
+        counts=BatchCounts(succeeded=3),
+        totals=BatchCounts(succeeded=6, queued=4),
+        gates=gates,
+        resume_at=NOW + timedelta(hours=1),
+        fast_rollback=fast,
+    )
+    assert result == DispatchRollbacks(6 if fast else 2)
+
+
+@pytest.mark.parametrize(
+    ("fast", "rollback_parallel", "window"), [(False, None, 2), (False, 9, 2), (True, None, None), (True, 9, 9)]
+)
+def test_rollback_window_is_max_parallel_or_a_fast_rollbacks_own(
+    fast: bool, rollback_parallel: int | None, window: int | None
+) -> None:
+    view = View(
+        state=ReleaseState.ROLLING_BACK,
+        batch=0,
+        batch_count=1,
+        batch_counts=BatchCounts(),
+        totals=BatchCounts(),
+        budget=0,
+        batch_budget=None,
+        max_parallel=2,
+        gates=Gates(),
+        approved_batch=-1,
+        resume_at=None,
+        now=NOW,
+        rollback_on_budget=False,
+        fast_rollback=fast,
+        rollback_parallel=rollback_parallel,
+    )
+    assert rollback_window(view) == window
