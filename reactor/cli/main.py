@@ -188,6 +188,7 @@ def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file
         f" {failure_budget(strategy.failure_budget, len(plan.nodes))} of the release"
         + (f", {strategy.batch_failure_budget} per batch" if strategy.batch_failure_budget is not None else "")
         + f"; auto_rollback {strategy.auto_rollback.value}"
+        + (f"; fast rollback, {strategy.rollback_parallel or 'every node'} at once" if strategy.fast_rollback else "")
         + (f"; node deadline {strategy.node_deadline_s:g}s" if strategy.node_deadline_s else ""),
     )
     if strategy.min_healthy_s:
@@ -214,11 +215,11 @@ def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file
 _ReleaseCommand = type[ReleaseApproved | ReleasePaused | ReleaseResumed | ReleaseAborted | ReleaseRollbackRequested]
 
 
-def _release_command(kind: _ReleaseCommand, release_id: str, reason: str, actor: str) -> None:
+def _release_command(kind: _ReleaseCommand, release_id: str, reason: str, actor: str, **options: bool) -> None:
     """Publish a release command; in embedded mode, run the release on from the store until it waits again."""
     settings = _settings()
     try:
-        event: ReleaseEvent = kind(release_id=release_id, reason=reason, actor=actor)
+        event: ReleaseEvent = kind(release_id=release_id, reason=reason, actor=actor, **options)
     except ValidationError as exc:
         _say(err, ("invalid", "red"), f" {describe_validation_error(exc)}")
         raise typer.Exit(EXIT_INVALID) from exc
@@ -274,9 +275,21 @@ def release_abort(release_id: ReleaseIdArgument, reason: ReasonOption = "", acto
 
 
 @release_app.command("rollback")
-def release_rollback(release_id: ReleaseIdArgument, reason: ReasonOption = "", actor: ActorOption = "cli") -> None:
-    """Roll back every node the release deployed, newest batch first."""
-    _release_command(ReleaseRollbackRequested, release_id, reason, actor)
+def release_rollback(
+    release_id: ReleaseIdArgument,
+    reason: ReasonOption = "",
+    actor: ActorOption = "cli",
+    fast: Annotated[
+        bool,
+        typer.Option(
+            "--fast",
+            help="Every deployed node at once (at most the strategy's rollback_parallel) instead of"
+            " max_parallel at a time; also speeds up a rollback under way.",
+        ),
+    ] = False,
+) -> None:
+    """Roll back every node the release deployed, newest batch first, max_parallel at a time (or --fast)."""
+    _release_command(ReleaseRollbackRequested, release_id, reason, actor, fast=fast)
 
 
 @release_app.command("status")
@@ -291,6 +304,8 @@ def release_status(release_id: Annotated[str, typer.Argument(help="Release id.")
                 return False
             counts = await backends.store.count_release_nodes(release_id)
             reason = f" ({record.reason})" if record.reason else ""
+            if record.fast_rollback:
+                reason += " (fast rollback)"
             progress = ", ".join(f"{state.value} {counts[state]}" for state in ItemState)
             _say(
                 out,

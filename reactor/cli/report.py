@@ -26,6 +26,8 @@ from reactor.events import (
     ReleaseCompleted,
     ReleaseHalted,
     ReleaseRequested,
+    ReleaseRollbackRequested,
+    ReleaseRolledBack,
     RollbackFailed,
     RollbackRequested,
 )
@@ -33,7 +35,7 @@ from reactor.events import (
 STATE_STYLE = {"success": "green", "failed": "red", "rolled_back": "yellow", "deploying": "cyan", "pending": "dim"}
 
 
-def describe(event: Event) -> str:
+def describe(event: Event) -> str:  # noqa: PLR0912 (one case per kind of event)
     """One human line for an event."""
     match event:
         case BatchStarted():
@@ -50,6 +52,13 @@ def describe(event: Event) -> str:
             return f"{event.release_id}: release completed ({event.succeeded} succeeded, {event.failed} failed)"
         case ReleaseHalted():
             return f"{event.release_id}: release HALTED: {event.reason}"
+        case ReleaseRollbackRequested():
+            return f"{event.release_id}: {'fast ' if event.fast else ''}rollback of the release requested"
+        case ReleaseRolledBack():
+            return (
+                f"{event.release_id}: release rolled back{' fast' if event.fast else ''}"
+                f" ({event.rolled_back} rolled back, {event.failed} failed)"
+            )
         case DeployRequested():
             return f"{event.node_key}: deploy {event.version} requested"
         case NodeDeployed():

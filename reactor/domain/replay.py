@@ -26,6 +26,8 @@ from reactor.events import (
     ReleasePaused,
     ReleaseRequested,
     ReleaseResumed,
+    ReleaseRollbackRequested,
+    ReleaseRolledBack,
     RollbackFailed,
     RollbackRequested,
     Topic,
@@ -36,7 +38,7 @@ SUMMARY_LIMIT = 300
 COMPARED_FIELDS = ("state", "current_version", "prev_version", "release_id")
 
 _Requested = DeployRequested | RollbackRequested | ReleaseRequested
-_Control = ReleaseApproved | ReleasePaused | ReleaseResumed | ReleaseAborted
+_Control = ReleaseApproved | ReleasePaused | ReleaseResumed | ReleaseAborted | ReleaseRollbackRequested
 _Outcome = NodeDeployed | NodeFailed | NodeRolledBack | RollbackFailed
 
 
@@ -173,6 +175,12 @@ def _release_summary(event: Event, actor: str) -> str:
             return f"release completed: {event.succeeded} succeeded, {event.failed} failed"
         case ReleaseHalted():
             return f"release halted: {event.reason}"
+        case ReleaseRollbackRequested():
+            fast = "fast " if event.fast else ""
+            return f"{fast}rollback of the release requested by {actor}" + (f": {event.reason}" if event.reason else "")
+        case ReleaseRolledBack():
+            fast = " fast" if event.fast else ""
+            return f"release rolled back{fast}: {event.rolled_back} rolled back, {event.failed} failed"
         case _:
             return type(event).__name__
 

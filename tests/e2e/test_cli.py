@@ -271,3 +271,50 @@ def test_readme_release_file_example_is_a_valid_plan(tmp_path: Path) -> None:
         ["local/node-1/hello"],
         ["local/node-2/hello", "local/node-3/hello"],
     ]
+
+
+def test_release_rollback_fast_returns_every_node_and_says_it_was_fast(tmp_path: Path) -> None:
+    """`release rollback ID --fast` on a completed release (noop nodes): exit 0, every node back on its previous
+    version, and the output and `release status` say the rollback was fast."""
+    state = tmp_path / "state"
+    nodes = [{"node_key": f"noop/node-{index}/hello"} for index in range(1, 5)]
+    for version in ("1.0.0", "2.0.0"):
+        release = {
+            "release_id": f"hello-{version}",
+            "service": "hello",
+            "version": version,
+            "package": {"url": f"https://packages.example.test/hello-{version}.tar.gz", "sha256": "e" * 64},
+            "nodes": nodes,
+            "strategy": {"batches": [1, "100%"], "max_parallel": 1},
+        }
+        path = tmp_path / f"hello-{version}.yaml"
+        path.write_text(yaml.safe_dump(release))
+        submitted = reactor("release", "submit", str(path), state=state)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        assert f"release hello-{version}: completed" in submitted.stdout
+
+    rolled = reactor(
+        "release", "rollback", "hello-2.0.0", "--fast", "--actor", "carol", "--reason", "errors", state=state
+    )
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "hello-2.0.0: fast rollback of the release requested" in rolled.stdout
+    assert sorted(line for line in rolled.stdout.splitlines() if "rolled back to" in line) == [
+        f"noop/node-{index}/hello: rolled back to 1.0.0" for index in range(1, 5)
+    ]
+    assert "hello-2.0.0: release rolled back fast (4 rolled back, 0 failed)" in rolled.stdout
+    assert "release hello-2.0.0: rolled_back" in rolled.stdout
+
+    shown = reactor("release", "status", "hello-2.0.0", state=state)
+    assert shown.returncode == 0, shown.stderr
+    assert "rolled_back (rollback requested by carol: errors) (fast rollback)" in shown.stdout
+    table = reactor("status", state=state)
+    rows = [line for line in table.stdout.splitlines() if "noop/node-" in line]
+    assert len(rows) == 4, table.stdout
+    assert all("rolled_back" in row and "1.0.0" in row for row in rows), table.stdout
+
+    fast = yaml.safe_load((tmp_path / "hello-2.0.0.yaml").read_text())
+    fast["strategy"].update(fast_rollback=True, rollback_parallel=3)
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(fast))
+    planned = reactor("release", "plan", str(tmp_path / "fast.yaml"), state=state)
+    assert planned.returncode == 0, planned.stderr
+    assert "; fast rollback, 3 at once" in planned.stdout

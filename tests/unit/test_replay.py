@@ -15,7 +15,7 @@ from reactor.adapters.dispatch import dead_letter_record
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.codec import Record, encode
-from reactor.domain.replay import Difference, Filter, TimelineEntry, compare, rebuild, timeline
+from reactor.domain.replay import Difference, Filter, TimelineEntry, compare, rebuild, summarize, timeline
 from reactor.domain.status import NodeState, pending
 from reactor.errors import InvalidInput
 from reactor.events import (
@@ -29,6 +29,8 @@ from reactor.events import (
     Package,
     ReleasePlan,
     ReleaseRequested,
+    ReleaseRollbackRequested,
+    ReleaseRolledBack,
     RollbackFailed,
     RollbackRequested,
     Strategy,
@@ -450,3 +452,22 @@ async def test_dead_lettered_event_shows_its_reason_and_is_not_rebuilt(fleet: Fl
     ]
     assert report.differences == []
     assert report.undecodable == []
+
+
+@pytest.mark.parametrize(
+    ("fast", "asked", "ended"),
+    [
+        (
+            True,
+            "fast rollback of the release requested by carol: errors",
+            "release rolled back fast: 4 rolled back, 1 failed",
+        ),
+        (False, "rollback of the release requested by carol: errors", "release rolled back: 4 rolled back, 1 failed"),
+    ],
+)
+def test_timeline_says_who_asked_for_a_release_rollback_and_whether_it_was_fast(
+    fast: bool, asked: str, ended: str
+) -> None:
+    request = ReleaseRollbackRequested(release_id="app-2", actor="carol", reason="errors", fast=fast)
+    assert summarize(request, "/reactor") == asked
+    assert summarize(ReleaseRolledBack(release_id="app-2", rolled_back=4, failed=1, fast=fast), "/reactor") == ended
