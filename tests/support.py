@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 
 import pytest
 
 from reactor.events import Event
+from reactor.ports import EventBus, ExecutorFactory, Store
+from reactor.runtime import Backends, Role, run_roles
+from reactor.settings import Settings
 
 
 async def until(condition: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
@@ -24,6 +28,28 @@ async def until(condition: Callable[[], object], what: str, timeout_s: float = 1
                 await asyncio.sleep(0.02)
     except TimeoutError:
         pytest.fail(f"timed out after {timeout_s}s waiting until {what}")
+
+
+@contextlib.asynccontextmanager
+async def running_roles(
+    bus: EventBus,
+    store: Store,
+    settings: Settings,
+    roles: set[Role],
+    factories: dict[str, ExecutorFactory] | None = None,
+) -> AsyncIterator[None]:
+    """Run the consumers of `roles` on `bus` and `store` while the block runs, then cancel them."""
+    started = asyncio.Event()
+    task = asyncio.create_task(
+        run_roles(Backends(bus=bus, store=store), settings, roles, factories=factories, started=started)
+    )
+    await started.wait()
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def equals(value: object, expected: object) -> bool:

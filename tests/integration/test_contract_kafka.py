@@ -4,13 +4,10 @@ one node's commands sent through two partitioners (kcat's default and the reacto
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import shutil
 import subprocess
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,16 +17,14 @@ from hypothesis import strategies as st
 
 from reactor.adapters.dispatch import DLQ_REASON
 from reactor.adapters.embedded_store import EmbeddedStore
-from reactor.adapters.kafka_bus import KafkaBus
 from reactor.codec import decode, encode, matches
 from reactor.events import EVENT_ID, DeployRequested, NodeDeployed, Package, Topic
-from reactor.ports import Store
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Role
 from reactor.settings import Settings
 from tests.conftest import fresh_kafka_bus
 from tests.contract import Message, mutated, valid_messages, verdict
 from tests.fakes import Script, scripted
-from tests.support import until
+from tests.support import running_roles, until
 
 pytestmark = pytest.mark.kafka
 
@@ -57,28 +52,6 @@ def send_with_kcat(bootstrap: str, topic: str, message: Message, tmp_path: Path,
     for name, value in message.headers.items():
         command += ["-H", f"{name}={value}"]
     subprocess.run([*command, str(body)], check=True, timeout=30, capture_output=True)
-
-
-@contextlib.asynccontextmanager
-async def executor(bus: KafkaBus, store: Store, script: Script, tmp_path: Path) -> AsyncIterator[None]:
-    """An executor worker on the real broker, its nodes of platform `fake` played by `script`."""
-    started = asyncio.Event()
-    task = asyncio.create_task(
-        run_roles(
-            Backends(bus=bus, store=store),
-            Settings(state_dir=tmp_path / "state"),
-            {Role.EXECUTOR},
-            factories={"fake": scripted(script)},
-            started=started,
-        )
-    )
-    await started.wait()
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def sample(count: int) -> list[Message]:
@@ -133,7 +106,9 @@ async def test_commands_generated_from_the_schemas_and_sent_with_kcat_get_one_ou
     async with (
         fresh_kafka_bus(kafka_bootstrap, retry_delay_s=0.05, grace_s=2.0) as bus,
         EmbeddedStore(":memory:") as store,
-        executor(bus, store, Script(), tmp_path),
+        running_roles(
+            bus, store, Settings(state_dir=tmp_path / "state"), {Role.EXECUTOR}, {"fake": scripted(Script())}
+        ),
     ):
         for message in traced:
             send_with_kcat(kafka_bootstrap, bus.topic_name(Topic.COMMANDS), message, tmp_path, "murmur2_random")
@@ -190,7 +165,7 @@ async def test_one_node_s_commands_through_two_partitioners_run_one_at_a_time_ea
     async with (
         fresh_kafka_bus(kafka_bootstrap, retry_delay_s=0.05, grace_s=2.0) as bus,
         EmbeddedStore(":memory:") as store,
-        executor(bus, store, script, tmp_path),
+        running_roles(bus, store, Settings(state_dir=tmp_path / "state"), {Role.EXECUTOR}, {"fake": scripted(script)}),
     ):
         await bus.publish(first)  # the reactor's own producer: murmur2
         await until(lambda: script.held == [key], "the first deploy runs and is held")

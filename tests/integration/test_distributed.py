@@ -4,7 +4,6 @@ killed worker, scale-out in one consumer group, the demo with real processes, re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -43,13 +42,13 @@ from reactor.events import (
 from reactor.executors.local import stop_all
 from reactor.observability import CountingBus, HealthServer
 from reactor.ports import ExecutorFactory, Store
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Role
 from reactor.settings import Settings
 from tests.conftest import fresh_kafka_bus
 from tests.fakes import Script, scripted
 from tests.infra import testenv
 from tests.leaks import collecting_the_sockets_pymongo_leaks
-from tests.support import equals
+from tests.support import equals, running_roles
 from tests.support import until as poll_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
@@ -81,27 +80,9 @@ async def kafka(kafka_bootstrap: str) -> AsyncIterator[KafkaBus]:
         yield bus
 
 
-@contextlib.asynccontextmanager
-async def workers(
-    bus: KafkaBus,
-    store: Store,
-    tmp_path: Path,
-    roles: set[Role],
-    factories: dict[str, ExecutorFactory] | None = None,
-) -> AsyncIterator[None]:
-    """Run consumers of `roles` on the real backends while the block runs."""
-    started = asyncio.Event()
-    settings = Settings(state_dir=tmp_path / "state", local_root=tmp_path / "nodes")
-    task = asyncio.create_task(
-        run_roles(Backends(bus=bus, store=store), settings, roles, factories=factories, started=started)
-    )
-    await started.wait()
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def settings_under(directory: Path) -> Settings:
+    """A worker's settings with its state and `local` nodes under `directory`."""
+    return Settings(state_dir=directory / "state", local_root=directory / "nodes")
 
 
 async def until(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
@@ -127,7 +108,7 @@ async def test_release_with_a_failing_node_halts_and_rolls_back_on_kafka_and_mon
         assert await mongo.put_node(running, expected_revision=0) is not None
     script = Script(behaviour={"fake/host-02/app": "fail", "fake/host-03/app": "fail"})
     release = plan(6, Strategy(batches=[1, "50%"], max_parallel=3, failure_budget=1))
-    async with workers(kafka, mongo, tmp_path, {Role.ALL}, {"fake": scripted(script)}):
+    async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.ALL}, {"fake": scripted(script)}):
         await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: release_state(mongo, release.release_id), "the release is recorded")
         await until(lambda: equals(release_state(mongo, release.release_id), ReleaseState.HALTED), "the release halts")
@@ -156,7 +137,7 @@ async def test_worker_killed_mid_deploy_leaves_it_uncommitted_and_the_next_worke
         for index in range(4)
     ]
     factories: dict[str, ExecutorFactory] = {"fake": scripted(script)}
-    async with workers(kafka, mongo, tmp_path, {Role.EXECUTOR}, factories):
+    async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.EXECUTOR}, factories):
         for request in requests:
             await kafka.publish(request)
         await until(lambda: sum(script.calls.values()) == 4, "every request reached the executor")
@@ -166,7 +147,7 @@ async def test_worker_killed_mid_deploy_leaves_it_uncommitted_and_the_next_worke
     # The first worker is gone (its grace period ran out on the hanging deploy). The next one gets it again.
     assert script.release is not None
     script.release.set()
-    async with workers(kafka, mongo, tmp_path, {Role.EXECUTOR}, factories):
+    async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.EXECUTOR}, factories):
         await until(lambda: _count_state(mongo, NodeState.SUCCESS, 4), "the interrupted deploy finishes")
     assert script.calls["deploy:fake/host-01/app"] == 2
     assert [script.calls[f"deploy:fake/host-{index:02d}/app"] for index in (0, 2, 3)] == [1, 1, 1]
@@ -181,12 +162,12 @@ async def test_two_executors_in_one_group_share_the_work_and_deploy_each_node_on
     first, second = Script(delay_s=0.01), Script(delay_s=0.01)
     release = plan(24, Strategy(batches=["100%"], max_parallel=24))
     async with (
-        workers(kafka, mongo, tmp_path, {Role.EXECUTOR}, {"fake": scripted(first)}),
-        workers(kafka, mongo, tmp_path / "second", {Role.EXECUTOR}, {"fake": scripted(second)}),
+        running_roles(kafka, mongo, settings_under(tmp_path), {Role.EXECUTOR}, {"fake": scripted(first)}),
+        running_roles(kafka, mongo, settings_under(tmp_path / "second"), {Role.EXECUTOR}, {"fake": scripted(second)}),
     ):
         # Let both members join before work arrives, so the group splits the partitions between them.
         await asyncio.sleep(3)
-        async with workers(kafka, mongo, tmp_path / "pacer", {Role.PACER, Role.ROLLBACK}):
+        async with running_roles(kafka, mongo, settings_under(tmp_path / "pacer"), {Role.PACER, Role.ROLLBACK}):
             await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release))
             await until(
                 lambda: equals(release_state(mongo, release.release_id), ReleaseState.COMPLETED),
@@ -212,7 +193,7 @@ async def test_demo_scenario_with_real_processes_on_kafka_and_mongo(
         release_plan("hello-1.2.0-bad", packages["1.2.0"], ports, bad_node="node-1"),
     ]
     try:
-        async with workers(kafka, mongo, tmp_path, {Role.ALL}):
+        async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.ALL}):
             for good, version in ((plans[0], "1.0.0"), (plans[1], "1.1.0")):
                 await kafka.publish(ReleaseRequested(release_id=good.release_id, plan=good))
                 release_id = good.release_id
@@ -237,7 +218,7 @@ async def test_replay_rebuild_matches_live_status_and_reports_a_tampered_node(
     exactly the one made by hand."""
     script = Script(behaviour={"fake/host-01/app": "fail"})
     release = plan(3, Strategy(batches=["100%"], max_parallel=3, failure_budget=1, auto_rollback="none"))
-    async with workers(kafka, mongo, tmp_path, {Role.ALL}, {"fake": scripted(script)}):
+    async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.ALL}, {"fake": scripted(script)}):
         await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="ci-pipeline"))
         await until(lambda: equals(release_state(mongo, release.release_id), ReleaseState.COMPLETED), "completion")
         await _every_other_outcome(kafka, script)

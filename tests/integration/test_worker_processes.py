@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,10 +31,10 @@ from reactor.events import (
     Topic,
 )
 from reactor.ports import ReleaseNode
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Role
 from reactor.settings import Settings
 from tests.fakes import Script, scripted
-from tests.support import peak_in_flight, until
+from tests.support import peak_in_flight, running_roles, until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -212,28 +211,6 @@ async def at_rest(store: MongoStore, releases: list[ReleasePlan], script: Script
     )
 
 
-@contextlib.asynccontextmanager
-async def executing(bus: KafkaBus, store: MongoStore, tmp_path: Path, script: Script) -> AsyncIterator[None]:
-    """An executor worker in this process, deploying `fake/` nodes as `script` says, while the block runs."""
-    started = asyncio.Event()
-    task = asyncio.create_task(
-        run_roles(
-            Backends(bus=bus, store=store),
-            Settings(state_dir=tmp_path / "executor"),
-            {Role.EXECUTOR},
-            factories={"fake": scripted(script)},
-            started=started,
-        )
-    )
-    await started.wait()
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def test_limits_across_two_releases_hold_on_kafka_with_two_workers(
     workers: Workers, kafka_bootstrap: str, mongo_url: str, mongo_database: str, tmp_path: Path
 ) -> None:
@@ -274,7 +251,9 @@ async def test_limits_across_two_releases_hold_on_kafka_with_two_workers(
         await bus.create_topics(partitions=4)
         workers.start(role="pacer")
         workers.start(role="pacer")
-        async with executing(bus, store, tmp_path, script):
+        async with running_roles(
+            bus, store, Settings(state_dir=tmp_path / "executor"), {Role.EXECUTOR}, {"fake": scripted(script)}
+        ):
             await asyncio.sleep(5)  # every member joins its group before the releases arrive
             for release in releases:
                 await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="test"))
