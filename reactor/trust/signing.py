@@ -117,7 +117,9 @@ def verify_headers(headers: Headers, body: bytes, trust: TrustStore) -> Verified
     Follows the extension's verification protocol (material parsed, DSSE signature by a key of `trust`, core and
     extension digests recomputed), then refuses any extension attribute the signature does not cover.
     """
-    attributes = _attributes(headers, signing=False)
+    attributes = _attributes(
+        [(name, value) for name, value in headers if name != MATERIAL_HEADER or value], signing=False
+    )
     encoded = attributes.pop(MATERIAL_ATTRIBUTE, None)
     if not encoded:
         structured = not set(attributes) - {"datacontenttype"}
@@ -216,7 +218,8 @@ def _attributes(headers: Headers, *, signing: bool) -> dict[str, str]:
     """CloudEvents attributes by name from binary-mode headers (ce_<name>, and content-type as datacontenttype).
 
     Refuses what two readers could read differently: a repeated attribute, a ce_ header not in lower case, a value
-    that is not UTF-8. Other headers (tracing and the like) are not part of the event.
+    that is not UTF-8, an empty value (the digests cannot tell it from an absent one). Other headers (tracing and
+    the like) are not part of the event.
     """
     found: dict[str, str] = {}
 
@@ -234,6 +237,9 @@ def _attributes(headers: Headers, *, signing: bool) -> dict[str, str]:
             continue
         if name in found:
             raise refuse(f"{header} appears twice")
+        if not raw:
+            # The extension hashes an empty value as it hashes an absent one; refusing empty values leaves no doubt.
+            raise refuse(f"{header} is empty")
         try:
             found[name] = raw.decode()
         except UnicodeDecodeError as exc:

@@ -415,6 +415,8 @@ def test_a_malformed_dssematerial_header_is_refused(value: bytes, reason: str) -
         ((MATERIAL_HEADER, b"AAAA"), f"{MATERIAL_HEADER} appears twice"),
         (("Ce_Id", b"another"), "'Ce_Id' is not ce_ and a lower-case attribute name"),
         (("ce_note", b"\xff"), "ce_note is not UTF-8"),
+        (("ce_dataschema", b""), "ce_dataschema is empty"),  # hashes as the absent dataschema would
+        (("ce_approvedby", b""), "ce_approvedby is empty"),
     ],
 )
 def test_headers_two_readers_could_read_differently_are_refused(extra: tuple[str, bytes], reason: str) -> None:
