@@ -89,10 +89,11 @@ def is_signed(headers: Headers) -> bool:
 def sign_headers(
     headers: Headers, body: bytes, key: SigningKey, *, extensions: Sequence[str] | None = None
 ) -> tuple[tuple[str, bytes], ...]:
-    """The header to add to a binary-mode message to sign it: `((\"ce_dssematerial\", Base64 envelope),)`.
+    """The headers to add to a binary-mode message to sign it: `(("ce_dssematerial", <Base64 envelope>),)`.
 
     `extensions`: the extension attributes to cover; by default every one the message carries (sorted), which is
-    what `verify_headers` requires. A `ce_dssematerial` already present is ignored (the new one replaces it).
+    what `verify_headers` requires. A `ce_dssematerial` in `headers` is not signed over: drop it before adding the
+    new one, as `sign_record` does.
     """
     attributes = _attributes(headers, signing=True)
     attributes.pop(MATERIAL_ATTRIBUTE, None)
