@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from reactor import logs, schemas
+from reactor import logs, recovery, schemas
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.mongo_store import MongoStore
 from reactor.cli.report import Reporter, node_table
@@ -49,6 +49,7 @@ from reactor.events import (
 )
 from reactor.observability import CountingBus, HealthServer
 from reactor.planfile import load_plan
+from reactor.recovery import RecoveryReport
 from reactor.replay import AuditReport, audit
 from reactor.runtime import Backends, Role, kafka_bus, open_backends, run_roles
 from reactor.session import submit_and_follow
@@ -464,6 +465,38 @@ def topics(
 
     created = _run(create())
     _say(out, f"created {', '.join(created)}" if created else "topics already exist")
+
+
+@app.command()
+def recover() -> None:
+    """Rebuild a lost database from the topics: node status, finished requests, releases and their progress.
+
+    Stop the workers first; the database must be empty (recovery never writes over one). Start them again after.
+    """
+    settings = _settings(log_level="info")
+    if settings.mode == "embedded":
+        err.print("[red]invalid[/] mode: recover reads the Kafka topics; set REACTOR_MODE=distributed")
+        raise typer.Exit(EXIT_INVALID)
+
+    async def run() -> RecoveryReport:
+        async with open_backends(settings) as backends:
+            return await recovery.recover(
+                backends.bus,
+                backends.store,
+                concurrent_releases=settings.concurrent_releases,
+                limits=settings.in_flight_limits(),
+            )
+
+    report = _run(run())
+    _say(
+        out,
+        f"recovered {report.nodes} node statuses, {report.processed} finished requests and {report.releases} "
+        f"release records from {report.events} events",
+    )
+    for problem in report.unplaced:
+        _say(err, ("unplaced", "yellow"), f" {problem}")
+    if report.unplaced:
+        raise typer.Exit(1)
 
 
 @app.command()
