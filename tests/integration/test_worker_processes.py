@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +32,7 @@ from reactor.runtime import Role
 from reactor.settings import Settings
 from tests.fakes import Script, scripted
 from tests.support import peak_in_flight, running_roles, until
+from tests.workers import Workers, worker_group
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -43,61 +41,10 @@ ZONES = ("a", "b", "c")
 PACKAGE = Package(url="https://packages.example.test/app-3.0.0.tar.gz", sha256="e" * 64)
 
 
-class Workers:
-    """`reactor worker --role all` processes sharing one Kafka prefix and one database."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = env
-        self.logs = logs
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self, role: str = "all") -> subprocess.Popen[bytes]:
-        log = (self.logs / f"worker-{len(self.processes)}.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "reactor.cli.main", "worker", "--role", role],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.processes.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 @pytest.fixture
 def workers(kafka_bootstrap: str, mongo_url: str, mongo_database: str, tmp_path: Path) -> Iterator[Workers]:
-    prefix = f"w{os.urandom(5).hex()}."
-    env = {
-        **os.environ,
-        "REACTOR_MODE": "distributed",
-        "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "REACTOR_TOPIC_PREFIX": prefix,
-        "REACTOR_TOPIC_PARTITIONS": "4",
-        "REACTOR_MONGO_URL": mongo_url,
-        "REACTOR_MONGO_DATABASE": mongo_database,
-        "REACTOR_STATE_DIR": str(tmp_path / "state"),
-        "REACTOR_HTTP_PORT": "0",
-        "REACTOR_NOOP_DELAY_S": "0.2",
-        "REACTOR_RESEND_AFTER_S": "5",
-        "REACTOR_GRACE_S": "2",
-        # A SIGKILLed worker cannot give its claims up: the others take them over once the lease ran out.
-        "REACTOR_LEASE_S": "3",
-        "REACTOR_LOG_FORMAT": "json",
-    }
-    group = Workers(env, tmp_path)
-    yield group
-    group.stop_all()
+    with worker_group(kafka_bootstrap, mongo_url, mongo_database, tmp_path) as group:
+        yield group
 
 
 @pytest.mark.timeout(400)  # its own waits: 5 s to join, 120 s to the kill, 180 s to the end
