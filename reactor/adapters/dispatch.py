@@ -24,15 +24,28 @@ log = structlog.get_logger(__name__)
 
 DLQ_REASON = "reactor_dlq_reason"
 DLQ_TOPIC = "reactor_dlq_topic"
+DLQ_DROPPED = "reactor_dlq_dropped"  # what a copy too large for the broker left out
+# A reason may quote the refused value, which can be nearly as large as the message; the dead-letter copy carries
+# both, so the reason is cut to keep the copy within the broker's message size limit.
+MAX_REASON_CHARS = 1000
+_DLQ_HEADERS = (DLQ_REASON, DLQ_TOPIC, DLQ_DROPPED)
 
 M = TypeVar("M")
 DeadLetter = Callable[[Topic, Record, str], Awaitable[None]]
 
 
 def dead_letter_record(topic: Topic, record: Record, reason: str) -> Record:
-    """The original message with the reason and its source topic added as headers."""
-    headers = (*record.headers, (DLQ_REASON, reason.encode()), (DLQ_TOPIC, topic.value.encode()))
+    """The original message with the reason and its source topic added as headers (replacing any it carried)."""
+    kept = tuple((name, value) for name, value in record.headers if name not in _DLQ_HEADERS)
+    headers = (*kept, (DLQ_REASON, reason.encode()), (DLQ_TOPIC, topic.value.encode()))
     return Record(key=record.key, value=record.value, headers=headers)
+
+
+def shortened(reason: str) -> str:
+    """`reason`, cut to MAX_REASON_CHARS characters with a note of how much was left out."""
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return f"{reason[:MAX_REASON_CHARS]}... ({len(reason) - MAX_REASON_CHARS} more characters)"
 
 
 async def deliver(
@@ -51,7 +64,21 @@ async def deliver(
     """
 
     async def dead_letter(topic: Topic, reason: str) -> None:
-        await send_to_dlq(topic, record() if callable(record) else record, reason)
+        # Retried like a handler: a dead letter that fails and is left behind would leave its message unfinished,
+        # so its partition's commits would stop there and the messages queued behind it would never run.
+        reason = shortened(reason)
+        delay = retry_delay_s
+        while True:
+            try:
+                await send_to_dlq(topic, record() if callable(record) else record, reason)
+            except ReactorError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning("retrying dead letter", error=str(exc), topic=topic.value)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            else:
+                break
         DEAD_LETTERED.labels(topic.value).inc()
 
     if event is None:

@@ -20,10 +20,10 @@ from typing import Any, Self
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
-from reactor.adapters.dispatch import KeyedDispatcher, dead_letter_record, deliver
+from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
 from reactor.codec import Record, encode
 from reactor.errors import BackendUnavailable
 from reactor.events import Event, Topic
@@ -215,9 +215,28 @@ class KafkaBus:
             await member.shutdown()
 
     async def dead_letter(self, topic: Topic, record: Record, reason: str) -> None:
-        """Send a rejected message to the dead-letter topic with the reason."""
+        """Send a rejected message to the dead-letter topic with the reason.
+
+        A message near the broker's size limit no longer fits once the reason is added: its copy leaves out the
+        body, then the headers and key too, and says so in header `reactor_dlq_dropped`.
+        """
         log.warning("dead-lettered", topic=topic.value, reason=reason)
-        await self.publish_raw(Topic.DLQ, dead_letter_record(topic, record, reason))
+        letter = dead_letter_record(topic, record, reason)
+        bare = dead_letter_record(topic, Record(key=None, value=b"", headers=()), reason)
+        letters = (
+            letter,
+            Record(key=letter.key, value=b"", headers=(*letter.headers, (DLQ_DROPPED, b"value"))),
+            Record(key=None, value=b"", headers=(*bare.headers, (DLQ_DROPPED, b"value, key, headers"))),
+        )
+        for index, letter in enumerate(letters):
+            try:
+                await self.publish_raw(Topic.DLQ, letter)
+            except BackendUnavailable as exc:
+                if index == len(letters) - 1 or not isinstance(exc.__cause__, MessageSizeTooLargeError):
+                    raise
+                log.warning("dead letter over the size limit; sending a smaller copy", topic=topic.value)
+            else:
+                return
 
 
 class _GroupMember:
@@ -383,5 +402,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka s
 
 
 def _record(message: Any) -> Record:
-    headers = tuple((name, bytes(value)) for name, value in (message.headers or ()))
+    # A Kafka header value may be null: read as empty, which the codec refuses in a ce_* header and ignores elsewhere.
+    headers = tuple((name, b"" if value is None else bytes(value)) for name, value in (message.headers or ()))
     return Record(key=message.key, value=message.value or b"", headers=headers)

@@ -1,4 +1,4 @@
-"""KeyedDispatcher: draining and cancelling only the messages of revoked partitions."""
+"""KeyedDispatcher: draining and cancelling only the messages of revoked partitions; `deliver`: dead letters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ import asyncio
 
 import pytest
 
-from reactor.adapters.dispatch import KeyedDispatcher
+from reactor.adapters.dispatch import (
+    DLQ_REASON,
+    DLQ_TOPIC,
+    MAX_REASON_CHARS,
+    KeyedDispatcher,
+    dead_letter_record,
+    deliver,
+)
+from reactor.codec import Record
+from reactor.errors import BackendUnavailable, InvalidInput
+from reactor.events import EVENT_ID, Event, Topic
 
 pytestmark = pytest.mark.unit
 
@@ -63,3 +73,53 @@ async def test_drain_of_picked_messages_returns_once_they_finish_while_others_st
     assert done == ["a1"]
     await dispatcher.cancel()
     assert dispatcher.pending == 0
+
+
+async def _never_called(event: Event) -> None:
+    raise AssertionError(f"an undecodable message reached the handler: {event!r}")
+
+
+async def test_a_dead_letter_that_fails_for_a_while_is_retried_until_it_is_sent() -> None:
+    """A retriable failure to dead-letter (the broker away for a moment) is retried, not raised: raised, it would
+    end the message's lane, leaving the message unfinished and the messages queued behind it never run."""
+    sent: list[tuple[Topic, Record, str]] = []
+    failures = [BackendUnavailable("kafka away"), BackendUnavailable("kafka away")]
+
+    async def send_to_dlq(topic: Topic, record: Record, reason: str) -> None:
+        if failures:
+            raise failures.pop()
+        sent.append((topic, record, reason))
+
+    record = Record(key=b"k", value=b"not json", headers=())
+    await deliver(Topic.COMMANDS, record, _never_called, send_to_dlq, retry_delay_s=0.001)
+    assert [(topic, parked) for topic, parked, _ in sent] == [(Topic.COMMANDS, record)]
+    assert sent[0][2].startswith("not a CloudEvent")
+
+
+async def test_a_dead_letter_that_cannot_be_sent_at_all_is_raised() -> None:
+    async def send_to_dlq(topic: Topic, record: Record, reason: str) -> None:
+        raise InvalidInput("dlq", "refused")
+
+    with pytest.raises(InvalidInput):
+        await deliver(Topic.COMMANDS, Record(None, b"", ()), _never_called, send_to_dlq, retry_delay_s=0.001)
+
+
+async def test_a_reason_quoting_a_huge_value_is_shortened() -> None:
+    """The reason quotes the refused header; cut, so the copy carrying both still fits the broker's limit."""
+    reasons: list[str] = []
+
+    async def send_to_dlq(topic: Topic, record: Record, reason: str) -> None:
+        reasons.append(reason)
+
+    record = Record(key=b"k", value=b"{}", headers=(("ce_specversion", b"1.0"), ("ce_id", b"x" * 100_000)))
+    await deliver(Topic.COMMANDS, record, _never_called, send_to_dlq, retry_delay_s=0.001)
+    whole = f"ce_id: {'x' * 100_000!r} does not match {EVENT_ID}"
+    assert reasons == [f"{whole[:MAX_REASON_CHARS]}... ({len(whole) - MAX_REASON_CHARS} more characters)"]
+
+
+def test_a_dead_letter_replaces_the_dead_letter_headers_the_message_carried() -> None:
+    """A message that already carries a reason (a dead letter sent back to its topic, or a forged one) gets the new
+    reason only: a reader taking the first reason header reads the product's."""
+    record = Record(key=b"k", value=b"v", headers=(("a", b"1"), (DLQ_REASON, b"old"), (DLQ_TOPIC, b"releases")))
+    letter = dead_letter_record(Topic.COMMANDS, record, "new")
+    assert letter.headers == (("a", b"1"), (DLQ_REASON, b"new"), (DLQ_TOPIC, b"commands"))
