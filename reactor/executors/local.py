@@ -71,6 +71,9 @@ class LocalExecutor:
             return self._result(NodeState.FAILED, step=exc.step, error=exc.message, history=history)
         try:
             await self._switch_process(target)
+        except asyncio.CancelledError:
+            await self._interrupted(current)
+            raise
         except StepFailed as exc:
             return self._result(
                 NodeState.FAILED, step=exc.step, error=exc.message + await self._restore(current), history=history
@@ -94,6 +97,9 @@ class LocalExecutor:
         if not (current == target and self._running_version() == target and await self._healthy_once()):
             try:
                 await self._switch_process(target)
+            except asyncio.CancelledError:
+                await self._interrupted(current)
+                raise
             except StepFailed as exc:
                 return self._result(
                     NodeState.FAILED, step=exc.step, error=exc.message + await self._restore(current), history=history
@@ -147,6 +153,18 @@ class LocalExecutor:
         await self._free_port(version)
         process = self._start(version)
         await self._wait_healthy(process, version)
+
+    async def _interrupted(self, previous: str | None) -> None:
+        """A switch cancelled half way (the worker stops, or the node's request moved to another worker): put
+        back what ran before, as a failed switch does, so the node never serves a version nobody recorded."""
+        log.warning("interrupted during the switch; restoring the previous version", previous=previous)
+        restoring = asyncio.ensure_future(self._restore(previous))
+        # The run ends (and its claim is given up) only once the node is back: a second cancellation waits too.
+        # Bounded: a restore stops within the stop timeout and waits at most one health timeout.
+        while not restoring.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(restoring)
+        log.info("restored after the interruption", outcome=restoring.result().removeprefix("; "))
 
     async def _free_port(self, version: str) -> None:
         """Make sure nobody holds the node's port before `version` starts: a leftover of this node's own is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import http.server
 import json
@@ -18,6 +19,7 @@ from reactor.domain.status import NodeState, NodeStatus, pending
 from reactor.events import HealthCheck, Package
 from reactor.executors.local import LocalExecutor, stop_all
 from reactor.ports import ExecutionContext, ExecutorSettings
+from tests.support import until
 
 pytestmark = pytest.mark.e2e
 
@@ -300,3 +302,35 @@ async def test_a_service_whose_listener_is_a_forked_child_is_its_own(root: Path,
     assert deployed.state == NodeState.SUCCESS, deployed.last_error
     assert (await node.executor(None).status()).state == NodeState.SUCCESS
     assert node.served() == "1.2.0"
+
+
+def recorded(root: Path) -> tuple[int, str] | None:
+    """The pid and version in the node's pid file, if any."""
+    try:
+        pid, version = (root / "box-1" / "hello" / "run" / "pid").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return int(pid), version
+
+
+async def test_a_deploy_interrupted_during_its_switch_puts_the_previous_version_back(
+    root: Path, packages: dict[str, BuiltPackage], tmp_path: Path
+) -> None:
+    """The run is cancelled while 1.3.0 starts (its worker stops, or the request moved): 1.3.0 is stopped and
+    1.0.0 serves again before the cancellation goes on, so the node never serves a version nobody recorded."""
+    slow = build_package(
+        tmp_path / "dist", "1.3.0", run=b'#!/bin/sh\nsleep 30\nexec python3 "$(dirname "$0")/app.py"\n'
+    )
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    deploying = asyncio.create_task(node.executor("1.3.0", slow).deploy())
+    await until(lambda: (recorded(root) or (0, ""))[1] == "1.3.0", "1.3.0 started", timeout_s=60)
+    started = recorded(root)
+    assert started is not None
+    deploying.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await deploying
+    assert gone(started[0])
+    assert (recorded(root) or (0, ""))[1] == "1.0.0"
+    assert node.served() == "1.0.0"
+    assert os.readlink(root / "box-1" / "hello" / "current") == "releases/1.0.0"
