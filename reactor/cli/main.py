@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Coroutine
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,7 +22,9 @@ from rich.text import Text
 from reactor import logs, recovery, schemas
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.mongo_store import MongoStore
-from reactor.cli.report import Reporter, node_table
+from reactor.cli import documents
+from reactor.cli.exit_codes import ExitCode, for_release
+from reactor.cli.report import Reporter, node_table, plan_table, planned_batches
 from reactor.codec import describe_validation_error
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.planner import failure_budget, plan_batches
@@ -67,9 +70,23 @@ _PIPED_WIDTH = 200
 out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
 err = Console(stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 T = TypeVar("T")
-EXIT_INVALID = 2
-# Release states that mean it did not do what it was asked: `submit` exits 1 on them.
-_FAILED_RELEASE = frozenset({ReleaseState.HALTED, ReleaseState.ABORTED, ReleaseState.ROLLED_BACK})
+
+
+class OutputFormat(StrEnum):
+    """How a command prints what it found: tables for people, or one JSON document for scripts."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+OutputOption = Annotated[
+    OutputFormat,
+    typer.Option(
+        "--output",
+        "-o",
+        help="text: tables; json: one JSON document on stdout (errors only on stderr, logs on stderr).",
+    ),
+]
 
 
 def _say(console: Console, *parts: str | tuple[str, str]) -> None:
@@ -86,7 +103,7 @@ def _settings(log_level: str = "warning") -> Settings:
         settings = Settings()
     except ValidationError as exc:
         _say(err, ("invalid settings", "red"), f": {describe_validation_error(exc)}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise typer.Exit(ExitCode.INVALID) from exc
     logs.configure(settings.log_format, settings.effective_log_level(log_level))
     return settings
 
@@ -96,10 +113,10 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coroutine)
     except InvalidInput as exc:
         _say(err, ("invalid", "red"), f" {exc.field}: {exc.rule}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise typer.Exit(ExitCode.INVALID) from exc
     except ReactorError as exc:
         _say(err, ("error", "red"), f": {exc}")
-        raise typer.Exit(1) from exc
+        raise typer.Exit(ExitCode.FAILED) from exc
 
 
 @app.command()
@@ -124,7 +141,7 @@ def demo(
         _say(out, ("ok  ", "green") if holds else ("FAIL", "red"), f" {claim}")
     if not result.ok:
         err.print("[red]demo failed[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     out.print("[green]demo passed[/]: every check above was made over HTTP against the running services")
 
 
@@ -141,10 +158,10 @@ def release_submit(
         request = ReleaseRequested(release_id=plan.release_id, plan=plan, actor=actor)
     except InvalidInput as exc:
         _say(err, ("invalid release file", "red"), f" {file}: {exc.field}: {exc.rule}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise typer.Exit(ExitCode.INVALID) from exc
     except ValidationError as exc:
         _say(err, ("invalid release", "red"), f" {file}: {describe_validation_error(exc)}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise typer.Exit(ExitCode.INVALID) from exc
 
     def ended(event: Event) -> bool:
         return isinstance(event, ReleaseCompleted | ReleaseHalted) and event.release_id == request.release_id
@@ -165,12 +182,16 @@ def release_submit(
         _say(out, f"release {plan.release_id} submitted; follow it with `reactor release status {plan.release_id}`")
         return
     _say(out, f"release {plan.release_id}: {state.value if state else 'unknown'}")
-    if state in _FAILED_RELEASE or state is None:
-        raise typer.Exit(1)
+    code = ExitCode.FAILED if state is None else for_release(state)
+    if code != ExitCode.OK:
+        raise typer.Exit(code)
 
 
 @release_app.command("plan")
-def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file (YAML or JSON).")]) -> None:
+def release_plan_command(
+    file: Annotated[Path, typer.Argument(help="Release file (YAML or JSON).")],
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
     """Validate a release file and print its batches and gates, without running anything."""
     _settings()
     try:
@@ -178,15 +199,18 @@ def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file
         batches = plan_batches(plan.nodes, plan.strategy)
     except InvalidInput as exc:
         _say(err, ("invalid release file", "red"), f" {file}: {exc.field}: {exc.rule}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise typer.Exit(ExitCode.INVALID) from exc
     strategy = plan.strategy
-    labels = {node.node_key: node.labels for node in plan.nodes}
+    planned = planned_batches(batches, {node.node_key: node.labels for node in plan.nodes}, strategy)
+    budget = failure_budget(strategy.failure_budget, len(plan.nodes))
+    if output == OutputFormat.JSON:
+        documents.emit(documents.plan(plan, planned, budget))
+        return
     _say(
         out,
         (plan.release_id, "bold"),
         f": {plan.service} {plan.version} to {len(plan.nodes)} nodes in {len(batches)}"
-        f" batches; max_parallel {strategy.max_parallel}; failure budget"
-        f" {failure_budget(strategy.failure_budget, len(plan.nodes))} of the release"
+        f" batches; max_parallel {strategy.max_parallel}; failure budget {budget} of the release"
         + (f", {strategy.batch_failure_budget} per batch" if strategy.batch_failure_budget is not None else "")
         + f"; auto_rollback {strategy.auto_rollback.value}"
         + (f"; fast rollback, {strategy.rollback_parallel or 'every node'} at once" if strategy.fast_rollback else "")
@@ -197,20 +221,7 @@ def release_plan_command(file: Annotated[Path, typer.Argument(help="Release file
             f"min_healthy {strategy.min_healthy_s:g}s: a deployed node counts as done only after staying healthy"
             " that long"
         )
-    table = Table(title="Batches")
-    for column in ("batch", "nodes", "spread", "after it"):
-        table.add_column(column)
-    for index, batch in enumerate(batches):
-        label = strategy.spread_by
-        spread = ", ".join(sorted({labels[key].get(label, "-") for key in batch})) if label is not None else "-"
-        gates = []
-        if index + 1 < len(batches):
-            if strategy.approval_every_batch or index + 1 in strategy.approval_after_batches:
-                gates.append("approval")
-            elif strategy.pause_between_batches_s:
-                gates.append(f"pause {strategy.pause_between_batches_s:g}s")
-        table.add_row(Text(str(index + 1)), Text(" ".join(batch)), Text(spread), Text(", ".join(gates) or "-"))
-    out.print(table)
+    out.print(plan_table(planned))
 
 
 _ReleaseCommand = type[ReleaseApproved | ReleasePaused | ReleaseResumed | ReleaseAborted | ReleaseRollbackRequested]
@@ -223,7 +234,7 @@ def _release_command(kind: _ReleaseCommand, release_id: str, reason: str, actor:
         event: ReleaseEvent = kind(release_id=release_id, reason=reason, actor=actor, **options)
     except ValidationError as exc:
         _say(err, ("invalid", "red"), f" {describe_validation_error(exc)}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise typer.Exit(ExitCode.INVALID) from exc
 
     def settled(seen: Event) -> bool:
         return isinstance(seen, ReleaseEvent) and seen.release_id == event.release_id and seen is not event
@@ -240,10 +251,12 @@ def _release_command(kind: _ReleaseCommand, release_id: str, reason: str, actor:
     state = _run(send())
     if state is None:
         _say(err, f"no release {event.release_id}")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     _say(out, f"release {event.release_id}: {state.value}")
-    if state in _FAILED_RELEASE and not isinstance(event, ReleaseAborted | ReleaseRollbackRequested):
-        raise typer.Exit(1)
+    # The command was carried out whatever the release waits for next; it failed only if the release failed
+    # other than by the abort or rollback asked for.
+    if for_release(state) == ExitCode.FAILED and not isinstance(event, ReleaseAborted | ReleaseRollbackRequested):
+        raise typer.Exit(ExitCode.FAILED)
 
 
 ReleaseIdArgument = Annotated[str, typer.Argument(help="Release id.")]
@@ -294,16 +307,23 @@ def release_rollback(
 
 
 @release_app.command("status")
-def release_status(release_id: Annotated[str, typer.Argument(help="Release id.")]) -> None:
-    """Show a release's batches and nodes."""
+def release_status(
+    release_id: Annotated[str, typer.Argument(help="Release id.")], output: OutputOption = OutputFormat.TEXT
+) -> None:
+    """Show a release's batches and nodes. Exit 0 completed, 1 failed, 3 awaiting a person, 4 in progress."""
     settings = _settings()
 
-    async def show() -> bool:
+    async def show() -> ReleaseState | None:
         async with open_backends(settings) as backends:
             record = await backends.store.get_release(release_id)
             if record is None:
-                return False
+                return None
             counts = await backends.store.count_release_nodes(release_id)
+            members = await backends.store.list_release_nodes(release_id)
+            nodes = await backends.store.list_nodes(release_id=release_id)
+            if output == OutputFormat.JSON:
+                documents.emit(documents.release(record, counts, members, nodes))
+                return record.state
             reason = f" ({record.reason})" if record.reason else ""
             if record.fast_rollback:
                 reason += " (fast rollback)"
@@ -317,23 +337,27 @@ def release_status(release_id: Annotated[str, typer.Argument(help="Release id.")
             table = Table(title="Release nodes")
             for column in ("batch", "node", "progress"):
                 table.add_column(column)
-            for node in await backends.store.list_release_nodes(release_id):
-                table.add_row(Text(str(node.batch + 1)), Text(node.node_key), Text(node.state.value))
+            for member in members:
+                table.add_row(Text(str(member.batch + 1)), Text(member.node_key), Text(member.state.value))
             out.print(table)
-            nodes = await backends.store.list_nodes(release_id=release_id)
             if nodes:
                 out.print(node_table(nodes, title="Node status (last touched by this release)"))
-            return True
+            return record.state
 
-    if not _run(show()):
+    state = _run(show())
+    if state is None:
         _say(err, f"no release {release_id}")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
+    code = for_release(state)
+    if code != ExitCode.OK:
+        raise typer.Exit(code)
 
 
 @app.command()
 def status(
     release: Annotated[str | None, typer.Option(help="Only nodes last touched by this release.")] = None,
     service: Annotated[str | None, typer.Option(help="Only nodes of this service.")] = None,
+    output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Show every node the reactor knows."""
     settings = _settings()
@@ -341,6 +365,9 @@ def status(
     async def show() -> None:
         async with open_backends(settings) as backends:
             nodes = await backends.store.list_nodes(release_id=release, service=service)
+        if output == OutputFormat.JSON:
+            documents.emit(documents.nodes(nodes))
+        else:
             out.print(node_table(nodes))
 
     _run(show())
@@ -364,7 +391,7 @@ def _node_request(event: DeployRequested | RollbackRequested) -> None:
 
     result = _run(run())
     if not isinstance(result, NodeDeployed | NodeRolledBack):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @app.command()
@@ -395,7 +422,7 @@ def deploy(
         )
     except ValidationError as exc:
         _say(err, ("invalid", "red"), f" {describe_validation_error(exc)}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise typer.Exit(ExitCode.INVALID) from exc
     _node_request(event)
 
 
@@ -417,7 +444,7 @@ def rollback(
         )
     except ValidationError as exc:
         _say(err, ("invalid", "red"), f" {describe_validation_error(exc)}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise typer.Exit(ExitCode.INVALID) from exc
     _node_request(event)
 
 
@@ -432,7 +459,7 @@ def worker(
             "[red]invalid[/] mode: a standalone worker needs a shared bus; embedded mode runs workers inside "
             "`reactor release submit`, `reactor deploy` and `reactor demo`. Set REACTOR_MODE=distributed."
         )
-        raise typer.Exit(EXIT_INVALID)
+        raise typer.Exit(ExitCode.INVALID)
 
     async def serve() -> None:
         # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C: stop taking, drain, commit, exit.
@@ -457,7 +484,7 @@ def topics(
     settings = _settings(log_level="info")
     if action != "create":
         _say(err, ("invalid", "red"), f" action: {action!r}; the only action is 'create'")
-        raise typer.Exit(EXIT_INVALID)
+        raise typer.Exit(ExitCode.INVALID)
 
     async def create() -> list[str]:
         async with kafka_bus(settings) as bus:
@@ -476,7 +503,7 @@ def recover() -> None:
     settings = _settings(log_level="info")
     if settings.mode == "embedded":
         err.print("[red]invalid[/] mode: recover reads the Kafka topics; set REACTOR_MODE=distributed")
-        raise typer.Exit(EXIT_INVALID)
+        raise typer.Exit(ExitCode.INVALID)
 
     async def run() -> RecoveryReport:
         async with open_backends(settings) as backends:
@@ -496,7 +523,7 @@ def recover() -> None:
     for problem in report.unplaced:
         _say(err, ("unplaced", "yellow"), f" {problem}")
     if report.unplaced:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @app.command()
@@ -508,26 +535,36 @@ def replay(
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Recompute node status from the log into a fresh database and diff.")
     ] = False,
+    output: OutputOption = OutputFormat.TEXT,
 ) -> None:
-    """Read the topics from the beginning and print the audit timeline: who asked what, when, what happened."""
+    """Read the topics from the beginning and print the audit timeline: who asked what, when, what happened.
+
+    With --rebuild, exit 1 when the live node status differs from the log.
+    """
     settings = _settings()
     if settings.mode == "embedded":
         err.print("[red]invalid[/] mode: replay reads the Kafka topics; set REACTOR_MODE=distributed")
-        raise typer.Exit(EXIT_INVALID)
+        raise typer.Exit(ExitCode.INVALID)
     flt = Filter(since=since, release_id=release, node_key=node, service=service)
+    database = f"{settings.mongo_database}-rebuild-{utc_now():%Y%m%d%H%M%S}" if rebuild else None
 
     async def run() -> AuditReport:
         async with open_backends(settings) as backends:
-            if not rebuild:
+            if database is None:
                 async with EmbeddedStore(":memory:") as scratch:
                     return await audit(backends.bus, backends.store, scratch, flt)
-            database = f"{settings.mongo_database}-rebuild-{utc_now():%Y%m%d%H%M%S}"
             async with MongoStore(settings.mongo_url, database) as fresh:
-                report = await audit(backends.bus, backends.store, fresh, flt)
-            _say(out, f"rebuilt node status into database {database}")
-            return report
+                return await audit(backends.bus, backends.store, fresh, flt)
 
     report = _run(run())
+    failed = database is not None and bool(report.differences)
+    if output == OutputFormat.JSON:
+        documents.emit(documents.audit(report, database))
+        if failed:
+            raise typer.Exit(ExitCode.FAILED)
+        return
+    if database is not None:
+        _say(out, f"rebuilt node status into database {database}")
     for entry in report.timeline:
         _say(
             out,
@@ -536,15 +573,15 @@ def replay(
         )
     for topic, problem in report.undecodable:
         _say(out, f"undecodable message on {topic.value}: {problem}")
-    if rebuild:
+    if database is not None:
         for difference in report.differences:
             _say(
                 out,
                 f"DIFFERENCE {difference.node_key} {difference.field}: live {difference.live!r},"
                 f" rebuilt from the log {difference.rebuilt!r}",
             )
-        if report.differences:
-            raise typer.Exit(1)
+        if failed:
+            raise typer.Exit(ExitCode.FAILED)
         out.print("live node status matches the log")
 
 
@@ -567,7 +604,7 @@ def schemas_check(
         _say(err, ("drift", "red"), f" {problem}")
     if problems:
         err.print("run `reactor schemas export` and commit the result")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     out.print(f"schemas up to date ({len(schemas.rendered())} files)")
 
 

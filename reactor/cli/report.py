@@ -5,8 +5,9 @@ Names, versions and errors come from users and hosts: they go into `Text`, which
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from rich.console import Console
 from rich.live import Live
@@ -30,6 +31,7 @@ from reactor.events import (
     ReleaseRolledBack,
     RollbackFailed,
     RollbackRequested,
+    Strategy,
 )
 
 STATE_STYLE = {"success": "green", "failed": "red", "rolled_back": "yellow", "deploying": "cyan", "pending": "dim"}
@@ -96,6 +98,56 @@ def node_table(nodes: list[NodeStatus], title: str = "Nodes") -> Table:
             Text(node.release_id or "-"),
             Text(node.last_error),
         )
+    return table
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch of `reactor release plan`: its 1-based number, nodes, spread label values and the gate after it."""
+
+    number: int
+    node_keys: list[str]
+    spread: list[str | None]
+    """Values of the strategy's `spread_by` label among the batch's nodes (None: a node without it)."""
+    gate_after: Literal["approval", "pause"] | None
+    pause_after_s: float | None
+
+
+def planned_batches(
+    batches: list[list[str]], labels: dict[str, dict[str, str]], strategy: Strategy
+) -> list[PlannedBatch]:
+    """The batches of a plan with what `release plan` says about each; no gate after the last one."""
+    planned = []
+    label = strategy.spread_by
+    for index, batch in enumerate(batches):
+        values = {labels[key].get(label) for key in batch} if label is not None else set()
+        gate: Literal["approval", "pause"] | None = None
+        if index + 1 < len(batches):
+            if strategy.approval_every_batch or index + 1 in strategy.approval_after_batches:
+                gate = "approval"
+            elif strategy.pause_between_batches_s:
+                gate = "pause"
+        planned.append(
+            PlannedBatch(
+                number=index + 1,
+                node_keys=list(batch),
+                spread=sorted(values, key=lambda value: (value is not None, value or "")),
+                gate_after=gate,
+                pause_after_s=strategy.pause_between_batches_s if gate == "pause" else None,
+            )
+        )
+    return planned
+
+
+def plan_table(batches: list[PlannedBatch], title: str = "Batches") -> Table:
+    """The batch table of `reactor release plan`."""
+    table = Table(title=title)
+    for column in ("batch", "nodes", "spread", "after it"):
+        table.add_column(column)
+    for batch in batches:
+        spread = ", ".join(value or "-" for value in batch.spread) or "-"
+        gate = f"pause {batch.pause_after_s:g}s" if batch.gate_after == "pause" else batch.gate_after
+        table.add_row(Text(str(batch.number)), Text(" ".join(batch.node_keys)), Text(spread), Text(gate or "-"))
     return table
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -14,7 +16,7 @@ from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.demo import build_package
 from reactor.demo.scenario import free_ports, release_plan, served_version, write_plan
 from reactor.domain.status import NodeState, pending
-from reactor.events import RELEASE_ID, SERVICE, VERSION
+from reactor.events import RELEASE_ID, SERVICE, VERSION, ReleasePlan
 from reactor.executors.local import stop_all
 
 pytestmark = pytest.mark.e2e
@@ -22,8 +24,12 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def reactor(*args: str, state: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def reactor(
+    *args: str, state: Path, cwd: Path | None = None, log_level: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "REACTOR_STATE_DIR": str(state), "REACTOR_LOG_FORMAT": "json"}
+    if log_level is not None:
+        env["REACTOR_LOG_LEVEL"] = log_level
     return subprocess.run(
         [sys.executable, "-m", "reactor.cli.main", *args],
         capture_output=True,
@@ -215,7 +221,7 @@ def test_standalone_worker_refuses_embedded_mode(tmp_path: Path) -> None:
 
 
 def test_release_waits_for_approval_across_processes_then_approve_finishes_it(tmp_path: Path) -> None:
-    """`plan` shows the gate; `submit` stops at it (exit 0); `status` says so; `approve` in a new process finishes."""
+    """`plan` shows the gate; `submit` stops at it (exit 3); `status` says so; `approve` in a new process finishes."""
     dist = tmp_path / "dist"
     package = build_package(dist, "1.0.0")
     ports = dict(zip(("node-1", "node-2"), free_ports(2), strict=True))
@@ -232,7 +238,7 @@ def test_release_waits_for_approval_across_processes_then_approve_finishes_it(tm
         assert not (state / "reactor.db").exists()
 
         submitted = reactor("release", "submit", str(plan_file), state=state)
-        assert submitted.returncode == 0, submitted.stderr
+        assert submitted.returncode == 3, submitted.stderr
         assert "release gated-1: awaiting_approval" in submitted.stdout
         assert (served_version(ports["node-1"]), served_version(ports["node-2"])) == ("1.0.0", None)
 
@@ -305,7 +311,7 @@ def test_release_rollback_fast_returns_every_node_and_says_it_was_fast(tmp_path:
     assert "release hello-2.0.0: rolled_back" in rolled.stdout
 
     shown = reactor("release", "status", "hello-2.0.0", state=state)
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 1, shown.stderr  # rolled back: the release did not do what it was asked
     assert "rolled_back (rollback requested by carol: errors) (fast rollback)" in shown.stdout
     table = reactor("status", state=state)
     rows = [line for line in table.stdout.splitlines() if "noop/node-" in line]
@@ -318,3 +324,148 @@ def test_release_rollback_fast_returns_every_node_and_says_it_was_fast(tmp_path:
     planned = reactor("release", "plan", str(tmp_path / "fast.yaml"), state=state)
     assert planned.returncode == 0, planned.stderr
     assert "; fast rollback, 3 at once" in planned.stdout
+
+
+# --- output for scripts: `--output json` and exit codes ------------------------------------------------------
+
+NODE_FIELDS = {
+    "node_key", "host", "service", "platform", "state", "current_version", "prev_version", "deploying_version",
+    "release_id", "request_id", "operation", "last_error", "updated_at",
+}  # fmt: skip
+RELEASE_FIELDS = {
+    "release_id", "service", "version", "state", "reason", "fast_rollback", "batch", "batch_count", "batch_sizes",
+    "failure_budget", "batch_failure_budget", "resume_at", "actor", "created_at", "updated_at", "progress", "nodes",
+    "plan",
+}  # fmt: skip
+PROGRESS = {"queued", "dispatched", "succeeded", "failed", "rollback_dispatched", "rolled_back", "rollback_failed"}
+
+
+def document(result: subprocess.CompletedProcess[str]) -> Any:
+    """The one JSON document on stdout: the whole of stdout must parse, so no log line or markup is mixed in."""
+    return json.loads(result.stdout)
+
+
+def noop_release(release_id: str, *, service: str = "web", count: int = 3, **strategy: object) -> dict[str, Any]:
+    """A release file of noop nodes (they deploy at once and change nothing), zones a, b, a, ..."""
+    return {
+        "release_id": release_id,
+        "service": service,
+        "version": "2.0.0",
+        "package": {"url": f"https://packages.example.test/{service}-2.0.0.tar.gz", "sha256": "e" * 64},
+        "nodes": [
+            {"node_key": f"noop/node-{index}/{service}", "labels": {"zone": "ab"[(index - 1) % 2]}}
+            for index in range(1, count + 1)
+        ],
+        "strategy": {"canary": 1, "batches": ["100%"], **strategy},
+    }
+
+
+def write_release(path: Path, release: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(release))
+    return path
+
+
+def test_release_plan_json_lists_batches_gates_and_the_plan(tmp_path: Path) -> None:
+    """`release plan -o json`: one document with the batches, their spread and gates, the failure budget in nodes
+    and the plan itself; an invalid file exits 2 with the reason on stderr and nothing on stdout."""
+    release = noop_release("web-2.0.0", count=4, spread_by="zone", failure_budget="50%", approval_after_batches=[1])
+    path = write_release(tmp_path / "web.yaml", release)
+    planned = reactor("release", "plan", str(path), "--output", "json", state=tmp_path / "state", log_level="debug")
+    assert planned.returncode == 0, planned.stderr
+    shown = document(planned)
+    assert set(shown) == {"release_id", "service", "version", "node_count", "failure_budget", "batches", "plan"}
+    assert (shown["release_id"], shown["service"], shown["version"]) == ("web-2.0.0", "web", "2.0.0")
+    assert (shown["node_count"], shown["failure_budget"]) == (4, 2)
+    assert shown["batches"] == [
+        {"batch": 1, "nodes": ["noop/node-1/web"], "spread": ["a"], "gate_after": "approval", "pause_after_s": None},
+        {
+            "batch": 2,
+            "nodes": ["noop/node-2/web", "noop/node-3/web", "noop/node-4/web"],
+            "spread": ["a", "b"],
+            "gate_after": None,
+            "pause_after_s": None,
+        },
+    ]
+    assert ReleasePlan.model_validate(shown["plan"]).strategy.approval_after_batches == [1]
+    assert not (tmp_path / "state" / "reactor.db").exists()
+
+    paused = write_release(tmp_path / "paused.yaml", noop_release("web-2.0.0", pause_between_batches_s=30))
+    gates = document(reactor("release", "plan", str(paused), "-o", "json", state=tmp_path / "state"))["batches"]
+    assert [(batch["gate_after"], batch["pause_after_s"]) for batch in gates] == [("pause", 30.0), (None, None)]
+
+    bad = write_release(tmp_path / "bad.yaml", {**release, "version": "2.0 beta"})
+    refused = reactor("release", "plan", str(bad), "-o", "json", state=tmp_path / "state")
+    assert refused.returncode == 2
+    assert refused.stdout == ""
+    assert "version: String should match pattern" in refused.stderr
+
+
+def test_release_status_json_and_exit_code_follow_the_release_state(tmp_path: Path) -> None:
+    """Scripts can poll: `release submit` and `release status` exit 3 awaiting approval, 4 queued, 0 completed,
+    1 halted; `release status -o json` and `status -o json` describe the release and its nodes as documented."""
+    state = tmp_path / "state"
+    gated = write_release(tmp_path / "gated.yaml", noop_release("web-2.0.0", approval_after_batches=[1]))
+    submitted = reactor("release", "submit", str(gated), state=state)
+    assert submitted.returncode == 3, submitted.stdout + submitted.stderr
+    assert "release web-2.0.0: awaiting_approval" in submitted.stdout
+
+    waiting = reactor("release", "status", "web-2.0.0", "-o", "json", state=state, log_level="debug")
+    assert waiting.returncode == 3, waiting.stderr
+    shown = document(waiting)
+    assert set(shown) == RELEASE_FIELDS
+    assert (shown["state"], shown["batch"], shown["batch_count"], shown["batch_sizes"]) == (
+        "awaiting_approval", 1, 2, [1, 2],
+    )  # fmt: skip
+    assert (shown["failure_budget"], shown["actor"], shown["reason"], shown["fast_rollback"]) == (0, "cli", "", False)
+    assert set(shown["progress"]) == PROGRESS
+    assert (shown["progress"]["succeeded"], shown["progress"]["queued"]) == (1, 2)
+    assert [(node["node_key"], node["batch"], node["progress"]) for node in shown["nodes"]] == [
+        ("noop/node-1/web", 1, "succeeded"),
+        ("noop/node-2/web", 2, "queued"),
+        ("noop/node-3/web", 2, "queued"),
+    ]
+    first = shown["nodes"][0]["status"]
+    assert set(first) == NODE_FIELDS
+    assert (first["state"], first["current_version"], first["release_id"]) == ("success", "2.0.0", "web-2.0.0")
+    assert [node["status"] for node in shown["nodes"][1:]] == [None, None]
+    assert shown["created_at"].endswith("Z")
+    assert first["updated_at"].endswith("Z")
+    assert shown["plan"]["strategy"]["approval_after_batches"] == [1]
+    assert reactor("release", "status", "web-2.0.0", state=state).returncode == 3  # the text form says the same
+
+    behind = write_release(tmp_path / "behind.yaml", noop_release("web-2.1.0"))
+    queued = reactor("release", "submit", str(behind), state=state)
+    assert queued.returncode == 4, queued.stdout + queued.stderr
+    polled = reactor("release", "status", "web-2.1.0", "-o", "json", state=state)
+    assert (polled.returncode, document(polled)["state"]) == (4, "queued")
+
+    nodes = reactor("status", "-o", "json", state=state, log_level="debug")
+    assert nodes.returncode == 0, nodes.stderr
+    listed = document(nodes)
+    assert set(listed) == {"nodes"}
+    assert [node["node_key"] for node in listed["nodes"]] == ["noop/node-1/web"]
+    assert all(set(node) == NODE_FIELDS for node in listed["nodes"])
+
+    assert reactor("release", "approve", "web-2.0.0", state=state).returncode == 0
+    done = reactor("release", "status", "web-2.0.0", "-o", "json", state=state)
+    assert (done.returncode, document(done)["state"]) == (0, "completed")
+    assert reactor("release", "status", "web-2.0.0", state=state).returncode == 0
+
+    missing = reactor("release", "status", "nope", "-o", "json", state=state)
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert "no release nope" in missing.stderr
+
+    package = build_package(tmp_path / "dist", "1.0.0")
+    try:
+        bad = write_plan(tmp_path / "bad.yaml", release_plan("bad-1", package, {"node-1": 1}, bad_node="node-1"))
+        failed = reactor("release", "submit", str(bad), state=state)
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        assert "release bad-1: halted" in failed.stdout
+        halted = reactor("release", "status", "bad-1", "-o", "json", state=state)
+        assert halted.returncode == 1, halted.stderr
+        shown = document(halted)
+        assert (shown["state"], shown["progress"]["failed"]) == ("halted", 1)
+        assert "failure budget spent" in shown["reason"]
+        assert shown["nodes"][0]["status"]["state"] == "failed"
+    finally:
+        stop_all(state / "nodes")
