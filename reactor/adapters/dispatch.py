@@ -167,6 +167,10 @@ class KeyedDispatcher(Generic[M]):
             if which is None or any(which(message) for message in lane.queue)
         ]
 
+    def held(self, which: Callable[[M], bool]) -> list[M]:
+        """The messages `which` picks that are queued or running."""
+        return [message for lane in self._lanes.values() for message in lane.queue if which(message)]
+
     async def drain(self, timeout_s: float, which: Callable[[M], bool] | None = None) -> bool:
         """Wait until every queued message (or every one `which` picks) is processed; False if the time ran out."""
         try:

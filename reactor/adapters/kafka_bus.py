@@ -3,8 +3,9 @@
 Offsets are committed only for messages whose handling finished (the handler returned after its effects and
 outcome were durable), and only up to the lowest offset still in flight in each partition. Different keys
 of one partition are handled concurrently; one key's messages stay in order. On a rebalance the revoked
-partitions stop being taken, their in-flight work drains within a grace period and what still runs after it is
-cancelled (uncommitted, so the new owner runs it again), finished offsets are committed.
+partitions stop being taken, their in-flight work drains within a grace period and finished offsets are
+committed; what still runs goes on through the rebalance and is cancelled only if its partition went to another
+member (uncommitted, so the new owner runs it again). The sticky assignor keeps partitions where they were.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Self
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
@@ -252,6 +254,8 @@ class _GroupMember:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=500,
+            # Keep each member's partitions where it can on a rebalance, so fewer runs change hands.
+            partition_assignment_strategy=(_own_sticky_assignor(),),
         )
         self.handler = handler
         self.progress: dict[TopicPartition, _PartitionProgress] = {}
@@ -370,35 +374,73 @@ class _GroupMember:
         await self.consumer.stop()
 
 
+def _own_sticky_assignor() -> type[StickyPartitionAssignor]:
+    """A sticky assignor for one consumer alone: aiokafka keeps a member's last assignment in class attributes,
+    so one class shared by a process's consumers would tell each group the last assigned group's partitions
+    (and the assignment would not stick)."""
+    return type(
+        "OwnStickyPartitionAssignor",
+        (StickyPartitionAssignor,),
+        {"member_assignment": None, "generation": StickyPartitionAssignor.DEFAULT_GENERATION_ID},
+    )
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information
-    """Before partitions go to another member: drain their messages within the grace period, cancel what still
-    runs (its offsets stay uncommitted: the new owner runs it again), commit what finished, forget them.
+    """Every rebalance revokes every partition, then assigns the new share (the sticky assignor keeps it as it
+    was where it can). Before: drain the revoked partitions' messages within the grace period and commit what
+    finished. What still runs keeps running through the rebalance: its claim is renewed, so no other member runs
+    its node meanwhile. After: a partition that stayed with this member keeps its runs (a deploy is not started
+    over because a worker joined or left); one that went to another member has its unfinished messages cancelled
+    (uncommitted: the new owner runs them again, once the cancelled run gave its claim up).
 
     Abandoning the unfinished handlers instead would leave them running beside the new owner's.
     """
 
     def __init__(self, member: _GroupMember) -> None:
         self.member = member
+        self.unsettled: set[TopicPartition] = set()
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
             return
         log.info("partitions revoked; draining", partitions=sorted(str(tp) for tp in revoked))
+        member = self.member
 
         def from_revoked(message: _Message) -> bool:
             return message.partition in revoked
 
-        dispatcher = self.member.dispatcher
-        if not await dispatcher.drain(self.member.bus.grace_s, from_revoked):
-            log.warning("grace period over; cancelling the revoked partitions' unfinished messages")
-            await dispatcher.cancel(from_revoked)
+        drained = await member.dispatcher.drain(member.bus.grace_s, from_revoked)
         with contextlib.suppress(KafkaError):
-            await self.member.commit(list(revoked))
-        for tp in revoked:
-            self.member.progress.pop(tp, None)
+            await member.commit(list(revoked))
+        self.unsettled = set() if drained else {message.partition for message in member.dispatcher.held(from_revoked)}
+        if self.unsettled:
+            log.info(
+                "grace period over; runs go on until the new assignment says where their partitions went",
+                partitions=sorted(str(tp) for tp in self.unsettled),
+            )
+        for tp in revoked - self.unsettled:
+            member.progress.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
+        member = self.member
+        lost, kept = self.unsettled - assigned, self.unsettled & assigned
+        self.unsettled = set()
+        if lost:
+            log.warning(
+                "cancelling the unfinished messages of partitions another member now owns",
+                partitions=sorted(str(tp) for tp in lost),
+            )
+            await member.dispatcher.cancel(lambda message: message.partition in lost)
+            for tp in lost:
+                member.progress.pop(tp, None)
+        for tp in kept:
+            state = member.progress.get(tp)
+            if state is not None and state.taken:
+                # Its messages are still here (running or queued): fetch after them, not from the commit.
+                member.consumer.seek(tp, state.taken[-1] + 1)
+        if kept:
+            log.info("partitions kept; their runs go on", partitions=sorted(str(tp) for tp in kept))
 
 
 def _record(message: Any) -> Record:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
+from aiokafka.partitioner import murmur2
 
 from reactor.codec import Record, decode, encode
 from reactor.errors import (
@@ -454,36 +455,54 @@ async def test_consumer_cancelled_while_starting_leaves_no_connection_open(bus: 
     assert [str(warning.message) for warning in caught if issubclass(warning.category, ResourceWarning)] == []
 
 
+def one_key_per_partition(partitions: int) -> list[str]:
+    """Release ids whose messages land on partitions 0, 1, ... (Kafka's default partitioner: murmur2 of the key)."""
+    chosen: dict[int, str] = {}
+    index = 0
+    while len(chosen) < partitions:
+        key = f"rel-{index}"
+        chosen.setdefault((murmur2(key.encode()) & 0x7FFFFFFF) % partitions, key)
+        index += 1
+    return [chosen[partition] for partition in range(partitions)]
+
+
 @pytest.mark.kafka
-async def test_handler_of_a_revoked_partition_is_cancelled_after_the_grace_period_and_runs_again(
+async def test_a_rebalance_cancels_only_the_runs_whose_partition_went_to_another_member(
     kafka_bootstrap: str,
 ) -> None:
-    """A member that loses partitions to a new member waits the grace period for their handlers, then cancels what
-    still runs instead of leaving it running beside the new owner's; that message is not committed, so it runs
-    again."""
-    stuck = paused("rel-1", 1)
+    """One member runs a held message on each of the 4 partitions; a second member joins. The runs outlive the
+    grace period; once the assignment is known, the two whose partition moved are cancelled (uncommitted: the new
+    member runs them again) and the two whose partition stayed go on, uncancelled, and run once."""
+    held = [paused(key, 1) for key in one_key_per_partition(4)]
     runs: Counter[str] = Counter()
-    entered, cancelled = asyncio.Event(), asyncio.Event()
+    entered: set[str] = set()
+    cancelled: set[str] = set()
+    finished: set[str] = set()
+    let_go = asyncio.Event()
 
     async def handler(event: Event) -> None:
         runs[event.event_id] += 1
-        if event.event_id == stuck.event_id and runs[event.event_id] == 1:
-            entered.set()
+        if runs[event.event_id] == 1:
+            entered.add(event.event_id)
             try:
-                await asyncio.Event().wait()
+                await let_go.wait()
             except asyncio.CancelledError:
-                cancelled.set()
+                cancelled.add(event.event_id)
                 raise
+        finished.add(event.event_id)
 
     async with (
         fresh_kafka_bus(kafka_bootstrap, retry_delay_s=0.01, grace_s=0.5) as bus,
         consuming(bus, [Topic.RELEASES], "workers", handler),
     ):
-        await bus.publish(stuck)
-        async with asyncio.timeout(TIMEOUT_S):
-            await entered.wait()
-        # A second member joins the group: the first one's partitions are revoked.
+        for event in held:
+            await bus.publish(event)
+        await eventually(lambda: len(entered) == 4, "all four held runs began")
         async with consuming(bus, [Topic.RELEASES], "workers", handler):
-            async with asyncio.timeout(TIMEOUT_S):
-                await cancelled.wait()
-            await eventually(lambda: runs[stuck.event_id] >= 2, "the cancelled message is delivered again")
+            await eventually(lambda: len(finished) == 2, "the two runs whose partition moved ran again elsewhere")
+            let_go.set()
+            await eventually(lambda: len(finished) == 4, "the two runs whose partition stayed finished")
+    assert len(cancelled) == 2
+    kept = {event.event_id for event in held} - cancelled
+    assert [runs[event_id] for event_id in sorted(kept)] == [1, 1]
+    assert [runs[event_id] for event_id in sorted(cancelled)] == [2, 2]
