@@ -38,6 +38,10 @@ class ExecutorSettings:
     kubeconfig: Path | None = None  # None: $KUBECONFIG, else ~/.kube/config (the `k8s` platform)
 
 
+async def unfenced() -> None:
+    """A run no one else can take over (an executor used on its own): every change may go ahead."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExecutionContext:
     """Everything an executor needs for one request on one node."""
@@ -54,6 +58,10 @@ class ExecutionContext:
     health: HealthCheck = field(default_factory=HealthCheck)
     request_id: str = ""
     settings: ExecutorSettings = field(default_factory=ExecutorSettings)
+    # Raises Fenced unless the run still holds the node's claim. An executor awaits it right before each step that
+    # changes the node: a run taken over while it waited (its worker froze past its lease) must not stop or start
+    # what the new holder runs.
+    fence: Callable[[], Awaitable[None]] = unfenced
 
 
 class Executor(Protocol):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, NoReturn, TypeVar
 from uuid import uuid4
 
@@ -40,7 +41,7 @@ from reactor.domain.status import (
 from reactor.errors import ConflictError, Fenced, ReactorError
 from reactor.events import DeployRequested, Event, HealthCheck, NodeEvent, RollbackRequested, utc_now
 from reactor.executors import executor_factory
-from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory, ExecutorSettings, Store
+from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory, ExecutorSettings, Store, unfenced
 
 log = structlog.get_logger(__name__)
 
@@ -128,7 +129,7 @@ class ExecutorWorker:
         held = _Held(written)
         log.info("claimed node", operation=operation, version=target, owner=self.owner, epoch=written.epoch)
         started = time.monotonic()
-        result = await self._while_held(held, self._execute(request, written, target))
+        result = await self._while_held(held, self._execute(request, written, target, partial(self._check, held)))
         final = finish(held.status, result, now=self.clock())
         # The effect happened: its record must be written even if this task is being cancelled (unless fenced).
         saved = await asyncio.shield(self._write(held, final))
@@ -197,6 +198,12 @@ class ExecutorWorker:
                 raise ConflictError(f"{status.node_key} changed under its own claim")
             # A renewal of ours landed though its caller did not see it (cancelled while it ran): write over it.
             held.status = stored
+
+    async def _check(self, held: _Held) -> None:
+        """Raise Fenced unless the node as stored is still under the claim `held` (the executor's fence)."""
+        stored = await self.store.get_node(held.status.node_key)
+        if not holds(stored, held.status):
+            self._fenced(held.status, stored)
 
     def _fenced(self, claimed: NodeStatus, stored: NodeStatus | None = None) -> NoReturn:
         log.warning(
@@ -268,7 +275,11 @@ class ExecutorWorker:
         return saved
 
     def _executor(
-        self, request: DeployRequested | RollbackRequested, status: NodeStatus, target: str | None
+        self,
+        request: DeployRequested | RollbackRequested,
+        status: NodeStatus,
+        target: str | None,
+        fence: Callable[[], Awaitable[None]] = unfenced,
     ) -> Executor:
         context = ExecutionContext(
             node_key=request.node_key,
@@ -283,15 +294,20 @@ class ExecutorWorker:
             health=status.health or HealthCheck(),
             request_id=request.event_id,
             settings=self.settings,
+            fence=fence,
         )
         return executor_factory(status.platform, self.factories)(context)
 
     async def _execute(
-        self, request: DeployRequested | RollbackRequested, claimed: NodeStatus, target: str | None
+        self,
+        request: DeployRequested | RollbackRequested,
+        claimed: NodeStatus,
+        target: str | None,
+        fence: Callable[[], Awaitable[None]],
     ) -> NodeStatus:
         failed_state = NodeState.FAILED
         try:
-            executor = self._executor(request, claimed, target)
+            executor = self._executor(request, claimed, target, fence)
             if isinstance(request, DeployRequested):
                 return await executor.deploy()
             return await executor.rollback()

@@ -8,12 +8,17 @@ What answers the health check must be what this node started: the port's listeni
 running process (or a process of its session, e.g. a child it forked), and a version is not started while a
 process nobody of this node started holds the port. A leftover of this node's own (a process in its releases
 whose pid file was lost) is stopped first.
+
+Every change to the node (stop, start, switch `current`, history) is made under the node's lock `run/lock` and
+only once the run's fence says it still holds the node's claim: a run taken over while it waited (its worker froze
+past its lease) stops and starts nothing, not even the previous version after its interrupted switch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +28,7 @@ import subprocess
 import tarfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import unquote, urlparse
@@ -30,7 +36,7 @@ from urllib.parse import unquote, urlparse
 import structlog
 
 from reactor.domain.status import NodeState, NodeStatus
-from reactor.errors import StepFailed
+from reactor.errors import ReactorError, StepFailed
 from reactor.events import Package
 from reactor.ports import ExecutionContext
 
@@ -78,9 +84,10 @@ class LocalExecutor:
             return self._result(
                 NodeState.FAILED, step=exc.step, error=exc.message + await self._restore(current), history=history
             )
-        self._switch_current(target)
         new_history = [*history, target] if current != target else history
-        self._write_history(new_history)
+        async with self._changing():
+            self._switch_current(target)
+            self._write_history(new_history)
         return self._result(NodeState.SUCCESS, history=new_history)
 
     async def rollback(self) -> NodeStatus:
@@ -104,9 +111,10 @@ class LocalExecutor:
                 return self._result(
                     NodeState.FAILED, step=exc.step, error=exc.message + await self._restore(current), history=history
                 )
-            self._switch_current(target)
         new_history = _rewind(history, target)
-        self._write_history(new_history)
+        async with self._changing():
+            self._switch_current(target)
+            self._write_history(new_history)
         return self._result(NodeState.ROLLED_BACK, history=new_history)
 
     async def status(self) -> NodeStatus:
@@ -149,10 +157,31 @@ class LocalExecutor:
 
     async def _switch_process(self, version: str) -> None:
         """Stop whatever runs, start `version`, wait for it to be healthy."""
-        await self._stop()
-        await self._free_port(version)
-        process = self._start(version)
+        async with self._changing():
+            await self._stop()
+            await self._free_port(version)
+            process = self._start(version)
         await self._wait_healthy(process, version)
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        """Change the node only while this run still holds its claim (Fenced if not), under the node's lock: a run
+        taken over while it waited (its worker froze past its lease) must not stop or start what the new holder
+        runs, and one whose check passed finishes its step before the new holder's first one begins."""
+        (self.base / "run").mkdir(parents=True, exist_ok=True)
+        with (self.base / "run" / "lock").open("a") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)  # polled: a cancelled wait must not take the lock later
+                else:
+                    break
+            try:
+                await self.context.fence()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     async def _interrupted(self, previous: str | None) -> None:
         """A switch cancelled half way (the worker stops, or the node's request moved to another worker): put
@@ -163,8 +192,13 @@ class LocalExecutor:
         # Bounded: a restore stops within the stop timeout and waits at most one health timeout.
         while not restoring.done():
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(restoring)
-        log.info("restored after the interruption", outcome=restoring.result().removeprefix("; "))
+                await asyncio.wait([restoring])
+        try:
+            outcome = restoring.result().removeprefix("; ")
+        except ReactorError as exc:  # fenced (the node is another run's now), or its claim could not be checked
+            log.warning("not restored after the interruption", error=str(exc))
+        else:
+            log.info("restored after the interruption", outcome=outcome)
 
     async def _free_port(self, version: str) -> None:
         """Make sure nobody holds the node's port before `version` starts: a leftover of this node's own is
@@ -185,16 +219,18 @@ class LocalExecutor:
 
     async def _restore(self, previous: str | None) -> str:
         """Put the previous version back after a failed switch; the text says how that went."""
-        await self._stop()
-        if previous is None:
-            return "; nothing ran before, so nothing was restored"
         try:
-            await self._free_port(previous)
-            process = self._start(previous)
+            async with self._changing():
+                await self._stop()
+                if previous is None:
+                    return "; nothing ran before, so nothing was restored"
+                await self._free_port(previous)
+                process = self._start(previous)
             await self._wait_healthy(process, previous)
         except StepFailed as exc:
             return f"; restoring {previous} failed too: {exc}"
-        self._switch_current(previous)
+        async with self._changing():
+            self._switch_current(previous)
         return f"; {previous} restored and serving"
 
     def _start(self, version: str) -> subprocess.Popen[bytes]:

@@ -8,7 +8,7 @@ import http.server
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +16,10 @@ import pytest
 from reactor.demo import BuiltPackage, build_package
 from reactor.demo.scenario import free_ports, served_version
 from reactor.domain.status import NodeState, NodeStatus, pending
+from reactor.errors import Fenced
 from reactor.events import HealthCheck, Package
 from reactor.executors.local import LocalExecutor, stop_all
-from reactor.ports import ExecutionContext, ExecutorSettings
+from reactor.ports import ExecutionContext, ExecutorSettings, unfenced
 from tests.support import until
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +52,11 @@ class Node:
         self.status: NodeStatus = pending(NODE, "hello")
 
     def executor(
-        self, version: str | None, package: BuiltPackage | None = None, sha256: str | None = None
+        self,
+        version: str | None,
+        package: BuiltPackage | None = None,
+        sha256: str | None = None,
+        fence: Callable[[], Awaitable[None]] = unfenced,
     ) -> LocalExecutor:
         return LocalExecutor(
             ExecutionContext(
@@ -64,6 +69,7 @@ class Node:
                 port=self.port,
                 health=HealthCheck(timeout_s=5),
                 settings=ExecutorSettings(local_root=self.root, stop_timeout_s=5),
+                fence=fence,
             )
         )
 
@@ -333,4 +339,64 @@ async def test_a_deploy_interrupted_during_its_switch_puts_the_previous_version_
     assert gone(started[0])
     assert (recorded(root) or (0, ""))[1] == "1.0.0"
     assert node.served() == "1.0.0"
+    assert os.readlink(root / "box-1" / "hello" / "current") == "releases/1.0.0"
+
+
+class Takeover:
+    """The fence of a run that another worker takes over once `happened` is set (its claim's epoch moved on)."""
+
+    def __init__(self) -> None:
+        self.happened = False
+
+    async def fence(self) -> None:
+        if self.happened:
+            raise Fenced("taken over")
+
+
+SLOW_RUN = b'#!/bin/sh\nsleep 30\nexec python3 "$(dirname "$0")/app.py"\n'
+
+
+async def test_a_run_taken_over_while_it_waited_leaves_the_new_holders_service_alone(
+    root: Path, packages: dict[str, BuiltPackage], tmp_path: Path
+) -> None:
+    """A run's worker froze while its 1.3.0 started; another run took the node over, stopped that 1.3.0 and
+    deployed 1.1.0. The old run wakes to find its process gone: it stops nothing and starts nothing (not the
+    previous version either) and ends Fenced; 1.1.0 keeps serving."""
+    slow = build_package(tmp_path / "dist", "1.3.0", run=SLOW_RUN)
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    takeover = Takeover()
+    old = asyncio.create_task(node.executor("1.3.0", slow, fence=takeover.fence).deploy())
+    await until(lambda: (recorded(root) or (0, ""))[1] == "1.3.0", "1.3.0 started", timeout_s=60)
+    takeover.happened = True
+    await node.executor("1.1.0", packages["1.1.0"]).deploy()
+    serving = recorded(root)
+    assert serving is not None
+    assert serving[1] == "1.1.0"
+    with pytest.raises(Fenced):
+        await old
+    assert recorded(root) == serving
+    assert not gone(serving[0])
+    assert node.served() == "1.1.0"
+
+
+async def test_a_run_cancelled_after_it_was_taken_over_restores_nothing(
+    root: Path, packages: dict[str, BuiltPackage], tmp_path: Path
+) -> None:
+    """A run is cancelled during its switch because it was fenced (its heartbeat found a newer claim): the node
+    is the new holder's, so the cancelled run does not stop what runs there nor put the previous version back."""
+    slow = build_package(tmp_path / "dist", "1.3.0", run=SLOW_RUN)
+    node = Node(root)
+    await node.deploy(packages["1.0.0"])
+    takeover = Takeover()
+    old = asyncio.create_task(node.executor("1.3.0", slow, fence=takeover.fence).deploy())
+    await until(lambda: (recorded(root) or (0, ""))[1] == "1.3.0", "1.3.0 started", timeout_s=60)
+    started = recorded(root)
+    assert started is not None
+    takeover.happened = True
+    old.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await old
+    assert recorded(root) == started
+    assert not gone(started[0])
     assert os.readlink(root / "box-1" / "hello" / "current") == "releases/1.0.0"
