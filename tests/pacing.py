@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,9 +12,10 @@ from reactor.codec import decode
 from reactor.domain.pacer import ReleaseState
 from reactor.events import Event, NodeTarget, Package, ReleasePlan, Strategy, Topic
 from reactor.ports import EventBus, Store
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Role
 from reactor.settings import Settings
 from tests.fakes import Script, scripted
+from tests.support import running_roles
 
 PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="c" * 64)
 
@@ -60,25 +59,9 @@ async def running(
     **settings_changes: Any,
 ) -> AsyncIterator[None]:
     """The given roles (every one by default) on any bus and store, with fast timers."""
-    started = asyncio.Event()
     settings = Settings(state_dir=tmp_path, timer_tick_s=0.02, resend_after_s=3600, **settings_changes)
-    memory_bus = bus if isinstance(bus, MemoryBus) else None
-    task = asyncio.create_task(
-        run_roles(
-            Backends(bus=bus, store=store, memory_bus=memory_bus),
-            settings,
-            set(roles),
-            factories={"fake": scripted(script)},
-            started=started,
-        )
-    )
-    await started.wait()
-    try:
+    async with running_roles(bus, store, settings, set(roles), {"fake": scripted(script)}):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def published(bus: EventBus, topic: Topic) -> list[Event]:

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import pytest
 
+from reactor.adapters.memory_bus import MemoryBus
 from reactor.events import Event
 from reactor.ports import EventBus, ExecutorFactory, Store
 from reactor.runtime import Backends, Role, run_roles
@@ -40,9 +41,9 @@ async def running_roles(
 ) -> AsyncIterator[None]:
     """Run the consumers of `roles` on `bus` and `store` while the block runs, then cancel them."""
     started = asyncio.Event()
-    task = asyncio.create_task(
-        run_roles(Backends(bus=bus, store=store), settings, roles, factories=factories, started=started)
-    )
+    memory_bus = bus if isinstance(bus, MemoryBus) else None
+    backends = Backends(bus=bus, store=store, memory_bus=memory_bus)
+    task = asyncio.create_task(run_roles(backends, settings, roles, factories=factories, started=started))
     await started.wait()
     try:
         yield

@@ -15,10 +15,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -49,6 +47,7 @@ from reactor.events import (
 )
 from tests.conftest import fresh_kafka_bus
 from tests.support import until
+from tests.workers import Workers, worker_group
 
 pytestmark = [pytest.mark.kafka, pytest.mark.soak]
 
@@ -282,67 +281,23 @@ def malformed(releases: list[ReleasePlan]) -> Iterator[tuple[Draft, Expected]]:
 # --- the workers ----------------------------------------------------------------------------------------------------
 
 
-class Workers:
-    """`reactor worker --role all` processes sharing one Kafka prefix and one database."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = env
-        self.logs = logs
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"worker-{len(self.processes)}.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "reactor.cli.main", "worker", "--role", "all"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.processes.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def footprints(self) -> list[tuple[int, int]]:
-        """Resident memory (KiB) and open file descriptors of each worker, which must all still run."""
-        sizes = []
-        for process in self.processes:
-            assert process.poll() is None, f"worker {process.pid} exited with {process.returncode}"
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            rss = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
-            assert rss is not None, status
-            sizes.append((int(rss.group(1)), len(os.listdir(f"/proc/{process.pid}/fd"))))
-        return sizes
+def footprints(workers: Workers) -> list[tuple[int, int]]:
+    """Resident memory (KiB) and open file descriptors of each worker, which must all still run."""
+    sizes = []
+    for process in workers.processes:
+        assert process.poll() is None, f"worker {process.pid} exited with {process.returncode}"
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        rss = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
+        assert rss is not None, status
+        sizes.append((int(rss.group(1)), len(os.listdir(f"/proc/{process.pid}/fd"))))
+    return sizes
 
 
 @pytest.fixture
 def workers(kafka_bootstrap: str, mongo_url: str, mongo_database: str, tmp_path: Path) -> Iterator[Workers]:
-    env = {
-        **os.environ,
-        "REACTOR_MODE": "distributed",
-        "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "REACTOR_TOPIC_PREFIX": f"s{os.urandom(5).hex()}.",
-        "REACTOR_TOPIC_PARTITIONS": "4",
-        "REACTOR_MONGO_URL": mongo_url,
-        "REACTOR_MONGO_DATABASE": mongo_database,
-        "REACTOR_STATE_DIR": str(tmp_path / "state"),
-        "REACTOR_HTTP_PORT": "0",
-        "REACTOR_NOOP_DELAY_S": "0.1",
-        "REACTOR_LOG_FORMAT": "json",
-    }
-    group = Workers(env, tmp_path)
-    yield group
-    group.stop_all()
+    with worker_group(kafka_bootstrap, mongo_url, mongo_database, tmp_path) as group:
+        group.env["REACTOR_NOOP_DELAY_S"] = "0.1"
+        yield group
 
 
 class DeadLetterCount:
@@ -439,7 +394,7 @@ async def test_ten_thousand_malformed_messages_end_in_dlq_while_releases_complet
                     due += sum(letter.copies for _, letter in chunk)
                     await until(partial(_at_least, count, due), f"chunk {number + 1} dead-lettered", 60)
                     chunk_s.append(time.monotonic() - started)
-                    samples.append(workers.footprints())
+                    samples.append(footprints(workers))
 
                 async def completed() -> bool:
                     records = [await store.get_release(plan.release_id) for plan in releases]
