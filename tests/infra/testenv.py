@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -221,7 +222,9 @@ class Service:
     log: str = ""
     stop_grace: float = 10.0
     starttime: int | None = None  # /proc starttime, guards against pid reuse
+    command: list[str] = dataclasses.field(default_factory=list)  # what started it (`relaunch` runs it again)
     _proc: subprocess.Popen[bytes] | None = dataclasses.field(default=None, repr=False, compare=False)
+    _ready: Callable[[], bool] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def alive(self) -> bool:
         if self._proc is not None and self._proc.poll() is not None:
@@ -254,6 +257,22 @@ class Service:
                 raise TestEnvError(f"{self.name} (pid {self.pid}) survived SIGKILL")
         self._reap()
         self._kill_leftovers()
+
+    def kill(self) -> None:
+        """SIGKILL the service and its process group at once, as a crash would: no chance to clean up."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)  # its own session: the group id is its pid
+            if not self._wait_gone(10):
+                raise TestEnvError(f"{self.name} (pid {self.pid}) survived SIGKILL")
+        self._reap()
+        self._kill_leftovers()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the service is ready (as its start waits), for at most `timeout` seconds."""
+        if self._ready is None:
+            raise TestEnvError(f"{self.name} (pid {self.pid}) has no readiness check")
+        _wait_until(self, self._ready, timeout, f"{self.name} ready again")
 
     def _leftovers(self) -> list[int]:
         """Processes still in the service's process group now that its leader is gone.
@@ -289,11 +308,11 @@ class Service:
                 self._proc.wait(timeout=5)
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_proc"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Service:
-        fields = {f.name for f in dataclasses.fields(cls)} - {"_proc"}
+        fields = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     def __enter__(self) -> Service:
@@ -346,6 +365,7 @@ def _spawn(
         log=str(logfile),
         stop_grace=stop_grace,
         starttime=_proc_starttime(proc.pid),
+        command=list(cmd),
         _proc=proc,
     )
 
@@ -539,6 +559,25 @@ def _kafka_api_versions_ok(port: int) -> bool:
     return bool(corr == 7 and err == 0)
 
 
+def _kafka_ready(port: int, logfile: Path, *, since: int) -> Callable[[], bool]:
+    """Whether the broker on `port` says in its log (after byte `since`) that it started, and speaks Kafka."""
+
+    def ready() -> bool:
+        if not _tcp_accepts(port):
+            return False
+        try:
+            with open(logfile, "rb") as log_file:
+                log_file.seek(since)
+                text = log_file.read().decode("utf-8", "replace")
+        except OSError:
+            return False
+        if "Kafka Server started" not in text and "started (kafka.server" not in text:
+            return False
+        return _kafka_api_versions_ok(port)
+
+    return ready
+
+
 def start_kafka(workdir: Path, version: str = KAFKA_VERSION, *, outlive_parent: bool = False) -> Service:
     """Format and start a single-node KRaft broker in `workdir` (wiped first); wait until ready."""
     home = ensure_kafka(version)
@@ -571,16 +610,8 @@ def start_kafka(workdir: Path, version: str = KAFKA_VERSION, *, outlive_parent: 
     cmd[1:1] = ["-Xms256m"]
     svc = _spawn("kafka", cmd, workdir, logfile, stop_grace=KAFKA_STOP_GRACE, outlive_parent=outlive_parent)
     svc.env = {"REACTOR_KAFKA_BOOTSTRAP": f"{HOST}:{port}"}
-
-    def ready() -> bool:
-        if not _tcp_accepts(port):
-            return False
-        text = _tail(logfile, 400)
-        if "Kafka Server started" not in text and "started (kafka.server" not in text:
-            return False
-        return _kafka_api_versions_ok(port)
-
-    _wait_until(svc, ready, KAFKA_START_TIMEOUT, f"Kafka {version} on {HOST}:{port}")
+    svc._ready = _kafka_ready(port, logfile, since=0)
+    _wait_until(svc, svc._ready, KAFKA_START_TIMEOUT, f"Kafka {version} on {HOST}:{port}")
     log(f"Kafka {version} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
     return svc
 
@@ -664,9 +695,40 @@ def start_ferretdb(workdir: Path, version: str = FERRETDB_VERSION, *, outlive_pa
         outlive_parent=outlive_parent,
     )
     svc.env = {"REACTOR_MONGO_URL": f"mongodb://{HOST}:{port}/"}
-    _wait_until(svc, lambda: _tcp_accepts(port), FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
+    svc._ready = lambda: _tcp_accepts(port)
+    _wait_until(svc, svc._ready, FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
     log(f"FerretDB {version} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
     return svc
+
+
+def relaunch(svc: Service, *, outlive_parent: bool = False) -> Service:
+    """Kafka or FerretDB started again after it stopped or was killed: its command in its workdir, so the same
+    port and the same data (nothing is wiped or formatted). Returns at once; `Service.wait_ready` waits for it
+    (from any thread). As at the first start, the service dies with the thread that called this unless
+    `outlive_parent`."""
+    if svc.alive():
+        raise TestEnvError(f"{svc.name} (pid {svc.pid}) is still running")
+    svc._reap()
+    svc._kill_leftovers()
+    if not svc.command:
+        raise TestEnvError(f"{svc.name} (pid {svc.pid}) has no recorded command to start again")
+    logfile = Path(svc.log)
+    since = logfile.stat().st_size if logfile.exists() else 0
+    if svc.name == "kafka":
+        port = int(svc.env["REACTOR_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1])
+        ready = _kafka_ready(port, logfile, since=since)
+    elif svc.name == "mongo":
+        port = int(svc.env["REACTOR_MONGO_URL"].rstrip("/").rsplit(":", 1)[1])
+        ready = functools.partial(_tcp_accepts, port)
+    else:
+        raise TestEnvError(f"{svc.name}: only Kafka and FerretDB can be relaunched")
+    again = _spawn(
+        svc.name, svc.command, Path(svc.workdir), logfile, stop_grace=svc.stop_grace, outlive_parent=outlive_parent
+    )
+    again.env = dict(svc.env)
+    again._ready = ready
+    log(f"{svc.name} started again (pid {again.pid}, was {svc.pid}) on port {port}")
+    return again
 
 
 # --------------------------------------------------------------------------
