@@ -57,6 +57,13 @@ class Workers:
                     found.append(record)
         return found
 
+    def http_port(self, index: int) -> int | None:
+        """The port of worker `index`'s /healthz and /metrics, once it logged it."""
+        for record in self.records(index):
+            if record.get("event") == "health and metrics endpoint":
+                return int(record["port"])
+        return None
+
 
 @contextlib.contextmanager
 def worker_group(kafka_bootstrap: str, mongo_url: str, mongo_database: str, directory: Path) -> Iterator[Workers]:
