@@ -22,7 +22,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
@@ -304,7 +304,12 @@ class _GroupMember:
                     )
             self._apply_backpressure()
             if loop.time() >= next_commit:
-                await self.commit()
+                try:
+                    await self.commit()
+                except CommitFailedError as exc:
+                    # The group rebalanced under this commit (after a broker restart, say). Nothing is lost: the
+                    # offsets stay uncommitted, the rebalance's own commit or the partition's next owner takes over.
+                    log.warning("offset commit refused; the group rebalanced", error=str(exc))
                 self._report_lag()
                 next_commit = loop.time() + interval
 

@@ -2,7 +2,7 @@
 
 The chaos tier saw a `reactor worker` exit with aiokafka's CommitFailedError ("Commit cannot be completed since the
 group has already rebalanced") after the broker was killed and started again: the periodic commit of
-`_GroupMember.run` (reactor/adapters/kafka_bus.py) lets it end `consume()`, and with it the worker. A refused commit
+`_GroupMember.run` (reactor/adapters/kafka_bus.py) let it end `consume()`, and with it the worker. A refused commit
 loses nothing that matters: the offsets stay uncommitted, so the partition's next owner gets those messages again
 and a redelivered request re-emits its recorded outcome. Here the refusal is injected once, under the test's control.
 """
@@ -24,10 +24,6 @@ from tests.support import until
 pytestmark = pytest.mark.kafka
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reactor/adapters/kafka_bus.py: _GroupMember.run does not catch CommitFailedError from its periodic commit",
-)
 @pytest.mark.timeout(180)
 async def test_a_commit_refused_because_the_group_rebalanced_does_not_stop_the_consumer(
     kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
