@@ -22,7 +22,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
-from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicAlreadyExistsError,
+)
 from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
@@ -306,7 +312,7 @@ class _GroupMember:
             if loop.time() >= next_commit:
                 try:
                     await self.commit()
-                except CommitFailedError as exc:
+                except (CommitFailedError, IllegalStateError) as exc:
                     # The group rebalanced under this commit (after a broker restart, say). Nothing is lost: the
                     # offsets stay uncommitted, the rebalance's own commit or the partition's next owner takes over.
                     log.warning("offset commit refused; the group rebalanced", error=str(exc))
@@ -355,13 +361,19 @@ class _GroupMember:
                 CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
 
     async def commit(self, partitions: Sequence[TopicPartition] | None = None) -> None:
-        """Commit, per partition, up to the lowest offset not yet finished."""
+        """Commit, per partition this member is assigned, up to the lowest offset not yet finished.
+
+        A revoked partition whose runs go on through a rebalance keeps its progress but is not committed until the
+        new assignment gives it back (the client refuses a commit of a partition it is not assigned).
+        """
+        assigned = self.consumer.assignment()
         offsets = {
             tp: state.committable
             for tp, state in self.progress.items()
             if state.committable is not None
             and self.committed.get(tp) != state.committable
             and (partitions is None or tp in partitions)
+            and tp in assigned
         }
         if not offsets:
             return
