@@ -466,7 +466,8 @@ def worker(
         main_task = asyncio.current_task()
         if main_task is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-        async with open_backends(settings) as backends:
+        async with contextlib.AsyncExitStack() as stack:
+            backends = await _open_when_answering(stack, settings)
             counting = Backends(bus=CountingBus(backends.bus), store=backends.store)
             probes = {"bus": backends.bus.ping, "store": backends.store.ping}
             async with HealthServer(settings.http_port, probes):
@@ -474,6 +475,21 @@ def worker(
 
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         _run(serve())
+
+
+async def _open_when_answering(stack: contextlib.AsyncExitStack, settings: Settings) -> Backends:
+    """Open the backends, waiting for them while they do not answer (a worker started during an outage of Kafka
+    or the database waits, as a running one does, instead of exiting); other errors end the worker."""
+    delay = 1.0
+    while True:
+        try:
+            return await stack.enter_async_context(open_backends(settings))
+        except ReactorError as exc:
+            if not exc.retriable:
+                raise
+            _say(err, ("waiting", "yellow"), f" for the backends to answer: {exc}; trying again in {delay:g}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 @app.command("topics")
