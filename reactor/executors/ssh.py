@@ -456,10 +456,29 @@ def _process_ended(unit_state: dict[str, str]) -> bool:
     )
 
 
+# The port's listening sockets must all belong to the unit's processes (a path component of each holder's
+# cgroup is the unit): an answer from anything else (a stray, another version, another program) is no proof.
+HELD_BY_UNIT = (
+    'pids=$(ss -Hltnp "sport = :$1" | grep -o "pid=[0-9]*" | cut -d= -f2 | sort -u); '
+    '[ -n "$pids" ] || { echo "nothing listens on port $1" >&2; exit 1; }; '
+    "for pid in $pids; do "
+    'tr / "\\n" < "/proc/$pid/cgroup" 2>/dev/null | grep -qxF "$2" || '
+    '{ echo "port $1 is held by pid $pid ($(tr "\\0" " " < "/proc/$pid/cmdline" 2>/dev/null)), not by $2" >&2; '
+    "exit 1; }; done"
+)
+
+
 def _health_command(spec: HealthSpec, unit: str) -> str:
-    """The host-side check: curl for HTTP, bash's /dev/tcp for TCP, systemctl for a unit without a port."""
+    """The host-side check: the port held by the unit, then curl for HTTP or bash's /dev/tcp for TCP; systemctl
+    for a unit without a port."""
+    if spec.kind == "systemd" or spec.port is None:
+        return command("systemctl", "is-active", "--quiet", unit)
+    held = command("bash", "-c", HELD_BY_UNIT, "held-by-unit", str(spec.port), unit)
     if spec.kind == "http":
-        return command("curl", "-fsS", "-o", "/dev/null", "--max-time", "3", f"http://127.0.0.1:{spec.port}{spec.path}")
-    if spec.kind == "tcp":
-        return command("timeout", "2", "bash", "-c", 'exec 3<>"/dev/tcp/127.0.0.1/$1"', "tcp-check", str(spec.port))
-    return command("systemctl", "is-active", "--quiet", unit)
+        url = f"http://127.0.0.1:{spec.port}{spec.path}"
+        return held + " && " + command("curl", "-fsS", "-o", "/dev/null", "--max-time", "3", url)
+    return (
+        held
+        + " && "
+        + command("timeout", "2", "bash", "-c", 'exec 3<>"/dev/tcp/127.0.0.1/$1"', "tcp-check", str(spec.port))
+    )

@@ -7,12 +7,9 @@ session boots and removes. A fleet that cannot be had fails the tests: it is nev
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
-import io
 import itertools
 import os
-import tarfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from reactor.demo import SOURCE, build_package
+from reactor.demo import build_package
 from reactor.domain.status import NodeStatus, pending
 from reactor.events import HealthCheck, Package
 from reactor.executors.hostcontract import Layout, physical_executor
@@ -69,23 +66,6 @@ class Artifact:
         return Package(url=self.url, sha256=sha256 or self.sha256)
 
 
-def _slow_package(directory: Path, version: str, delay_s: int) -> Path:
-    """The example service whose `run` waits `delay_s` seconds before serving."""
-    directory.mkdir(parents=True, exist_ok=True)
-    run = f'#!/bin/sh\nsleep {delay_s}\nexec python3 "$(dirname "$0")/app.py"\n'.encode()
-    files = {"VERSION": (f"{version}\n".encode(), 0o644), "app.py": ((SOURCE / "app.py").read_bytes(), 0o644)}
-    files["run"] = (run, 0o755)
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, (data, mode) in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), mode
-            tar.addfile(info, io.BytesIO(data))
-    path = directory / f"hello-{version}.tar.gz"
-    path.write_bytes(gzip.compress(raw.getvalue(), mtime=0))
-    return path
-
-
 @pytest.fixture(scope="session")
 def artifacts(fleet: Fleet) -> dict[str, Artifact]:
     """1.0.0, 1.1.0, 2.0.0 of the example service; `broken` 2.0.0 exits at once; `slow` 1.5.0 serves after 60 s."""
@@ -96,7 +76,8 @@ def artifacts(fleet: Fleet) -> dict[str, Artifact]:
 
     built = {v: served(build_package(fleet.package_dir / "good", v).path, v) for v in ("1.0.0", "1.1.0", "2.0.0")}
     built["broken"] = served(build_package(fleet.package_dir / "broken", "2.0.0", broken=True).path, "2.0.0")
-    built["slow"] = served(_slow_package(fleet.package_dir / "slow", "1.5.0", 60), "1.5.0")
+    slow = b'#!/bin/sh\nsleep 60\nexec python3 "$(dirname "$0")/app.py"\n'
+    built["slow"] = served(build_package(fleet.package_dir / "slow", "1.5.0", run=slow).path, "1.5.0")
     return built
 
 

@@ -241,6 +241,29 @@ async def test_status_reports_drift_after_someone_changes_the_host_by_hand(
     assert drifted.current_version == "1.0.0"
 
 
+async def test_a_port_held_by_another_program_is_no_proof_of_health(node: Node, artifacts: dict[str, Artifact]) -> None:
+    """Another program answers 200 on the node's port (its own unit, not the release's): status is not success,
+    and a deploy whose release never listens fails instead of passing on the stranger's answer."""
+    await node.arrange(artifacts["1.0.0"])
+    stranger = f"stranger-{node.service}"
+    node.sh(f"systemctl stop {node.layout.unit('1.0.0')}")
+    node.sh(
+        f"systemd-run --unit {stranger} --property=WorkingDirectory=/opt/{node.service}/releases/1.0.0 "
+        f"python3 -m http.server {node.port} --bind 127.0.0.1"
+    )
+    try:
+        assert node.sh(f"curl -fsS -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{node.port}/VERSION") == "200"
+        seen = await node.probe()
+        assert seen.state == NodeState.FAILED, seen.last_error
+        # `slow` stays up without listening for 60 s: only the stranger answers while the health check waits.
+        failed = await node.deploy(artifacts["slow"])
+        assert failed.state == NodeState.FAILED
+        assert f"not by {node.layout.unit('1.5.0')}" in failed.last_error, failed.last_error
+        assert node.unit_property("1.5.0", "ActiveState") != "active"
+    finally:
+        node.sh(f"systemctl stop {stranger}", check=False)
+
+
 async def test_deployed_release_comes_back_after_the_host_reboots(
     node: Node, fleet: Fleet, artifacts: dict[str, Artifact]
 ) -> None:

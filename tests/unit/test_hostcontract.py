@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import yaml
 
 from reactor.domain.status import NodeState, pending
 from reactor.errors import StepFailed
 from reactor.events import HealthCheck, Package
+from reactor.executors.ansible import PLAYBOOKS
 from reactor.executors.hostcontract import (
     Probe,
     advanced,
@@ -22,7 +24,7 @@ from reactor.executors.hostcontract import (
     state_text,
     validate,
 )
-from reactor.executors.ssh import command
+from reactor.executors.ssh import HELD_BY_UNIT, command
 from reactor.ports import ExecutionContext
 
 pytestmark = pytest.mark.unit
@@ -176,3 +178,9 @@ def test_every_remote_argument_is_quoted_into_one_word() -> None:
     """Whatever a value holds, the remote shell sees it as one argument."""
     line = command("curl", "-o", "/opt/a b/x", "http://h/x?a=1&b=$(id)")
     assert shlex.split(line) == ["curl", "-o", "/opt/a b/x", "http://h/x?a=1&b=$(id)"]
+
+
+def test_both_drivers_check_the_port_holder_with_the_same_script() -> None:
+    """The playbooks' port-holder check is the ssh driver's, word for word."""
+    playbook_vars = yaml.safe_load((PLAYBOOKS / "roles/release/vars/main.yml").read_text())
+    assert playbook_vars["release_held_by_unit"] == HELD_BY_UNIT
