@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from reactor.events import Topic
 
 
 class Workers:
@@ -90,3 +93,14 @@ def worker_group(kafka_bootstrap: str, mongo_url: str, mongo_database: str, dire
         yield group
     finally:
         group.stop_all()
+
+
+def commands_assigned(workers: Workers, index: int) -> set[int]:
+    """The commands partitions worker `index` was last assigned (none before its first assignment), from its log."""
+    topic = f"topic='{workers.env['REACTOR_TOPIC_PREFIX']}{Topic.COMMANDS.value}'"
+    assigned: set[int] = set()
+    for record in workers.records(index):
+        partitions = [str(name) for name in record.get("partitions", [])]
+        if record.get("event") == "partitions assigned" and any(topic in name for name in partitions):
+            assigned = {int(re.findall(r"partition=(\d+)", name)[0]) for name in partitions if topic in name}
+    return assigned

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from tests import evidence_service
 from tests.chaos import judge
 from tests.chaos.schedule import Planned, draw
 from tests.infra import testenv
-from tests.workers import Workers, worker_group
+from tests.workers import Workers, commands_assigned, worker_group
 
 pytestmark = [pytest.mark.chaos, pytest.mark.kafka, pytest.mark.mongo]
 
@@ -457,17 +456,6 @@ class Chaos:
         for index in self.frozen:
             self.workers.processes[index].send_signal(signal.SIGCONT)
         self.frozen.clear()
-
-
-def commands_assigned(workers: Workers, index: int) -> set[int]:
-    """The commands partitions worker `index` was last assigned."""
-    topic = f"topic='{workers.env['REACTOR_TOPIC_PREFIX']}{Topic.COMMANDS.value}'"
-    assigned: set[int] = set()
-    for record in workers.records(index):
-        partitions = [str(name) for name in record.get("partitions", [])]
-        if record.get("event") == "partitions assigned" and any(topic in name for name in partitions):
-            assigned = {int(re.findall(r"partition=(\d+)", name)[0]) for name in partitions if topic in name}
-    return assigned
 
 
 async def ended(store: MongoStore, release_id: str) -> ReleaseState | None:

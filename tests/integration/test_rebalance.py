@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 from collections import defaultdict
@@ -47,7 +46,7 @@ from reactor.events import (
 from reactor.executors.local import stop_all
 from tests import evidence_service
 from tests.support import equals, until
-from tests.workers import Workers, worker_group
+from tests.workers import Workers, commands_assigned, worker_group
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -124,17 +123,6 @@ def plan(release_id: str, package: BuiltPackage, ports: dict[str, int]) -> Relea
         nodes=[NodeTarget(node_key=node_key(host), port=port) for host, port in ports.items()],
         strategy=Strategy(batches=["100%"], max_parallel=NODES, failure_budget=0),
     )
-
-
-def commands_assigned(workers: Workers, index: int) -> set[int]:
-    """The commands partitions worker `index` was last assigned (none before its first assignment)."""
-    topic = f"topic='{workers.env['REACTOR_TOPIC_PREFIX']}{Topic.COMMANDS.value}'"
-    assigned: set[int] = set()
-    for record in workers.records(index):
-        partitions = [str(name) for name in record.get("partitions", [])]
-        if record.get("event") == "partitions assigned" and any(topic in name for name in partitions):
-            assigned = {int(re.findall(r"partition=(\d+)", name)[0]) for name in partitions if topic in name}
-    return assigned
 
 
 def split_between(workers: Workers, indexes: list[int]) -> bool:
