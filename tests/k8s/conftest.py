@@ -167,10 +167,22 @@ class Kube:
             await asyncio.sleep(0.2)
 
     async def settled(self, namespace: str, kind: str, name: str, image: str, timeout_s: float = 60.0) -> None:
-        """Wait until every replica is ready on `image` and no other pod is left."""
+        """Wait until every replica is ready on `image`, no other pod is left, and the workload's status says so.
+
+        The pods settle before the controller's status counters do (it may still count a terminating pod as ready),
+        and `status()` reports those counters, so both are waited for.
+        """
 
         async def check() -> bool:
-            return await self.healthy_on(namespace, kind, name, image)
+            if not await self.healthy_on(namespace, kind, name, image):
+                return False
+            obj = await self.read(namespace, kind, name)
+            status, wanted = obj["status"], obj["spec"]["replicas"]
+            return (
+                status.get("observedGeneration", 0) >= obj["metadata"]["generation"]
+                and status.get("replicas", 0) == wanted
+                and status.get("readyReplicas", 0) == wanted
+            )
 
         await self.wait_for(f"{kind} {name} healthy on {image}", check, timeout_s)
 
