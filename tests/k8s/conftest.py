@@ -178,7 +178,7 @@ class Kube:
                 return False
             obj = await self.read(namespace, kind, name)
             status, wanted = obj["status"], obj["spec"]["replicas"]
-            return (
+            return bool(
                 status.get("observedGeneration", 0) >= obj["metadata"]["generation"]
                 and status.get("replicas", 0) == wanted
                 and status.get("readyReplicas", 0) == wanted
