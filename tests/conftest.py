@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import tracemalloc
@@ -21,7 +22,10 @@ from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.adapters.mongo_store import MongoStore
 from reactor.ports import EventBus, Store
+from tests.infra import fleet as fleet_harness
 from tests.infra import testenv
+from tests.infra.fleet import Fleet
+from tests.infra.testenv import TestEnvError
 
 STORE_BACKENDS = [
     pytest.param("embedded", marks=pytest.mark.unit),
@@ -29,6 +33,34 @@ STORE_BACKENDS = [
     pytest.param("mongo", marks=pytest.mark.mongo),
 ]
 BUS_BACKENDS = [pytest.param("memory", marks=pytest.mark.unit), pytest.param("kafka", marks=pytest.mark.kafka)]
+FLEET_HOSTS = 6
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Six nspawn hosts with systemd and sshd, and a package server on their bridge (the fleet and chaos tiers).
+
+    The fleet is $REACTOR_FLEET_DIR (from `eval "$(scripts/testenv up fleet --hosts 6)"`) if set, else one this
+    session boots and removes. A fleet that cannot be had fails the tests: it is never a reason to skip.
+    """
+    if directory := os.environ.get("REACTOR_FLEET_DIR"):
+        try:
+            running = Fleet.load(Path(directory))
+            states = running.status()
+        except TestEnvError as exc:
+            pytest.fail(f"REACTOR_FLEET_DIR={directory} is not a running fleet: {exc}")
+        if len(running.hosts) < FLEET_HOSTS or set(states.values()) != {"running"}:
+            pytest.fail(f"the fleet in {directory} needs {FLEET_HOSTS} running hosts, it has {states}")
+        yield dataclasses.replace(running, hosts=running.hosts[:FLEET_HOSTS])  # a bigger fleet: its first six
+        return
+    try:
+        service = fleet_harness.start_fleet(tmp_path_factory.mktemp("fleet") / "fleet", FLEET_HOSTS, owned=True)
+    except (TestEnvError, OSError) as exc:
+        pytest.fail(f"the test fleet could not be started: {exc}")
+    try:
+        yield Fleet.load(Path(service.workdir))
+    finally:
+        service.stop()
 
 
 @pytest.fixture(scope="session")

@@ -348,8 +348,9 @@ class SshExecutor:
         layout = self.layout
         unit = layout.unit(version)
         stop = sorted(layout.unit(v) for v in others if v != version)
+        # Stopped, not yet disabled: a host that loses power before the switch boots the release it ran.
         if stop:
-            await host.check("stop", command("systemctl", "disable", "--now", "--", *stop))
+            await host.check("stop", command("systemctl", "stop", "--", *stop))
         await host.run("start", command("systemctl", "reset-failed", unit) + " 2>/dev/null")
         result = await host.run("start", command("systemctl", "restart", unit))
         if result.exit_status != 0:
@@ -360,7 +361,8 @@ class SshExecutor:
             "switch",
             " && ".join(
                 [
-                    command("systemctl", "enable", "--quiet", unit),
+                    command("systemctl", "enable", "--quiet", unit),  # before the others lose theirs: never none
+                    *([command("systemctl", "disable", "--quiet", "--", *stop)] if stop else []),
                     command("ln", "-sfn", f"releases/{version}", link),
                     command("mv", "-Tf", link, layout.current),
                 ]

@@ -1,12 +1,8 @@
-"""The test fleet for the session, packages on its package server, and helpers to look at a host.
-
-The fleet is $REACTOR_FLEET_DIR (from `eval "$(scripts/testenv up fleet --hosts 6)"`) if set, else one this
-session boots and removes. A fleet that cannot be had fails the tests: it is never a reason to skip.
-"""
+"""Packages on the session fleet's package server (the `fleet` fixture is in tests/conftest.py, shared with the
+chaos tier), and helpers to look at a host."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import os
@@ -23,35 +19,9 @@ from reactor.domain.status import NodeStatus, pending
 from reactor.events import HealthCheck, Package
 from reactor.executors.hostcontract import Layout, physical_executor
 from reactor.ports import ExecutionContext, ExecutorSettings
-from tests.infra import fleet as fleet_harness
 from tests.infra.fleet import Fleet
-from tests.infra.testenv import TestEnvError
 
-FLEET_HOSTS = 6
 DRIVERS = ["ssh", "ansible"]
-
-
-@pytest.fixture(scope="session")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """Six nspawn hosts with systemd and sshd, and a package server on their bridge."""
-    if directory := os.environ.get("REACTOR_FLEET_DIR"):
-        try:
-            running = Fleet.load(Path(directory))
-            states = running.status()
-        except TestEnvError as exc:
-            pytest.fail(f"REACTOR_FLEET_DIR={directory} is not a running fleet: {exc}")
-        if len(running.hosts) < FLEET_HOSTS or set(states.values()) != {"running"}:
-            pytest.fail(f"the fleet in {directory} needs {FLEET_HOSTS} running hosts, it has {states}")
-        yield dataclasses.replace(running, hosts=running.hosts[:FLEET_HOSTS])  # a bigger fleet: its first six
-        return
-    try:
-        service = fleet_harness.start_fleet(tmp_path_factory.mktemp("fleet") / "fleet", FLEET_HOSTS, owned=True)
-    except (TestEnvError, OSError) as exc:
-        pytest.fail(f"the test fleet could not be started: {exc}")
-    try:
-        yield Fleet.load(Path(service.workdir))
-    finally:
-        service.stop()
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,7 @@ _SSHD_CONFIG = "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUs
 _RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 _HOSTS_FILE = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
 _JOURNALD = "[Journal]\nStorage=volatile\nRuntimeMaxUse=16M\n"
+_JOURNAL_PERSISTENT = "[Journal]\nStorage=persistent\nSystemMaxUse=16M\n"  # read after fleet.conf: it wins
 _MASKED_UNITS = (
     "getty@tty1.service",
     "console-getty.service",
@@ -573,6 +574,8 @@ class _Host:
         root = self.merged
         (root / "etc" / "machine-id").write_text(uuid.uuid4().hex + "\n")
         (root / "etc" / "hostname").write_text(self.name + "\n")
+        # The journal survives a power-off: it is the evidence of what ran on the host across boots.
+        (root / "etc" / "systemd" / "journald.conf.d" / "persistent.conf").write_text(_JOURNAL_PERSISTENT)
         key = root / "etc" / "ssh" / "ssh_host_ed25519_key"
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.name, "-f", str(key))
         authorized = root / "root" / ".ssh" / "authorized_keys"
