@@ -101,11 +101,11 @@ def wipe(fleet: Fleet, hosts: list[str], service: str) -> None:
     )
 
 
-def check_served(fleet: Fleet, hosts: list[str], port: int, way: str) -> None:
+def check_served(fleet: Fleet, hosts: list[str], port: int, way: str, version: str = VERSION) -> None:
     served = on_hosts(fleet, hosts, f"curl -fsS --max-time 3 http://127.0.0.1:{port}/version")
-    wrong = {host: text for host, text in zip(hosts, served, strict=True) if text != VERSION}
+    wrong = {host: text for host, text in zip(hosts, served, strict=True) if text != version}
     if wrong:
-        raise SystemExit(f"{way}: hosts not serving {VERSION}: {wrong}")
+        raise SystemExit(f"{way}: hosts not serving {version}: {wrong}")
 
 
 def raw_ansible(fleet: Fleet, hosts: list[str], service: str, port: int, package: Package) -> tuple[float, StepTimes]:
