@@ -361,8 +361,10 @@ class SshExecutor:
             "switch",
             " && ".join(
                 [
-                    command("systemctl", "enable", "--quiet", unit),  # before the others lose theirs: never none
-                    *([command("systemctl", "disable", "--quiet", "--", *stop)] if stop else []),
+                    # Enabled before the others are disabled: a host is never left with none enabled. The links
+                    # count at boot only, so no daemon reload (each costs the host's manager a full reload).
+                    command("systemctl", "enable", "--no-reload", "--quiet", unit),
+                    *([command("systemctl", "disable", "--no-reload", "--quiet", "--", *stop)] if stop else []),
                     command("ln", "-sfn", f"releases/{version}", link),
                     command("mv", "-Tf", link, layout.current),
                 ]
