@@ -34,11 +34,12 @@ from reactor.domain.status import (
     fail_min_healthy,
     finish,
     holds,
+    lease_expired,
     pending,
     renew,
     rollback_target,
 )
-from reactor.errors import ConflictError, Fenced, ReactorError
+from reactor.errors import ConflictError, Fenced, NodeBusy, ReactorError
 from reactor.events import DeployRequested, Event, HealthCheck, NodeEvent, RollbackRequested, utc_now
 from reactor.executors import executor_factory
 from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory, ExecutorSettings, Store, unfenced
@@ -95,6 +96,16 @@ class ExecutorWorker:
             return
         current = await self.store.get_node(request.node_key) or pending(request.node_key, request.service)
         if current.request_id == request.event_id and current.state in TERMINAL and not _unobserved(request, current):
+            if current.owner not in (None, self.owner) and not lease_expired(
+                current, now=self.clock(), lease=self.lease
+            ):
+                # Another worker's run of it just finished and records its outcome next: emitting one of ours now
+                # would tell a second, different outcome (no duration, no `before`). Its record comes, or its lease
+                # runs out (that worker died between the two writes) and the outcome is rebuilt from the status.
+                raise NodeBusy(
+                    f"{request.node_key}: request {request.event_id} finished on {current.owner}, "
+                    "which records its outcome"
+                )
             log.info("request finished but its outcome was not recorded; recording and emitting it")
             await self._emit(request, current, 0.0)
             return

@@ -6,7 +6,7 @@ import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import cast
 
@@ -49,6 +49,11 @@ PACKAGE = Package(url="https://packages.example.test/app-2.0.0.tar.gz", sha256="
 
 def deploy(version: str = "2.0.0", node_key: str = NODE, **extra: object) -> DeployRequested:
     return DeployRequested(node_key=node_key, service="app", version=version, package=PACKAGE, **extra)
+
+
+def a_lease_later() -> datetime:
+    """The clock of a worker that sees every claim of the others' as a lease old: their holders died."""
+    return utc_now() + timedelta(hours=1)
 
 
 def worker(store: Store, bus: MemoryBus, script: Script, **extra: object) -> ExecutorWorker:
@@ -119,9 +124,11 @@ async def test_finished_status_without_recorded_outcome_emits_it_without_running
     await worker(store, bus, script).handle(request)
     status = await store.get_node(NODE)
     assert status is not None
-    # Forget the processed record, as if the worker died right after writing the status.
+    # Forget the processed record, as if the worker died right after writing the status; the redelivery comes
+    # once that worker's lease ran out (sooner, it waits for the record: see the test after the next).
     fresh_store_bus = MemoryBus()
-    other = worker(cast(Store, _ForgetfulStore(store, request.event_id)), fresh_store_bus, script)
+    forgetful = cast(Store, _ForgetfulStore(store, request.event_id))
+    other = worker(forgetful, fresh_store_bus, script, clock=a_lease_later)
     await other.handle(request)
 
     assert script.calls[f"deploy:{NODE}"] == 1
@@ -253,11 +260,12 @@ class _RolledBackToNothing(ScriptedExecutor):
         return self.context.current.model_copy(update={"state": NodeState.ROLLED_BACK, "current_version": None})
 
 
-def rollback_worker(store: Store, bus: MemoryBus, script: Script, tmp_path: Path) -> ExecutorWorker:
+def rollback_worker(store: Store, bus: MemoryBus, script: Script, tmp_path: Path, **extra: object) -> ExecutorWorker:
     """A worker with the rollback-scripted `fake` platform and the real `local` one under `tmp_path`."""
     bound = type("BoundRollbackScripted", (_RollbackScripted,), {"script": script})
     factories: dict[str, ExecutorFactory] = {"fake": bound, "local": LocalExecutor}
-    return ExecutorWorker(store, bus, settings=ExecutorSettings(local_root=tmp_path), factories=factories)
+    settings = ExecutorSettings(local_root=tmp_path)
+    return ExecutorWorker(store, bus, settings=settings, factories=factories, **extra)  # type: ignore[arg-type]
 
 
 async def assert_record_agrees(store: Store, outcome: Event, before: NodeStatus | None) -> None:
@@ -529,7 +537,7 @@ async def test_crash_after_the_status_write_emits_the_outcome_the_record_tells(
 
     again_bus = MemoryBus()
     forgetful = cast(Store, _ForgetfulStore(store, request.event_id))
-    await rollback_worker(forgetful, again_bus, script, tmp_path).handle(request)
+    await rollback_worker(forgetful, again_bus, script, tmp_path, clock=a_lease_later).handle(request)
 
     assert script.calls == calls
     [again] = again_bus.events(Topic.OUTCOMES)
@@ -796,6 +804,53 @@ async def test_same_request_on_two_workers_runs_once_and_the_second_re_emits_its
     first_outcome, second_outcome = bus.events(Topic.OUTCOMES)
     assert isinstance(first_outcome, NodeDeployed)
     assert first_outcome == second_outcome
+
+
+class _LatchedRecords:
+    """Delegates to a store, but recording an outcome waits for `go`: a run between its final status write and its
+    outcome record."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+        self.reached = asyncio.Event()
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def put_processed(self, event_id: str, outcome: str) -> None:
+        self.reached.set()
+        await self.go.wait()
+        await self._inner.put_processed(event_id, outcome)
+
+
+async def test_redelivery_between_the_final_status_and_the_outcome_record_waits_for_the_record(store: Store) -> None:
+    """The first worker wrote the node's final status and is about to record the outcome when the request reaches a
+    second worker: it must not derive an outcome of its own (no duration, no `before`: a second, different outcome
+    for one request); it retries until the record is there and re-emits it, byte for byte."""
+    bus, script = MemoryBus(), Script()
+    request = deploy()
+    latched = _LatchedRecords(store)
+    first = worker(cast(Store, latched), bus, script, owner="worker-a")
+    second = worker(store, bus, script, owner="worker-b")
+    running = asyncio.create_task(first.handle(request))
+    async with asyncio.timeout(5):
+        await latched.reached.wait()
+
+    with pytest.raises(NodeBusy):
+        await second.handle(request)
+    assert bus.events(Topic.OUTCOMES) == []
+    retried = asyncio.create_task(_retrying(second.handle, request))
+    latched.go.set()
+    async with asyncio.timeout(5):
+        await running
+        await retried
+
+    assert script.calls[f"deploy:{NODE}"] == 1
+    first_outcome, second_outcome = bus.events(Topic.OUTCOMES)
+    assert isinstance(first_outcome, NodeDeployed)
+    assert first_outcome == second_outcome
+    assert first_outcome.duration_s > 0
 
 
 async def test_run_taken_over_after_its_lease_is_cancelled_and_emits_nothing(store: Store) -> None:
