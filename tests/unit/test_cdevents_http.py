@@ -16,17 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from reactor.adapters.cdevent_sinks import HttpCDEventSink
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.cdevents import to_cdevent
+from reactor.cli.exit_codes import ExitCode
+from reactor.cli.main import app
 from reactor.consumers.cdevents import CDEventsPublisher
 from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState, pending
 from reactor.errors import BackendUnavailable
 from reactor.events import NodeDeployed, NodeTarget, Package, ReleasePlan, ReleaseRequested, Strategy, Topic
-from reactor.runtime import Role
+from reactor.runtime import Role, cdevent_sinks
 from reactor.settings import Settings
 from tests.cdevents_schemas import check
 from tests.fakes import Script, scripted
@@ -280,3 +283,34 @@ async def running_roles_of(bus: MemoryBus, publisher: CDEventsPublisher) -> Asyn
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"mode": "distributed"}, ["kafka:reactor.cdevents"]),
+        ({"mode": "distributed", "topic_prefix": "p.", "cdevents_topic": "cd"}, ["kafka:p.cd"]),
+        (
+            {"mode": "distributed", "cdevents_sinks": ["http://127.0.0.1:9000/a"]},
+            ["kafka:reactor.cdevents", "http://127.0.0.1:9000/a"],
+        ),
+        (
+            {"mode": "distributed", "cdevents_topic": "", "cdevents_sinks": ["https://x.example/e"]},
+            ["https://x.example/e"],
+        ),
+        ({"mode": "distributed", "cdevents_topic": ""}, []),
+        ({"mode": "embedded"}, []),  # no Kafka in embedded mode: HTTP sinks only
+    ],
+)
+def test_the_role_publishes_to_the_topic_under_the_prefix_and_to_each_http_sink(
+    options: dict[str, Any], expected: list[str], tmp_path: Path
+) -> None:
+    assert [sink.name for sink in cdevent_sinks(Settings(state_dir=tmp_path, **options))] == expected
+
+
+def test_the_worker_refuses_to_start_the_role_with_nowhere_to_publish(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REACTOR_MODE", "distributed")
+    monkeypatch.setenv("REACTOR_CDEVENTS_TOPIC", "")
+    result = CliRunner().invoke(app, ["worker", "--role", "cdevents"])
+    assert result.exit_code == ExitCode.INVALID
+    assert "REACTOR_CDEVENTS_SINKS" in result.output
