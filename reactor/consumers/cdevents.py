@@ -36,6 +36,9 @@ class CDEventsPublisher:
     ) -> None:
         if not sinks:
             raise InvalidInput("cdevents sinks", "name a Kafka topic or at least one HTTP sink")
+        if not source or any(char.isspace() for char in source):
+            # Checked here, once: each event would otherwise fail to map and be dead-lettered.
+            raise InvalidInput("cdevents source", "a non-empty URI reference without spaces")
         self.sinks = list(sinks)
         self.source = source
         self.release_url = release_url

@@ -27,7 +27,7 @@ from reactor.cli.main import app
 from reactor.consumers.cdevents import CDEventsPublisher
 from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState, pending
-from reactor.errors import BackendUnavailable
+from reactor.errors import BackendUnavailable, InvalidInput
 from reactor.events import NodeDeployed, NodeTarget, Package, ReleasePlan, ReleaseRequested, Strategy, Topic
 from reactor.runtime import Role, cdevent_sinks
 from reactor.settings import Settings
@@ -262,9 +262,11 @@ async def test_a_retry_sends_only_to_the_sinks_that_did_not_take_the_event() -> 
     assert kafka.sent == http.sent == [to_cdevent(event, source="/reactor")["context"]["id"]]  # type: ignore[index]
 
 
-def test_no_sink_at_all_is_refused() -> None:
-    with pytest.raises(Exception, match="cdevents sinks"):
+def test_no_sink_at_all_or_a_source_that_is_no_uri_reference_is_refused_at_start() -> None:
+    with pytest.raises(InvalidInput, match="cdevents sinks"):
         CDEventsPublisher([], source="/reactor")
+    with pytest.raises(InvalidInput, match="cdevents source"):
+        CDEventsPublisher([_RecordingSink("kafka")], source="/my reactor")
 
 
 def test_sinks_setting_is_a_comma_separated_list_of_http_urls(monkeypatch: pytest.MonkeyPatch) -> None:
