@@ -1,6 +1,7 @@
 """CDEvents on a real Kafka broker: a release runs, the cdevents worker (its own consumer group) publishes to
 `<prefix>cdevents`, and a plain CloudEvents subscriber receives service.deployed/upgraded/rolledback and the
-pipelineRun events of the release, each valid against the official schema, each once after deduping by id."""
+pipelineRun events of the release, each valid against the official schema, each once after deduping by id, and a
+re-emitted outcome again under the same id."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from cloudevents.core.bindings import kafka as ce_kafka
 
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.kafka_bus import KafkaBus
+from reactor.cdevents import cdevent_id
+from reactor.codec import decode
 from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState, pending
-from reactor.events import NodeTarget, Package, ReleasePlan, ReleaseRequested, Strategy
+from reactor.events import NodeDeployed, NodeTarget, Package, ReleasePlan, ReleaseRequested, Strategy, Topic
 from reactor.ports import ExecutorFactory
 from reactor.runtime import Role
 from reactor.settings import Settings
@@ -154,6 +157,16 @@ async def test_a_release_on_kafka_reaches_a_cdevents_subscriber_each_event_once_
                 "the subscriber has every CDEvent",
                 WAIT_S,
             )
+            # A re-emitted outcome (a redelivered command re-emits its recorded outcome) maps to the same id.
+            deployed = next(
+                event
+                for event in (decode(record)[0] for record in await kafka.history(Topic.OUTCOMES))
+                if isinstance(event, NodeDeployed) and event.prev_version is None
+            )
+            seen = len(subscriber.received)
+            await kafka.publish(deployed)
+            await until(lambda: len(subscriber.received) > seen, "the subscriber gets the re-emitted one", WAIT_S)
+    assert subscriber.received[-1]["context"]["id"] == cdevent_id(deployed.event_id)
     assert subscriber.failures == []  # every message a valid CDEvent in a well-formed CloudEvent
     assert subscriber.types() == EXPECTED  # each once by id: no type twice under two ids
     by_type = {cdevent["context"]["type"]: cdevent for cdevent in subscriber.by_id.values()}
