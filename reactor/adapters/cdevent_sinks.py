@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import structlog
@@ -127,7 +128,7 @@ class HttpCDEventSink:
         timeout_s: float = 10.0,
     ) -> None:
         self.url = url
-        self.name = url
+        self.name = _without_credentials(url)  # logs and metric labels must not carry a password or token
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -168,9 +169,21 @@ class HttpCDEventSink:
                     return
                 if status < 500 and status not in RETRY_STATUSES:
                     CDEVENTS_SENT.labels(self.name, "refused").inc()
-                    log.error("cdevents sink refused the event", sink=self.url, status=status, answer=answer)
+                    log.error("cdevents sink refused the event", sink=self.name, status=status, answer=answer)
                     return
                 problem = f"HTTP {status}: {answer}"
             CDEVENTS_SENT.labels(self.name, "retry").inc()
-            log.warning("cdevents sink did not take the event", sink=self.url, attempt=attempt, problem=problem)
-        raise BackendUnavailable(f"cdevents sink {self.url}: {problem} (after {self.attempts} attempts)")
+            log.warning("cdevents sink did not take the event", sink=self.name, attempt=attempt, problem=problem)
+        raise BackendUnavailable(f"cdevents sink {self.name}: {problem} (after {self.attempts} attempts)")
+
+
+def _without_credentials(url: str) -> str:
+    """`url` without the user and password it may carry."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -316,3 +316,8 @@ def test_the_worker_refuses_to_start_the_role_with_nowhere_to_publish(monkeypatc
     result = CliRunner().invoke(app, ["worker", "--role", "cdevents"])
     assert result.exit_code == ExitCode.INVALID
     assert "REACTOR_CDEVENTS_SINKS" in result.output
+
+
+def test_a_sink_url_with_credentials_is_named_without_them_in_logs_and_metrics() -> None:
+    assert HttpCDEventSink("https://bot:s3cret@events.example.com:8443/cd").name == "https://events.example.com:8443/cd"
+    assert HttpCDEventSink("http://127.0.0.1:9000/cd").name == "http://127.0.0.1:9000/cd"
