@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -16,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from reactor.adapters.cdevent_sinks import HttpCDEventSink
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.cdevents import to_cdevent
 from reactor.cli.exit_codes import ExitCode
-from reactor.cli.main import app
 from reactor.consumers.cdevents import CDEventsPublisher
 from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState, pending
@@ -310,12 +311,22 @@ def test_the_role_publishes_to_the_topic_under_the_prefix_and_to_each_http_sink(
     assert [sink.name for sink in cdevent_sinks(Settings(state_dir=tmp_path, **options))] == expected
 
 
-def test_the_worker_refuses_to_start_the_role_with_nowhere_to_publish(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REACTOR_MODE", "distributed")
-    monkeypatch.setenv("REACTOR_CDEVENTS_TOPIC", "")
-    result = CliRunner().invoke(app, ["worker", "--role", "cdevents"])
-    assert result.exit_code == ExitCode.INVALID
-    assert "REACTOR_CDEVENTS_SINKS" in result.output
+def test_the_worker_refuses_to_start_the_role_with_nowhere_to_publish(tmp_path: Path) -> None:
+    # A process of its own: the CLI configures logging for the process, which must not leak into other tests.
+    environment = {**os.environ, "REACTOR_MODE": "distributed", "REACTOR_CDEVENTS_TOPIC": ""}
+    environment["REACTOR_CONFIG"] = str(tmp_path / "reactor.toml")  # none: only the variables above
+    environment.pop("REACTOR_CDEVENTS_SINKS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "reactor.cli.main", "worker", "--role", "cdevents"],
+        env=environment,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == ExitCode.INVALID
+    assert "REACTOR_CDEVENTS_SINKS" in result.stderr
 
 
 def test_a_sink_url_with_credentials_is_named_without_them_in_logs_and_metrics() -> None:
