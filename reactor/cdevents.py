@@ -1,4 +1,4 @@
-"""Map reactor events onto CDEvents (spec v0.4.1, JSON format) for subscribers that speak CDEvents.
+"""Map reactor events onto CDEvents (spec v0.5.1, JSON format) for subscribers that speak CDEvents.
 
 Pure functions, no I/O. The official JSON Schemas these events are checked against are vendored in
 `reactor/cdevents_schemas/` (see its README for their origin).
@@ -13,7 +13,8 @@ Mapping:
 
 Choices the spec leaves open:
 - `context.id` is a UUIDv5 of the reactor `event_id`, so a re-emitted event maps to the same CDEvent id and
-  CDEvents consumers can dedupe exactly like reactor consumers do;
+  CDEvents consumers can dedupe exactly like reactor consumers do; the CloudEvent carrying it has the same id
+  (the CDEvents CloudEvents binding asks for it);
 - `context.chainId` (a UUID per the links spec) is a UUIDv5 of the release id, so every CDEvent of one release
   lands in one chain; events outside a release carry none. No embedded `links` are emitted: the causing
   event is usually a command, which has no CDEvent to point at;
@@ -24,20 +25,26 @@ Choices the spec leaves open:
 - a taskRun's `id` is `<node key>/<request id>` (the command that ran, i.e. `causation_id`, else the event id);
   its `pipelineRun.id` is the release id when there is one;
 - a pipelineRun's `id` is the release id and its `pipelineName` is the same for every release
-  (`PIPELINE_NAME`), since only ReleaseRequested knows the service; `url` comes from an optional
-  `release_url` template (`{release_id}` is replaced) and is "" when none is given, because
-  `pipelinerun.started` 0.2.0 requires the field;
+  (`PIPELINE_NAME`), since only ReleaseRequested knows the service; its `uri` (an absolute URI, required by
+  `pipelinerun.started`) comes from an optional `release_url` template (`{release_id}` is replaced), else it is
+  the URN `urn:deploy-reactor:release:<release id>`;
 - `customData` (JSON) carries the reactor event id and type plus the fields CDEvents has no slot for.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote
 
+from cloudevents.core.bindings import http as ce_http
+from cloudevents.core.bindings import kafka as ce_kafka
+from cloudevents.core.v1.event import CloudEvent
+
+from reactor.codec import Record
 from reactor.events import (
     NAMESPACE,
     BatchStarted,
@@ -51,16 +58,16 @@ from reactor.events import (
     RollbackFailed,
 )
 
-SPEC_VERSION: Final = "0.4.1"
+SPEC_VERSION: Final = "0.5.1"
 SCHEMA_DIR: Final = Path(__file__).parent / "cdevents_schemas"
 
-SERVICE_DEPLOYED: Final = "dev.cdevents.service.deployed.0.2.0"
-SERVICE_UPGRADED: Final = "dev.cdevents.service.upgraded.0.2.0"
-SERVICE_ROLLEDBACK: Final = "dev.cdevents.service.rolledback.0.2.0"
-TASKRUN_FINISHED: Final = "dev.cdevents.taskrun.finished.0.2.0"
-PIPELINERUN_QUEUED: Final = "dev.cdevents.pipelinerun.queued.0.2.0"
-PIPELINERUN_STARTED: Final = "dev.cdevents.pipelinerun.started.0.2.0"
-PIPELINERUN_FINISHED: Final = "dev.cdevents.pipelinerun.finished.0.2.0"
+SERVICE_DEPLOYED: Final = "dev.cdevents.service.deployed.0.3.0"
+SERVICE_UPGRADED: Final = "dev.cdevents.service.upgraded.0.3.0"
+SERVICE_ROLLEDBACK: Final = "dev.cdevents.service.rolledback.0.3.0"
+TASKRUN_FINISHED: Final = "dev.cdevents.taskrun.finished.0.3.0"
+PIPELINERUN_QUEUED: Final = "dev.cdevents.pipelinerun.queued.0.3.0"
+PIPELINERUN_STARTED: Final = "dev.cdevents.pipelinerun.started.0.3.0"
+PIPELINERUN_FINISHED: Final = "dev.cdevents.pipelinerun.finished.0.3.0"
 
 # The vendored schema file of each CDEvent type this module emits.
 SCHEMA_FILES: Final[dict[str, str]] = {
@@ -75,6 +82,7 @@ SCHEMA_FILES: Final[dict[str, str]] = {
 
 PIPELINE_NAME: Final = "deploy-reactor release"
 CONTENT_TYPE: Final = "application/json"
+RELEASE_URN: Final = "urn:deploy-reactor:release:"
 CDEVENTS_NAMESPACE: Final = uuid.uuid5(NAMESPACE, "cdevents")
 
 
@@ -135,21 +143,21 @@ def to_cdevent(
             return _taskrun(event, source, f"rollback {event.service}", event.step, event.error, extra)
         case ReleaseRequested():
             plan = event.plan
-            content = _pipeline_content(event.release_id, pipeline_name, release_url, url_required=False)
+            content = _pipeline_content(event.release_id, pipeline_name, release_url)
             extra = _drop_none(
                 {"service": plan.service, "version": plan.version, "nodes": len(plan.nodes), "actor": event.actor}
             )
             return _pipelinerun(event, PIPELINERUN_QUEUED, source, content, extra)
         case BatchStarted() if event.batch == 0:
-            content = _pipeline_content(event.release_id, pipeline_name, release_url, url_required=True)
+            content = _pipeline_content(event.release_id, pipeline_name, release_url)
             return _pipelinerun(event, PIPELINERUN_STARTED, source, content, {"nodes": len(event.node_keys)})
         case ReleaseCompleted():
-            content = _pipeline_content(event.release_id, pipeline_name, release_url, url_required=False)
+            content = _pipeline_content(event.release_id, pipeline_name, release_url)
             content["outcome"] = "success"
             counts: dict[str, object] = {"succeeded": event.succeeded, "failed": event.failed}
             return _pipelinerun(event, PIPELINERUN_FINISHED, source, content, counts)
         case ReleaseHalted():
-            content = _pipeline_content(event.release_id, pipeline_name, release_url, url_required=False)
+            content = _pipeline_content(event.release_id, pipeline_name, release_url)
             content["outcome"] = "failure"
             content["errors"] = event.reason or "release halted"
             counts = {"succeeded": event.succeeded, "failed": event.failed}
@@ -166,7 +174,7 @@ def _drop_none(fields: dict[str, object]) -> dict[str, object]:
 def _context(event: Event, cd_type: str, source: str) -> dict[str, object]:
     """The CDEvents context of `event`: spec version, deterministic id, source, type, timestamp, chain."""
     context: dict[str, object] = {
-        "version": SPEC_VERSION,
+        "specversion": SPEC_VERSION,
         "id": cdevent_id(event.event_id),
         "source": source,
         "type": cd_type,
@@ -199,7 +207,6 @@ def _service(
     """A service CDEvent about the node of `event`, which now runs `version`."""
     subject: dict[str, object] = {
         "id": event.node_key,
-        "type": "service",
         "content": {
             "environment": {"id": environment_id(event.node_key)},
             "artifactId": artifact_id(event.service, version),
@@ -221,27 +228,58 @@ def _taskrun(
         content["pipelineRun"] = {"id": event.release_id}
     subject: dict[str, object] = {
         "id": f"{event.node_key}/{event.causation_id or event.event_id}",
-        "type": "taskRun",
         "content": content,
     }
     return _envelope(event, TASKRUN_FINISHED, source, subject, {"nodeKey": event.node_key, **extra})
 
 
-def _pipeline_content(
-    release_id: str, pipeline_name: str, release_url: str | None, *, url_required: bool
-) -> dict[str, object]:
-    """The pipelineRun content shared by the release events: its name and, when known or required, its URL."""
-    content: dict[str, object] = {"pipelineName": pipeline_name}
-    if release_url is not None:
-        content["url"] = release_url.replace("{release_id}", release_id)
-    elif url_required:
-        content["url"] = ""
-    return content
+def _pipeline_content(release_id: str, pipeline_name: str, release_url: str | None) -> dict[str, object]:
+    """The pipelineRun content shared by the release events: its name and URI."""
+    uri = RELEASE_URN + release_id if release_url is None else release_url.replace("{release_id}", release_id)
+    return {"pipelineName": pipeline_name, "uri": uri}
 
 
 def _pipelinerun(
     event: Event, cd_type: str, source: str, content: dict[str, object], extra: dict[str, object]
 ) -> dict[str, object]:
     """A pipelineRun CDEvent about the release of `event`."""
-    subject: dict[str, object] = {"id": event.subject(), "type": "pipelineRun", "content": content}
+    subject: dict[str, object] = {"id": event.subject(), "content": content}
     return _envelope(event, cd_type, source, subject, extra)
+
+
+# --- the CloudEvents binding (cloudevents-binding.md of the spec) ------------------------------------------
+
+
+def _part(document: Mapping[str, object], name: str) -> Mapping[str, Any]:
+    part = document[name]
+    if not isinstance(part, Mapping):
+        raise TypeError(f"a CDEvent's {name} must be an object")
+    return part
+
+
+def cloud_event(cdevent: Mapping[str, object]) -> CloudEvent:
+    """The CloudEvent carrying `cdevent`: its id, source, type and time, subject = the CDEvents subject id."""
+    context, subject = _part(cdevent, "context"), _part(cdevent, "subject")
+    attributes: dict[str, Any] = {
+        "id": context["id"],
+        "source": context["source"],
+        "type": context["type"],
+        "subject": subject["id"],
+        "time": datetime.fromisoformat(context["timestamp"]),
+        "datacontenttype": CONTENT_TYPE,
+    }
+    return CloudEvent(attributes, dict(cdevent))
+
+
+def http_structured(cdevent: Mapping[str, object]) -> tuple[dict[str, str], bytes]:
+    """Headers and body of `cdevent` in the CloudEvents HTTP binding, structured content mode."""
+    message = ce_http.to_structured_event(cloud_event(cdevent))
+    return dict(message.headers), message.body
+
+
+def kafka_record(cdevent: Mapping[str, object]) -> Record:
+    """`cdevent` as a CloudEvents Kafka binary-mode message (JSON body), keyed by its subject id."""
+    event = cloud_event(cdevent)
+    message = ce_kafka.to_binary_event(event, key_mapper=lambda _: str(_part(cdevent, "subject")["id"]))
+    key = message.key.encode() if isinstance(message.key, str) else message.key
+    return Record(key=key, value=message.value, headers=tuple(message.headers.items()))

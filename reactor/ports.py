@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -277,4 +277,23 @@ class Store(Protocol):
 
     async def release_lease(self, name: str, holder: str) -> None:
         """Give up the lease `name` if `holder` has it, so another may take it at once."""
+        ...
+
+
+# --- CDEvents sinks ------------------------------------------------------------------------------
+
+
+class CDEventSink(Protocol):
+    """Somewhere CDEvents go for subscribers that speak CDEvents: a Kafka topic or an HTTP endpoint."""
+
+    name: str  # shown in logs and metrics: the topic or the URL
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def send(self, cdevent: Mapping[str, object]) -> None:
+        """Deliver one CDEvent (JSON form); returns once the sink has it, raises a retriable error if not yet."""
         ...

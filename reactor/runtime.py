@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
 
 import structlog
 
+from reactor.adapters.cdevent_sinks import HttpCDEventSink, KafkaCDEventSink
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.adapters.mongo_store import MongoStore
+from reactor.consumers.cdevents import CDEventsPublisher
 from reactor.consumers.executor_worker import ExecutorWorker
 from reactor.consumers.pacer import Pacer
 from reactor.consumers.rollback import RollbackConsumer
+from reactor.errors import InvalidInput
 from reactor.events import Topic
-from reactor.ports import EventBus, ExecutorFactory, ExecutorSettings, Store
+from reactor.ports import CDEventSink, EventBus, ExecutorFactory, ExecutorSettings, Store
 from reactor.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -31,7 +34,8 @@ class Role(StrEnum):
     EXECUTOR = "executor"
     PACER = "pacer"
     ROLLBACK = "rollback"
-    ALL = "all"
+    CDEVENTS = "cdevents"
+    ALL = "all"  # executor, pacer and rollback; the cdevents role runs only when asked for
 
 
 @dataclass
@@ -71,6 +75,47 @@ def kafka_bus(settings: Settings) -> KafkaBus:
     )
 
 
+def cdevent_sinks(settings: Settings) -> list[CDEventSink]:
+    """The sinks the cdevents role publishes to (not yet open): the Kafka topic, then each HTTP sink."""
+    sinks: list[CDEventSink] = []
+    if settings.mode == "distributed" and settings.cdevents_topic:
+        sinks.append(
+            KafkaCDEventSink(
+                settings.kafka_bootstrap,
+                settings.topic_prefix + settings.cdevents_topic,
+                partitions=settings.topic_partitions,
+                replication=settings.topic_replication,
+            )
+        )
+    sinks.extend(
+        HttpCDEventSink(
+            str(url),
+            attempts=settings.cdevents_attempts,
+            backoff_s=settings.cdevents_backoff_s,
+            max_backoff_s=settings.cdevents_max_backoff_s,
+            timeout_s=settings.cdevents_timeout_s,
+        )
+        for url in settings.cdevents_sinks
+    )
+    return sinks
+
+
+@asynccontextmanager
+async def cdevents_publisher(settings: Settings, wanted: bool) -> AsyncIterator[CDEventsPublisher | None]:
+    """The cdevents role's publisher with its sinks open (closed after it), or None when the role is not run."""
+    if not wanted:
+        yield None
+        return
+    sinks = cdevent_sinks(settings)
+    if not sinks:
+        raise InvalidInput("cdevents sinks", "set REACTOR_CDEVENTS_TOPIC or REACTOR_CDEVENTS_SINKS")
+    async with AsyncExitStack() as stack:
+        opened = [await stack.enter_async_context(sink) for sink in sinks]
+        yield CDEventsPublisher(
+            opened, source=settings.cdevents_source or settings.source, release_url=settings.cdevents_release_url
+        )
+
+
 async def run_roles(
     backends: Backends,
     settings: Settings,
@@ -83,7 +128,7 @@ async def run_roles(
     if Role.ALL in roles:
         roles = {Role.EXECUTOR, Role.PACER, Role.ROLLBACK}
     bus, store = backends.bus, backends.store
-    async with asyncio.TaskGroup() as tasks:
+    async with cdevents_publisher(settings, Role.CDEVENTS in roles) as publisher, asyncio.TaskGroup() as tasks:
         if Role.EXECUTOR in roles:
             worker = ExecutorWorker(
                 store,
@@ -115,6 +160,8 @@ async def run_roles(
             tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
             await pacer.recover()
             tasks.create_task(pacer.run_timers(tick_s=settings.timer_tick_s, resend_s=settings.resend_after_s))
+        if publisher is not None:
+            tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "cdevents", publisher.handle))
         log.info("worker running", roles=sorted(role.value for role in roles))
         if started is not None:
             started.set()

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AnyHttpUrl, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -69,8 +70,26 @@ class Settings(BaseSettings):
     physical_command_timeout_s: float = Field(default=120.0, gt=0)
     physical_concurrency: int = Field(default=32, ge=1, le=10_000)
     kubeconfig: Path | None = None
+    # The `cdevents` worker role: a topic under the prefix ("" for none) and/or HTTP sinks (comma-separated URLs).
+    cdevents_topic: str = Field(default="cdevents", pattern=r"^[A-Za-z0-9._-]{0,100}$")
+    cdevents_sinks: Annotated[list[AnyHttpUrl], NoDecode] = []
+    cdevents_source: str | None = Field(default=None, pattern=r"^\S+$")  # None: `source`
+    # The page of a release, `{release_id}` replaced, as each pipelineRun's `uri`; None: a URN naming the release.
+    cdevents_release_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    cdevents_attempts: int = Field(default=5, ge=1, le=100)
+    cdevents_backoff_s: float = Field(default=0.5, gt=0)
+    cdevents_max_backoff_s: float = Field(default=30.0, gt=0)
+    cdevents_timeout_s: float = Field(default=10.0, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] | None = None
+
+    @field_validator("cdevents_sinks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """REACTOR_CDEVENTS_SINKS is a comma-separated list of URLs."""
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
 
     def effective_log_level(self, default: str) -> str:
         """The configured log level, or the command's own default (workers log more than the CLI)."""

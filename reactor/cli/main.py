@@ -54,7 +54,7 @@ from reactor.observability import CountingBus, HealthServer
 from reactor.planfile import load_plan
 from reactor.recovery import RecoveryReport
 from reactor.replay import AuditReport, audit
-from reactor.runtime import Backends, Role, kafka_bus, open_backends, run_roles
+from reactor.runtime import Backends, Role, cdevent_sinks, kafka_bus, open_backends, run_roles
 from reactor.session import submit_and_follow
 from reactor.settings import Settings
 
@@ -459,6 +459,9 @@ def worker(
             "[red]invalid[/] mode: a standalone worker needs a shared bus; embedded mode runs workers inside "
             "`reactor release submit`, `reactor deploy` and `reactor demo`. Set REACTOR_MODE=distributed."
         )
+        raise typer.Exit(ExitCode.INVALID)
+    if role == Role.CDEVENTS and not cdevent_sinks(settings):
+        _say(err, ("invalid", "red"), " cdevents sinks: set REACTOR_CDEVENTS_TOPIC or REACTOR_CDEVENTS_SINKS")
         raise typer.Exit(ExitCode.INVALID)
 
     async def serve() -> None:

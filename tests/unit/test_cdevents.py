@@ -1,14 +1,14 @@
-"""CDEvents mapping: every mapped event validates against the official v0.4.1 JSON Schemas, ids are stable."""
+"""CDEvents mapping: every mapped event validates against the official v0.5.1 JSON Schemas, ids are stable."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
 import pytest
@@ -16,7 +16,6 @@ import pytest
 # jsonschema ships no type hints (see tests/unit/test_schemas.py): ignore `import-untyped` until types-jsonschema is in.
 from jsonschema import Draft202012Validator, ValidationError  # type: ignore[import-untyped,unused-ignore]
 from jsonschema.validators import validator_for  # type: ignore[import-untyped,unused-ignore]
-from referencing import Registry, Resource
 
 from reactor import cdevents
 from reactor.cdevents import SCHEMA_DIR, SCHEMA_FILES, to_cdevent
@@ -40,6 +39,7 @@ from reactor.events import (
     RollbackFailed,
     RollbackRequested,
 )
+from tests.cdevents_schemas import Json, check, validator
 
 pytestmark = pytest.mark.unit
 
@@ -48,40 +48,6 @@ T0 = datetime(2024, 5, 1, 12, 30, 15, 250000, tzinfo=UTC)
 HOST_NODE = "physical/web-1.example.com/shop"
 K8S_NODE = "k8s/prod-eu/shop/deployment/shop"
 IMAGE = "registry.example.com/shop:1.2.3"
-# RFC 3339 `date-time` (section 5.6); checked explicitly because jsonschema only enforces the `date-time` format
-# when the optional rfc3339-validator package is installed.
-RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$")
-
-Json = dict[str, Any]
-
-
-def _schema_files() -> Iterator[Json]:
-    """Every vendored schema document."""
-    for path in sorted(SCHEMA_DIR.rglob("*.json")):
-        yield json.loads(path.read_text(encoding="utf-8"))
-
-
-@cache
-def registry() -> Registry[Any]:
-    """All vendored schemas under their `$id`, so relative `$ref`s (links/embeddedlinksarray …) resolve offline."""
-    resources = [(doc["$id"], Resource.from_contents(doc)) for doc in _schema_files()]
-    return Registry().with_resources(resources)
-
-
-def validator(cd_type: str) -> Any:
-    """A validator for the official schema of `cd_type`, of the draft its `$schema` names, checking formats."""
-    schema = json.loads((SCHEMA_DIR / SCHEMA_FILES[cd_type]).read_text(encoding="utf-8"))
-    cls = validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema, registry=registry(), format_checker=cls.FORMAT_CHECKER)
-
-
-def check(cdevent: Json) -> None:
-    """Validate `cdevent` against the schema of its own type, plus the RFC 3339 timestamp."""
-    context = cdevent["context"]
-    validator(context["type"]).validate(cdevent)
-    assert RFC3339.match(context["timestamp"]), context["timestamp"]
-    assert datetime.fromisoformat(context["timestamp"]).tzinfo is not None
 
 
 def mapped(event: Event, **kwargs: Any) -> Json:
@@ -101,14 +67,14 @@ def plan(release_id: str = "r-1") -> ReleasePlan:
 # --- the vendored schemas ---------------------------------------------------------------------------
 
 
-def test_vendored_schemas_are_the_v0_4_1_ones_for_the_types_we_emit() -> None:
+def test_vendored_schemas_are_the_v0_5_1_ones_for_the_types_we_emit() -> None:
     for cd_type, filename in SCHEMA_FILES.items():
         schema = json.loads((SCHEMA_DIR / filename).read_text(encoding="utf-8"))
-        assert schema["$id"].startswith("https://cdevents.dev/0.4.1/schema/")
+        assert schema["$id"].startswith("https://cdevents.dev/0.5.1/schema/")
         assert validator_for(schema) is Draft202012Validator
         assert schema["properties"]["context"]["properties"]["type"]["enum"] == [cd_type]
-        assert schema["properties"]["context"]["required"] == ["version", "id", "source", "type", "timestamp"]
-    assert cdevents.SPEC_VERSION == "0.4.1"
+        assert schema["properties"]["context"]["required"] == ["specversion", "id", "source", "type", "timestamp"]
+    assert cdevents.SPEC_VERSION == "0.5.1"
 
 
 def test_link_refs_resolve_through_the_registry() -> None:
@@ -128,13 +94,12 @@ def test_first_deploy_is_service_deployed() -> None:
     event = NodeDeployed(node_key=HOST_NODE, service="shop", version="1.2.3", occurred_at=T0, release_id="r-1")
     result = mapped(event)
     context, subject = result["context"], result["subject"]
-    assert context["type"] == "dev.cdevents.service.deployed.0.2.0"
-    assert context["version"] == "0.4.1"
+    assert context["type"] == "dev.cdevents.service.deployed.0.3.0"
+    assert context["specversion"] == "0.5.1"
     assert context["source"] == SOURCE
     assert context["timestamp"] == "2024-05-01T12:30:15.250000Z"
     assert context["chainId"] == cdevents.chain_id("r-1")
     assert subject["id"] == HOST_NODE
-    assert subject["type"] == "service"
     assert subject["content"] == {
         "environment": {"id": "physical/web-1.example.com"},
         "artifactId": "pkg:generic/shop@1.2.3",
@@ -146,7 +111,7 @@ def test_first_deploy_is_service_deployed() -> None:
 def test_deploy_over_a_previous_version_is_service_upgraded() -> None:
     event = NodeDeployed(node_key=K8S_NODE, service="shop", version="1.3.0+build.7", prev_version="1.2.3")
     result = mapped(event)
-    assert result["context"]["type"] == "dev.cdevents.service.upgraded.0.2.0"
+    assert result["context"]["type"] == "dev.cdevents.service.upgraded.0.3.0"
     assert "chainId" not in result["context"]  # not part of a release
     assert result["subject"]["id"] == K8S_NODE
     assert result["subject"]["content"]["environment"] == {"id": "k8s/prod-eu"}
@@ -157,7 +122,7 @@ def test_deploy_over_a_previous_version_is_service_upgraded() -> None:
 def test_rolled_back_is_service_rolledback_with_the_version_now_running() -> None:
     event = NodeRolledBack(node_key=HOST_NODE, service="shop", version="1.2.3", from_version="1.3.0")
     result = mapped(event)
-    assert result["context"]["type"] == "dev.cdevents.service.rolledback.0.2.0"
+    assert result["context"]["type"] == "dev.cdevents.service.rolledback.0.3.0"
     assert result["subject"]["content"]["artifactId"] == "pkg:generic/shop@1.2.3"
     assert result["subject"]["content"]["environment"]["id"] == "physical/web-1.example.com"
     assert result["customData"]["fromVersion"] == "1.3.0"
@@ -192,8 +157,7 @@ def test_failed_deploy_is_a_failed_taskrun_of_the_release() -> None:
     )
     result = mapped(event)
     subject = result["subject"]
-    assert result["context"]["type"] == "dev.cdevents.taskrun.finished.0.2.0"
-    assert subject["type"] == "taskRun"
+    assert result["context"]["type"] == "dev.cdevents.taskrun.finished.0.3.0"
     assert subject["id"] == f"{HOST_NODE}/req-42"
     assert subject["content"] == {
         "taskName": "deploy shop",
@@ -209,7 +173,7 @@ def test_failed_rollback_outside_a_release_is_a_failed_taskrun_without_pipeliner
     event = RollbackFailed(node_key=K8S_NODE, service="shop", step="rollout", error="ProgressDeadlineExceeded")
     result = mapped(event)
     content = result["subject"]["content"]
-    assert result["context"]["type"] == "dev.cdevents.taskrun.finished.0.2.0"
+    assert result["context"]["type"] == "dev.cdevents.taskrun.finished.0.3.0"
     assert result["subject"]["id"] == f"{K8S_NODE}/{event.event_id}"
     assert content["taskName"] == "rollback shop"
     assert content["outcome"] == "failure"
@@ -223,13 +187,12 @@ def test_failed_rollback_outside_a_release_is_a_failed_taskrun_without_pipeliner
 def test_release_requested_is_pipelinerun_queued() -> None:
     event = ReleaseRequested(release_id="r-1", plan=plan(), actor="ci@example.com")
     result = mapped(event, release_url="https://reactor.example.com/releases/{release_id}")
-    assert result["context"]["type"] == "dev.cdevents.pipelinerun.queued.0.2.0"
+    assert result["context"]["type"] == "dev.cdevents.pipelinerun.queued.0.3.0"
     assert result["context"]["chainId"] == cdevents.chain_id("r-1")
     assert result["subject"]["id"] == "r-1"
-    assert result["subject"]["type"] == "pipelineRun"
     assert result["subject"]["content"] == {
         "pipelineName": cdevents.PIPELINE_NAME,
-        "url": "https://reactor.example.com/releases/r-1",
+        "uri": "https://reactor.example.com/releases/r-1",
     }
     assert result["customData"]["nodes"] == 2
     assert result["customData"]["service"] == "shop"
@@ -240,18 +203,20 @@ def test_first_batch_started_is_pipelinerun_started(release_url: str | None) -> 
     event = BatchStarted(release_id="r-1", batch=0, node_keys=[HOST_NODE])
     result = mapped(event, release_url=release_url)
     content = result["subject"]["content"]
-    assert result["context"]["type"] == "dev.cdevents.pipelinerun.started.0.2.0"
+    assert result["context"]["type"] == "dev.cdevents.pipelinerun.started.0.3.0"
     assert result["subject"]["id"] == "r-1"
     assert content["pipelineName"] == cdevents.PIPELINE_NAME
-    assert content["url"] == ("" if release_url is None else "https://reactor.example.com/releases/r-1")
+    assert content["uri"] == (
+        "urn:deploy-reactor:release:r-1" if release_url is None else "https://reactor.example.com/releases/r-1"
+    )
 
 
 def test_release_completed_is_a_successful_pipelinerun_finished() -> None:
     result = mapped(ReleaseCompleted(release_id="r-1", succeeded=2, failed=0), pipeline_name="shop release")
     content = result["subject"]["content"]
-    assert result["context"]["type"] == "dev.cdevents.pipelinerun.finished.0.2.0"
+    assert result["context"]["type"] == "dev.cdevents.pipelinerun.finished.0.3.0"
     assert result["subject"]["id"] == "r-1"
-    assert content == {"pipelineName": "shop release", "outcome": "success"}
+    assert content == {"pipelineName": "shop release", "uri": "urn:deploy-reactor:release:r-1", "outcome": "success"}
     assert result["customData"]["succeeded"] == 2
 
 
@@ -283,7 +248,7 @@ MAPPED: list[tuple[str, Callable[[], Event]]] = [
     [
         ("context", "timestamp"),
         ("context", "id"),
-        ("context", "version"),
+        ("context", "specversion"),
         ("subject", "id"),
         ("subject", "content"),
     ],
@@ -301,7 +266,7 @@ def test_the_schema_rejects_a_missing_required_field(make: Callable[[], Event], 
 def test_the_schema_rejects_a_wrong_type_or_an_unknown_field(make: Callable[[], Event]) -> None:
     good = mapped(make())
     wrong_type = copy.deepcopy(good)
-    wrong_type["context"]["type"] = good["context"]["type"].replace(".0.2.0", ".0.1.1")
+    wrong_type["context"]["type"] = good["context"]["type"].replace(".0.3.0", ".0.2.0")  # the spec 0.4 type
     with pytest.raises(ValidationError):
         validator(good["context"]["type"]).validate(wrong_type)
     unknown = copy.deepcopy(good)
@@ -319,11 +284,28 @@ def test_the_schema_rejects_a_service_event_without_artifact_or_environment() ->
             check(broken)
 
 
-def test_the_schema_rejects_pipelinerun_started_without_url() -> None:
-    broken = copy.deepcopy(mapped(BatchStarted(release_id="r-1", batch=0, node_keys=[HOST_NODE])))
-    del broken["subject"]["content"]["url"]
-    with pytest.raises(ValidationError):
-        check(broken)
+def test_the_schema_rejects_pipelinerun_started_without_an_absolute_uri() -> None:
+    good = mapped(BatchStarted(release_id="r-1", batch=0, node_keys=[HOST_NODE]))
+    for uri in (None, "", "/releases/r-1"):  # missing, empty (what 0.4 allowed as `url`), relative
+        broken = copy.deepcopy(good)
+        if uri is None:
+            del broken["subject"]["content"]["uri"]
+        else:
+            broken["subject"]["content"]["uri"] = uri
+        with pytest.raises(ValidationError):
+            check(broken)
+
+
+def test_the_schema_rejects_the_spec_0_4_context_and_subject_shape() -> None:
+    """0.5 renamed `context.version` to `specversion` and dropped `subject.type`: an old-shaped event fails."""
+    good = mapped(NodeDeployed(node_key=HOST_NODE, service="shop", version="1.2.3"))
+    old_context = copy.deepcopy(good)
+    old_context["context"]["version"] = old_context["context"].pop("specversion")
+    typed_subject = copy.deepcopy(good)
+    typed_subject["subject"]["type"] = "service"
+    for broken in (old_context, typed_subject):
+        with pytest.raises(ValidationError):
+            check(broken)
 
 
 # --- ids, timestamps, source ----------------------------------------------------------------------------
@@ -373,3 +355,50 @@ def test_an_invalid_source_is_refused(source: str) -> None:
 )
 def test_unmapped_events_return_none(event: Event) -> None:
     assert to_cdevent(event, source=SOURCE) is None
+
+
+def test_vendored_files_are_byte_for_byte_the_ones_the_readme_names() -> None:
+    """Each vendored file has the Git blob id its README row records (the id `git ls-tree v0.5.1` shows)."""
+    rows = re.findall(r"^\| `([^`]+)` \| `[^`]+` \| `([0-9a-f]{40})` \|", (SCHEMA_DIR / "README.md").read_text(), re.M)
+    listed = dict(rows)
+    vendored = {path.relative_to(SCHEMA_DIR).as_posix() for path in SCHEMA_DIR.rglob("*") if path.suffix == ".json"}
+    assert vendored | {"LICENSE"} == set(listed)
+    for name, blob in listed.items():
+        content = (SCHEMA_DIR / name).read_bytes()
+        assert hashlib.sha1(b"blob %d\0" % len(content) + content, usedforsecurity=False).hexdigest() == blob, name
+
+
+# --- the CloudEvents binding ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [make for _, make in MAPPED], ids=[name for name, _ in MAPPED])
+def test_http_structured_mode_carries_the_cdevent_with_its_id_source_type_subject_and_time(
+    make: Callable[[], Event],
+) -> None:
+    cdevent = mapped(make())
+    headers, body = cdevents.http_structured(cdevent)
+    assert headers["content-type"].startswith("application/cloudevents+json")
+    envelope = json.loads(body)
+    context = cdevent["context"]
+    assert envelope["specversion"] == "1.0"
+    assert envelope["id"] == context["id"]
+    assert envelope["source"] == context["source"]
+    assert envelope["type"] == context["type"]
+    assert envelope["subject"] == cdevent["subject"]["id"]
+    assert datetime.fromisoformat(envelope["time"]) == datetime.fromisoformat(context["timestamp"])
+    assert envelope["datacontenttype"] == "application/json"
+    assert envelope["data"] == cdevent
+    check(envelope["data"])
+
+
+def test_kafka_binary_mode_keys_by_subject_and_carries_the_cdevent_as_the_body() -> None:
+    cdevent = mapped(NodeDeployed(node_key=HOST_NODE, service="shop", version="1.2.3", release_id="r-1"))
+    record = cdevents.kafka_record(cdevent)
+    headers = {name: value.decode() for name, value in record.headers}
+    assert record.key == HOST_NODE.encode()
+    assert headers["ce_id"] == cdevent["context"]["id"]
+    assert headers["ce_type"] == "dev.cdevents.service.deployed.0.3.0"
+    assert headers["ce_subject"] == HOST_NODE
+    assert headers["ce_specversion"] == "1.0"
+    assert headers["content-type"] == "application/json"
+    assert json.loads(record.value) == cdevent

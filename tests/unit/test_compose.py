@@ -35,7 +35,7 @@ ENV_PREFIX = str(Settings.model_config.get("env_prefix") or "")
 # Read by the settings loader itself (where the TOML file is), so not a field of the model.
 LOADER_VARIABLES = {f"{ENV_PREFIX}CONFIG"}
 DEFAULT_HTTP_PORT = int(Settings.model_fields["http_port"].default)
-WORKER_SERVICES = {"executor", "pacer", "rollback"}
+WORKER_SERVICES = {"executor", "pacer", "rollback", "cdevents"}
 HEALTHY = "service_healthy"
 COMPLETED = "service_completed_successfully"
 
