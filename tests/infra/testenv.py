@@ -281,7 +281,8 @@ class Service:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, self.stop_signal)
             if not self._wait_gone(grace):
-                log(f"{self.name} (pid {self.pid}) ignored signal {self.stop_signal} for {grace:.0f}s; sending SIGKILL")
+                name = signal.Signals(self.stop_signal).name
+                log(f"{self.name} (pid {self.pid}) ignored {name} for {grace:.0f}s; sending SIGKILL")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
                 if not self._wait_gone(10):
@@ -735,6 +736,13 @@ def mongo_backend() -> str:
     return backend
 
 
+def install_ferretdb(backend: str) -> None:
+    """Build FerretDB into the cache; for `postgresql`, check that PostgreSQL is installed too."""
+    ensure_ferretdb()
+    if backend == "postgresql":
+        ensure_postgres()
+
+
 def ferretdb_backend(svc: Service) -> str:
     """The storage a FerretDB service started by `start_ferretdb` runs on."""
     command = svc.command
@@ -1039,7 +1047,7 @@ COMPONENTS: dict[str, Component] = {
     "mongo": Component(
         "mongo",
         f"FerretDB {FERRETDB_VERSION} (MongoDB wire protocol) on SQLite or on a PostgreSQL cluster of its own",
-        lambda: (ensure_ferretdb(), mongo_backend() == "postgresql" and ensure_postgres()),
+        lambda: install_ferretdb(mongo_backend()),
         lambda workdir: start_ferretdb(workdir, backend=mongo_backend(), outlive_parent=True),
         lambda svc: (
             None
