@@ -6,7 +6,8 @@ Full loop per node: DeployRequested -> executor worker (no-op executor) -> statu
 (and the rollback consumer reads every outcome too). Baseline: raw aiokafka produce -> consume of the same
 number of messages of the same size. Also: the embedded mode (in-memory bus, SQLite store), and the resident
 memory of one process running every role while `--in-flight` nodes are in flight on Kafka + FerretDB.
-Uses $REACTOR_KAFKA_BOOTSTRAP / $REACTOR_MONGO_URL when set, otherwise starts both with the test harness.
+Uses $REACTOR_KAFKA_BOOTSTRAP / $REACTOR_MONGO_URL when set, otherwise starts both with the test harness (FerretDB
+on $REACTOR_MONGO_BACKEND: sqlite, the default, or postgresql).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def backends() -> Iterator[tuple[str, str]]:
                 bootstrap = started[-1].env["REACTOR_KAFKA_BOOTSTRAP"]
             if mongo is None:
                 testenv.ensure_ferretdb()
-                started.append(testenv.start_ferretdb(Path(work) / "mongo"))
+                started.append(testenv.start_ferretdb(Path(work) / "mongo", backend=testenv.mongo_backend()))
                 mongo = started[-1].env["REACTOR_MONGO_URL"]
             yield bootstrap, mongo
         finally:

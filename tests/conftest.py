@@ -65,7 +65,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 @pytest.fixture(scope="session")
 def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A MongoDB-protocol server for the session: $REACTOR_MONGO_URL, else FerretDB started by the harness."""
+    """A MongoDB-protocol server for the session: $REACTOR_MONGO_URL, else FerretDB started by the harness on
+    $REACTOR_MONGO_BACKEND (`sqlite`, the default, or `postgresql`: a PostgreSQL cluster of its own)."""
     if url := os.environ.get("REACTOR_MONGO_URL"):
         try:
             with MongoClient[dict[str, object]](url, serverSelectionTimeoutMS=5000) as client:
@@ -75,8 +76,9 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
         return
     try:
+        backend = testenv.mongo_backend()
         testenv.ensure_ferretdb()
-        service = testenv.start_ferretdb(tmp_path_factory.mktemp("ferretdb"))
+        service = testenv.start_ferretdb(tmp_path_factory.mktemp("ferretdb"), backend=backend)
     except (testenv.TestEnvError, OSError) as exc:
         pytest.fail(f"FerretDB could not be started for the mongo tests: {exc}")
     try:

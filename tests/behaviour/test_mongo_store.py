@@ -188,7 +188,7 @@ async def test_a_socket_leaked_in_the_collecting_block_is_freed_before_it_ends()
 
 
 async def test_a_server_that_goes_away_makes_calls_unavailable(tmp_path: Path) -> None:
-    server = testenv.start_ferretdb(tmp_path / "ferretdb")
+    server = testenv.start_ferretdb(tmp_path / "ferretdb", backend=testenv.mongo_backend())
     try:
         async with (
             collecting_the_sockets_pymongo_leaks(),

@@ -154,6 +154,39 @@ def test_kafka_and_mongo_from_the_readme_run_until_down(env: dict[str, str]) -> 
         assert shell("scripts/testenv status", user).stderr == ""
 
 
+@pytest.mark.mongo
+@pytest.mark.timeout(300)
+def test_mongo_on_postgresql_from_the_readme_runs_until_down_with_its_cluster(env: dict[str, str]) -> None:
+    """`up mongo --backend postgresql`: FerretDB on a PostgreSQL cluster run by a non-root user, listed as
+    `mongo/postgres`; `up mongo` on SQLite is refused while it runs; `down` stops both and leaves no cluster."""
+    line = readme_line(README, 'out=$(scripts/testenv up mongo --backend postgresql) && eval "$out"')
+    down_all = readme_line(README, "scripts/testenv down")
+    with brought_up(line, ["mongo"], env, timeout=200) as exported:
+        assert set(exported) == {"REACTOR_MONGO_URL"}
+        user = {**env, **exported}
+        assert second_process([sys.executable, "-c", MONGO_PING], user).strip() == "1.0"
+        ferretdb = recorded(env, "mongo")
+        assert testenv.ferretdb_backend(ferretdb) == "postgresql"
+        [postgres] = ferretdb.parts
+        assert postgres.alive(), "PostgreSQL died with `up`"
+        assert Path(f"/proc/{postgres.pid}").stat().st_uid != 0 or os.geteuid() != 0, "PostgreSQL runs as root"
+        cluster = Path(postgres.workdir, "cluster").resolve()
+        assert (cluster / "data" / "PG_VERSION").exists()
+        status = shell("scripts/testenv status", user)
+        assert {row.split("\t")[0] for row in status.stderr.splitlines()} == {"mongo", "mongo/postgres"}
+
+        other = shell("scripts/testenv up mongo", env)
+        assert other.returncode == 1, other.stderr
+        assert "runs on postgresql, not sqlite" in other.stderr
+
+        mongo, sql = address(exported["REACTOR_MONGO_URL"]), address(postgres.env["REACTOR_POSTGRESQL_URL"])
+        down(down_all, env, "mongo")
+        assert refused(mongo)
+        assert refused(sql)
+        assert not postgres.alive()
+        assert not cluster.exists() or cluster.is_relative_to(postgres.workdir), "its private directory was left"
+
+
 @pytest.mark.k8s
 @pytest.mark.timeout(900)
 def test_k8s_from_the_readme_runs_until_down(env: dict[str, str]) -> None:

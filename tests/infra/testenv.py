@@ -1,7 +1,8 @@
 """Real test infrastructure for Deploy Reactor: install, start, wait for and stop
 a single-node Apache Kafka broker (KRaft, jars from Maven Central) and FerretDB
-(MongoDB wire protocol, SQLite backend, built from its Go module by our own tiny
-main in ``tests/infra/ferretdb``); fetch the official AsyncAPI JSON Schema (npm
+(MongoDB wire protocol, built from its Go module by our own tiny main in
+``tests/infra/ferretdb``) on SQLite or on a PostgreSQL cluster of its own
+(Debian's ``postgresql``); fetch the official AsyncAPI JSON Schema (npm
 package ``@asyncapi/specs``) that ``schemas/asyncapi.json`` is checked against.
 
 Pure standard library on purpose: it runs before any virtualenv exists (CI
@@ -33,6 +34,7 @@ import functools
 import hashlib
 import json
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -72,6 +74,11 @@ FERRETDB_START_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 KAFKA_STOP_GRACE = 30.0
 FERRETDB_STOP_GRACE = 10.0
+FERRETDB_BACKENDS = ("sqlite", "postgresql")
+POSTGRES_START_TIMEOUT = 60.0
+POSTGRES_STOP_GRACE = 30.0
+# PostgreSQL refuses to run as root; as root the harness runs it as this system user (Debian's package makes it).
+POSTGRES_USER = "postgres"
 
 HOST = "127.0.0.1"
 FERRETDB_SRC = Path(__file__).resolve().parent / "ferretdb"
@@ -178,13 +185,21 @@ def _clean_stale(dest: Path, tmp_prefix: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, what: str) -> None:
+def _run(
+    cmd: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    user: str | None = None,
+    what: str,
+) -> None:
     try:
         res = subprocess.run(
             cmd,
             check=False,
             cwd=cwd,
             env=env,
+            **_as_user(user),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -195,6 +210,13 @@ def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None 
     if res.returncode != 0:
         tail = "\n".join(res.stdout.splitlines()[-40:])
         raise TestEnvError(f"{what} failed (exit {res.returncode}): {shlex.join(cmd)}\n{tail}")
+
+
+def _as_user(user: str | None) -> dict[str, Any]:
+    """Popen arguments that run a child as `user` with their own group and no supplementary ones (None: as we are)."""
+    if user is None:
+        return {}
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
 
 
 def _java() -> str:
@@ -223,6 +245,11 @@ class Service:
     stop_grace: float = 10.0
     starttime: int | None = None  # /proc starttime, guards against pid reuse
     command: list[str] = dataclasses.field(default_factory=list)  # what started it (`relaunch` runs it again)
+    stop_signal: int = signal.SIGTERM.value  # what asks it to stop (PostgreSQL: SIGINT, its fast shutdown)
+    # What it runs on and started for itself (FerretDB's PostgreSQL): stopped after it, left alone by `kill`.
+    parts: list[Service] = dataclasses.field(default_factory=list)
+    # A directory outside `workdir` that holds its files (see `start_postgres`), removed once it has stopped.
+    scratch: str = ""
     _proc: subprocess.Popen[bytes] | None = dataclasses.field(default=None, repr=False, compare=False)
     _ready: Callable[[], bool] | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -241,25 +268,37 @@ class Service:
         return not self.alive()
 
     def stop(self, grace: float | None = None) -> None:
-        """SIGTERM, wait up to `grace` seconds, then SIGKILL; then kill what it left behind. Idempotent."""
-        grace = self.stop_grace if grace is None else grace
-        if not self.alive():
-            self._reap()
-            self._kill_leftovers()
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        if not self._wait_gone(grace):
-            log(f"{self.name} (pid {self.pid}) ignored SIGTERM for {grace:.0f}s; sending SIGKILL")
+        """`stop_signal`, wait up to `grace` seconds, then SIGKILL; then kill what it left behind; then stop its
+        parts. Idempotent."""
+        try:
+            self._stop_own(self.stop_grace if grace is None else grace)
+        finally:
+            for part in reversed(self.parts):
+                part.stop(grace)
+
+    def _stop_own(self, grace: float) -> None:
+        if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            if not self._wait_gone(10):
-                raise TestEnvError(f"{self.name} (pid {self.pid}) survived SIGKILL")
+                os.kill(self.pid, self.stop_signal)
+            if not self._wait_gone(grace):
+                name = signal.Signals(self.stop_signal).name
+                log(f"{self.name} (pid {self.pid}) ignored {name} for {grace:.0f}s; sending SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                if not self._wait_gone(10):
+                    raise TestEnvError(f"{self.name} (pid {self.pid}) survived SIGKILL")
         self._reap()
         self._kill_leftovers()
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def all_alive(self) -> bool:
+        """The service and every part it runs on are alive."""
+        return self.alive() and all(part.all_alive() for part in self.parts)
 
     def kill(self) -> None:
-        """SIGKILL the service and its process group at once, as a crash would: no chance to clean up."""
+        """SIGKILL the service and its process group at once, as a crash would: no chance to clean up. Its parts
+        (FerretDB's PostgreSQL) keep running, as a database does when its client crashes."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)  # its own session: the group id is its pid
@@ -308,12 +347,16 @@ class Service:
                 self._proc.wait(timeout=5)
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        d["parts"] = [part.to_json() for part in self.parts]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Service:
         fields = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        known = {k: v for k, v in d.items() if k in fields}
+        known["parts"] = [cls.from_json(part) for part in d.get("parts", [])]
+        return cls(**known)
 
     def __enter__(self) -> Service:
         return self
@@ -338,6 +381,7 @@ def _spawn(
     stop_grace: float,
     env: dict[str, str] | None = None,
     outlive_parent: bool = False,
+    user: str | None = None,
 ) -> Service:
     """Start a service in its own session (the terminal's ^C does not reach it; its process group, whose id is
     its pid, holds what it starts, which `Service.stop` kills if the service left any of it behind).
@@ -345,6 +389,7 @@ def _spawn(
     Unless `outlive_parent` (the `up` command, whose services live until `down`), the service is killed with
     the process that started it, so a test run that is SIGKILLed leaves no broker or database behind. The
     parent must be a thread that lives as long as the service (the kernel signals on the forking thread's exit).
+    With `user`, it runs as that user (the parent-death signal is set after the switch, which would clear it).
     """
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
@@ -355,6 +400,7 @@ def _spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **_as_user(user),
             preexec_fn=None if outlive_parent else _die_with_parent,  # noqa: PLW1509 (no threads fork here)
         )
     return Service(
@@ -628,10 +674,14 @@ def _ferretdb_src_hash() -> str:
 
 
 def ensure_ferretdb(version: str = FERRETDB_VERSION) -> Path:
-    """Path to our FerretDB launcher binary for `version`, built once into the cache."""
-    dest = CACHE / f"ferretdb-{version}"
-    binary = dest / "ferretdb"
+    """Path to our FerretDB launcher binary for `version`, built once into the cache.
+
+    The cache entry is named by the launcher's source hash too, so checkouts with different launchers (branches,
+    worktrees sharing one cache) each keep their own build instead of rebuilding over each other's.
+    """
     src_hash = _ferretdb_src_hash()
+    dest = CACHE / f"ferretdb-{version}-{src_hash}"
+    binary = dest / "ferretdb"
 
     def cached() -> bool:
         try:
@@ -642,17 +692,17 @@ def ensure_ferretdb(version: str = FERRETDB_VERSION) -> Path:
 
     if cached():
         return binary
-    with _locked(CACHE / f".ferretdb-{version}.lock"):
+    with _locked(CACHE / f".ferretdb-{version}-{src_hash}.lock"):
         if cached():
             return binary
         go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
         if not go:
             raise TestEnvError("go not found on PATH (Go >= 1.24 is needed to build FerretDB)")
-        log(f"building FerretDB {version} (Go module, SQLite backend) into {dest}")
+        log(f"building FerretDB {version} (Go module, SQLite and PostgreSQL backends) into {dest}")
         t0 = time.monotonic()
-        _clean_stale(dest, f".tmp-ferretdb-{version}-")  # half-done earlier attempt
+        _clean_stale(dest, f".tmp-ferretdb-{version}-{src_hash}-")  # half-done earlier attempt
         dest.mkdir(parents=True)
-        with tempfile.TemporaryDirectory(prefix=f".tmp-ferretdb-{version}-", dir=CACHE) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".tmp-ferretdb-{version}-{src_hash}-", dir=CACHE) as tmp:
             tmpd = Path(tmp)
             for name in ("main.go", "go.mod", "go.sum"):
                 shutil.copy2(FERRETDB_SRC / name, tmpd / name)
@@ -678,26 +728,66 @@ def ensure_ferretdb(version: str = FERRETDB_VERSION) -> Path:
     return binary
 
 
-def start_ferretdb(workdir: Path, version: str = FERRETDB_VERSION, *, outlive_parent: bool = False) -> Service:
-    """Start FerretDB (SQLite data in `workdir`, wiped first) and wait until it accepts TCP."""
+def mongo_backend() -> str:
+    """FerretDB's storage chosen by $REACTOR_MONGO_BACKEND: `sqlite` (the default) or `postgresql`."""
+    backend = os.environ.get("REACTOR_MONGO_BACKEND") or "sqlite"
+    if backend not in FERRETDB_BACKENDS:
+        raise TestEnvError(f"REACTOR_MONGO_BACKEND={backend!r}: one of {', '.join(FERRETDB_BACKENDS)}")
+    return backend
+
+
+def install_ferretdb(backend: str) -> None:
+    """Build FerretDB into the cache; for `postgresql`, check that PostgreSQL is installed too."""
+    ensure_ferretdb()
+    if backend == "postgresql":
+        ensure_postgres()
+
+
+def ferretdb_backend(svc: Service) -> str:
+    """The storage a FerretDB service started by `start_ferretdb` runs on."""
+    command = svc.command
+    return command[command.index("-handler") + 1] if "-handler" in command else "sqlite"
+
+
+def start_ferretdb(
+    workdir: Path, version: str = FERRETDB_VERSION, *, backend: str = "sqlite", outlive_parent: bool = False
+) -> Service:
+    """Start FerretDB and wait until it accepts TCP. Its data is in `workdir` (wiped first): SQLite files, or with
+    `backend="postgresql"` a PostgreSQL cluster of its own (`start_postgres`), which is part of the service:
+    stopped after FerretDB stops, left running when FerretDB is killed or relaunched."""
+    if backend not in FERRETDB_BACKENDS:
+        raise TestEnvError(f"FerretDB backend {backend!r}: one of {', '.join(FERRETDB_BACKENDS)}")
     binary = ensure_ferretdb(version)
     workdir = Path(workdir).resolve()
+    _wipe_postgres(workdir / "postgres")
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    port = free_port()
     t0 = time.monotonic()
-    svc = _spawn(
-        "mongo",
-        [str(binary), "-listen-addr", f"{HOST}:{port}", "-sqlite-dir", str(workdir / "data")],
-        workdir,
-        workdir / "ferretdb.log",
-        stop_grace=FERRETDB_STOP_GRACE,
-        outlive_parent=outlive_parent,
-    )
-    svc.env = {"REACTOR_MONGO_URL": f"mongodb://{HOST}:{port}/"}
-    svc._ready = lambda: _tcp_accepts(port)
-    _wait_until(svc, svc._ready, FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
-    log(f"FerretDB {version} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
+    parts: list[Service] = []
+    if backend == "postgresql":
+        parts.append(start_postgres(workdir / "postgres", outlive_parent=outlive_parent))
+        storage = ["-handler", "postgresql", "-postgresql-url", parts[0].env["REACTOR_POSTGRESQL_URL"]]
+    else:
+        storage = ["-handler", "sqlite", "-sqlite-dir", str(workdir / "data")]
+    port = free_port()
+    try:
+        svc = _spawn(
+            "mongo",
+            [str(binary), "-listen-addr", f"{HOST}:{port}", *storage],
+            workdir,
+            workdir / "ferretdb.log",
+            stop_grace=FERRETDB_STOP_GRACE,
+            outlive_parent=outlive_parent,
+        )
+        svc.parts = parts
+        svc.env = {"REACTOR_MONGO_URL": f"mongodb://{HOST}:{port}/"}
+        svc._ready = lambda: _tcp_accepts(port)
+        _wait_until(svc, svc._ready, FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
+    except BaseException:
+        for part in parts:
+            part.stop()
+        raise
+    log(f"FerretDB {version} on {backend} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
     return svc
 
 
@@ -726,9 +816,158 @@ def relaunch(svc: Service, *, outlive_parent: bool = False) -> Service:
         svc.name, svc.command, Path(svc.workdir), logfile, stop_grace=svc.stop_grace, outlive_parent=outlive_parent
     )
     again.env = dict(svc.env)
+    again.parts, again.stop_signal, again.scratch = svc.parts, svc.stop_signal, svc.scratch
     again._ready = ready
     log(f"{svc.name} started again (pid {again.pid}, was {svc.pid}) on port {port}")
     return again
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL (FerretDB's second backend): Debian's `postgresql`, an unprivileged cluster per start
+
+
+def ensure_postgres() -> Path:
+    """The directory of PostgreSQL's server programs (`initdb`, `postgres`): Debian's newest, else on PATH."""
+    debian = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/postgres") if p.parent.parent.name.isdigit()]
+    if debian:
+        return max(debian, key=lambda bindir: int(bindir.parent.name))
+    on_path = shutil.which("postgres")
+    if on_path and (Path(on_path).parent / "initdb").exists():
+        return Path(on_path).parent
+    raise TestEnvError("PostgreSQL server not found (apt-get install postgresql)")
+
+
+def _postgres_user() -> str | None:
+    """Who runs the cluster: this user (None), or as root (which PostgreSQL refuses to run as) `POSTGRES_USER`."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(POSTGRES_USER)
+    except KeyError:
+        raise TestEnvError(
+            f"as root, PostgreSQL runs as the system user {POSTGRES_USER!r}, which does not exist "
+            "(apt-get install postgresql makes it)"
+        ) from None
+    return POSTGRES_USER
+
+
+def _reachable_by(user: str | None, directory: Path) -> bool:
+    """Whether `user` can get into `directory` (every directory above it lets them through)."""
+    if user is None:
+        return True
+    probe = subprocess.run(
+        ["test", "-x", str(directory)],
+        **_as_user(user),
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+def _give(path: Path, user: str | None) -> None:
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _wipe_postgres(workdir: Path) -> None:
+    """Remove a cluster `start_postgres` made in `workdir` earlier, with its private directory if it had one."""
+    link = workdir / "cluster"
+    if link.is_symlink():
+        target = Path(os.readlink(link))
+        if target.name.startswith("reactor-postgres-"):
+            shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_postgres(workdir: Path, *, outlive_parent: bool = False) -> Service:
+    """initdb a PostgreSQL cluster in `workdir` (wiped first) and start it on a free port of 127.0.0.1, its unix
+    socket in the cluster directory, trust authentication for loopback and that socket only; wait until it takes
+    connections and has the database `ferretdb`. Its URL is ``env["REACTOR_POSTGRESQL_URL"]``.
+
+    As root it runs as the system user `postgres`. That user cannot get into a workdir under /root or pytest's
+    private temp root, so then the cluster lives in a private directory of its own under the system temp dir,
+    linked from ``<workdir>/cluster`` and removed when the service stops (or on the next start here).
+    """
+    bindir = ensure_postgres()
+    user = _postgres_user()
+    workdir = Path(workdir).resolve()
+    _wipe_postgres(workdir)
+    workdir.mkdir(parents=True)
+    scratch = ""
+    if _reachable_by(user, workdir):
+        cluster = workdir / "cluster"
+        cluster.mkdir()
+    else:
+        scratch = tempfile.mkdtemp(prefix="reactor-postgres-")
+        (workdir / "cluster").symlink_to(scratch)
+        cluster = Path(scratch)
+    _give(cluster, user)
+    data, sockets = cluster / "data", cluster / "socket"
+    sockets.mkdir()
+    _give(sockets, user)
+    t0 = time.monotonic()
+    try:
+        _run(
+            [
+                str(bindir / "initdb"),
+                *("-D", str(data), "-U", "postgres", "-E", "UTF8", "--locale=C", "--auth=trust"),
+                "--no-sync",  # a test cluster: no fsync of the new files
+                "--no-instructions",
+            ],
+            cwd=cluster,
+            user=user,
+            what="PostgreSQL initdb",
+        )
+        hba = data / "pg_hba.conf"  # replaces initdb's, which also trusts replication connections and IPv6
+        hba.write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+        _give(hba, user)
+    except BaseException:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    port = free_port()
+    settings = {
+        "listen_addresses": HOST,
+        "port": str(port),
+        "unix_socket_directories": str(sockets),
+        # A test cluster, thrown away after the run: no waiting for the disk.
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+    }
+    command = [str(bindir / "postgres"), "-D", str(data)]
+    for key, value in settings.items():
+        command += ["-c", f"{key}={value}"]
+    svc = _spawn(
+        "postgres",
+        command,
+        cluster,
+        workdir / "postgres.log",
+        stop_grace=POSTGRES_STOP_GRACE,
+        outlive_parent=outlive_parent,
+        user=user,
+    )
+    svc.workdir, svc.stop_signal, svc.scratch = str(workdir), signal.SIGINT.value, scratch
+    url = f"postgres://postgres@{HOST}:{port}/ferretdb"
+    svc.env = {"REACTOR_POSTGRESQL_URL": url}
+    client = ["-h", HOST, "-p", str(port), "-U", "postgres"]
+
+    def ready() -> bool:
+        isready = [str(bindir / "pg_isready"), *client, "-d", "postgres", "-q", "-t", "2"]
+        return subprocess.run(isready, stdin=subprocess.DEVNULL, capture_output=True, check=False).returncode == 0
+
+    svc._ready = ready
+    try:
+        _wait_until(svc, ready, POSTGRES_START_TIMEOUT, f"PostgreSQL on {HOST}:{port}")
+        _run([str(bindir / "createdb"), *client, "ferretdb"], what="createdb ferretdb")
+    except BaseException:
+        svc.stop(grace=5)
+        raise
+    log(f"PostgreSQL {bindir.parent.name} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
+    return svc
 
 
 # --------------------------------------------------------------------------
@@ -793,6 +1032,8 @@ class Component:
     description: str
     install: Callable[[], object]
     start: Callable[[Path], Service]
+    # Why a running instance is not what `start` would start now (None: it is), e.g. FerretDB on another backend.
+    differs: Callable[[Service], str | None] = lambda _svc: None
 
 
 COMPONENTS: dict[str, Component] = {
@@ -802,11 +1043,17 @@ COMPONENTS: dict[str, Component] = {
         ensure_kafka,
         lambda workdir: start_kafka(workdir, outlive_parent=True),
     ),
+    # Backend: $REACTOR_MONGO_BACKEND (`up mongo --backend postgresql`); on PostgreSQL its cluster is part of it.
     "mongo": Component(
         "mongo",
-        f"FerretDB {FERRETDB_VERSION} (MongoDB wire protocol, SQLite)",
-        ensure_ferretdb,
-        lambda workdir: start_ferretdb(workdir, outlive_parent=True),
+        f"FerretDB {FERRETDB_VERSION} (MongoDB wire protocol) on SQLite or on a PostgreSQL cluster of its own",
+        lambda: install_ferretdb(mongo_backend()),
+        lambda workdir: start_ferretdb(workdir, backend=mongo_backend(), outlive_parent=True),
+        lambda svc: (
+            None
+            if ferretdb_backend(svc) == mongo_backend()
+            else f"it runs on {ferretdb_backend(svc)}, not {mongo_backend()}"
+        ),
     ),
     # Imported on use: tests/infra/fleet.py imports this module. Hosts: $REACTOR_FLEET_HOSTS (`up --hosts N`).
     "fleet": Component(
@@ -878,9 +1125,12 @@ def up(names: list[str]) -> dict[str, Service]:
     with _locked(rundir() / ".state.lock"):
         state = load_state()
         for name, svc in list(state.items()):
-            if not svc.alive():
+            if not svc.all_alive():
                 svc.stop()  # a dead one's leftovers (children of a killed supervisor) go before it is restarted
                 del state[name]
+        for c in comps:
+            if c.name in state and (why := c.differs(state[c.name])):
+                raise TestEnvError(f"{c.name} is already running, but {why}: `scripts/testenv down {c.name}` first")
         todo = [c for c in comps if c.name not in state]
         for c in comps:
             if c.name in state:
@@ -917,7 +1167,7 @@ def down(names: list[str] | None = None) -> list[str]:
             if names and name not in names:
                 continue
             svc = state.pop(name)
-            if svc.alive():
+            if svc.all_alive():
                 log(f"stopping {name} (pid {svc.pid})")
                 stopped.append(name)
             else:
@@ -928,4 +1178,4 @@ def down(names: list[str] | None = None) -> list[str]:
 
 
 def running() -> dict[str, Service]:
-    return {n: s for n, s in load_state().items() if s.alive()}
+    return {n: s for n, s in load_state().items() if s.all_alive()}

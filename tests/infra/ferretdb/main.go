@@ -1,4 +1,4 @@
-// Command ferretdb is a minimal launcher for embedded FerretDB (SQLite backend),
+// Command ferretdb is a minimal launcher for embedded FerretDB on SQLite or PostgreSQL,
 // used only by the Deploy Reactor test harness (tests/infra/testenv.py).
 //
 // The upstream cmd/ferretdb cannot be built with `go install` (it panics on a
@@ -20,7 +20,11 @@ import (
 
 func main() {
 	listenAddr := flag.String("listen-addr", "127.0.0.1:27017", "TCP address to listen on")
-	sqliteDir := flag.String("sqlite-dir", "data", "directory for SQLite database files")
+	handler := flag.String("handler", "sqlite", "backend: sqlite or postgresql")
+	sqliteDir := flag.String("sqlite-dir", "data", "directory for SQLite database files (sqlite handler)")
+	postgresqlURL := flag.String(
+		"postgresql-url", "", "PostgreSQL URL, e.g. postgres://127.0.0.1:5432/ferretdb (postgresql handler)",
+	)
 	logLevel := flag.String("log-level", "info", "log level: debug, info, warn, error")
 	flag.Parse()
 
@@ -31,24 +35,40 @@ func main() {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	dir, err := filepath.Abs(*sqliteDir)
-	if err != nil {
-		logger.Error("bad -sqlite-dir", "error", err)
-		os.Exit(2)
+	config := &ferretdb.Config{
+		Listener: ferretdb.ListenerConfig{TCP: *listenAddr},
+		Logger:   logger,
+		Handler:  *handler,
 	}
-	if err = os.MkdirAll(dir, 0o755); err != nil {
-		logger.Error("cannot create -sqlite-dir", "error", err)
-		os.Exit(1)
-	}
-
-	f, err := ferretdb.New(&ferretdb.Config{
-		Listener:  ferretdb.ListenerConfig{TCP: *listenAddr},
-		Logger:    logger,
-		Handler:   "sqlite",
+	var backend []any
+	switch *handler {
+	case "sqlite":
+		dir, err := filepath.Abs(*sqliteDir)
+		if err != nil {
+			logger.Error("bad -sqlite-dir", "error", err)
+			os.Exit(2)
+		}
+		if err = os.MkdirAll(dir, 0o755); err != nil {
+			logger.Error("cannot create -sqlite-dir", "error", err)
+			os.Exit(1)
+		}
 		// WAL without an fsync per commit: a test server, where durability across power loss does not matter
 		// and per-commit fsyncs would make every write cost milliseconds.
-		SQLiteURL: "file:" + dir + "/?_pragma=synchronous(normal)",
-	})
+		config.SQLiteURL = "file:" + dir + "/?_pragma=synchronous(normal)"
+		backend = []any{"sqlite-dir", dir}
+	case "postgresql":
+		if *postgresqlURL == "" {
+			logger.Error("-postgresql-url is required with -handler postgresql")
+			os.Exit(2)
+		}
+		config.PostgreSQLURL = *postgresqlURL
+		backend = []any{"postgresql-url", *postgresqlURL}
+	default:
+		fmt.Fprintf(os.Stderr, "invalid -handler %q: sqlite or postgresql\n", *handler)
+		os.Exit(2)
+	}
+
+	f, err := ferretdb.New(config)
 	if err != nil {
 		logger.Error("cannot start FerretDB", "error", err)
 		os.Exit(1)
@@ -57,7 +77,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	logger.Info("FerretDB listening", "addr", *listenAddr, "sqlite-dir", dir)
+	logger.Info("FerretDB listening", append([]any{"addr", *listenAddr, "handler", *handler}, backend...)...)
 	if err = f.Run(ctx); err != nil {
 		logger.Error("FerretDB stopped with error", "error", err)
 		os.Exit(1)
