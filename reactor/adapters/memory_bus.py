@@ -21,6 +21,7 @@ from reactor.codec import Record, decode, encode
 from reactor.errors import DecodeError
 from reactor.events import Event, Topic
 from reactor.ports import Handler
+from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
 log = structlog.get_logger(__name__)
 
@@ -28,8 +29,16 @@ log = structlog.get_logger(__name__)
 class MemoryBus:
     """Topics as in-process logs; each consumer group starts at the beginning of a topic."""
 
-    def __init__(self, *, source: str = "/reactor", concurrency: int = 256, retry_delay_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        source: str = "/reactor",
+        concurrency: int = 256,
+        retry_delay_s: float = 0.05,
+        signatures: Signatures = NO_SIGNATURES,
+    ) -> None:
         self.source = source
+        self.signatures = signatures
         self.concurrency = concurrency
         self.retry_delay_s = retry_delay_s
         self._logs: dict[Topic, list[_Message]] = defaultdict(list)
@@ -51,7 +60,9 @@ class MemoryBus:
 
     async def publish(self, event: Event) -> None:
         """Append the event to its topic and hand it to every group reading that topic."""
-        self._append(event.TOPIC, _Message(self.source, event=event))
+        if self.signatures.required and self.signatures.key is None:
+            self.signatures.sign(encode(event, self.source))  # raises: signatures required, no key to sign with
+        self._append(event.TOPIC, _Message(self.source, event=event, signatures=self.signatures))
 
     async def publish_raw(self, topic: Topic, record: Record) -> None:
         """Append a raw message, valid or not (what a CI/CD system or a test may send)."""
@@ -156,10 +167,18 @@ class MemoryBus:
 class _Message:
     """One message of a topic: the event as published in-process, or raw bytes; encoded only when read."""
 
-    __slots__ = ("_record", "event", "key", "source")
+    __slots__ = ("_record", "event", "key", "signatures", "source")
 
-    def __init__(self, source: str, *, event: Event | None = None, record: Record | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        event: Event | None = None,
+        record: Record | None = None,
+        signatures: Signatures = NO_SIGNATURES,
+    ) -> None:
         self.source = source
+        self.signatures = signatures
         self.event = event
         self._record = record
         if record is not None:
@@ -170,10 +189,10 @@ class _Message:
             raise ValueError("a message needs an event or a record")
 
     def record(self) -> Record:
-        """The message as Kafka would carry it."""
+        """The message as Kafka would carry it (signed, when this process has a key)."""
         if self._record is None:
             assert self.event is not None  # noqa: S101 (the constructor guarantees one of the two)
-            self._record = encode(self.event, self.source)
+            self._record = self.signatures.sign(encode(self.event, self.source))
         return self._record
 
 
@@ -205,6 +224,7 @@ class _Member:
             self.bus.dead_letter,
             retry_delay_s=self.bus.retry_delay_s,
             event=message.event,
+            check=self.bus.signatures.check,
         )
 
     def _done(self, item: tuple[Topic, _Message]) -> None:
