@@ -24,6 +24,7 @@ from reactor.ports import EventBus, ExecutorFactory, ExecutorSettings, Store
 from reactor.settings import Settings
 from reactor.trust import load_signing_key, load_trust_file
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
+from reactor.trust.keys import check_private_file
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +115,9 @@ async def run_roles(
         raise InvalidInput(
             "signing_key", "REACTOR_REQUIRE_SIGNED is on: a worker signs what it emits; set REACTOR_SIGNING_KEY"
         )
+    if Role.EXECUTOR in roles and settings.physical_private_key is not None:
+        # OpenSSH refuses such a key, asyncssh would not: refused here for both drivers, before anything is taken.
+        check_private_file(settings.physical_private_key, "SSH private key (REACTOR_PHYSICAL_PRIVATE_KEY)")
     bus, store = backends.bus, backends.store
     async with asyncio.TaskGroup() as tasks:
         if Role.EXECUTOR in roles:
