@@ -2,7 +2,8 @@
 
 It shares the Kafka bus's dispatcher: per-key order, different keys concurrently, retries of retriable
 failures, dead-lettering of the rest. Events published in-process are handed over as they are; raw messages
-go through the same CloudEvents codec as on Kafka, and any message is encoded when someone reads the log.
+go through the same CloudEvents codec as on Kafka, and any message is encoded when someone reads the log. With
+signatures required (or `through_codec`) every event goes through the codec, signed and verified, as on Kafka.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ class MemoryBus:
         concurrency: int = 256,
         retry_delay_s: float = 0.05,
         signatures: Signatures = NO_SIGNATURES,
+        through_codec: bool = False,
     ) -> None:
         self.source = source
         self.signatures = signatures
+        # Every published event encoded (and signed, with a key) at once and decoded (and verified, when signatures
+        # are required) on delivery, as on Kafka; otherwise events are handed over as they are.
+        self.through_codec = through_codec or signatures.required
         self.concurrency = concurrency
         self.retry_delay_s = retry_delay_s
         self._logs: dict[Topic, list[_Message]] = defaultdict(list)
@@ -60,8 +65,9 @@ class MemoryBus:
 
     async def publish(self, event: Event) -> None:
         """Append the event to its topic and hand it to every group reading that topic."""
-        if self.signatures.required and self.signatures.key is None:
-            self.signatures.sign(encode(event, self.source))  # raises: signatures required, no key to sign with
+        if self.through_codec:
+            self._append(event.TOPIC, _Message(self.source, record=self.signatures.sign(encode(event, self.source))))
+            return
         self._append(event.TOPIC, _Message(self.source, event=event, signatures=self.signatures))
 
     async def publish_raw(self, topic: Topic, record: Record) -> None:

@@ -164,3 +164,17 @@ async def test_a_worker_without_a_signing_key_is_refused_before_it_takes_anythin
     ):
         with pytest.raises(InvalidInput, match="REACTOR_SIGNING_KEY"):
             await run_roles(Backends(bus=bus, store=store, memory_bus=bus), settings, {Role.ALL})
+
+
+async def test_with_signatures_required_the_memory_bus_signs_and_verifies_every_event_as_kafka_would() -> None:
+    """Embedded mode switched on: an in-process event is encoded, signed, verified and decoded on its way."""
+    key = _key()
+    trust = TrustStore([Identity.of("reactor", key.public_key, reactor=True)])
+    deploy = _deploy()
+    async with MemoryBus(signatures=Signatures(key=key, trust=trust, required=True)) as bus:
+        await bus.publish(deploy)
+        [handled] = await _delivered(bus, Topic.COMMANDS)
+        [record] = bus.records(Topic.COMMANDS)
+    assert handled == deploy
+    assert handled is not deploy  # it went through the codec
+    assert verify_record(record, trust).identity.name == "reactor"
