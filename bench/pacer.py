@@ -1,10 +1,14 @@
 """Pure orchestration overhead of the embedded reactor: one release, no-op executor, no work to wait for.
 
-    python bench/pacer.py [--nodes 10000] [--batches 10] [--max-parallel 500]
+    python bench/pacer.py [--nodes 10000] [--batches 10] [--max-parallel 500] [--signing-nodes 2000]
 
 The executor does nothing, so everything measured is the reactor's own cost per node: pacing, the bus,
 the claim and status writes, the outcome and its counting. Baseline in the same run: the same number of
 no-op executor calls made directly in a loop (what the work itself costs).
+
+Signing: two more releases of `--signing-nodes` nodes in the same process, every event through the codec as on
+Kafka, first unsigned, then signed (Ed25519) and verified by each consumer; the difference per node is the cost
+of signatures, and the ratio compares the two runs (0 skips them).
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from bench.bus import release, rss_mb, run_release
 from reactor import logs
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.memory_bus import MemoryBus
+from reactor.codec import Record
 from reactor.domain.status import pending
 from reactor.events import Strategy
 from reactor.executors.noop import NoopExecutor
 from reactor.ports import ExecutionContext
 from reactor.settings import Settings
+from reactor.trust import generate_key, load_signing_key, load_trust_file
+from reactor.trust.enforcement import NO_SIGNATURES, Signatures
+from reactor.trust.signing import Verified
 
 
 async def direct_calls(count: int) -> float:
@@ -42,12 +50,67 @@ async def direct_calls(count: int) -> float:
     return time.perf_counter() - begin
 
 
+class _Counting(Signatures):
+    """Signatures that count the signing and checking they do."""
+
+    signed = 0
+    checked = 0
+
+    def sign(self, record: Record) -> Record:
+        _Counting.signed += 1
+        return super().sign(record)
+
+    def check(self, record: Record) -> Verified | None:
+        _Counting.checked += 1
+        return super().check(record)
+
+
+Run = tuple[float, float]  # seconds of wall-clock time, seconds of this process's CPU time
+
+
+async def signing_runs(nodes: int, max_parallel: int, batches: int) -> tuple[Run, Run, int, int]:
+    """A release through the codec unsigned, then signed and verified (wall and CPU seconds each); how many
+    signatures were made and messages checked."""
+    plan = release(nodes, max_parallel=max_parallel)
+    plan = plan.model_copy(update={"strategy": Strategy(batches=[max(nodes // batches, 1)], max_parallel=max_parallel)})
+    results: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="reactor-bench-signing-") as work:
+        root = Path(work)
+        generate_key("reactor", root / "keys")
+        (root / "keys" / "trust.yaml").write_text("- name: reactor\n  public_key: reactor.pub\n  reactor: true\n")
+        signing = _Counting(
+            key=load_signing_key(root / "keys" / "reactor.key"),
+            trust=load_trust_file(root / "keys" / "trust.yaml"),
+            required=True,
+        )
+        for signed in (False, True):
+            settings = Settings(
+                state_dir=root / f"state-{signed}",
+                concurrency=max_parallel + 64,
+                require_signed=signed,
+                signing_key=root / "keys" / "reactor.key" if signed else None,
+            )
+            async with (
+                MemoryBus(
+                    concurrency=max_parallel + 64, through_codec=True, signatures=signing if signed else NO_SIGNATURES
+                ) as bus,
+                EmbeddedStore(root / f"signed-{signed}.db") as store,
+            ):
+                run_plan = plan.model_copy(update={"release_id": f"{plan.release_id}-{'on' if signed else 'off'}"})
+                cpu_before = time.process_time()
+                elapsed, _peak = await run_release(bus, store, run_plan, settings)
+                cpu_s = time.process_time() - cpu_before
+            results.append((elapsed, cpu_s))
+    return results[0], results[1], _Counting.signed, _Counting.checked
+
+
 async def main() -> None:
     logs.configure("json", "warning")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--max-parallel", type=int, default=500)
+    parser.add_argument("--signing-nodes", type=int, default=2000)
     args = parser.parse_args()
     nodes: int = args.nodes
     plan = release(nodes, max_parallel=args.max_parallel)
@@ -67,6 +130,21 @@ async def main() -> None:
     print(f"reactor, whole release:                   {reactor_s:8.3f} s  = {reactor_s / work_s:.0f}x the work")
     print(f"orchestration overhead per node: {overhead_ms:.3f} ms (target <= 0.2 ms)")
     print(f"RSS: {before:.0f} MB before, {peak:.0f} MB peak sampled, {max_rss:.0f} MB max (target <= 200 MB)")
+    if args.signing_nodes:
+        count = args.signing_nodes
+        (unsigned_s, unsigned_cpu), (signed_s, signed_cpu), signed, checked = await signing_runs(
+            count, args.max_parallel, args.batches
+        )
+        # CPU time: the machine may be shared, and the wall clock then measures the neighbours too.
+        cost_ms = (signed_cpu - unsigned_cpu) / count * 1000
+        print(f"signing: {count} nodes, every event through the codec as on Kafka (wall / CPU of this process)")
+        print(f"  unsigned:            {unsigned_s:8.3f} s / {unsigned_cpu:8.3f} s CPU")
+        print(f"  signed and verified: {signed_s:8.3f} s / {signed_cpu:8.3f} s CPU")
+        print(
+            f"  signatures cost {cost_ms:.3f} ms CPU per node (target <= 0.25 ms), {signed_cpu / unsigned_cpu:.2f}x the"
+            f" unsigned run's CPU ({signed_s / unsigned_s:.2f}x its wall time); {signed / count:.1f} events signed"
+            f" and {checked / count:.1f} checked per node"
+        )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ RFC3339 = (
 # A header whose name starts with ce_ (in any case) is a CloudEvents attribute: lower-case letters and digits.
 ATTRIBUTE_HEADER = r"^ce_[a-z0-9]+$"
 _ANY_CE = re.compile(r"^[Cc][Ee]_")
+# Base64 in the standard or URL-safe alphabet, as DSSE allows.
+DSSE_MATERIAL = r"^[A-Za-z0-9+/_-]+={0,2}$"
 # Not attributes in binary mode: `data` is the message value and `datacontenttype` the content-type header.
 RESERVED_HEADERS = ("ce_data", "ce_datacontenttype")
 
@@ -84,6 +86,14 @@ HEADER_RULES: tuple[HeaderRule, ...] = (
     HeaderRule("ce_correlationid", "The release id; required on release messages.", pattern=RELEASE_ID),
     HeaderRule("ce_causationid", "Id of the event that caused this one.", pattern=EVENT_ID),
     HeaderRule("ce_partitionkey", "The partition key (equal to the message key when given)."),
+    HeaderRule(
+        "ce_dssematerial",
+        "The signature (CloudEvents extension Verifiable CloudEvents with DSSE,"
+        " https://cloudevents.io/verifiability/dsse/v0.1): the Base64 of a DSSE v1.0.2 envelope, Ed25519, whose payload"
+        " covers every other attribute, the body and, in its signedextattrs, every extension attribute. Required"
+        " where REACTOR_REQUIRE_SIGNED is on (the default in distributed mode).",
+        pattern=DSSE_MATERIAL,
+    ),
     HeaderRule("content-type", "The body's media type.", const=CONTENT_TYPE),
 )
 _RULES = {rule.name: rule for rule in HEADER_RULES}

@@ -24,6 +24,9 @@ from reactor.errors import InvalidInput
 from reactor.events import Topic
 from reactor.ports import CDEventSink, EventBus, ExecutorFactory, ExecutorSettings, Store
 from reactor.settings import Settings
+from reactor.trust import load_signing_key, load_trust_file
+from reactor.trust.enforcement import NO_SIGNATURES, Signatures
+from reactor.trust.keys import check_private_file
 
 log = structlog.get_logger(__name__)
 
@@ -47,31 +50,55 @@ class Backends:
     memory_bus: MemoryBus | None = field(default=None)
 
 
+_warned_unsigned = False
+
+
+def load_signatures(settings: Settings) -> Signatures:
+    """This process's signing key and trusted keys, as the settings name them; warns once when nothing is checked."""
+    global _warned_unsigned  # noqa: PLW0603 (one warning per process, however many times the backends open)
+    required = settings.signatures_required()
+    if not required and not _warned_unsigned:
+        _warned_unsigned = True
+        log.warning(
+            "signatures are not checked: any message on the bus is acted on (REACTOR_REQUIRE_SIGNED=false; "
+            "the default in embedded mode). Set REACTOR_SIGNING_KEY, REACTOR_TRUST_FILE and "
+            "REACTOR_REQUIRE_SIGNED=true to check them",
+            mode=settings.mode,
+        )
+    key = None if settings.signing_key is None else load_signing_key(settings.signing_key)
+    trust = None if settings.trust_file is None else load_trust_file(settings.trust_file)
+    if key is None and trust is None and not required:
+        return NO_SIGNATURES
+    return Signatures(key=key, trust=trust, required=required)
+
+
 @asynccontextmanager
 async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
     """The bus and store of the configured mode, closed on every path."""
+    signatures = load_signatures(settings)
     if settings.mode == "embedded":
         async with (
-            MemoryBus(source=settings.source, concurrency=settings.concurrency) as bus,
+            MemoryBus(source=settings.source, concurrency=settings.concurrency, signatures=signatures) as bus,
             EmbeddedStore(settings.database_path) as store,
         ):
             yield Backends(bus=bus, store=store, memory_bus=bus)
         return
     async with (
-        kafka_bus(settings) as kafka,
+        kafka_bus(settings, signatures) as kafka,
         MongoStore(settings.mongo_url, settings.mongo_database) as mongo,
     ):
         yield Backends(bus=kafka, store=mongo)
 
 
-def kafka_bus(settings: Settings) -> KafkaBus:
-    """The Kafka bus the settings describe (not yet open)."""
+def kafka_bus(settings: Settings, signatures: Signatures = NO_SIGNATURES) -> KafkaBus:
+    """The Kafka bus the settings describe (not yet open); it signs and checks as `signatures` says."""
     return KafkaBus(
         settings.kafka_bootstrap,
         prefix=settings.topic_prefix,
         source=settings.source,
         concurrency=settings.concurrency,
         grace_s=settings.grace_s,
+        signatures=signatures,
     )
 
 
@@ -127,6 +154,15 @@ async def run_roles(
     """Run the consumers of `roles` until cancelled."""
     if Role.ALL in roles:
         roles = {Role.EXECUTOR, Role.PACER, Role.ROLLBACK}
+    publishing = roles & {Role.EXECUTOR, Role.PACER, Role.ROLLBACK}  # the cdevents role publishes no reactor event
+    if settings.signatures_required() and settings.signing_key is None and publishing:
+        # Checked before any message is taken: a worker that cannot sign would take commands and fail on each.
+        raise InvalidInput(
+            "signing_key", "REACTOR_REQUIRE_SIGNED is on: a worker signs what it emits; set REACTOR_SIGNING_KEY"
+        )
+    if Role.EXECUTOR in roles and settings.physical_private_key is not None:
+        # OpenSSH refuses such a key, asyncssh would not: refused here for both drivers, before anything is taken.
+        check_private_file(settings.physical_private_key, "SSH private key (REACTOR_PHYSICAL_PRIVATE_KEY)")
     bus, store = backends.bus, backends.store
     async with cdevents_publisher(settings, Role.CDEVENTS in roles) as publisher, asyncio.TaskGroup() as tasks:
         if Role.EXECUTOR in roles:

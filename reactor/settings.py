@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     cdevents_backoff_s: float = Field(default=0.5, gt=0)
     cdevents_max_backoff_s: float = Field(default=30.0, gt=0)
     cdevents_timeout_s: float = Field(default=10.0, gt=0)
+    # Signed events (docs/security.md): this process's private key, the trusted public keys, and whether every
+    # consumed message must verify. None: on in distributed mode, off in embedded mode (one process, no topic).
+    signing_key: Path | None = None
+    trust_file: Path | None = None
+    require_signed: bool | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] | None = None
 
@@ -94,6 +99,10 @@ class Settings(BaseSettings):
     def effective_log_level(self, default: str) -> str:
         """The configured log level, or the command's own default (workers log more than the CLI)."""
         return self.log_level or default
+
+    def signatures_required(self) -> bool:
+        """Whether every consumed message must carry a valid signature by a trusted key."""
+        return self.mode == "distributed" if self.require_signed is None else self.require_signed
 
     def in_flight_limits(self) -> InFlightLimits:
         """The pacer's limits on nodes in flight."""

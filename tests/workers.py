@@ -74,6 +74,8 @@ def worker_group(kafka_bootstrap: str, mongo_url: str, mongo_database: str, dire
     env = {
         **os.environ,
         "REACTOR_MODE": "distributed",
+        # Tests publish through fixture buses that sign nothing (signed commands: test_signed_commands.py).
+        "REACTOR_REQUIRE_SIGNED": "false",
         "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "REACTOR_TOPIC_PREFIX": f"w{os.urandom(5).hex()}.",
         "REACTOR_TOPIC_PARTITIONS": "4",

@@ -32,6 +32,8 @@ _DLQ_HEADERS = (DLQ_REASON, DLQ_TOPIC, DLQ_DROPPED)
 
 M = TypeVar("M")
 DeadLetter = Callable[[Topic, Record, str], Awaitable[None]]
+# Raises DecodeError (a SignatureError) unless the message may be used; see reactor.trust.enforcement.
+Check = Callable[[Record], object]
 
 
 def dead_letter_record(topic: Topic, record: Record, reason: str) -> Record:
@@ -56,11 +58,13 @@ async def deliver(
     *,
     retry_delay_s: float,
     event: Event | None = None,
+    check: Check | None = None,
 ) -> None:
-    """Decode and handle one message: retriable failures retry with backoff, the rest are dead-lettered.
+    """Check, decode and handle one message: retriable failures retry with backoff, the rest are dead-lettered.
 
-    `event` is the already-decoded message when the bus has it (in-process); `record` may then be a callable
-    that encodes it, only needed if the message must be dead-lettered.
+    `event` is the already-decoded message when the bus has it (in-process, so nothing to verify); `record` may
+    then be a callable that encodes it, only needed if the message must be dead-lettered. `check` runs before
+    the message is decoded: a message that fails it reaches no handler.
     """
 
     async def dead_letter(topic: Topic, reason: str) -> None:
@@ -83,7 +87,10 @@ async def deliver(
 
     if event is None:
         try:
-            event, _source = decode(record() if callable(record) else record)
+            raw = record() if callable(record) else record
+            if check is not None:
+                check(raw)
+            event, _source = decode(raw)
         except DecodeError as exc:
             await dead_letter(topic, str(exc))
             return

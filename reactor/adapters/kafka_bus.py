@@ -37,6 +37,7 @@ from reactor.errors import BackendUnavailable
 from reactor.events import Event, Topic
 from reactor.observability import CONSUMER_LAG, MISROUTED
 from reactor.ports import Handler
+from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
 log = structlog.get_logger(__name__)
 
@@ -80,8 +81,10 @@ class KafkaBus:
         retry_delay_s: float = 0.5,
         commit_interval_s: float = 0.2,
         client_id: str = "deploy-reactor",
+        signatures: Signatures = NO_SIGNATURES,
     ) -> None:
         self.bootstrap = bootstrap
+        self.signatures = signatures
         self.prefix = prefix
         self.source = source
         self.concurrency = concurrency
@@ -158,8 +161,8 @@ class KafkaBus:
         return created
 
     async def publish(self, event: Event) -> None:
-        """Send one event keyed by its subject; returns once the brokers acknowledged it."""
-        await self.publish_raw(event.TOPIC, encode(event, self.source))
+        """Send one event keyed by its subject, signed with this process's key; returns once the brokers have it."""
+        await self.publish_raw(event.TOPIC, self.signatures.sign(encode(event, self.source)))
 
     async def publish_raw(self, topic: Topic, record: Record) -> None:
         """Send a message as it is; returns once the brokers acknowledged it."""
@@ -272,7 +275,12 @@ class _GroupMember:
 
     async def _process(self, message: _Message) -> None:
         await deliver(
-            message.topic, message.record, self.handler, self.bus.dead_letter, retry_delay_s=self.bus.retry_delay_s
+            message.topic,
+            message.record,
+            self.handler,
+            self.bus.dead_letter,
+            retry_delay_s=self.bus.retry_delay_s,
+            check=self.bus.signatures.check,
         )
 
     def _done(self, message: _Message) -> None:

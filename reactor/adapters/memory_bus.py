@@ -2,7 +2,8 @@
 
 It shares the Kafka bus's dispatcher: per-key order, different keys concurrently, retries of retriable
 failures, dead-lettering of the rest. Events published in-process are handed over as they are; raw messages
-go through the same CloudEvents codec as on Kafka, and any message is encoded when someone reads the log.
+go through the same CloudEvents codec as on Kafka, and any message is encoded when someone reads the log. With
+signatures required (or `through_codec`) every event goes through the codec, signed and verified, as on Kafka.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from reactor.codec import Record, decode, encode
 from reactor.errors import DecodeError
 from reactor.events import Event, Topic
 from reactor.ports import Handler
+from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
 log = structlog.get_logger(__name__)
 
@@ -28,8 +30,20 @@ log = structlog.get_logger(__name__)
 class MemoryBus:
     """Topics as in-process logs; each consumer group starts at the beginning of a topic."""
 
-    def __init__(self, *, source: str = "/reactor", concurrency: int = 256, retry_delay_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        source: str = "/reactor",
+        concurrency: int = 256,
+        retry_delay_s: float = 0.05,
+        signatures: Signatures = NO_SIGNATURES,
+        through_codec: bool = False,
+    ) -> None:
         self.source = source
+        self.signatures = signatures
+        # Every published event encoded (and signed, with a key) at once and decoded (and verified, when signatures
+        # are required) on delivery, as on Kafka; otherwise events are handed over as they are.
+        self.through_codec = through_codec or signatures.required
         self.concurrency = concurrency
         self.retry_delay_s = retry_delay_s
         self._logs: dict[Topic, list[_Message]] = defaultdict(list)
@@ -51,7 +65,10 @@ class MemoryBus:
 
     async def publish(self, event: Event) -> None:
         """Append the event to its topic and hand it to every group reading that topic."""
-        self._append(event.TOPIC, _Message(self.source, event=event))
+        if self.through_codec:
+            self._append(event.TOPIC, _Message(self.source, record=self.signatures.sign(encode(event, self.source))))
+            return
+        self._append(event.TOPIC, _Message(self.source, event=event, signatures=self.signatures))
 
     async def publish_raw(self, topic: Topic, record: Record) -> None:
         """Append a raw message, valid or not (what a CI/CD system or a test may send)."""
@@ -156,10 +173,18 @@ class MemoryBus:
 class _Message:
     """One message of a topic: the event as published in-process, or raw bytes; encoded only when read."""
 
-    __slots__ = ("_record", "event", "key", "source")
+    __slots__ = ("_record", "event", "key", "signatures", "source")
 
-    def __init__(self, source: str, *, event: Event | None = None, record: Record | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        event: Event | None = None,
+        record: Record | None = None,
+        signatures: Signatures = NO_SIGNATURES,
+    ) -> None:
         self.source = source
+        self.signatures = signatures
         self.event = event
         self._record = record
         if record is not None:
@@ -170,10 +195,10 @@ class _Message:
             raise ValueError("a message needs an event or a record")
 
     def record(self) -> Record:
-        """The message as Kafka would carry it."""
+        """The message as Kafka would carry it (signed, when this process has a key)."""
         if self._record is None:
             assert self.event is not None  # noqa: S101 (the constructor guarantees one of the two)
-            self._record = encode(self.event, self.source)
+            self._record = self.signatures.sign(encode(self.event, self.source))
         return self._record
 
 
@@ -205,6 +230,7 @@ class _Member:
             self.bus.dead_letter,
             retry_delay_s=self.bus.retry_delay_s,
             event=message.event,
+            check=self.bus.signatures.check,
         )
 
     def _done(self, item: tuple[Topic, _Message]) -> None:

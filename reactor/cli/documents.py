@@ -19,6 +19,7 @@ from reactor.domain.status import NodeStatus
 from reactor.events import ReleasePlan
 from reactor.ports import ReleaseNode, ReleaseRecord
 from reactor.replay import AuditReport
+from reactor.trust.audit import RecordCheck
 
 Document = dict[str, Any]
 
@@ -132,4 +133,27 @@ def audit(report: AuditReport, rebuilt_into: str | None) -> Document:
         "rebuild": None
         if rebuilt_into is None
         else {"database": rebuilt_into, "differences": _DIFFERENCES.dump_python(report.differences, mode="json")},
+    }
+
+
+def verification(topic: str, checks: list[RecordCheck]) -> Document:
+    """`reactor verify`: each message of the topic, verified or not, with its signer or the reason."""
+    return {
+        "topic": topic,
+        "total": len(checks),
+        "verified": sum(1 for check in checks if check.verified),
+        "records": [
+            {
+                "position": check.position,
+                "type": check.event_type,
+                "id": check.event_id,
+                "subject": check.subject,
+                "verified": check.verified,
+                "signer": check.signer,
+                "key_id": check.key_id,
+                "reactor": check.reactor,
+                "problem": check.problem,
+            }
+            for check in checks
+        ],
     }

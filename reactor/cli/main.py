@@ -48,6 +48,7 @@ from reactor.events import (
     ReleaseResumed,
     ReleaseRollbackRequested,
     RollbackRequested,
+    Topic,
     utc_now,
 )
 from reactor.observability import CountingBus, HealthServer
@@ -57,12 +58,16 @@ from reactor.replay import AuditReport, audit
 from reactor.runtime import Backends, Role, cdevent_sinks, kafka_bus, open_backends, run_roles
 from reactor.session import submit_and_follow
 from reactor.settings import Settings
+from reactor.trust import generate_key, load_trust_file
+from reactor.trust.audit import RecordCheck, check_records
 
 app = typer.Typer(help="Deploy Reactor: event-driven releases for hosts and Kubernetes.", no_args_is_help=True)
 release_app = typer.Typer(help="Submit and follow releases.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Generated event contracts (JSON Schema, AsyncAPI).", no_args_is_help=True)
+keys_app = typer.Typer(help="Ed25519 signing keys for signed events.", no_args_is_help=True)
 app.add_typer(release_app, name="release")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(keys_app, name="keys")
 
 # Piped output is read by programs and people with wide screens: do not cut tables at 80 columns.
 _PIPED_WIDTH = 200
@@ -602,6 +607,61 @@ def replay(
         if failed:
             raise typer.Exit(ExitCode.FAILED)
         out.print("live node status matches the log")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    name: Annotated[str, typer.Argument(help="Key name: DIR/NAME.key (private, mode 0600) and DIR/NAME.pub.")],
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write the key pair.")] = Path(),
+) -> None:
+    """Write a new Ed25519 key pair and print its key id (never overwrites a key)."""
+    try:
+        identifier = generate_key(name, directory)
+    except InvalidInput as exc:
+        _say(err, ("invalid", "red"), f" {exc.field}: {exc.rule}")
+        raise typer.Exit(ExitCode.INVALID) from exc
+    except OSError as exc:
+        _say(err, ("error", "red"), f": cannot write the key pair in {directory}: {exc.strerror}")
+        raise typer.Exit(ExitCode.FAILED) from exc
+    _say(out, identifier)
+
+
+@app.command()
+def verify(
+    topic: Annotated[Topic, typer.Option(help="The topic to read from its beginning.")],
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Verify the signature of every message of a topic with the trust file; exit 1 when any fails."""
+    settings = _settings()
+    if settings.mode == "embedded":
+        err.print("[red]invalid[/] mode: verify reads a Kafka topic; set REACTOR_MODE=distributed")
+        raise typer.Exit(ExitCode.INVALID)
+    if settings.trust_file is None:
+        _say(err, ("invalid", "red"), " trust_file: set REACTOR_TRUST_FILE to the trusted public keys")
+        raise typer.Exit(ExitCode.INVALID)
+    trust_file = settings.trust_file
+
+    async def run() -> list[RecordCheck]:
+        trust = load_trust_file(trust_file)
+        async with kafka_bus(settings) as bus:
+            return check_records(await bus.history(topic), trust)
+
+    checks = _run(run())
+    failed = any(not check.verified for check in checks)
+    if output == OutputFormat.JSON:
+        documents.emit(documents.verification(topic.value, checks))
+    else:
+        for check in checks:
+            head = f"{check.position:>6} {check.event_type or '?':<16} {check.event_id or '?'} {check.subject or '?'}"
+            if check.verified:
+                role = ", reactor" if check.reactor else ""
+                _say(out, head, ("  verified", "green"), f" by {check.signer} (key {check.key_id}{role})")
+            else:
+                _say(out, head, ("  UNVERIFIED", "red"), f" {check.problem}")
+        verified = sum(1 for check in checks if check.verified)
+        _say(out, f"{verified} of {len(checks)} messages on {topic.value} verified")
+    if failed:
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @schemas_app.command("export")

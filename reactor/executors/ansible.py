@@ -43,6 +43,7 @@ from reactor.executors.hostcontract import (
     validate,
 )
 from reactor.ports import ExecutionContext, ExecutorSettings
+from reactor.trust.keys import private_file_problem
 
 log = structlog.get_logger(__name__)
 
@@ -306,6 +307,10 @@ def _runner_options(
     settings: ExecutorSettings,
     private: Path,
 ) -> dict[str, Any]:
+    if settings.physical_private_key is not None:
+        problem = private_file_problem(settings.physical_private_key, "SSH private key")
+        if problem is not None:
+            raise StepFailed("connect", f"{settings.physical_private_key}: {problem}")
     inventory = private / "inventory.json"
     inventory.write_text(json.dumps(_inventory(addresses, settings)))
     return {

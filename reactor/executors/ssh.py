@@ -43,6 +43,7 @@ from reactor.executors.hostcontract import (
     validate,
 )
 from reactor.ports import ExecutionContext
+from reactor.trust.keys import private_file_problem
 
 log = structlog.get_logger(__name__)
 
@@ -216,6 +217,10 @@ class SshExecutor:
         known_hosts = str(settings.physical_known_hosts) if settings.physical_known_hosts else ()
         client_keys = [str(settings.physical_private_key)] if settings.physical_private_key else ()
         where = f"{address.user}@{address.address}:{address.port}"
+        if settings.physical_private_key is not None:
+            problem = private_file_problem(settings.physical_private_key, "SSH private key")
+            if problem is not None:
+                raise StepFailed("connect", f"{where}: {settings.physical_private_key}: {problem}")
         async with _limit(settings.physical_concurrency):
             started = time.monotonic()
             try:

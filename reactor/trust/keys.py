@@ -103,6 +103,30 @@ def generate_key(name: str, directory: Path) -> str:
     return key_id(private_key.public_key())
 
 
+def private_file_problem(path: Path, what: str) -> str | None:
+    """Why the private key file `path` must not be used (missing, not a file, group/world accessible), or None.
+
+    Follows symlinks (a Kubernetes secret mount is one) and checks the file they lead to, as OpenSSH does.
+    """
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return f"cannot read the {what}: {exc.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"the {what} is not a regular file"
+    if info.st_mode & _OTHERS:
+        mode = stat.S_IMODE(info.st_mode)
+        return f"the {what} is accessible by group or others (mode {mode:04o}); run: chmod 600 {path}"
+    return None
+
+
+def check_private_file(path: Path, what: str) -> None:
+    """Raise InvalidInput naming `path` unless it is a regular file only its owner can access."""
+    problem = private_file_problem(path, what)
+    if problem is not None:
+        raise InvalidInput(str(path), problem)
+
+
 def load_signing_key(path: Path) -> SigningKey:
     """This process's signing key from a PKCS#8 PEM file only its owner can access (mode 0600 or 0400)."""
     where = str(path)

@@ -229,6 +229,8 @@ async def test_replay_rebuild_matches_live_status_and_reports_a_tampered_node(
     env = {
         **os.environ,
         "REACTOR_MODE": "distributed",
+        # Tests publish through fixture buses that sign nothing (signed commands: test_signed_commands.py).
+        "REACTOR_REQUIRE_SIGNED": "false",
         "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "REACTOR_TOPIC_PREFIX": kafka.prefix,
         "REACTOR_MONGO_URL": mongo_url,

@@ -82,6 +82,8 @@ async def test_a_store_lost_mid_release_is_rebuilt_from_the_topics_and_the_relea
             env = {
                 **os.environ,
                 "REACTOR_MODE": "distributed",
+                # Tests publish through fixture buses that sign nothing (signed commands: test_signed_commands.py).
+                "REACTOR_REQUIRE_SIGNED": "false",
                 "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
                 "REACTOR_TOPIC_PREFIX": bus.prefix,
                 "REACTOR_MONGO_URL": mongo_url,

@@ -51,6 +51,8 @@ async def test_replay_json_is_one_document_and_exits_1_only_on_differences(
     env = {
         **os.environ,
         "REACTOR_MODE": "distributed",
+        # Tests publish through fixture buses that sign nothing (signed commands: test_signed_commands.py).
+        "REACTOR_REQUIRE_SIGNED": "false",
         "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "REACTOR_TOPIC_PREFIX": kafka.prefix,
         "REACTOR_MONGO_URL": mongo_url,

@@ -1,0 +1,64 @@
+"""What a process signs and what it accepts: the buses sign every event they publish and check every message
+before it is decoded and handed to a handler (docs/security.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reactor.codec import Record
+from reactor.errors import InvalidInput
+from reactor.events import DeployRequested, RollbackRequested
+from reactor.trust.identities import TrustStore
+from reactor.trust.keys import SigningKey
+from reactor.trust.signing import SignatureError, Verified, sign_record, verify_record
+
+# Commands that make an executor change a node: only a reactor identity (a pacer or rollback consumer deriving
+# them from a verified release or outcome) may sign them.
+NODE_COMMAND_TYPES = frozenset({DeployRequested.TYPE, RollbackRequested.TYPE})
+
+
+@dataclass(frozen=True, slots=True)
+class Signatures:
+    """This process's signing key (None: it signs nothing), its trusted keys, and whether messages must verify."""
+
+    key: SigningKey | None = None
+    trust: TrustStore | None = None
+    required: bool = False
+
+    def __post_init__(self) -> None:
+        if self.required and self.trust is None:
+            raise InvalidInput(
+                "trust_file", "REACTOR_REQUIRE_SIGNED is on: set REACTOR_TRUST_FILE to the trusted public keys"
+            )
+
+    def sign(self, record: Record) -> Record:
+        """`record` signed with this process's key; as it is when there is no key and signatures are optional."""
+        if self.key is None:
+            if self.required:
+                raise InvalidInput(
+                    "signing_key",
+                    "REACTOR_REQUIRE_SIGNED is on and this process has no key to sign with: set REACTOR_SIGNING_KEY",
+                )
+            return record
+        return sign_record(record, self.key)
+
+    def check(self, record: Record) -> Verified | None:
+        """Who signed `record` (None when signatures are optional); raises SignatureError if it may not be used.
+
+        Beyond `verify_record`: node commands must be signed by a reactor identity.
+        """
+        if not self.required:
+            return None
+        assert self.trust is not None  # noqa: S101 (__post_init__ refuses required without trust)
+        verified = verify_record(record, self.trust)
+        raw_type = record.header("ce_type")
+        event_type = None if raw_type is None else raw_type.decode(errors="replace")
+        if event_type in NODE_COMMAND_TYPES and not verified.identity.reactor:
+            raise SignatureError(
+                f"not a reactor identity: {verified.identity.name!r} (key {verified.key_id}) may not sign"
+                f" {event_type}; node commands are signed by reactor identities (reactor: true in the trust file)"
+            )
+        return verified
+
+
+NO_SIGNATURES = Signatures()
