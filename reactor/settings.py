@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     physical_command_timeout_s: float = Field(default=120.0, gt=0)
     physical_concurrency: int = Field(default=32, ge=1, le=10_000)
     kubeconfig: Path | None = None
+    # `reactor serve`: a YAML file of token SHA-256 digests and the identities they stand for (reactor/api/auth.py).
+    api_tokens: Path | None = None
+    # Serve without tokens beyond embedded mode on loopback (everyone who reaches the port acts as "local").
+    api_allow_anonymous: bool = False
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] | None = None
 

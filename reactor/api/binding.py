@@ -1,0 +1,83 @@
+"""CloudEvents HTTP protocol binding: requests to events, held to exactly the rules of the Kafka codec.
+
+A request becomes the Kafka record the same event would be (binary mode: each `ce-*` header as a `ce_*` header;
+structured mode: the JSON envelope as the value, no headers), keyed by its subject, and `reactor.codec.decode`
+judges it. What CI sends over HTTP is therefore valid exactly when it would be valid on the `releases` topic.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from reactor.codec import CONTENT_TYPE, MAX_EVENT_BYTES, Record, decode, encode
+from reactor.errors import DecodeError
+from reactor.events import Event
+
+STRUCTURED = "application/cloudevents+json"
+
+
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type header, without parameters, lower case."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def record_of(headers: Iterable[tuple[str, str]], body: bytes) -> Record:
+    """The Kafka record an HTTP request carrying a CloudEvent stands for; DecodeError if it cannot be one."""
+    if len(body) > MAX_EVENT_BYTES:
+        raise DecodeError(f"oversized: {len(body)} bytes, the limit is {MAX_EVENT_BYTES}")
+    pairs = [(name.lower(), value) for name, value in headers]
+    content_type = next((value for name, value in pairs if name == "content-type"), None)
+    if media_type(content_type) == STRUCTURED:
+        try:
+            envelope = json.loads(body)
+        except ValueError as exc:
+            raise DecodeError(f"not a CloudEvent: the body is not JSON: {exc}") from exc
+        subject = envelope.get("subject") if isinstance(envelope, dict) else None
+        key = subject.encode() if isinstance(subject, str) else None
+        return Record(key=key, value=body, headers=())
+    if not any(name.startswith("ce-") for name, _ in pairs):
+        raise DecodeError(
+            f"content-type: {STRUCTURED} (structured mode) or ce-* headers with a {CONTENT_TYPE} body (binary mode)"
+        )
+    kafka_headers: list[tuple[str, bytes]] = []
+    for name, value in pairs:
+        if name.startswith("ce-"):
+            kafka_headers.append(("ce_" + name.removeprefix("ce-"), value.encode()))
+        elif name == "content-type":
+            # Parameters (e.g. charset=utf-8) say nothing the codec's rule does not: JSON is UTF-8.
+            kafka_headers.append(("content-type", media_type(value).encode()))
+    subject = next((value for name, value in pairs if name == "ce-subject"), None)
+    return Record(key=None if subject is None else subject.encode(), value=body, headers=tuple(kafka_headers))
+
+
+def decode_request(headers: Iterable[tuple[str, str]], body: bytes) -> Event:
+    """The event an HTTP request carries; DecodeError naming the attribute or field and why, as `decode` does."""
+    event, _source = decode(record_of(headers, body))
+    return event
+
+
+def structured(event: Event, source: str) -> dict[str, Any]:
+    """The structured-mode CloudEvent (JSON envelope with `data`) of an event, as the bus would carry it."""
+    record = encode(event, source)
+    envelope: dict[str, Any] = {}
+    for name, value in record.headers:
+        if name.startswith("ce_"):
+            envelope[name.removeprefix("ce_")] = value.decode()
+        elif name == "content-type":
+            envelope["datacontenttype"] = value.decode()
+    envelope.pop("partitionkey", None)
+    envelope["data"] = json.loads(record.value)
+    return envelope
+
+
+def problem_field(reason: str) -> str:
+    """The attribute or field a DecodeError's reason names first ("field: why")."""
+    head, separator, _ = reason.partition(": ")
+    if not separator:
+        return "(event)"
+    # "dev.deployreactor.release.requested.v1: plan.version: ..." names the field after the type.
+    if head.startswith("dev.") and ": " in reason[len(head) + 2 :]:
+        return reason[len(head) + 2 :].partition(": ")[0]
+    return head

@@ -1,0 +1,113 @@
+"""The events of each release, for the timeline and for live streams: one consumer fans out to every reader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from reactor.api.binding import structured
+from reactor.domain.replay import TimelineEntry, entry_for
+from reactor.events import Event, Topic
+from reactor.ports import EventBus
+
+Document = dict[str, Any]
+# Topics whose events belong to releases: the commands dispatched, the nodes' outcomes, the releases' own events.
+TOPICS = (Topic.COMMANDS, Topic.OUTCOMES, Topic.RELEASES)
+# The most events kept per release (a 10,000-node release with rollbacks stays well within it); oldest dropped.
+PER_RELEASE = 100_000
+# A reader that falls this far behind is cut off rather than let its backlog grow without end.
+BACKLOG = 10_000
+
+_ENTRY = TypeAdapter(TimelineEntry)
+
+
+def document(topic: Topic, event: Event, source: str) -> Document:
+    """One event as the API shows it: its timeline entry (as `reactor replay` prints it) and the CloudEvent."""
+    return {**_ENTRY.dump_python(entry_for(topic, event, source), mode="json"), "cloudevent": structured(event, source)}
+
+
+class ReaderTooSlow(Exception):
+    """A live reader fell more than BACKLOG events behind and was cut off."""
+
+
+class Feed:
+    """Keeps each release's events in arrival order and hands new ones to live readers."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._events: dict[str, deque[Document]] = defaultdict(lambda: deque(maxlen=PER_RELEASE))
+        self._readers: dict[str, set[asyncio.Queue[Document | None]]] = defaultdict(set)
+        self._seen: set[str] = set()
+
+    async def run(self, bus: EventBus) -> None:
+        """Read the release topics from the beginning until cancelled, in a consumer group of this process's own."""
+        group = f"api-{uuid.uuid4().hex[:12]}"
+        async with asyncio.TaskGroup() as tasks:
+            for topic in TOPICS:
+                tasks.create_task(bus.consume([topic], group, self._handler(topic)))
+
+    def _handler(self, topic: Topic) -> Any:
+        async def handle(event: Event) -> None:
+            self.add(topic, event)
+
+        return handle
+
+    def add(self, topic: Topic, event: Event) -> None:
+        """Record one event and hand it to the release's live readers (each event id once)."""
+        if event.release_id is None or event.event_id in self._seen:
+            return
+        self._seen.add(event.event_id)
+        item = document(topic, event, self.source)
+        self._events[event.release_id].append(item)
+        for queue in list(self._readers[event.release_id]):
+            if queue.qsize() >= BACKLOG:
+                self._readers[event.release_id].discard(queue)
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait(item)
+
+    def timeline(self, release_id: str) -> list[Document]:
+        """The release's events seen so far, in arrival order."""
+        return list(self._events.get(release_id, ()))
+
+    @contextlib.asynccontextmanager
+    async def follow(self, release_id: str, after: str | None = None) -> AsyncIterator[Reader]:
+        """The release's events so far (after event id `after`, if it is among them), then live ones, as they come.
+
+        Taking the past and subscribing happen together, between two awaits, so no event is missed or repeated.
+        """
+        queue: asyncio.Queue[Document | None] = asyncio.Queue()
+        past = self.timeline(release_id)
+        ids = [item["event_id"] for item in past]
+        if after is not None and after in ids:
+            past = past[ids.index(after) + 1 :]
+        for item in past:
+            queue.put_nowait(item)
+        self._readers[release_id].add(queue)
+        try:
+            yield Reader(queue)
+        finally:
+            self._readers[release_id].discard(queue)
+
+
+class Reader:
+    """One live reader of a release's events."""
+
+    def __init__(self, queue: asyncio.Queue[Document | None]) -> None:
+        self._queue = queue
+
+    async def next_event(self, timeout_s: float) -> Document | None:
+        """The next event, or None if none came within `timeout_s`; ReaderTooSlow if this reader was cut off."""
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout_s)
+        except TimeoutError:
+            return None
+        if item is None:
+            raise ReaderTooSlow
+        return item
