@@ -11,11 +11,12 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from reactor.codec import CONTENT_TYPE, MAX_EVENT_BYTES, Record, decode, encode
+from reactor.codec import CONTENT_TYPE, HEADER_RULES, MAX_EVENT_BYTES, Record, decode, encode
 from reactor.errors import DecodeError
 from reactor.events import Event
 
 STRUCTURED = "application/cloudevents+json"
+_ATTRIBUTES = frozenset({rule.name.removeprefix("ce_") for rule in HEADER_RULES if rule.name.startswith("ce_")})
 
 
 def media_type(content_type: str | None) -> str:
@@ -52,10 +53,34 @@ def record_of(headers: Iterable[tuple[str, str]], body: bytes) -> Record:
     return Record(key=None if subject is None else subject.encode(), value=body, headers=tuple(kafka_headers))
 
 
-def decode_request(headers: Iterable[tuple[str, str]], body: bytes) -> Event:
-    """The event an HTTP request carries; DecodeError naming the attribute or field and why, as `decode` does."""
-    event, _source = decode(record_of(headers, body))
+def decode_request(headers: Iterable[tuple[str, str]], body: bytes, expected: type[Event]) -> Event:
+    """The event of type `expected` an HTTP request carries; DecodeError naming the attribute (as the request's mode
+    names it: `time` in structured mode, `ce-time` in binary mode) or the field, and why, as `decode` does."""
+    pairs = list(headers)
+    binary = not is_structured(pairs)
+    try:
+        event, _source = decode(record_of(pairs, body))
+    except DecodeError as exc:
+        raise DecodeError(_as_named(str(exc), binary=binary)) from exc
+    if not isinstance(event, expected):
+        raise DecodeError(f"{'ce-type' if binary else 'type'}: this path takes {expected.TYPE}, not {event.TYPE}")
     return event
+
+
+def _as_named(reason: str, *, binary: bool) -> str:
+    """A codec reason with the attribute named as the request names it (binary mode: its `ce-` header)."""
+    if not binary:
+        return reason
+    head, separator, rest = reason.partition(": ")
+    name = head.removeprefix("ce_")
+    if separator and (head.startswith("ce_") or name in _ATTRIBUTES):
+        return f"ce-{name}: {rest}"
+    return reason
+
+
+def is_structured(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether a request says it carries a structured-mode CloudEvent."""
+    return any(name.lower() == "content-type" and media_type(value) == STRUCTURED for name, value in headers)
 
 
 def structured(event: Event, source: str) -> dict[str, Any]:
