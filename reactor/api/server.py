@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import signal
 import socket
 from collections.abc import Callable
 
@@ -64,6 +65,10 @@ async def serve(settings: Settings, sock: socket.socket, tokens: Tokens | None, 
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_S
         )
         server = uvicorn.Server(config)
+        # SIGTERM (docker stop, systemd, Kubernetes) stops like Ctrl-C: uvicorn drains, then the roles are cancelled
+        # and the backends closed. uvicorn takes the signal over while it serves and raises it again when done; this
+        # handler then only repeats the request to stop, so the process ends by returning, not by the signal.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, setattr, server, "should_exit", True)
         async with asyncio.TaskGroup() as tasks:
             background = [tasks.create_task(feed.run(backends.bus))]
             if settings.mode == "embedded":
