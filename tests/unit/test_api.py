@@ -19,10 +19,11 @@ import pytest
 from reactor.api import openapi
 from reactor.api.app import Api, create_app
 from reactor.api.auth import Tokens, digest, load_tokens
+from reactor.api.binding import decode_request
 from reactor.api.feed import Feed
 from reactor.domain.pacer import ReleaseState
 from reactor.errors import InvalidInput
-from reactor.events import ReleaseApproved, ReleasePaused, ReleaseRequested, Topic
+from reactor.events import ReleaseApproved, ReleasePaused, ReleasePlan, ReleaseRequested, Topic
 from reactor.session import Session, embedded
 from reactor.settings import Settings
 
@@ -348,3 +349,19 @@ async def test_the_feed_gives_past_events_then_live_ones_resuming_after_last_eve
             live.append(item)
         assert live[0]["event_type"] == "ReleaseApproved"
         assert "NodeDeployed" in [item["event_type"] for item in live]
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "ci"
+
+
+def test_the_ci_examples_are_valid_releases() -> None:
+    """The README's example event decodes as the API judges it; the example plan is a valid release plan."""
+    event = decode_request(
+        [("content-type", "application/cloudevents+json")],
+        (EXAMPLES / "release-requested.json").read_bytes(),
+        ReleaseRequested,
+    )
+    assert isinstance(event, ReleaseRequested)
+    assert event.release_id == "noop-http-1"
+    plan = ReleasePlan.model_validate_json((EXAMPLES / "release-noop.json").read_text())
+    assert plan.release_id == "noop-ci-1"
