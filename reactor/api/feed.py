@@ -11,7 +11,9 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from reactor.adapters.kafka_bus import KafkaBus
 from reactor.api.binding import structured
+from reactor.api.kafka_source import read_kafka
 from reactor.domain.replay import TimelineEntry, entry_for
 from reactor.events import Event, Topic
 from reactor.ports import EventBus
@@ -46,17 +48,22 @@ class Feed:
         self._seen: set[str] = set()
 
     async def run(self, bus: EventBus) -> None:
-        """Read the release topics from the beginning until cancelled, in a consumer group of this process's own."""
-        group = f"api-{uuid.uuid4().hex[:12]}"
-        async with asyncio.TaskGroup() as tasks:
-            for topic in TOPICS:
-                tasks.create_task(bus.consume([topic], group, self._handler(topic)))
+        """Read the release topics from the beginning until cancelled.
 
-    def _handler(self, topic: Topic) -> Any:
+        On Kafka without a consumer group (`reactor.api.kafka_source`); on the in-memory bus in a group of its own.
+        """
+        if isinstance(bus, KafkaBus):
+            await read_kafka(bus, TOPICS, self.add_event)
+            return
+
         async def handle(event: Event) -> None:
-            self.add(topic, event)
+            self.add_event(event)
 
-        return handle
+        await bus.consume(TOPICS, f"api-{uuid.uuid4().hex[:12]}", handle)
+
+    def add_event(self, event: Event) -> None:
+        """Record one event from the bus (its topic is its type's)."""
+        self.add(event.TOPIC, event)
 
     def add(self, topic: Topic, event: Event) -> None:
         """Record one event and hand it to the release's live readers (each event id once)."""
