@@ -27,7 +27,7 @@ async def test_the_feed_gives_each_release_its_events_past_then_live_and_skips_i
     reading = asyncio.create_task(feed.run(bus))
     try:
         async with feed.follow("feed-1") as reader:
-            seen = []
+            seen: list[str] = []
             while sentinel.event_id not in seen:
                 item = await reader.next_event(30)
                 assert item is not None, f"no event within 30 s; seen {seen}"
