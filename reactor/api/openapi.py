@@ -15,7 +15,7 @@ from reactor.codec import CONTENT_TYPE, HEADER_RULES, HeaderRule
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.replay import TimelineEntry
 from reactor.domain.status import NodeStatus
-from reactor.events import RELEASE_ID, ReleaseRequested
+from reactor.events import RELEASE_ID, ReleaseRequested, ReleaseSpec
 
 Schema = dict[str, Any]
 _REF = "#/components/schemas/{model}"
@@ -110,6 +110,9 @@ def _components() -> Schema:
         "properties": {name: node["properties"][name] for name in NODE_FIELDS},
         "required": list(NODE_FIELDS),
     }
+    spec = ReleaseSpec.model_json_schema(ref_template=_REF, mode="validation")
+    schemas.update(spec.pop("$defs", {}))
+    schemas["ReleaseSpec"] = spec
     entry = TypeAdapter(TimelineEntry).json_schema(ref_template=_REF, mode="serialization")
     schemas.update(entry.pop("$defs", {}))
     entry["properties"]["cloudevent"] = {
@@ -175,7 +178,7 @@ def _components() -> Schema:
             "items": _ref("Event"),
             "description": "The release's events seen by this server since it started, in arrival order.",
         },
-        "plan": {"$ref": _RELEASE_REQUESTED + "#/properties/plan"},
+        "plan": _ref("ReleaseSpec"),
     }
     schemas["Release"] = {"type": "object", "properties": detail, "required": list(detail)}
     schemas["ReleaseRequestedCloudEvent"] = _structured_release_requested()

@@ -15,6 +15,8 @@ import httpx
 # jsonschema ships no type hints (see tests/unit/test_schemas.py).
 import jsonschema  # type: ignore[import-untyped,unused-ignore]
 import pytest
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from reactor.api import openapi
 from reactor.api.app import Api, create_app
@@ -113,6 +115,17 @@ def component(name: str) -> dict[str, Any]:
     return {**openapi.document(), "$ref": f"#/components/schemas/{name}"}
 
 
+def check_release(document: dict[str, Any]) -> None:
+    """Validate a release document against the OpenAPI `Release` schema, its $refs into events/ resolved."""
+    base = "https://deploy-reactor.dev/schemas/"
+    event_schema = json.loads((CHECKED_IN.parent / "events" / f"{ReleaseRequested.TYPE}.json").read_text())
+    registry = Registry().with_resource(
+        f"{base}events/{ReleaseRequested.TYPE}.json", Resource.from_contents(event_schema, DRAFT202012)
+    )
+    schema = {**component("Release"), "$id": f"{base}openapi.json"}
+    jsonschema.Draft202012Validator(schema, registry=registry).validate(document)
+
+
 async def test_a_structured_release_runs_to_completion_and_reads_back_with_batches_nodes_and_events(
     served: Served,
 ) -> None:
@@ -134,6 +147,7 @@ async def test_a_structured_release_runs_to_completion_and_reads_back_with_batch
     assert types[-1] == "ReleaseCompleted"
     assert types.count("NodeDeployed") == 2
     assert release["events"][0]["cloudevent"]["id"] == "ci-r1"
+    check_release(release)
 
     listed = (await served.client.get("/api/v1/releases", params={"state": "completed"})).json()["releases"]
     assert [item["release_id"] for item in listed] == ["r1"]
