@@ -18,6 +18,7 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from reactor import schemas
 from reactor.api import openapi
 from reactor.api.app import Api, create_app
 from reactor.api.auth import Tokens, digest, load_tokens
@@ -379,3 +380,14 @@ def test_the_ci_examples_are_valid_releases() -> None:
     assert event.release_id == "noop-http-1"
     plan = ReleasePlan.model_validate_json((EXAMPLES / "release-noop.json").read_text())
     assert plan.release_id == "noop-ci-1"
+
+
+def test_schemas_check_reports_a_changed_or_missing_openapi_document(tmp_path: Path) -> None:
+    """`reactor schemas check` covers the OpenAPI document: an edit or a deletion is drift."""
+    schemas.export(tmp_path)
+    assert schemas.drift(tmp_path) == []
+    document = tmp_path / "openapi.json"
+    document.write_text(document.read_text().replace('"/api/v1/nodes"', '"/api/v1/hosts"'))
+    assert schemas.drift(tmp_path) == ["changed: openapi.json"]
+    document.unlink()
+    assert schemas.drift(tmp_path) == ["missing: openapi.json"]
