@@ -17,7 +17,7 @@ from starlette.routing import Route
 from reactor.api import openapi
 from reactor.api.auth import LOCAL, Identity, Tokens
 from reactor.api.binding import decode_request, problem_field
-from reactor.api.feed import Feed, ReaderTooSlow
+from reactor.api.feed import Feed, StreamEnded
 from reactor.cli import documents
 from reactor.codec import describe_validation_error, matches
 from reactor.domain.pacer import ItemState, ReleaseState
@@ -285,8 +285,8 @@ async def stream_events(api: Api, request: Request, identity: Identity) -> Respo
             while True:
                 try:
                     item = await reader.next_event(api.keepalive_s)
-                except ReaderTooSlow:
-                    yield b": cut off: this reader fell too far behind; reconnect with Last-Event-ID\n\n"
+                except StreamEnded as ended:
+                    yield f": {ended}\n\n".encode()
                     return
                 if item is None:
                     yield b": keepalive\n\n"

@@ -34,8 +34,12 @@ def document(topic: Topic, event: Event, source: str) -> Document:
     return {**_ENTRY.dump_python(entry_for(topic, event, source), mode="json"), "cloudevent": structured(event, source)}
 
 
-class ReaderTooSlow(Exception):
-    """A live reader fell more than BACKLOG events behind and was cut off."""
+class StreamEnded(Exception):
+    """A live reader was let go: it fell more than BACKLOG events behind, or the server is stopping."""
+
+
+_CUT_OFF = "this reader fell too far behind; reconnect with Last-Event-ID"
+_CLOSING = "the server is stopping; reconnect with Last-Event-ID"
 
 
 class Feed:
@@ -44,8 +48,9 @@ class Feed:
     def __init__(self, source: str) -> None:
         self.source = source
         self._events: dict[str, deque[Document]] = defaultdict(lambda: deque(maxlen=PER_RELEASE))
-        self._readers: dict[str, set[asyncio.Queue[Document | None]]] = defaultdict(set)
+        self._readers: dict[str, set[asyncio.Queue[Document | str]]] = defaultdict(set)
         self._seen: set[str] = set()
+        self._closing = False
 
     async def run(self, bus: EventBus) -> None:
         """Read the release topics from the beginning until cancelled.
@@ -75,9 +80,17 @@ class Feed:
         for queue in list(self._readers[event.release_id]):
             if queue.qsize() >= BACKLOG:
                 self._readers[event.release_id].discard(queue)
-                queue.put_nowait(None)
+                queue.put_nowait(_CUT_OFF)
             else:
                 queue.put_nowait(item)
+
+    def close(self) -> None:
+        """Let every live reader go (the server is stopping), now and whoever comes later."""
+        self._closing = True
+        for readers in self._readers.values():
+            for queue in readers:
+                queue.put_nowait(_CLOSING)
+            readers.clear()
 
     def timeline(self, release_id: str) -> list[Document]:
         """The release's events seen so far, in arrival order."""
@@ -89,14 +102,17 @@ class Feed:
 
         Taking the past and subscribing happen together, between two awaits, so no event is missed or repeated.
         """
-        queue: asyncio.Queue[Document | None] = asyncio.Queue()
+        queue: asyncio.Queue[Document | str] = asyncio.Queue()
         past = self.timeline(release_id)
         ids = [item["event_id"] for item in past]
         if after is not None and after in ids:
             past = past[ids.index(after) + 1 :]
         for item in past:
             queue.put_nowait(item)
-        self._readers[release_id].add(queue)
+        if self._closing:
+            queue.put_nowait(_CLOSING)
+        else:
+            self._readers[release_id].add(queue)
         try:
             yield Reader(queue)
         finally:
@@ -106,15 +122,15 @@ class Feed:
 class Reader:
     """One live reader of a release's events."""
 
-    def __init__(self, queue: asyncio.Queue[Document | None]) -> None:
+    def __init__(self, queue: asyncio.Queue[Document | str]) -> None:
         self._queue = queue
 
     async def next_event(self, timeout_s: float) -> Document | None:
-        """The next event, or None if none came within `timeout_s`; ReaderTooSlow if this reader was cut off."""
+        """The next event, or None if none came within `timeout_s`; StreamEnded (saying why) once let go."""
         try:
             item = await asyncio.wait_for(self._queue.get(), timeout_s)
         except TimeoutError:
             return None
-        if item is None:
-            raise ReaderTooSlow
+        if isinstance(item, str):
+            raise StreamEnded(item)
         return item

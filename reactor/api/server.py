@@ -22,6 +22,18 @@ log = structlog.get_logger(__name__)
 GRACEFUL_S = 2
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending the event streams when it stops: they would otherwise hold it until cut."""
+
+    def __init__(self, config: uvicorn.Config, feed: Feed) -> None:
+        super().__init__(config)
+        self.feed = feed
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.feed.close()
+        await super().shutdown(sockets)
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` is a loopback address or localhost (only this machine's users can reach it)."""
     if host == "localhost":
@@ -64,7 +76,7 @@ async def serve(settings: Settings, sock: socket.socket, tokens: Tokens | None, 
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_S
         )
-        server = uvicorn.Server(config)
+        server = _Server(config, feed)
         # SIGTERM (docker stop, systemd, Kubernetes) stops like Ctrl-C: uvicorn drains, then the roles are cancelled
         # and the backends closed. uvicorn takes the signal over while it serves and raises it again when done; this
         # handler then only repeats the request to stop, so the process ends by returning, not by the signal.

@@ -23,7 +23,7 @@ from reactor.api import openapi
 from reactor.api.app import Api, create_app
 from reactor.api.auth import Tokens, digest, load_tokens
 from reactor.api.binding import decode_request
-from reactor.api.feed import Feed
+from reactor.api.feed import Feed, StreamEnded
 from reactor.domain.pacer import ReleaseState
 from reactor.errors import InvalidInput
 from reactor.events import ReleaseApproved, ReleasePaused, ReleasePlan, ReleaseRequested, Topic
@@ -391,3 +391,21 @@ def test_schemas_check_reports_a_changed_or_missing_openapi_document(tmp_path: P
     assert schemas.drift(tmp_path) == ["changed: openapi.json"]
     document.unlink()
     assert schemas.drift(tmp_path) == ["missing: openapi.json"]
+
+
+async def test_closing_the_feed_ends_every_stream_after_what_it_had(served: Served) -> None:
+    """When the server stops, readers get what was queued for them, then the end (not a hang until cut off)."""
+    assert (await served.client.post("/api/v1/releases", **structured(envelope("r8")))).status_code == 202
+    await served.session.settle_release("r8", timeout_s=30)
+    count = len(served.feed.timeline("r8"))
+    async with served.feed.follow("r8") as reader:
+        served.feed.close()
+        for _ in range(count):
+            assert await reader.next_event(5) is not None
+        with pytest.raises(StreamEnded, match="stopping"):
+            await reader.next_event(5)
+    async with served.feed.follow("r8") as late:
+        for _ in range(count):
+            assert await late.next_event(5) is not None
+        with pytest.raises(StreamEnded):
+            await late.next_event(5)
