@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +23,8 @@ Document = dict[str, Any]
 TOPICS = (Topic.COMMANDS, Topic.OUTCOMES, Topic.RELEASES)
 # The most events kept per release (a 10,000-node release with rollbacks stays well within it); oldest dropped.
 PER_RELEASE = 100_000
+# The most releases whose events are kept; the least recently active one is forgotten first.
+RELEASES_KEPT = 10_000
 # A reader that falls this far behind is cut off rather than let its backlog grow without end.
 BACKLOG = 10_000
 
@@ -42,14 +44,27 @@ _CUT_OFF = "this reader fell too far behind; reconnect with Last-Event-ID"
 _CLOSING = "the server is stopping; reconnect with Last-Event-ID"
 
 
+class _Timeline:
+    """One release's events, at most PER_RELEASE, with their ids for deduplication."""
+
+    def __init__(self) -> None:
+        self.items: deque[Document] = deque()
+        self.ids: set[str] = set()
+
+    def append(self, item: Document) -> None:
+        if len(self.items) == PER_RELEASE:
+            self.ids.discard(self.items.popleft()["event_id"])
+        self.items.append(item)
+        self.ids.add(item["event_id"])
+
+
 class Feed:
     """Keeps each release's events in arrival order and hands new ones to live readers."""
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self._events: dict[str, deque[Document]] = defaultdict(lambda: deque(maxlen=PER_RELEASE))
+        self._timelines: OrderedDict[str, _Timeline] = OrderedDict()
         self._readers: dict[str, set[asyncio.Queue[Document | str]]] = defaultdict(set)
-        self._seen: set[str] = set()
         self._closing = False
 
     async def run(self, bus: EventBus) -> None:
@@ -72,14 +87,23 @@ class Feed:
 
     def add(self, topic: Topic, event: Event) -> None:
         """Record one event and hand it to the release's live readers (each event id once)."""
-        if event.release_id is None or event.event_id in self._seen:
+        release_id = event.release_id
+        if release_id is None:
             return
-        self._seen.add(event.event_id)
+        timeline = self._timelines.get(release_id)
+        if timeline is None:
+            timeline = self._timelines[release_id] = _Timeline()
+            if len(self._timelines) > RELEASES_KEPT:
+                self._timelines.popitem(last=False)
+        elif event.event_id in timeline.ids:
+            return
+        self._timelines.move_to_end(release_id)
         item = document(topic, event, self.source)
-        self._events[event.release_id].append(item)
-        for queue in list(self._readers[event.release_id]):
+        timeline.append(item)
+        readers = self._readers.get(release_id, set())
+        for queue in list(readers):
             if queue.qsize() >= BACKLOG:
-                self._readers[event.release_id].discard(queue)
+                readers.discard(queue)
                 queue.put_nowait(_CUT_OFF)
             else:
                 queue.put_nowait(item)
@@ -94,7 +118,8 @@ class Feed:
 
     def timeline(self, release_id: str) -> list[Document]:
         """The release's events seen so far, in arrival order."""
-        return list(self._events.get(release_id, ()))
+        timeline = self._timelines.get(release_id)
+        return [] if timeline is None else list(timeline.items)
 
     @contextlib.asynccontextmanager
     async def follow(self, release_id: str, after: str | None = None) -> AsyncIterator[Reader]:
@@ -116,7 +141,10 @@ class Feed:
         try:
             yield Reader(queue)
         finally:
-            self._readers[release_id].discard(queue)
+            readers = self._readers.get(release_id, set())
+            readers.discard(queue)
+            if not readers:
+                self._readers.pop(release_id, None)
 
 
 class Reader:

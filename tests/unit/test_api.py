@@ -19,6 +19,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from reactor import schemas
+from reactor.api import feed as feed_module
 from reactor.api import openapi
 from reactor.api.app import Api, create_app
 from reactor.api.auth import Tokens, digest, load_tokens
@@ -409,3 +410,22 @@ async def test_closing_the_feed_ends_every_stream_after_what_it_had(served: Serv
             assert await late.next_event(5) is not None
         with pytest.raises(StreamEnded):
             await late.next_event(5)
+
+
+def test_the_feed_keeps_bounded_timelines_and_adds_each_event_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past PER_RELEASE events a release's oldest go; past RELEASES_KEPT releases the least recently active goes;
+    an event seen twice (published by the API, then read from the bus) is kept once."""
+    monkeypatch.setattr(feed_module, "PER_RELEASE", 3)
+    monkeypatch.setattr(feed_module, "RELEASES_KEPT", 2)
+    feed = Feed("/reactor")
+    paused = [ReleasePaused(release_id="a", reason=str(number)) for number in range(5)]
+    for event in paused:
+        feed.add(Topic.RELEASES, event)
+        feed.add(Topic.RELEASES, event)
+    assert [item["event_id"] for item in feed.timeline("a")] == [event.event_id for event in paused[2:]]
+    feed.add(Topic.RELEASES, ReleasePaused(release_id="b"))
+    feed.add(Topic.RELEASES, ReleasePaused(release_id="a", reason="again"))  # "a" is now the most recently active
+    feed.add(Topic.RELEASES, ReleasePaused(release_id="c"))
+    assert feed.timeline("b") == []
+    assert len(feed.timeline("a")) == 3
+    assert len(feed.timeline("c")) == 1
