@@ -81,13 +81,14 @@ def load_tokens(path: Path) -> Tokens:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise InvalidInput("api_tokens", f"cannot read {path}: {exc}") from exc
+    tokens = document.get("tokens") if isinstance(document, dict) else None
+    # Keys first, and never quoted: a key that is not a digest may be a token written in the clear.
+    for key in tokens if isinstance(tokens, dict) else ():
+        if not (isinstance(key, str) and re.fullmatch(SHA256[1:-1], key)):
+            raise InvalidInput("api_tokens", f"{path}: tokens: keys are the hex SHA-256 of a token (64 of 0-9a-f)")
     try:
         parsed = _TokensFile.model_validate(document)
     except ValidationError as exc:
         raise InvalidInput("api_tokens", f"{path}: {describe_validation_error(exc)}") from exc
-    grants = {}
-    for key, grant in parsed.tokens.items():
-        if not re.fullmatch(SHA256[1:-1], key):
-            raise InvalidInput("api_tokens", f"{path}: tokens: keys are the hex SHA-256 of a token (64 of 0-9a-f)")
-        grants[key] = Identity(name=grant.identity, read_only=grant.read_only)
+    grants = {key: Identity(name=grant.identity, read_only=grant.read_only) for key, grant in parsed.tokens.items()}
     return Tokens(grants)

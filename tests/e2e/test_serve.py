@@ -225,3 +225,34 @@ def test_the_event_stream_shows_a_release_live_through_its_approval_gate(tmp_pat
         assert after[0] == "ReleaseApproved"
         assert after.count("NodeDeployed") == 2
         assert server.get("/api/v1/releases/live-1")["state"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("settings", "args", "said"),
+    [
+        ({"REACTOR_MODE": "distributed"}, (), "api_tokens: required in distributed mode"),
+        ({}, ("--host", "0.0.0.0"), "api_tokens: required on 0.0.0.0, beyond loopback"),  # noqa: S104 (refused)
+        ({"REACTOR_API_TOKENS": "tokens.yaml"}, (), "keys are the hex SHA-256 of a token"),
+        ({"REACTOR_API_TOKENS": "missing.yaml"}, (), "cannot read missing.yaml"),
+    ],
+)
+def test_serve_refuses_to_start_without_usable_tokens_where_they_are_required(
+    tmp_path: Path, settings: dict[str, str], args: tuple[str, ...], said: str
+) -> None:
+    """No tokens beyond embedded mode on loopback, or a tokens file that is not right: exit 2, the reason on
+    stderr, nothing served, and a token written in the clear is never echoed."""
+    (tmp_path / "tokens.yaml").write_text("tokens:\n  my-clear-token: {identity: ci}\n")
+    env = {**os.environ, "REACTOR_STATE_DIR": str(tmp_path / "state"), **settings}
+    result = subprocess.run(
+        [sys.executable, "-m", "reactor.cli.main", "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr
+    assert result.stdout == ""
+    assert "my-clear-token" not in result.stderr

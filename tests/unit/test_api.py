@@ -313,6 +313,7 @@ def test_the_tokens_file_holds_digests_and_refuses_anything_else(tmp_path: Path)
     path = tmp_path / "tokens.yaml"
     for text in (
         "tokens:\n  my-secret-token: {identity: ci}\n",
+        "tokens:\n  my-secret-token: {read_only: maybe}\n",
         f"tokens:\n  {digest('t')}: {{identity: ci, read_only: 'no'}}\n",
         f"tokens:\n  {digest('t')}: {{read_only: true}}\n",
         "tokens: [",
