@@ -19,9 +19,9 @@ from reactor.api.auth import LOCAL, Identity, Tokens
 from reactor.api.binding import decode_request, problem_field
 from reactor.api.feed import Feed, StreamEnded
 from reactor.cli import documents
-from reactor.codec import describe_validation_error, matches
+from reactor.codec import MAX_EVENT_BYTES, describe_validation_error, matches
 from reactor.domain.pacer import ItemState, ReleaseState
-from reactor.errors import DecodeError
+from reactor.errors import DecodeError, ReactorError
 from reactor.events import (
     RELEASE_ID,
     ReleaseAborted,
@@ -94,6 +94,11 @@ def create_app(api: Api) -> Starlette:
                     structlog.contextvars.unbind_contextvars("identity")
             except Refused as refused:
                 return refused.response()
+            except ReactorError as exc:
+                # The store or the bus did not answer (503: try again), or failed otherwise (500); said as JSON.
+                status, error = (503, "unavailable") if exc.retriable else (500, "error")
+                log.warning("request failed", path=request.url.path, error=str(exc))
+                return Refused(status, error, str(exc)).response()
 
         return endpoint
 
@@ -129,6 +134,19 @@ def _release_id(request: Request) -> str:
     if not (len(release_id) < 64 and matches(RELEASE_ID, release_id)):
         raise Refused(404, "not_found", f"no release {release_id!r}", field="release_id")
     return release_id
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes before more of it is read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refused(413, "too_large", f"the body is at most {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refused(413, "too_large", f"the body is at most {limit} bytes")
+    return bytes(body)
 
 
 async def _record(store: Store, release_id: str) -> ReleaseRecord:
@@ -205,7 +223,7 @@ async def list_nodes(api: Api, request: Request, identity: Identity) -> Response
 
 
 async def submit_release(api: Api, request: Request, identity: Identity) -> Response:
-    body = await request.body()
+    body = await _body(request, MAX_EVENT_BYTES)
     try:
         event = decode_request(request.headers.items(), body, ReleaseRequested)
     except DecodeError as exc:
@@ -255,9 +273,7 @@ async def release_command(api: Api, request: Request, identity: Identity) -> Res
 
 async def _command_options(request: Request, *, allow_fast: bool) -> dict[str, Any]:
     """The optional JSON body of a command: `reason`, and `fast` for a rollback."""
-    body = await request.body()
-    if len(body) > _MAX_COMMAND_BYTES:
-        raise Refused(413, "too_large", f"a command body is at most {_MAX_COMMAND_BYTES} bytes")
+    body = await _body(request, _MAX_COMMAND_BYTES)
     if not body.strip():
         return {}
     try:

@@ -220,6 +220,8 @@ def _errors(*statuses: int) -> Schema:
         403: "The token's identity may not do this (read-only).",
         404: "No such release.",
         409: "A release with this id exists already.",
+        413: "The body is too large (an event: the Kafka codec's limit; a command: 16 KiB).",
+        503: "The store or the bus does not answer; try again.",
     }
     return {str(status): _json(_ref("Error"), words[status]) for status in statuses}
 
@@ -248,7 +250,7 @@ def document() -> Schema:
                 "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("Command")}}},
                 "responses": {
                     "202": _json(_ref("Accepted"), "Published as the authenticated identity."),
-                    **_errors(400, 401, 403, 404),
+                    **_errors(400, 401, 403, 404, 413, 503),
                 },
             }
         }
@@ -292,7 +294,7 @@ def document() -> Schema:
                             },
                             "The releases.",
                         ),
-                        **_errors(400, 401),
+                        **_errors(400, 401, 503),
                     },
                 },
                 "post": {
@@ -318,7 +320,7 @@ def document() -> Schema:
                             **_json(_ref("Accepted"), "Published; the release runs."),
                             "headers": {"Location": {"schema": {"type": "string"}}},
                         },
-                        **_errors(400, 401, 403, 409),
+                        **_errors(400, 401, 403, 409, 413, 503),
                     },
                 },
             },
@@ -327,7 +329,7 @@ def document() -> Schema:
                     "operationId": "getRelease",
                     "summary": "A release with its batches, progress counters, nodes and event timeline.",
                     "parameters": [release_id],
-                    "responses": {"200": _json(_ref("Release"), "The release."), **_errors(401, 404)},
+                    "responses": {"200": _json(_ref("Release"), "The release."), **_errors(401, 404, 503)},
                 }
             },
             **command_paths,
@@ -347,7 +349,7 @@ def document() -> Schema:
                             "description": "An endless event stream.",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
-                        **_errors(401, 404),
+                        **_errors(401, 404, 503),
                     },
                 }
             },
@@ -368,7 +370,7 @@ def document() -> Schema:
                             },
                             "The nodes.",
                         ),
-                        **_errors(401),
+                        **_errors(401, 503),
                     },
                 }
             },

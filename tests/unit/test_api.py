@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -19,15 +19,18 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from reactor import schemas
+from reactor.adapters.memory_bus import MemoryBus
 from reactor.api import feed as feed_module
 from reactor.api import openapi
 from reactor.api.app import Api, create_app
 from reactor.api.auth import Tokens, digest, load_tokens
 from reactor.api.binding import decode_request
 from reactor.api.feed import Feed, StreamEnded
+from reactor.codec import MAX_EVENT_BYTES
 from reactor.domain.pacer import ReleaseState
-from reactor.errors import InvalidInput
+from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
 from reactor.events import ReleaseApproved, ReleasePaused, ReleasePlan, ReleaseRequested, Topic
+from reactor.ports import Store
 from reactor.session import Session, embedded
 from reactor.settings import Settings
 
@@ -430,3 +433,41 @@ def test_the_feed_keeps_bounded_timelines_and_adds_each_event_once(monkeypatch: 
     assert feed.timeline("b") == []
     assert len(feed.timeline("a")) == 3
     assert len(feed.timeline("c")) == 1
+
+
+async def test_oversized_bodies_are_413_before_they_are_read_whole(served: Served) -> None:
+    """An event past the codec's size limit, or a command body past 16 KiB, is refused with 413."""
+    big = json.dumps({**envelope("big"), "padding": "x" * MAX_EVENT_BYTES})
+    response = await served.client.post(
+        "/api/v1/releases", content=big, headers={"content-type": "application/cloudevents+json"}
+    )
+    assert (response.status_code, response.json()["error"]) == (413, "too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while reading
+        for _ in range(40):
+            yield b" " * 1024
+
+    response = await served.client.post("/api/v1/releases/big/pause", content=chunks())
+    assert response.status_code == 413
+    assert served.session.bus.events(Topic.RELEASES) == []
+
+
+class _SilentStore:
+    """A store whose server does not answer."""
+
+    async def list_releases(self) -> list[object]:
+        raise BackendUnavailable("mongodb://db: no answer")
+
+    async def list_nodes(self, **_: object) -> list[object]:
+        raise ReactorError("the store broke")
+
+
+async def test_a_store_that_does_not_answer_is_503_and_other_failures_500_as_json() -> None:
+    """Backend failures come back in the same JSON error shape: 503 (try again) when retriable, else 500."""
+    store = cast(Store, _SilentStore())
+    app = create_app(Api(store=store, bus=MemoryBus(), feed=Feed("/reactor"), tokens=None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        unavailable = await client.get("/api/v1/releases")
+        assert (unavailable.status_code, unavailable.json()["error"]) == (503, "unavailable")
+        broken = await client.get("/api/v1/nodes")
+        assert (broken.status_code, broken.json()["error"]) == (500, "error")
