@@ -8,14 +8,16 @@ judges it. What CI sends over HTTP is therefore valid exactly when it would be v
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from reactor.codec import CONTENT_TYPE, HEADER_RULES, MAX_EVENT_BYTES, Record, decode, encode
 from reactor.errors import DecodeError
-from reactor.events import Event
+from reactor.events import EVENTS_BY_TYPE, Event
 
 STRUCTURED = "application/cloudevents+json"
+_FIELD = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ATTRIBUTES = frozenset({rule.name.removeprefix("ce_") for rule in HEADER_RULES if rule.name.startswith("ce_")})
 
 
@@ -99,10 +101,9 @@ def structured(event: Event, source: str) -> dict[str, Any]:
 
 def problem_field(reason: str) -> str:
     """The attribute or field a DecodeError's reason names first ("field: why")."""
-    head, separator, _ = reason.partition(": ")
-    if not separator:
-        return "(event)"
+    head, separator, rest = reason.partition(": ")
     # "dev.deployreactor.release.requested.v1: plan.version: ..." names the field after the type.
-    if head.startswith("dev.") and ": " in reason[len(head) + 2 :]:
-        return reason[len(head) + 2 :].partition(": ")[0]
-    return head
+    if head in EVENTS_BY_TYPE and ": " in rest:
+        head = rest.partition(": ")[0]
+    # "not a CloudEvent: ..." or "oversized: ..." name no field: the event as a whole is at fault.
+    return head if separator and _FIELD.match(head) else "(event)"

@@ -223,7 +223,9 @@ async def test_bodies_that_are_no_cloudevent_are_refused_with_400(
     """A body that is not a CloudEvent in either mode gets 400 with a reason, not a server error."""
     response = await served.client.post("/api/v1/releases", content=content, headers={"content-type": content_type})
     assert response.status_code == 400
-    assert response.json()["detail"]
+    problem = response.json()
+    assert problem["detail"]
+    assert problem["field"] == ("content-type" if content_type == "text/plain" else "(event)")
 
 
 async def test_submitting_the_same_event_again_is_accepted_and_another_for_the_same_release_conflicts(
