@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote
 
 from reactor.codec import CONTENT_TYPE, HEADER_RULES, MAX_EVENT_BYTES, Record, decode, encode
 from reactor.errors import DecodeError
@@ -47,12 +48,17 @@ def record_of(headers: Iterable[tuple[str, str]], body: bytes) -> Record:
     kafka_headers: list[tuple[str, bytes]] = []
     for name, value in pairs:
         if name.startswith("ce-"):
-            kafka_headers.append(("ce_" + name.removeprefix("ce-"), value.encode()))
+            # The HTTP binding percent-encodes what a header cannot carry (space, '"', '%', beyond ASCII).
+            try:
+                text = unquote(value, errors="strict")
+            except UnicodeDecodeError as exc:
+                raise DecodeError(f"{name}: percent-encoded bytes that are not UTF-8: {exc}") from exc
+            kafka_headers.append(("ce_" + name.removeprefix("ce-"), text.encode()))
         elif name == "content-type":
             # Parameters (e.g. charset=utf-8) say nothing the codec's rule does not: JSON is UTF-8.
             kafka_headers.append(("content-type", media_type(value).encode()))
-    subject = next((value for name, value in pairs if name == "ce-subject"), None)
-    return Record(key=None if subject is None else subject.encode(), value=body, headers=tuple(kafka_headers))
+    subject = next((value for name, value in kafka_headers if name == "ce_subject"), None)
+    return Record(key=subject, value=body, headers=tuple(kafka_headers))
 
 
 def decode_request(headers: Iterable[tuple[str, str]], body: bytes, expected: type[Event]) -> Event:

@@ -165,12 +165,17 @@ async def test_a_structured_release_runs_to_completion_and_reads_back_with_batch
 
 
 async def test_a_binary_mode_release_is_accepted_and_runs(served: Served) -> None:
-    """The same event in binary mode (ce-* headers, JSON body with a charset) is taken as well."""
+    """The same event in binary mode (ce-* headers, percent-encoded as the binding says; a JSON body with a charset)
+    is taken as well."""
     headers, body = binary(envelope("r2"))
+    headers["ce-source"] = "/ci/my%20pipeline%C3%A9"
     response = await served.client.post("/api/v1/releases", content=body, headers=headers)
     assert response.status_code == 202, response.text
     await served.session.settle_release("r2", timeout_s=30)
     assert await served.session.release_state("r2") == ReleaseState.COMPLETED
+    headers["ce-source"] = "/ci/%C3"
+    refused = await served.client.post("/api/v1/releases", content=body, headers=headers)
+    assert (refused.status_code, refused.json()["field"]) == (400, "ce-source")
 
 
 def _without(document: dict[str, Any], name: str) -> dict[str, Any]:

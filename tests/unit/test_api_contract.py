@@ -4,11 +4,12 @@ binary or structured mode, is taken as the same event the Kafka codec decodes fr
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
-from reactor.api.binding import STRUCTURED, decode_request
+from reactor.api.binding import STRUCTURED, decode_request, record_of
 from reactor.codec import Record, decode
 from reactor.events import ReleaseRequested
 from tests.contract import Message, valid_messages
@@ -17,10 +18,14 @@ from tests.contract import Message, valid_messages
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(600)]
 
 
+# What a header value may carry as it is; the binding percent-encodes the rest (space, '"', '%', beyond ASCII).
+_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) not in '"%')
+
+
 def binary(message: Message) -> list[tuple[str, str]]:
-    """The message's headers as HTTP binary mode carries them: `ce-` instead of `ce_`."""
+    """The message's headers as HTTP binary mode carries them: `ce-` instead of `ce_`, values percent-encoded."""
     return [
-        ("ce-" + name.removeprefix("ce_") if name.startswith("ce_") else name, value)
+        ("ce-" + name.removeprefix("ce_"), quote(value, safe=_SAFE)) if name.startswith("ce_") else (name, value)
         for name, value in message.headers.items()
     ] + ([] if "content-type" in message.headers else [("content-type", "application/json")])
 
@@ -48,7 +53,8 @@ def structured(message: Message) -> bytes:
 def test_every_release_request_the_contract_accepts_is_taken_over_http_in_both_modes(message: Message) -> None:
     """Binary and structured HTTP requests decode to exactly the event the Kafka record decodes to."""
     key = None if message.key is None else message.key.encode()
-    on_kafka, _source = decode(Record(key=key, value=message.value(), headers=message.header_items()))
+    on_kafka, source = decode(Record(key=key, value=message.value(), headers=message.header_items()))
+    assert record_of(binary(message), message.value()).header("ce_source") == source.encode()
     in_binary = decode_request(binary(message), message.value(), ReleaseRequested)
     in_structured = decode_request([("content-type", STRUCTURED)], structured(message), ReleaseRequested)
     assert in_binary == on_kafka
