@@ -1,4 +1,4 @@
-"""Generated contracts: a JSON Schema per event body and an AsyncAPI 3 document of the topics."""
+"""Generated contracts: a JSON Schema per event body, an AsyncAPI 3 document of the topics, the HTTP API's OpenAPI."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from reactor import __version__
+from reactor.api import openapi
 from reactor.codec import ATTRIBUTE_HEADER, CONTENT_TYPE, HEADER_RULES, RESERVED_HEADERS, HeaderRule
 from reactor.events import EVENT_TYPES, Event, ReleaseEvent, Topic
 
@@ -151,6 +152,7 @@ def rendered() -> dict[str, str]:
     """Every generated file, by path relative to the schemas folder."""
     files = {f"events/{file_name(event)}": _dump(event_schema(event)) for event in EVENT_TYPES}
     files["asyncapi.json"] = _dump(asyncapi_document())
+    files["openapi.json"] = _dump(openapi.document())
     return files
 
 

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     signing_key: Path | None = None
     trust_file: Path | None = None
     require_signed: bool | None = None
+    # `reactor serve`: a YAML file of token SHA-256 digests and the identities they stand for (reactor/api/auth.py).
+    api_tokens: Path | None = None
+    # Serve without tokens beyond embedded mode on loopback (everyone who reaches the port acts as "local").
+    api_allow_anonymous: bool = False
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] | None = None
 

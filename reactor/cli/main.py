@@ -500,6 +500,56 @@ async def _open_when_answering(stack: contextlib.AsyncExitStack, settings: Setti
             delay = min(delay * 2, 10.0)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port to listen on (0: a free one, printed at start).", min=0, max=65535)
+    ] = 8000,
+) -> None:
+    """Serve the HTTP API (releases, nodes, commands, live events); embedded mode runs every worker role here too.
+
+    Prints `serving <url>` on stdout once it takes requests. Bearer tokens come from REACTOR_API_TOKENS.
+    """
+    settings = _settings(log_level="info")
+    from reactor.api import auth, server  # noqa: PLC0415 (the web stack loads only for this command)
+
+    tokens = None
+    if settings.api_tokens is not None:
+        try:
+            tokens = auth.load_tokens(settings.api_tokens)
+        except InvalidInput as exc:
+            _say(err, ("invalid", "red"), f" {exc.field}: {exc.rule}")
+            raise typer.Exit(ExitCode.INVALID) from exc
+    elif settings.api_allow_anonymous or (settings.mode == "embedded" and server.is_loopback(host)):
+        _say(
+            err,
+            ("warning", "yellow"),
+            ": no API tokens (REACTOR_API_TOKENS): every request is allowed and acts as identity 'local'",
+        )
+    else:
+        where = "in distributed mode" if settings.mode == "distributed" else f"on {host}, beyond loopback"
+        _say(
+            err,
+            ("invalid", "red"),
+            f" api_tokens: required {where}; set REACTOR_API_TOKENS to a tokens file"
+            " (or REACTOR_API_ALLOW_ANONYMOUS=true to serve without authentication)",
+        )
+        raise typer.Exit(ExitCode.INVALID)
+    try:
+        sock = server.listen(host, port)
+    except OSError as exc:
+        _say(err, ("error", "red"), f": cannot listen on {host}:{port}: {exc}")
+        raise typer.Exit(ExitCode.FAILED) from exc
+
+    def ready(url: str) -> None:
+        sys.stdout.write(f"serving {url}\n")
+        sys.stdout.flush()
+
+    with sock, contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        _run(server.serve(settings, sock, tokens, ready))
+
+
 @app.command("topics")
 def topics(
     action: Annotated[str, typer.Argument(help="create")] = "create",

@@ -106,7 +106,7 @@ def asyncapi_validator() -> Draft7Validator:
 
 def test_schemas_folder_holds_only_checked_files() -> None:
     files = {path.relative_to(SCHEMAS).as_posix() for path in SCHEMAS.rglob("*") if path.is_file()}
-    assert files == {"asyncapi.json"} | {f"events/{file_name(event)}" for event in EVENT_TYPES}
+    assert files == {"asyncapi.json", "openapi.json"} | {f"events/{file_name(event)}" for event in EVENT_TYPES}
 
 
 def test_checked_in_files_match_the_models() -> None:
