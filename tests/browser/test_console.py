@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -152,30 +152,56 @@ def screenshot(driver: WebDriver, name: str) -> Path:
 
 
 def wait(driver: WebDriver) -> WebDriverWait[WebDriver]:
-    return WebDriverWait(driver, WAIT_S)
+    """A wait that looks again when the page re-rendered the element it had found (it does on every event)."""
+    return WebDriverWait(driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
 
 
-def shown(driver: WebDriver, css: str) -> WebElement:
-    """The element `css` finds, once it is there."""
-    element: WebElement = wait(driver).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
-    return element
+def shown(driver: WebDriver, css: str) -> None:
+    """Wait until `css` finds an element."""
+    wait(driver).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def text(driver: WebDriver, css: str) -> str:
+    """The text of the element `css` finds, once it is there with some text."""
+    found: str = wait(driver).until(lambda page: page.find_element(By.CSS_SELECTOR, css).text)
+    return found
+
+
+def attributes(driver: WebDriver, css: str, name: str) -> list[str]:
+    """Attribute `name` of every element `css` finds, read in one go in the page."""
+    script = "return [...document.querySelectorAll(arguments[0])].map((element) => element.getAttribute(arguments[1]))"
+    found: list[str] = driver.execute_script(script, css, name)
+    return found
+
+
+def click(driver: WebDriver, css: str) -> None:
+    """Click the element `css` finds, once it is there and enabled."""
+
+    def clicked(page: WebDriver) -> bool:
+        element = page.find_element(By.CSS_SELECTOR, css)
+        if not element.is_enabled():
+            return False
+        element.click()
+        return True
+
+    wait(driver).until(clicked)
 
 
 def sign_in(driver: WebDriver, url: str, token: str) -> None:
     """Open `url` and give the console its token through the token field."""
     driver.get(url)
-    field = shown(driver, "#token")
-    field.send_keys(token)
+    shown(driver, "#token")
+    driver.find_element(By.CSS_SELECTOR, "#token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
     shown(driver, "#who[data-read-only]")
 
 
-def release_state(driver: WebDriver, state: str) -> WebElement:
-    return shown(driver, f'#release-state [data-state="{state}"]')
+def release_state(driver: WebDriver, state: str) -> None:
+    shown(driver, f'#release-state [data-state="{state}"]')
 
 
-def node(driver: WebDriver, node_key: str, progress: str) -> WebElement:
-    return shown(driver, f'[data-node="{node_key}"][data-progress="{progress}"]')
+def node(driver: WebDriver, node_key: str, progress: str) -> None:
+    shown(driver, f'[data-node="{node_key}"][data-progress="{progress}"]')
 
 
 def gated(release_id: str, count: int, **strategy: Any) -> dict[str, Any]:
@@ -200,32 +226,28 @@ def test_release_page_follows_the_release_live_and_approves_its_gate(server: Ser
     release_state(browser, "awaiting_approval")
     node(browser, "noop/web-01/checkout", "succeeded")
     node(browser, "noop/web-02/checkout", "succeeded")
-    assert {
-        tile.get_attribute("data-progress") for tile in browser.find_elements(By.CSS_SELECTOR, '[data-batch="2"] .node')
-    } == {"queued"}
+    assert set(attributes(browser, '[data-batch="2"] .node', "data-progress")) == {"queued"}
     shown(browser, '#live[data-live="true"]')
     # A reload would drop this mark: it proves the page changed by itself.
     browser.execute_script("window.stillThisPage = true")
 
-    shown(browser, "#reason").send_keys("canary looks fine")
-    wait(browser).until(
-        expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, '[data-action="approve"]'))
-    ).click()
+    shown(browser, "#reason")
+    browser.find_element(By.CSS_SELECTOR, "#reason").send_keys("canary looks fine")
+    click(browser, '[data-action="approve"]')
     shown(browser, '[data-batch="2"] .node[data-progress="dispatched"]')
     screenshot(browser, "release-running")
     for number in range(3, 9):
         node(browser, f"noop/web-{number:02d}/checkout", "succeeded")
     release_state(browser, "completed")
     assert browser.execute_script("return window.stillThisPage") is True
-    approval = shown(browser, '#timeline li[data-type="ReleaseApproved"]')
-    assert approval.find_element(By.CSS_SELECTOR, ".actor").text == "ci"
-    assert shown(browser, "#budget").get_attribute("data-spent") == "0"
+    assert text(browser, '#timeline li[data-type="ReleaseApproved"] .actor') == "ci"
+    assert "canary looks fine" in text(browser, '#timeline li[data-type="ReleaseApproved"] .summary')
+    assert attributes(browser, "#budget", "data-spent") == ["0"]
     screenshot(browser, "release-completed")
 
     browser.get(server.url + "/")
-    row = shown(browser, '#releases tr[data-release="checkout-1"]')
-    assert row.find_element(By.CSS_SELECTOR, '[data-state="completed"]').text == "completed"
-    assert "8/8" in row.text
+    assert text(browser, '#releases tr[data-release="checkout-1"] [data-state]') == "completed"
+    assert "8/8" in text(browser, '#releases tr[data-release="checkout-1"]')
     screenshot(browser, "release-list")
 
 
@@ -235,14 +257,11 @@ def test_abort_from_the_page_stops_another_release(server: Server, browser: WebD
     server.submit(gated("search-1", 4))
     sign_in(browser, f"{server.url}/releases/search-1", WRITER)
     release_state(browser, "awaiting_approval")
-    wait(browser).until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, '[data-action="abort"]'))).click()
+    click(browser, '[data-action="abort"]')
     wait(browser).until(expected_conditions.alert_is_present()).accept()
     release_state(browser, "aborted")
-    abort = shown(browser, '#timeline li[data-type="ReleaseAborted"]')
-    assert abort.find_element(By.CSS_SELECTOR, ".actor").text == "ci"
-    assert {
-        tile.get_attribute("data-progress") for tile in browser.find_elements(By.CSS_SELECTOR, '[data-batch="2"] .node')
-    } == {"queued"}
+    assert text(browser, '#timeline li[data-type="ReleaseAborted"] .actor') == "ci"
+    assert set(attributes(browser, '[data-batch="2"] .node', "data-progress")) == {"queued"}
     assert server.state("search-1") == "aborted"
     screenshot(browser, "release-aborted")
 
@@ -254,15 +273,16 @@ def test_the_drawer_shows_a_failed_nodes_error_step_and_versions(server: Server,
     plan = release_plan("broken-1", package, {"node-1": 1}, bad_node="node-1")
     server.submit(plan.model_dump(mode="json", exclude_defaults=True))
     sign_in(browser, f"{server.url}/releases/broken-1", WRITER)
-    node(browser, "local/node-1/hello", "failed").click()
-    assert shown(browser, "#node-step").text == "verify"
-    assert "sha256 mismatch" in shown(browser, "#node-error").text
-    history = shown(browser, "#node-history").text
+    node(browser, "local/node-1/hello", "failed")
+    click(browser, '[data-node="local/node-1/hello"]')
+    assert text(browser, "#node-step") == "verify"
+    assert "sha256 mismatch" in text(browser, "#node-error")
+    wait(browser).until(lambda page: "NodeFailed" in page.find_element(By.CSS_SELECTOR, "#node-history").text)
+    history = text(browser, "#node-history")
     assert "DeployRequested" in history
     assert "NodeFailed" in history
     release_state(browser, "halted")
-    budget = shown(browser, "#budget")
-    assert (budget.get_attribute("data-spent"), budget.get_attribute("data-left")) == ("1", "0")
+    assert (attributes(browser, "#budget", "data-spent"), attributes(browser, "#budget", "data-left")) == (["1"], ["0"])
     screenshot(browser, "node-drawer-failed")
 
 
@@ -273,7 +293,7 @@ def test_a_read_only_token_sees_no_buttons_and_its_commands_are_refused(server: 
     release_state(browser, "awaiting_approval")
     shown(browser, "#read-only")
     assert browser.find_elements(By.CSS_SELECTOR, "[data-action]") == []
-    assert shown(browser, "#who").text == "viewer · read-only"
+    assert text(browser, "#who") == "viewer · read-only"
     status = browser.execute_async_script(
         """
         const done = arguments[arguments.length - 1];
@@ -291,5 +311,5 @@ def test_a_read_only_token_sees_no_buttons_and_its_commands_are_refused(server: 
 def test_without_a_token_the_console_asks_for_one(server: Server, browser: WebDriver) -> None:
     """The API answers 401 without a token: the console says so and shows no data."""
     browser.get(server.url + "/")
-    assert "needs a token" in shown(browser, "#notice.error").text
+    assert "needs a token" in text(browser, "#notice.error")
     assert browser.find_elements(By.CSS_SELECTOR, "#releases") == []

@@ -34,6 +34,13 @@ const NODE_PROGRESS = {
   NodeRolledBack: "rolled_back",
   RollbackFailed: "rollback_failed",
 };
+// What a release event says about the release's state (a snapshot reloaded after it confirms or corrects it).
+const RELEASE_STATE = {
+  BatchStarted: "running",
+  ReleaseAwaitingApproval: "awaiting_approval",
+  ReleaseCompleted: "completed",
+  ReleaseRolledBack: "rolled_back",
+};
 const COMMANDS = ["approve", "pause", "resume", "abort", "rollback"];
 // In which release states each command makes sense (the API accepts them all; the pacer decides).
 const ENABLED = {
@@ -373,6 +380,7 @@ class ReleasePage {
 
   onEvent(event) {
     if (!this.addEvent(event)) return;
+    if (RELEASE_STATE[event.event_type] && this.release) this.release.state = RELEASE_STATE[event.event_type];
     this.render();
     this.refresh();
   }
@@ -465,9 +473,9 @@ class ReleasePage {
       h(
         "div",
         { class: `budget${over ? " over" : ""}`, id: "budget", "data-spent": String(spent), "data-left": String(left) },
-        h("span", { class: "label", text: "failure budget" }),
+        h("span", { class: "label", text: `failure budget ${budget}${release.batch_failure_budget !== null ? ` (per batch ${release.batch_failure_budget})` : ""}` }),
         h("strong", { text: `${spent} spent · ${left} left` }),
-        h("span", { class: "label", text: `of ${budget}${release.batch_failure_budget !== null ? ` (per batch ${release.batch_failure_budget})` : ""}` }),
+        h("span", { class: "label", text: over ? "spent: nothing more is dispatched" : `${left} more failed node${left === 1 ? "" : "s"} tolerated` }),
       ),
       h("div", { class: "legend" }, PROGRESS.filter((state) => counts[state]).map((state) => h("span", { class: `key p-${state}`, text: `${counts[state]} ${state.replaceAll("_", " ")}` }))),
       h("div", { class: "overall" }, progressBar(counts, total)),
