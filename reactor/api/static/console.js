@@ -381,6 +381,9 @@ class ReleasePage {
   onEvent(event) {
     if (!this.addEvent(event)) return;
     if (RELEASE_STATE[event.event_type] && this.release) this.release.state = RELEASE_STATE[event.event_type];
+    const data = (event.cloudevent && event.cloudevent.data) || {};
+    // The event counts batches from 0; the API and the page from 1.
+    if (event.event_type === "BatchStarted" && this.release && Number.isInteger(data.batch)) this.release.batch = data.batch + 1;
     this.render();
     this.refresh();
   }
