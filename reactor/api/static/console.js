@@ -263,6 +263,7 @@ class ReleasePage {
     this.again = false;
     this.settle = null;
     this.bar = null;
+    this.rendering = null;
   }
 
   get path() {
@@ -384,8 +385,19 @@ class ReleasePage {
     const data = (event.cloudevent && event.cloudevent.data) || {};
     // The event counts batches from 0; the API and the page from 1.
     if (event.event_type === "BatchStarted" && this.release && Number.isInteger(data.batch)) this.release.batch = data.batch + 1;
-    this.render();
-    this.refresh();
+    this.scheduleRender();
+    // A node's event carries its new progress: the page need not reload the release (with its whole timeline) for
+    // it, except to show the open drawer's node record. Release events change counters and state: reload for them.
+    if (!(event.event_type in NODE_PROGRESS) || event.subject === this.openNode) this.refresh();
+  }
+
+  // One render for a burst of events.
+  scheduleRender() {
+    if (this.rendering) return;
+    this.rendering = setTimeout(() => {
+      this.rendering = null;
+      this.render();
+    }, 100);
   }
 
   async command(action) {
