@@ -488,9 +488,9 @@ class ReleasePage {
       h(
         "div",
         { class: `budget${over ? " over" : ""}`, id: "budget", "data-spent": String(spent), "data-left": String(left) },
-        h("span", { class: "label", text: `failure budget ${budget}${release.batch_failure_budget !== null ? ` (per batch ${release.batch_failure_budget})` : ""}` }),
+        h("span", { class: "label", text: `failure budget: ${budget} failed node${budget === 1 ? "" : "s"}${release.batch_failure_budget !== null ? ` (per batch ${release.batch_failure_budget})` : ""}` }),
         h("strong", { text: `${spent} spent · ${left} left` }),
-        h("span", { class: "label", text: over ? "spent: nothing more is dispatched" : `${left} more failed node${left === 1 ? "" : "s"} tolerated` }),
+        over ? h("span", { class: "label", text: "spent: nothing more is dispatched" }) : null,
       ),
       h("div", { class: "legend" }, PROGRESS.filter((state) => counts[state]).map((state) => h("span", { class: `key p-${state}`, text: `${counts[state]} ${state.replaceAll("_", " ")}` }))),
       h("div", { class: "overall" }, progressBar(counts, total)),
