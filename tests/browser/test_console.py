@@ -251,11 +251,17 @@ def test_release_page_follows_the_release_live_and_approves_its_gate(server: Ser
     screenshot(browser, "release-list")
 
 
-def test_abort_from_the_page_stops_another_release(server: Server, browser: WebDriver) -> None:
+def test_abort_then_rollback_from_the_page(server: Server, browser: WebDriver) -> None:
     """A release held at its gate is aborted from its page after the confirmation: it ends aborted, its second
-    batch never dispatched, and the timeline says ci aborted it."""
+    batch never dispatched, and the timeline says ci aborted it. Rolled back from the page, its deployed nodes
+    turn rolled back live and the release ends rolled back."""
+    # Version 1.0.0 first, without a gate, so the nodes have a version to roll back to.
+    first = gated("search-0", 4, approval_after_batches=[])
+    server.submit({**first, "version": "1.0.0", "image": "example/search:1.0.0"})
+    sign_in(browser, f"{server.url}/releases/search-0", WRITER)
+    release_state(browser, "completed")
     server.submit(gated("search-1", 4))
-    sign_in(browser, f"{server.url}/releases/search-1", WRITER)
+    browser.get(f"{server.url}/releases/search-1")
     release_state(browser, "awaiting_approval")
     click(browser, '[data-action="abort"]')
     wait(browser).until(expected_conditions.alert_is_present()).accept()
@@ -264,6 +270,17 @@ def test_abort_from_the_page_stops_another_release(server: Server, browser: WebD
     assert set(attributes(browser, '[data-batch="2"] .node', "data-progress")) == {"queued"}
     assert server.state("search-1") == "aborted"
     screenshot(browser, "release-aborted")
+
+    click(browser, '[data-action="rollback"]')
+    wait(browser).until(expected_conditions.alert_is_present()).accept()
+    node(browser, "noop/web-01/search", "rolled_back")
+    node(browser, "noop/web-02/search", "rolled_back")
+    release_state(browser, "rolled_back")
+    click(browser, '[data-node="noop/web-01/search"]')
+    wait(browser).until(lambda page: "NodeRolledBack" in page.find_element(By.CSS_SELECTOR, "#node-history").text)
+    assert "2.0.0 → 1.0.0" in text(browser, "#node-history")
+    assert text(browser, '#timeline li[data-type="ReleaseRollbackRequested"] .actor') == "ci"
+    screenshot(browser, "release-rolled-back")
 
 
 def test_the_drawer_shows_a_failed_nodes_error_step_and_versions(server: Server, browser: WebDriver) -> None:
