@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from reactor.api import openapi
+from reactor.api import console, openapi
 from reactor.api.auth import LOCAL, Identity, Tokens
 from reactor.api.binding import decode_request, problem_field
 from reactor.api.feed import Feed, StreamEnded
@@ -113,6 +113,8 @@ def create_app(api: Api) -> Starlette:
         Route("/api/v1/releases/{release_id}/events", guarded(stream_events, writes=False), methods=["GET"]),
         Route("/api/v1/releases/{release_id}/{command}", guarded(release_command, writes=True), methods=["POST"]),
         Route("/api/v1/nodes", guarded(list_nodes, writes=False), methods=["GET"]),
+        Route("/api/v1/whoami", guarded(console.whoami, writes=False), methods=["GET"]),
+        *console.routes(),
     ]
     return Starlette(routes=routes)
 

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from reactor import __version__
+from reactor.api import console
 from reactor.cli.documents import NODE_FIELDS as _NODE_FIELDS
 from reactor.codec import CONTENT_TYPE, HEADER_RULES, HeaderRule
 from reactor.domain.pacer import ItemState, ReleaseState
@@ -353,6 +354,7 @@ def document() -> Schema:
                     },
                 }
             },
+            "/api/v1/whoami": console.WHOAMI_PATH,
             "/api/v1/nodes": {
                 "get": {
                     "operationId": "listNodes",
