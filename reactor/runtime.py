@@ -72,6 +72,7 @@ def kafka_bus(settings: Settings) -> KafkaBus:
         source=settings.source,
         concurrency=settings.concurrency,
         grace_s=settings.grace_s,
+        security=settings.kafka_security(),
     )
 
 
@@ -85,6 +86,7 @@ def cdevent_sinks(settings: Settings) -> list[CDEventSink]:
                 settings.topic_prefix + settings.cdevents_topic,
                 partitions=settings.topic_partitions,
                 replication=settings.topic_replication,
+                security=settings.kafka_security(),
             )
         )
     sinks.extend(

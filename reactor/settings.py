@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -15,6 +15,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from reactor.adapters.kafka_security import KafkaSecurity, SaslMechanism, SecurityProtocol
 from reactor.domain.limits import InFlightLimits
 from reactor.events import LABEL_KEY
 
@@ -82,6 +83,41 @@ class Settings(BaseSettings):
     cdevents_timeout_s: float = Field(default=10.0, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] | None = None
+    # --- Kafka client security (issue 11, transports): PLAINTEXT unless set; the password never shows in repr.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None  # None: the system's trusted CAs
+
+    @model_validator(mode="after")
+    def _kafka_sasl_complete(self) -> Settings:
+        """A SASL protocol needs a mechanism, a user name and a password."""
+        if self.kafka_security_protocol.startswith("SASL_"):
+            missing = [
+                name
+                for name, value in (
+                    ("REACTOR_KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                    ("REACTOR_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                    ("REACTOR_KAFKA_SASL_PASSWORD", self.kafka_sasl_password),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"{self.kafka_security_protocol} needs {', '.join(missing)}")
+        return self
+
+    def kafka_security(self) -> KafkaSecurity:
+        """What every Kafka client of this process is given."""
+        return KafkaSecurity(
+            protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            username=self.kafka_sasl_username,
+            password=self.kafka_sasl_password,
+            cafile=self.kafka_ssl_cafile,
+        )
+
+    # --- end of Kafka client security
 
     @field_validator("cdevents_sinks", mode="before")
     @classmethod

@@ -32,6 +32,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
+from reactor.adapters.kafka_security import KafkaSecurity
 from reactor.codec import Record, encode
 from reactor.errors import BackendUnavailable
 from reactor.events import Event, Topic
@@ -80,8 +81,10 @@ class KafkaBus:
         retry_delay_s: float = 0.5,
         commit_interval_s: float = 0.2,
         client_id: str = "deploy-reactor",
+        security: KafkaSecurity | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.security = security or KafkaSecurity()
         self.prefix = prefix
         self.source = source
         self.concurrency = concurrency
@@ -111,11 +114,13 @@ class KafkaBus:
             acks="all",
             linger_ms=2,
             request_timeout_ms=30_000,
+            **self.security.client_options(),
         )
         try:
             await producer.start()
         except KafkaError as exc:
             await producer.stop()
+            await self.security.explain(self.bootstrap)
             raise BackendUnavailable(f"kafka {self.bootstrap}: {exc}") from exc
         self._producer = producer
         return self
@@ -138,7 +143,9 @@ class KafkaBus:
 
     async def create_topics(self, *, partitions: int = 6, replication: int = 1) -> list[str]:
         """Create the four topics if missing; the names created."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.security.client_options()
+        )
         created = []
         try:
             await admin.start()
@@ -175,7 +182,9 @@ class KafkaBus:
     async def history(self, topic: Topic) -> list[Record]:
         """Every message of `topic` from the beginning to the current end, partition by partition."""
         name = self.topic_name(topic)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.security.client_options()
+        )
         try:
             await admin.start()
             [description] = await admin.describe_topics([name])
@@ -188,7 +197,10 @@ class KafkaBus:
         if not assigned:
             return records
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, client_id=self.client_id
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            client_id=self.client_id,
+            **self.security.client_options(),
         )
         try:
             await consumer.start()
@@ -262,6 +274,7 @@ class _GroupMember:
             max_poll_records=500,
             # Keep each member's partitions where it can on a rebalance, so fewer runs change hands.
             partition_assignment_strategy=(_own_sticky_assignor(),),
+            **bus.security.client_options(),
         )
         self.handler = handler
         self.progress: dict[TopicPartition, _PartitionProgress] = {}
@@ -292,6 +305,7 @@ class _GroupMember:
                 await starting
             raise
         except KafkaError as exc:
+            await self.bus.security.explain(self.bus.bootstrap)
             raise BackendUnavailable(f"kafka {self.bus.bootstrap}: {exc}") from exc
 
     async def run(self) -> None:
