@@ -32,7 +32,8 @@ def _config_file() -> Path:
 class Settings(BaseSettings):
     """Everything a reactor process can be told. Embedded mode needs none of it."""
 
-    model_config = SettingsConfigDict(env_prefix="REACTOR_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a validation error must not echo a password (REACTOR_KAFKA_SASL_PASSWORD).
+    model_config = SettingsConfigDict(env_prefix="REACTOR_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     mode: Literal["embedded", "distributed"] = "embedded"
     state_dir: Path = Field(default_factory=_default_state_dir)
