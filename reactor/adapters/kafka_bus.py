@@ -28,13 +28,15 @@ from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
 )
 from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
 from reactor.adapters.kafka_security import KafkaSecurity
 from reactor.codec import Record, encode
-from reactor.errors import BackendUnavailable
+from reactor.errors import AccessDenied, BackendUnavailable
 from reactor.events import Event, Topic
 from reactor.observability import CONSUMER_LAG, MISROUTED
 from reactor.ports import Handler
@@ -152,12 +154,21 @@ class KafkaBus:
             for topic in Topic:
                 name = self.topic_name(topic)
                 try:
-                    await admin.create_topics(
+                    response = await admin.create_topics(
                         [NewTopic(name=name, num_partitions=partitions, replication_factor=replication)]
                     )
+                    # aiokafka returns a topic's error in the response instead of raising it.
+                    for _name, code, *_message in response.topic_errors:
+                        if code:
+                            raise for_code(code)(name)
                     created.append(name)
                 except TopicAlreadyExistsError:
                     continue
+                except TopicAuthorizationFailedError as exc:
+                    # A principal without CREATE (ACLs) is refused even for a topic that exists: fine if it does.
+                    if name in await admin.list_topics():
+                        continue
+                    raise AccessDenied(f"kafka {self.bootstrap}: not allowed to create {name}") from exc
         except KafkaError as exc:
             raise BackendUnavailable(f"kafka {self.bootstrap}: cannot create topics: {exc}") from exc
         finally:
