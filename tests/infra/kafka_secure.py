@@ -37,6 +37,7 @@ MECHANISM = "SCRAM-SHA-512"
 # The consumer groups a `reactor worker` joins (reactor/runtime.py: executor, rollback, pacer, cdevents roles).
 WORKER_GROUPS = ("executor", "rollback", "pacer", "cdevents")
 TOPICS = ("commands", "outcomes", "releases", "dlq")
+PARTITIONS = 4  # of each topic the harness creates
 
 
 def _private(path: Path, text: str) -> Path:
@@ -202,7 +203,7 @@ def _topic(prefix: str, name: str) -> str:
     return prefix + name
 
 
-def grant(svc: Service, prefix: str, *, partitions: int = 4) -> None:
+def grant(svc: Service, prefix: str, *, partitions: int = PARTITIONS) -> None:
     """Create the reactor's topics under `prefix` (as the admin) and the ACLs of each principal on them.
 
     worker: READ commands, releases, outcomes (executor: commands; pacer and cdevents: releases, outcomes;
