@@ -347,7 +347,7 @@ def start_secure_kafka(
         "REACTOR_KAFKA_SSL_CAFILE": str(ca_file),
     }
     # Listening and logged "started" is ready: an ApiVersions probe in plaintext would only be refused by TLS.
-    svc._ready = _started(port, logfile)
+    svc._ready = started(port, logfile)
     testenv._wait_until(svc, svc._ready, testenv.KAFKA_START_TIMEOUT, f"Kafka {version} (SASL_SSL) on {HOST}:{port}")
     log(f"Kafka {version} (SASL_SSL) ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
     if prefix is not None:
@@ -359,12 +359,16 @@ def start_secure_kafka(
     return svc
 
 
-def _started(port: int, logfile: Path) -> Callable[[], bool]:
+def started(port: int, logfile: Path, *, since: int = 0) -> Callable[[], bool]:
+    """Whether the broker listens on `port` and says in its log (after byte `since`) that it started."""
+
     def ready() -> bool:
         if not testenv._tcp_accepts(port):
             return False
         try:
-            text = logfile.read_text(errors="replace")
+            with open(logfile, "rb") as log_file:
+                log_file.seek(since)
+                text = log_file.read().decode("utf-8", "replace")
         except OSError:
             return False
         return "Kafka Server started" in text or "started (kafka.server" in text

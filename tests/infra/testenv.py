@@ -806,7 +806,11 @@ def relaunch(svc: Service, *, outlive_parent: bool = False) -> Service:
     since = logfile.stat().st_size if logfile.exists() else 0
     if svc.name == "kafka":
         port = int(svc.env["REACTOR_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1])
-        ready = _kafka_ready(port, logfile, since=since)
+        ready = (
+            _kafka_secure().started(port, logfile, since=since)  # TLS only: no plaintext ApiVersions probe
+            if "REACTOR_KAFKA_SASL_USERNAME" in svc.env
+            else _kafka_ready(port, logfile, since=since)
+        )
     elif svc.name == "mongo":
         port = int(svc.env["REACTOR_MONGO_URL"].rstrip("/").rsplit(":", 1)[1])
         ready = functools.partial(_tcp_accepts, port)
