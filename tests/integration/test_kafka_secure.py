@@ -7,6 +7,9 @@ the missing ACL is granted, succeeds; so the refusal comes from the protection, 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -229,3 +232,30 @@ async def _read_all(broker: Service, topic: str, user: str) -> list[Record]:
     finally:
         await consumer.stop()
     return records
+
+
+def test_a_worker_with_a_wrong_password_exits_at_once_naming_the_user(broker: Service, tmp_path: Path) -> None:
+    """`reactor worker` does not wait for a refused password as for an outage: it exits non-zero, says whose
+    credentials were refused, and prints no password."""
+    env = {
+        **os.environ,
+        **broker.env,
+        "REACTOR_MODE": "distributed",
+        "REACTOR_TOPIC_PREFIX": PREFIX,
+        "REACTOR_STATE_DIR": str(tmp_path / "state"),
+        "REACTOR_HTTP_PORT": "0",
+        "REACTOR_KAFKA_SASL_PASSWORD": "not-the-password",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "reactor.cli.main", "worker", "--role", "all"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "authentication failed as 'worker'" in output
+    assert "not-the-password" not in output
+    assert kafka_secure.passwords(broker)[kafka_secure.WORKER] not in output
