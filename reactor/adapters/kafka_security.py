@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,17 +41,20 @@ class KafkaSecurity:
         return options
 
     async def explain(self, bootstrap: str) -> None:
-        """After a client could not bootstrap: raise `AccessDenied` if the first broker refuses our credentials.
+        """After a client could not bootstrap: raise `AccessDenied` if the first broker refuses our credentials or
+        its certificate does not verify against our CA.
 
         aiokafka only logs why each bootstrap connection failed; a wrong password is not an outage to wait out.
         """
-        if not self.protocol.startswith("SASL_"):
+        if self.protocol == "PLAINTEXT":
             return
         host, _, port = bootstrap.split(",", maxsplit=1)[0].strip().rpartition(":")
         try:
             conn = await create_conn(host, int(port), request_timeout_ms=10_000, **self.client_options())
         except (SaslAuthenticationFailed, AuthenticationFailedError) as exc:
             raise AccessDenied(f"kafka {bootstrap}: authentication failed as {self.username!r}: {exc}") from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise AccessDenied(f"kafka {bootstrap}: the broker's certificate does not verify: {exc}") from exc
         except (KafkaError, OSError, ValueError):
             return  # not a refusal of our credentials: the caller reports the outage
         with contextlib.suppress(Exception):

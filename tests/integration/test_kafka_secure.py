@@ -98,6 +98,15 @@ async def test_wrong_password_is_refused_with_a_clear_error_at_once(broker: Serv
         await bus.ping()
 
 
+async def test_a_broker_certificate_from_another_ca_is_refused_at_once(broker: Service, tmp_path: Path) -> None:
+    """A client trusting another CA does not talk to the broker: AccessDenied (not an outage to wait out)."""
+    other_ca, _ = kafka_secure.make_certificates(tmp_path)
+    elsewhere = replace(security(broker, kafka_secure.WORKER), cafile=other_ca)
+    with pytest.raises(AccessDenied, match="certificate does not verify"):
+        async with asyncio.timeout(60), KafkaBus(bootstrap(broker), prefix=PREFIX, security=elsewhere):
+            pass
+
+
 async def test_plaintext_client_cannot_use_the_tls_listener(broker: Service) -> None:
     """A client without TLS and SASL does not get through (BackendUnavailable, not a hang)."""
     async with asyncio.timeout(60):
