@@ -8,7 +8,9 @@ controllers cannot check SCRAM; its one user is the harness's super user.
 
 Principals (see `grant`): `admin` (super user: the harness), `worker` (the reactor's workers), `ci` (submits
 releases), `subscriber` (reads what happened). Passwords are random, live only in files of mode 0600 in the
-broker's workdir and in `Service.env` of the worker principal (printed as `export` lines by `scripts/testenv up`).
+broker's workdir and in `Service.env` of the worker principal (printed as `export` lines by `scripts/testenv up`,
+kept in its 0600 state file). One exception: `--add-scram` takes them on StorageTool's command line, visible in
+the process list for the seconds the format runs (Kafka's tool has no file option for them).
 Needs `cryptography` (a dev dependency; Debian's `python3-cryptography` for `scripts/testenv` outside a venv).
 """
 
@@ -211,7 +213,9 @@ def grant(svc: Service, prefix: str, *, partitions: int = PARTITIONS) -> None:
     RollbackRequested), outcomes (executor's NodeDeployed/NodeFailed..., the pacer's deadline failures), releases
     (the pacer's ReleaseStarted/Completed... outbox), dlq (rejected messages); READ on its consumer groups.
     ci: WRITE releases only. subscriber: READ outcomes and releases, and groups named `<prefix>subscriber*`.
-    DESCRIBE comes with READ and WRITE. Nobody but the admin may create, delete or alter anything.
+    DESCRIBE comes with READ and WRITE. Nobody but the admin may create, delete or alter anything. Not granted:
+    WRITE on `<prefix>cdevents` (the cdevents role, outside `--role all`, would need it) and READ on dlq (only
+    `reactor replay`/`recover` read it: an operator's job, as the admin).
     """
     t = {name: _topic(prefix, name) for name in TOPICS}
     acl = "org.apache.kafka.tools.AclCommand"
