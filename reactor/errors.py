@@ -49,6 +49,10 @@ class BackendUnavailable(ReactorError):
     retriable = True
 
 
+class AccessDenied(ReactorError):
+    """A backend refused our credentials or our permissions: not an outage, waiting does not help."""
+
+
 class ExecutorNotFound(ReactorError):
     """No executor is registered for a platform."""
 

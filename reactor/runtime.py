@@ -99,6 +99,7 @@ def kafka_bus(settings: Settings, signatures: Signatures = NO_SIGNATURES) -> Kaf
         concurrency=settings.concurrency,
         grace_s=settings.grace_s,
         signatures=signatures,
+        security=settings.kafka_security(),
     )
 
 
@@ -112,6 +113,7 @@ def cdevent_sinks(settings: Settings) -> list[CDEventSink]:
                 settings.topic_prefix + settings.cdevents_topic,
                 partitions=settings.topic_partitions,
                 replication=settings.topic_replication,
+                security=settings.kafka_security(),
             )
         )
     sinks.extend(

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -15,6 +15,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from reactor.adapters.kafka_security import KafkaSecurity, SaslMechanism, SecurityProtocol
 from reactor.domain.limits import InFlightLimits
 from reactor.events import LABEL_KEY
 
@@ -31,7 +32,8 @@ def _config_file() -> Path:
 class Settings(BaseSettings):
     """Everything a reactor process can be told. Embedded mode needs none of it."""
 
-    model_config = SettingsConfigDict(env_prefix="REACTOR_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a validation error must not echo a password (REACTOR_KAFKA_SASL_PASSWORD).
+    model_config = SettingsConfigDict(env_prefix="REACTOR_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     mode: Literal["embedded", "distributed"] = "embedded"
     state_dir: Path = Field(default_factory=_default_state_dir)
@@ -91,6 +93,41 @@ class Settings(BaseSettings):
     api_allow_anonymous: bool = False
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] | None = None
+    # --- Kafka client security (issue 11, transports): PLAINTEXT unless set; the password never shows in repr.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None  # None: the system's trusted CAs
+
+    @model_validator(mode="after")
+    def _kafka_sasl_complete(self) -> Settings:
+        """A SASL protocol needs a mechanism, a user name and a password."""
+        if self.kafka_security_protocol.startswith("SASL_"):
+            missing = [
+                name
+                for name, value in (
+                    ("REACTOR_KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                    ("REACTOR_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                    ("REACTOR_KAFKA_SASL_PASSWORD", self.kafka_sasl_password),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"{self.kafka_security_protocol} needs {', '.join(missing)}")
+        return self
+
+    def kafka_security(self) -> KafkaSecurity:
+        """What every Kafka client of this process is given."""
+        return KafkaSecurity(
+            protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            username=self.kafka_sasl_username,
+            password=self.kafka_sasl_password,
+            cafile=self.kafka_ssl_cafile,
+        )
+
+    # --- end of Kafka client security
 
     @field_validator("cdevents_sinks", mode="before")
     @classmethod

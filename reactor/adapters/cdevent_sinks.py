@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter
 
+from reactor.adapters.kafka_security import KafkaSecurity
 from reactor.cdevents import http_structured, kafka_record
 from reactor.errors import BackendUnavailable
 
@@ -44,8 +45,10 @@ class KafkaCDEventSink:
         partitions: int = 6,
         replication: int = 1,
         client_id: str = "deploy-reactor-cdevents",
+        security: KafkaSecurity | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.security = security or KafkaSecurity()
         self.topic = topic
         self.name = f"kafka:{topic}"
         self.partitions = partitions
@@ -62,11 +65,13 @@ class KafkaCDEventSink:
             acks="all",
             linger_ms=2,
             request_timeout_ms=30_000,
+            **self.security.client_options(),
         )
         try:
             await producer.start()
         except KafkaError as exc:
             await producer.stop()
+            await self.security.explain(self.bootstrap)
             raise BackendUnavailable(f"kafka {self.bootstrap}: {exc}") from exc
         self._producer = producer
         return self
@@ -80,7 +85,9 @@ class KafkaCDEventSink:
 
     async def _create_topic(self) -> None:
         """Create the topic if it is missing; a cluster that forbids it (ACLs) must have it created by hand."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.security.client_options()
+        )
         try:
             await admin.start()
             await admin.create_topics(

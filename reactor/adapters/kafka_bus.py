@@ -28,12 +28,15 @@ from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
 )
 from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
+from reactor.adapters.kafka_security import KafkaSecurity
 from reactor.codec import Record, encode
-from reactor.errors import BackendUnavailable
+from reactor.errors import AccessDenied, BackendUnavailable
 from reactor.events import Event, Topic
 from reactor.observability import CONSUMER_LAG, MISROUTED
 from reactor.ports import Handler
@@ -82,9 +85,11 @@ class KafkaBus:
         commit_interval_s: float = 0.2,
         client_id: str = "deploy-reactor",
         signatures: Signatures = NO_SIGNATURES,
+        security: KafkaSecurity | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.signatures = signatures
+        self.security = security or KafkaSecurity()
         self.prefix = prefix
         self.source = source
         self.concurrency = concurrency
@@ -114,11 +119,13 @@ class KafkaBus:
             acks="all",
             linger_ms=2,
             request_timeout_ms=30_000,
+            **self.security.client_options(),
         )
         try:
             await producer.start()
         except KafkaError as exc:
             await producer.stop()
+            await self.security.explain(self.bootstrap)
             raise BackendUnavailable(f"kafka {self.bootstrap}: {exc}") from exc
         self._producer = producer
         return self
@@ -141,19 +148,30 @@ class KafkaBus:
 
     async def create_topics(self, *, partitions: int = 6, replication: int = 1) -> list[str]:
         """Create the four topics if missing; the names created."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.security.client_options()
+        )
         created = []
         try:
             await admin.start()
             for topic in Topic:
                 name = self.topic_name(topic)
                 try:
-                    await admin.create_topics(
+                    response = await admin.create_topics(
                         [NewTopic(name=name, num_partitions=partitions, replication_factor=replication)]
                     )
+                    # aiokafka returns a topic's error in the response instead of raising it.
+                    for _name, code, *_message in response.topic_errors:
+                        if code:
+                            raise for_code(code)(name)
                     created.append(name)
                 except TopicAlreadyExistsError:
                     continue
+                except TopicAuthorizationFailedError as exc:
+                    # A principal without CREATE (ACLs) is refused even for a topic that exists: fine if it does.
+                    if name in await admin.list_topics():
+                        continue
+                    raise AccessDenied(f"kafka {self.bootstrap}: not allowed to create {name}") from exc
         except KafkaError as exc:
             raise BackendUnavailable(f"kafka {self.bootstrap}: cannot create topics: {exc}") from exc
         finally:
@@ -178,7 +196,9 @@ class KafkaBus:
     async def history(self, topic: Topic) -> list[Record]:
         """Every message of `topic` from the beginning to the current end, partition by partition."""
         name = self.topic_name(topic)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.security.client_options()
+        )
         try:
             await admin.start()
             [description] = await admin.describe_topics([name])
@@ -191,7 +211,10 @@ class KafkaBus:
         if not assigned:
             return records
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, client_id=self.client_id
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            client_id=self.client_id,
+            **self.security.client_options(),
         )
         try:
             await consumer.start()
@@ -265,6 +288,7 @@ class _GroupMember:
             max_poll_records=500,
             # Keep each member's partitions where it can on a rebalance, so fewer runs change hands.
             partition_assignment_strategy=(_own_sticky_assignor(),),
+            **bus.security.client_options(),
         )
         self.handler = handler
         self.progress: dict[TopicPartition, _PartitionProgress] = {}
@@ -300,6 +324,7 @@ class _GroupMember:
                 await starting
             raise
         except KafkaError as exc:
+            await self.bus.security.explain(self.bus.bootstrap)
             raise BackendUnavailable(f"kafka {self.bus.bootstrap}: {exc}") from exc
 
     async def run(self) -> None:

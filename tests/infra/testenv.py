@@ -806,7 +806,11 @@ def relaunch(svc: Service, *, outlive_parent: bool = False) -> Service:
     since = logfile.stat().st_size if logfile.exists() else 0
     if svc.name == "kafka":
         port = int(svc.env["REACTOR_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1])
-        ready = _kafka_ready(port, logfile, since=since)
+        ready = (
+            _kafka_secure().started(port, logfile, since=since)  # TLS only: no plaintext ApiVersions probe
+            if "REACTOR_KAFKA_SASL_USERNAME" in svc.env
+            else _kafka_ready(port, logfile, since=since)
+        )
     elif svc.name == "mongo":
         port = int(svc.env["REACTOR_MONGO_URL"].rstrip("/").rsplit(":", 1)[1])
         ready = functools.partial(_tcp_accepts, port)
@@ -1037,11 +1041,24 @@ class Component:
 
 
 COMPONENTS: dict[str, Component] = {
+    # `up kafka --secure` ($REACTOR_KAFKA_SECURE=1): SASL_SSL, SCRAM users and ACLs (tests/infra/kafka_secure.py,
+    # imported on use: it needs `cryptography`); its topics and ACLs are for $REACTOR_TOPIC_PREFIX (else reactor.).
     "kafka": Component(
         "kafka",
-        f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)",
-        ensure_kafka,
-        lambda workdir: start_kafka(workdir, outlive_parent=True),
+        f"Apache Kafka {KAFKA_VERSION} (KRaft, single node; SASL_SSL with ACLs if --secure)",
+        lambda: _kafka_secure().ensure_kafka_tools() if kafka_secure() else ensure_kafka(),
+        lambda workdir: (
+            _kafka_secure().start_secure_kafka(
+                workdir, prefix=os.environ.get("REACTOR_TOPIC_PREFIX", "reactor."), outlive_parent=True
+            )
+            if kafka_secure()
+            else start_kafka(workdir, outlive_parent=True)
+        ),
+        lambda svc: (
+            None
+            if ("REACTOR_KAFKA_SASL_USERNAME" in svc.env) == kafka_secure()
+            else f"it runs {'with' if 'REACTOR_KAFKA_SASL_USERNAME' in svc.env else 'without'} SASL_SSL"
+        ),
     ),
     # Backend: $REACTOR_MONGO_BACKEND (`up mongo --backend postgresql`); on PostgreSQL its cluster is part of it.
     "mongo": Component(
@@ -1070,6 +1087,18 @@ COMPONENTS: dict[str, Component] = {
         lambda workdir: __import__("tests.infra.k8s", fromlist=["start_k8s"]).start_k8s(workdir, outlive_parent=True),
     ),
 }
+
+
+def kafka_secure() -> bool:
+    """Whether `up kafka` starts the SASL_SSL broker ($REACTOR_KAFKA_SECURE, set by `--secure`)."""
+    return os.environ.get("REACTOR_KAFKA_SECURE", "") not in ("", "0")
+
+
+def _kafka_secure() -> Any:
+    return __import__("tests.infra.kafka_secure", fromlist=["start_secure_kafka"])
+
+
+SECRET_VARIABLES = ("REACTOR_KAFKA_SASL_PASSWORD",)  # never shown by `status`; state.json holding them is 0600
 
 
 def rundir() -> Path:
@@ -1102,7 +1131,10 @@ def save_state(services: dict[str, Service]) -> None:
         path.unlink(missing_ok=True)
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"services": {n: s.to_json() for n, s in services.items()}}, indent=1))
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it may hold a password (SECRET_VARIABLES)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps({"services": {n: s.to_json() for n, s in services.items()}}, indent=1))
     tmp.replace(path)
 
 

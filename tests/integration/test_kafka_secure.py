@@ -1,0 +1,270 @@
+"""The reactor on a SASL_SSL broker (SCRAM-SHA-512 over TLS) with an authorizer and ACLs per principal.
+
+Each refusal is checked against its control: the same client with the right password, or the same write once
+the missing ACL is granted, succeeds; so the refusal comes from the protection, not from a broken client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import TopicAuthorizationFailedError
+from pydantic import SecretStr
+
+from reactor.adapters.kafka_bus import KafkaBus, _record
+from reactor.adapters.kafka_security import KafkaSecurity
+from reactor.adapters.mongo_store import MongoStore
+from reactor.codec import Record, decode
+from reactor.domain.pacer import ReleaseState
+from reactor.domain.status import NodeState
+from reactor.errors import AccessDenied, BackendUnavailable
+from reactor.events import NodeDeployed, NodeTarget, Package, ReleasePlan, ReleaseRequested, Strategy
+from tests.infra import kafka_secure, testenv
+from tests.infra.testenv import Service
+from tests.workers import Workers, worker_group
+
+pytestmark = [pytest.mark.kafka]
+
+PREFIX = "secure."
+PACKAGE = Package(url="https://packages.example.test/app-4.0.0.tar.gz", sha256="f" * 64)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A SASL_SSL broker started by the harness, with the reactor's topics and ACLs under PREFIX."""
+    try:
+        testenv.ensure_kafka()
+        service = kafka_secure.start_secure_kafka(tmp_path_factory.mktemp("kafka-secure") / "kafka", prefix=PREFIX)
+    except (testenv.TestEnvError, OSError) as exc:
+        pytest.fail(f"the SASL_SSL broker could not be started: {exc}")
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def security(broker: Service, user: str) -> KafkaSecurity:
+    """Client settings of `user` on the secure broker."""
+    return KafkaSecurity(
+        protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        username=user,
+        password=SecretStr(kafka_secure.passwords(broker)[user]),
+        cafile=Path(broker.env["REACTOR_KAFKA_SSL_CAFILE"]),
+    )
+
+
+def bootstrap(broker: Service) -> str:
+    return broker.env["REACTOR_KAFKA_BOOTSTRAP"]
+
+
+@pytest.fixture
+async def raw_producer(broker: Service) -> AsyncIterator[dict[str, AIOKafkaProducer]]:
+    """Plain (not idempotent) producers per principal, so a refusal names the topic, started on use."""
+    producers: dict[str, AIOKafkaProducer] = {}
+    for user in (kafka_secure.CI, kafka_secure.SUBSCRIBER):
+        producers[user] = AIOKafkaProducer(
+            bootstrap_servers=bootstrap(broker), request_timeout_ms=10_000, **security(broker, user).client_options()
+        )
+    try:
+        for producer in producers.values():
+            await producer.start()
+        yield producers
+    finally:
+        for producer in producers.values():
+            await producer.stop()
+
+
+async def test_wrong_password_is_refused_with_a_clear_error_at_once(broker: Service) -> None:
+    """A bus with a wrong password fails to open with AccessDenied naming the user, within seconds (a worker
+    would otherwise wait for the 'outage' forever); the right password opens it."""
+    wrong = replace(security(broker, kafka_secure.WORKER), password=SecretStr("not-the-password"))
+    started = time.monotonic()
+    with pytest.raises(AccessDenied, match="authentication failed as 'worker'") as refused:
+        async with KafkaBus(bootstrap(broker), prefix=PREFIX, security=wrong):
+            pass
+    assert time.monotonic() - started < 30
+    assert "not-the-password" not in str(refused.value)
+    async with KafkaBus(bootstrap(broker), prefix=PREFIX, security=security(broker, kafka_secure.WORKER)) as bus:
+        await bus.ping()
+
+
+async def test_a_broker_certificate_from_another_ca_is_refused_at_once(broker: Service, tmp_path: Path) -> None:
+    """A client trusting another CA does not talk to the broker: AccessDenied (not an outage to wait out)."""
+    other_ca, _ = kafka_secure.make_certificates(tmp_path)
+    elsewhere = replace(security(broker, kafka_secure.WORKER), cafile=other_ca)
+    with pytest.raises(AccessDenied, match="certificate does not verify"):
+        async with asyncio.timeout(60), KafkaBus(bootstrap(broker), prefix=PREFIX, security=elsewhere):
+            pass
+
+
+async def test_plaintext_client_cannot_use_the_tls_listener(broker: Service) -> None:
+    """A client without TLS and SASL does not get through (BackendUnavailable, not a hang)."""
+    async with asyncio.timeout(60):
+        with pytest.raises(BackendUnavailable):
+            async with KafkaBus(bootstrap(broker), prefix=PREFIX):
+                pass
+
+
+async def test_ci_principal_cannot_write_commands_until_granted(
+    broker: Service, raw_producer: dict[str, AIOKafkaProducer]
+) -> None:
+    """CI writes releases but not commands (authorization error); granted WRITE on commands, the same write goes
+    through, so the refusal is the ACL's."""
+    ci = raw_producer[kafka_secure.CI]
+    await ci.send_and_wait(PREFIX + "releases", b"{}", key=b"test-ci")
+    commands = PREFIX + "commands"
+    with pytest.raises(TopicAuthorizationFailedError):
+        await ci.send_and_wait(commands, b"{}", key=b"test-ci")
+    await asyncio.to_thread(kafka_secure.add_acl, broker, kafka_secure.CI, "Write", commands)
+    try:
+        await _send_once_allowed(ci, commands)
+    finally:
+        await asyncio.to_thread(kafka_secure.revoke, broker, kafka_secure.CI, "Write", commands)
+
+
+async def test_subscriber_reads_but_cannot_write(broker: Service, raw_producer: dict[str, AIOKafkaProducer]) -> None:
+    """The subscriber reads outcomes and releases (in a group of its own prefix) and may write to no topic."""
+    subscriber = raw_producer[kafka_secure.SUBSCRIBER]
+    for topic in ("outcomes", "releases", "commands", "dlq"):
+        with pytest.raises(TopicAuthorizationFailedError):
+            await subscriber.send_and_wait(PREFIX + topic, b"{}", key=b"test-subscriber")
+    consumer = AIOKafkaConsumer(
+        PREFIX + "releases",
+        bootstrap_servers=bootstrap(broker),
+        group_id=f"{PREFIX}subscriber-test",
+        auto_offset_reset="earliest",
+        **security(broker, kafka_secure.SUBSCRIBER).client_options(),
+    )
+    await consumer.start()
+    try:
+        async with asyncio.timeout(30):
+            while not await consumer.getmany(timeout_ms=1000):  # CI's release of the test above, or this one's
+                await raw_producer[kafka_secure.CI].send_and_wait(PREFIX + "releases", b"{}", key=b"test-sub")
+    finally:
+        await consumer.stop()
+    await asyncio.to_thread(kafka_secure.add_acl, broker, kafka_secure.SUBSCRIBER, "Write", PREFIX + "outcomes")
+    try:
+        await _send_once_allowed(subscriber, PREFIX + "outcomes")
+    finally:
+        await asyncio.to_thread(kafka_secure.revoke, broker, kafka_secure.SUBSCRIBER, "Write", PREFIX + "outcomes")
+
+
+async def _send_once_allowed(producer: AIOKafkaProducer, topic: str) -> None:
+    """Send until the broker's authorizer has the new ACL (it applies metadata within moments)."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await producer.send_and_wait(topic, b"{}", key=b"test-granted")
+            except TopicAuthorizationFailedError:
+                await asyncio.sleep(0.5)
+            else:
+                return
+
+
+@pytest.fixture
+def workers(broker: Service, mongo_url: str, mongo_database: str, tmp_path: Path) -> Iterator[Workers]:
+    """`reactor worker` processes as the worker principal, with the settings `scripts/testenv up kafka --secure`
+    prints, on PREFIX."""
+    with worker_group(bootstrap(broker), mongo_url, mongo_database, tmp_path) as group:
+        group.env.update(broker.env)
+        group.env["REACTOR_TOPIC_PREFIX"] = PREFIX
+        yield group
+
+
+@pytest.mark.mongo
+@pytest.mark.timeout(240)
+async def test_release_runs_end_to_end_over_sasl_ssl_with_worker_processes(
+    broker: Service, workers: Workers, mongo_url: str, mongo_database: str
+) -> None:
+    """CI submits a release (its only right: write releases); two worker processes with the worker principal's
+    ACLs deploy every node; the subscriber reads each node's outcome."""
+    workers.start()
+    workers.start()
+    release = ReleasePlan(
+        release_id=f"secure-{time.monotonic_ns()}",
+        service="app",
+        version="4.0.0",
+        package=PACKAGE,
+        nodes=[NodeTarget(node_key=f"noop/host-{index:02d}/app") for index in range(8)],
+        strategy=Strategy(batches=[1, "100%"], max_parallel=4, failure_budget=0),
+    )
+    async with KafkaBus(bootstrap(broker), prefix=PREFIX, security=security(broker, kafka_secure.CI)) as ci:
+        await ci.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="ci"))
+    async with MongoStore(mongo_url, database=mongo_database) as store, asyncio.timeout(180):
+        while (record := await store.get_release(release.release_id)) is None or record.state in {
+            ReleaseState.RUNNING,
+            ReleaseState.WAITING,
+        }:
+            assert all(process.poll() is None for process in workers.processes), "a worker exited"
+            await asyncio.sleep(0.2)
+        assert record.state == ReleaseState.COMPLETED, record.reason
+        nodes = await store.list_nodes()
+        assert {(node.state, node.current_version) for node in nodes} == {(NodeState.SUCCESS, "4.0.0")}
+    # Read as a subscriber does, with a consumer only: KafkaBus opens a producer, which needs a WRITE ACL.
+    records = await _read_all(broker, PREFIX + "outcomes", kafka_secure.SUBSCRIBER)
+    # Leaving out what the other tests wrote once granted (keys `test-...`; workers dead-letter those).
+    outcomes = [decode(record)[0] for record in records if not (record.key or b"").startswith(b"test-")]
+    deployed = {event.node_key for event in outcomes if isinstance(event, NodeDeployed)}
+    assert deployed == {node.node_key for node in release.nodes}
+    passwords = kafka_secure.passwords(broker).values()
+    for index in range(len(workers.processes)):
+        text = workers.log_path(index).read_text(errors="replace")
+        assert not [secret for secret in passwords if secret in text], "a password is in a worker's log"
+
+
+async def _read_all(broker: Service, topic: str, user: str) -> list[Record]:
+    """Every message of `topic` up to its current end, read by `user` without a group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap(broker), enable_auto_commit=False, **security(broker, user).client_options()
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, partition) for partition in range(kafka_secure.PARTITIONS)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: list[Record] = []
+        async with asyncio.timeout(30):
+            while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+                for messages in (await consumer.getmany(timeout_ms=1000)).values():
+                    records.extend(_record(message) for message in messages)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def test_a_worker_with_a_wrong_password_exits_at_once_naming_the_user(broker: Service, tmp_path: Path) -> None:
+    """`reactor worker` does not wait for a refused password as for an outage: it exits non-zero, says whose
+    credentials were refused, and prints no password."""
+    env = {
+        **os.environ,
+        **broker.env,
+        "REACTOR_MODE": "distributed",
+        "REACTOR_TOPIC_PREFIX": PREFIX,
+        "REACTOR_STATE_DIR": str(tmp_path / "state"),
+        "REACTOR_HTTP_PORT": "0",
+        "REACTOR_KAFKA_SASL_PASSWORD": "not-the-password",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "reactor.cli.main", "worker", "--role", "all"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "authentication failed as 'worker'" in output
+    assert "not-the-password" not in output
+    assert kafka_secure.passwords(broker)[kafka_secure.WORKER] not in output
