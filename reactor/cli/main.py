@@ -403,23 +403,36 @@ def _node_request(event: DeployRequested | RollbackRequested) -> None:
 def deploy(
     node_key: Annotated[str, typer.Argument(help="Node key, e.g. local/node-1/hello.")],
     version: Annotated[str, typer.Option(help="Version to deploy.")],
-    package_url: Annotated[str, typer.Option(help="Package URL (http, https or file).")],
-    sha256: Annotated[str, typer.Option(help="SHA256 of the package, checked before anything changes.")],
+    package_url: Annotated[
+        str | None, typer.Option(help="Package URL (http, https or file); hosts need it, with --sha256.")
+    ] = None,
+    sha256: Annotated[str | None, typer.Option(help="SHA256 of the package, checked before anything changes.")] = None,
+    image: Annotated[
+        str | None, typer.Option(help="Container image, for Kubernetes nodes (instead of a package).")
+    ] = None,
+    container: Annotated[
+        str | None, typer.Option(help="Kubernetes: the container to update (default: the only one).")
+    ] = None,
     service: Annotated[str | None, typer.Option(help="Service name; defaults to the node key's last part.")] = None,
     port: Annotated[int | None, typer.Option(help="Port the service listens on (health check).")] = None,
     health_path: Annotated[str, typer.Option(help="HTTP health path.")] = "/healthz",
     auto_rollback: Annotated[str, typer.Option(help="node or none")] = "none",
     actor: Annotated[str, typer.Option(help="Who asks, for the audit trail.")] = "cli",
 ) -> None:
-    """Deploy one node, outside any release."""
-    if "://" not in package_url:
+    """Deploy one node, outside any release: a package (--package-url and --sha256) or an image (--image)."""
+    if (package_url is None) != (sha256 is None) or (package_url is None and image is None):
+        _say(err, ("invalid", "red"), " artifact: give --package-url with --sha256, or --image (Kubernetes nodes)")
+        raise typer.Exit(ExitCode.INVALID)
+    if package_url is not None and "://" not in package_url:
         package_url = Path(package_url).resolve().as_uri()
     try:
         event = DeployRequested(
             node_key=node_key,
             service=service or node_key.rsplit("/", 1)[-1],
             version=version,
-            package=Package(url=package_url, sha256=sha256),
+            package=None if package_url is None or sha256 is None else Package(url=package_url, sha256=sha256),
+            image=image,
+            container=container,
             port=port,
             health=HealthCheck(path=health_path),
             auto_rollback=auto_rollback,

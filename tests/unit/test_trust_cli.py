@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from typer.testing import CliRunner
 
 from reactor.cli import documents
-from reactor.cli.main import app
 from reactor.codec import Record, encode
 from reactor.events import DeployRequested, NodeDeployed, Package
 from reactor.trust import Identity, SigningKey, TrustStore, load_signing_key, sign_record
@@ -22,14 +24,34 @@ NODE = "local/node-1/app"
 PACKAGE = Package(url="https://packages.example.com/app-2.0.0.tar.gz", sha256="a" * 64)
 
 
+@dataclass(frozen=True)
+class Ran:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def reactor(*args: str, env: dict[str, str] | None = None) -> Ran:
+    """The CLI in a process of its own, as a user runs it (in this process it would configure this one's logging)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "reactor.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+        check=False,
+    )
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
 def _key() -> SigningKey:
     return SigningKey.from_private_key(Ed25519PrivateKey.generate())
 
 
 def test_keys_generate_writes_a_private_key_only_its_owner_reads_and_prints_its_key_id(tmp_path: Path) -> None:
     """NAME.key is 0600, NAME.pub is beside it, and the printed id is the key's own id."""
-    result = CliRunner().invoke(app, ["keys", "generate", "executor", "--dir", str(tmp_path / "keys")])
-    assert result.exit_code == 0, result.output
+    result = reactor("keys", "generate", "executor", "--dir", str(tmp_path / "keys"))
+    assert result.exit_code == 0, result.stderr
     private = tmp_path / "keys" / "executor.key"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     assert (tmp_path / "keys" / "executor.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
@@ -38,10 +60,9 @@ def test_keys_generate_writes_a_private_key_only_its_owner_reads_and_prints_its_
 
 def test_keys_generate_never_overwrites_a_key(tmp_path: Path) -> None:
     """A second key of the same name is refused as invalid input (exit 2), and the first stays as it was."""
-    runner = CliRunner()
-    assert runner.invoke(app, ["keys", "generate", "ci", "--dir", str(tmp_path)]).exit_code == 0
+    assert reactor("keys", "generate", "ci", "--dir", str(tmp_path)).exit_code == 0
     before = (tmp_path / "ci.key").read_bytes()
-    again = runner.invoke(app, ["keys", "generate", "ci", "--dir", str(tmp_path)])
+    again = reactor("keys", "generate", "ci", "--dir", str(tmp_path))
     assert again.exit_code == 2
     assert "already exists" in again.stderr
     assert (tmp_path / "ci.key").read_bytes() == before
@@ -49,7 +70,7 @@ def test_keys_generate_never_overwrites_a_key(tmp_path: Path) -> None:
 
 def test_keys_generate_refuses_a_name_that_is_not_a_file_name(tmp_path: Path) -> None:
     """A name with a path in it would write elsewhere: refused, nothing written."""
-    result = CliRunner().invoke(app, ["keys", "generate", "../evil", "--dir", str(tmp_path)])
+    result = reactor("keys", "generate", "../evil", "--dir", str(tmp_path))
     assert result.exit_code == 2
     assert list(tmp_path.iterdir()) == []
 
@@ -105,13 +126,14 @@ def test_verification_document_counts_and_lists_every_message() -> None:
 
 def test_verify_needs_the_distributed_mode_and_a_trust_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Embedded mode has no topic to read; distributed mode without REACTOR_TRUST_FILE has nothing to verify with."""
-    monkeypatch.setenv("REACTOR_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("REACTOR_TRUST_FILE", raising=False)
-    monkeypatch.setenv("REACTOR_MODE", "embedded")
-    embedded = CliRunner().invoke(app, ["verify", "--topic", "outcomes"])
+    embedded = reactor(
+        "verify", "--topic", "outcomes", env={"REACTOR_STATE_DIR": str(tmp_path), "REACTOR_MODE": "embedded"}
+    )
     assert embedded.exit_code == 2
     assert "REACTOR_MODE=distributed" in embedded.stderr
-    monkeypatch.setenv("REACTOR_MODE", "distributed")
-    untrusting = CliRunner().invoke(app, ["verify", "--topic", "outcomes"])
+    untrusting = reactor(
+        "verify", "--topic", "outcomes", env={"REACTOR_STATE_DIR": str(tmp_path), "REACTOR_MODE": "distributed"}
+    )
     assert untrusting.exit_code == 2
     assert "REACTOR_TRUST_FILE" in untrusting.stderr
