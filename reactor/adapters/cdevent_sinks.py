@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter
 
-from reactor.adapters.kafka_security import KafkaSecurity
+from reactor.adapters.kafka_security import KafkaSecurity, started_producer
 from reactor.cdevents import http_structured, kafka_record
 from reactor.errors import BackendUnavailable
 
@@ -58,22 +58,7 @@ class KafkaCDEventSink:
 
     async def __aenter__(self) -> Self:
         await self._create_topic()
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            client_id=self.client_id,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=2,
-            request_timeout_ms=30_000,
-            **self.security.client_options(),
-        )
-        try:
-            await producer.start()
-        except KafkaError as exc:
-            await producer.stop()
-            await self.security.explain(self.bootstrap)
-            raise BackendUnavailable(f"kafka {self.bootstrap}: {exc}") from exc
-        self._producer = producer
+        self._producer = await started_producer(self.bootstrap, self.client_id, self.security)
         return self
 
     async def __aexit__(

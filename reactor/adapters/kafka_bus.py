@@ -34,7 +34,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
-from reactor.adapters.kafka_security import KafkaSecurity
+from reactor.adapters.kafka_security import KafkaSecurity, started_producer
 from reactor.codec import Record, encode
 from reactor.errors import AccessDenied, BackendUnavailable
 from reactor.events import Event, Topic
@@ -112,22 +112,7 @@ class KafkaBus:
         return Topic(name.removeprefix(self.prefix))
 
     async def __aenter__(self) -> Self:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            client_id=self.client_id,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=2,
-            request_timeout_ms=30_000,
-            **self.security.client_options(),
-        )
-        try:
-            await producer.start()
-        except KafkaError as exc:
-            await producer.stop()
-            await self.security.explain(self.bootstrap)
-            raise BackendUnavailable(f"kafka {self.bootstrap}: {exc}") from exc
-        self._producer = producer
+        self._producer = await started_producer(self.bootstrap, self.client_id, self.security)
         return self
 
     async def __aexit__(

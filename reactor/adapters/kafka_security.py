@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.conn import create_conn
 from aiokafka.errors import AuthenticationFailedError, KafkaError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr
 
-from reactor.errors import AccessDenied
+from reactor.errors import AccessDenied, BackendUnavailable
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -59,3 +60,24 @@ class KafkaSecurity:
             return  # not a refusal of our credentials: the caller reports the outage
         with contextlib.suppress(Exception):
             conn.close()
+
+
+async def started_producer(bootstrap: str, client_id: str, security: KafkaSecurity) -> AIOKafkaProducer:
+    """An idempotent producer (acks from every replica) connected to `bootstrap`; AccessDenied when the broker
+    refuses its credentials or certificate, BackendUnavailable when it does not answer."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        request_timeout_ms=30_000,
+        **security.client_options(),
+    )
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        await security.explain(bootstrap)
+        raise BackendUnavailable(f"kafka {bootstrap}: {exc}") from exc
+    return producer

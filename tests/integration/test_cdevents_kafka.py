@@ -125,6 +125,7 @@ async def test_a_release_on_kafka_reaches_a_cdevents_subscriber_each_event_once_
         topic_prefix=kafka.prefix,
         topic_partitions=2,
         cdevents_release_url="https://reactor.example.test/releases/{release_id}",
+        require_signed=False,  # the fixture's bus signs nothing (tests/integration/test_signed_commands.py signs)
     )
     script = Script(behaviour={"fake/host-02/app": "fail"})
     release = ReleasePlan(
