@@ -1,4 +1,6 @@
-"""Chaos on fleet hosts: one powered off during its deploy, another's cable pulled while it switches versions.
+"""Chaos on fleet hosts (the chaos tier's fleet half; in tests/fleet so that it runs after the harness's own fleet
+test, which needs the machine's one fleet free): one powered off during its deploy, another's cable pulled while it
+switches versions.
 
 Real Kafka, FerretDB and `reactor worker --role all` processes drive the ssh driver against three nspawn hosts
 booting systemd. Release 1 puts 1.0.0 on all three; release 2 (2.0.0, two failures tolerated) starts on all
