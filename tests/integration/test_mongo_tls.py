@@ -1,0 +1,81 @@
+"""MongoDB over TLS (issue 11, transports), on FerretDB listening with TLS only: the store works through a URL
+that names the CA (`tls=true&tlsCAFile=...`), and a client without TLS, or without the CA, gets nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from reactor.adapters.mongo_store import MongoStore
+from reactor.domain.status import NodeState, NodeStatus
+from reactor.errors import BackendUnavailable
+from tests.infra.testenv import start_ferretdb
+from tests.leaks import collecting_the_sockets_pymongo_leaks
+
+pytestmark = pytest.mark.mongo
+
+
+@pytest.fixture(scope="module")
+def tls_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a FerretDB of its own that listens with TLS only (`scripts/testenv up mongo --tls`)."""
+    with start_ferretdb(tmp_path_factory.mktemp("ferretdb-tls") / "mongo", tls=True) as service:
+        yield service.env["REACTOR_MONGO_URL"]
+
+
+async def test_the_store_works_over_tls_with_the_ca_named_in_the_url(tls_url: str) -> None:
+    assert "tls=true&tlsCAFile=" in tls_url
+    status = NodeStatus(
+        node_key="noop/tls-1/app",
+        host="tls-1",
+        service="app",
+        platform="noop",
+        state=NodeState.SUCCESS,
+        current_version="1.0.0",
+        updated_at=datetime.now(UTC),
+    )
+    async with MongoStore(tls_url, database=f"tls{os.urandom(4).hex()}") as store:
+        stored = await store.put_node(status, expected_revision=0)
+        assert stored is not None
+        found = await store.get_node("noop/tls-1/app")
+        assert found is not None
+        assert found.current_version == "1.0.0"
+
+
+@pytest.mark.parametrize("client", ["without TLS", "without the CA"])
+async def test_a_client_without_tls_or_without_the_ca_is_refused(tls_url: str, client: str) -> None:
+    url = tls_url.split("?", maxsplit=1)[0] if client == "without TLS" else tls_url.split("&", maxsplit=1)[0]
+    async with collecting_the_sockets_pymongo_leaks():
+        with pytest.raises(BackendUnavailable) as refused:
+            async with MongoStore(url, database="refused", timeout_s=2):
+                pass
+        if client == "without the CA":
+            assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+        del refused
+
+
+@pytest.mark.kafka
+def test_reactor_status_reads_the_store_over_tls(tls_url: str, kafka_bootstrap: str, tmp_path: Path) -> None:
+    """The CLI, as a process, with REACTOR_MONGO_URL as `scripts/testenv up mongo --tls` exports it."""
+    env = {
+        **os.environ,
+        "REACTOR_MODE": "distributed",
+        "REACTOR_REQUIRE_SIGNED": "false",
+        "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "REACTOR_TOPIC_PREFIX": f"t{os.urandom(4).hex()}.",
+        "REACTOR_MONGO_URL": tls_url,
+        "REACTOR_MONGO_DATABASE": f"tls{os.urandom(4).hex()}",
+        "REACTOR_STATE_DIR": str(tmp_path / "state"),
+    }
+    command = [sys.executable, "-m", "reactor.cli.main", "status"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    plain = {**env, "REACTOR_MONGO_URL": tls_url.split("?", maxsplit=1)[0]}
+    refused = subprocess.run(command, env=plain, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode != 0
+    assert "MongoDB" in refused.stderr
