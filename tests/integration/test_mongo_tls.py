@@ -14,8 +14,8 @@ import pytest
 
 from reactor.adapters.mongo_store import MongoStore
 from reactor.domain.status import NodeState, NodeStatus
-from reactor.errors import BackendUnavailable
-from tests.infra.testenv import start_ferretdb
+from reactor.errors import BackendUnavailable, ReactorError
+from tests.infra.testenv import ensure_postgres, start_ferretdb
 from tests.leaks import collecting_the_sockets_pymongo_leaks
 
 pytestmark = pytest.mark.mongo
@@ -79,3 +79,45 @@ def test_reactor_status_reads_the_store_over_tls(tls_url: str, kafka_bootstrap: 
     refused = subprocess.run(command, env=plain, capture_output=True, text=True, timeout=120, check=False)
     assert refused.returncode != 0
     assert "MongoDB" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def credentials_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """FerretDB over TLS on PostgreSQL, where a MongoDB client's PLAIN user and password are PostgreSQL's: a role
+    `reactor` with a password, and SCRAM authentication for every loopback user but the harness's `postgres`."""
+    workdir = tmp_path_factory.mktemp("ferretdb-credentials") / "mongo"
+    with start_ferretdb(workdir, backend="postgresql", tls=True) as service:
+        postgres_url = service.parts[0].env["REACTOR_POSTGRESQL_URL"]
+        host_port = postgres_url.split("@", 1)[1].split("/", 1)[0]
+        host, port = host_port.rsplit(":", 1)
+        psql = [str(ensure_postgres() / "psql"), "-h", host, "-p", port, "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
+        sql = f"CREATE ROLE reactor LOGIN PASSWORD '{PASSWORD}'; GRANT ALL ON DATABASE ferretdb TO reactor;"
+        subprocess.run([*psql, "-d", "ferretdb", "-c", sql], check=True, capture_output=True, timeout=60)
+        hba = workdir / "postgres" / "cluster" / "data" / "pg_hba.conf"
+        hba.write_text(
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        subprocess.run([*psql, "-d", "postgres", "-c", "SELECT pg_reload_conf()"], check=True, capture_output=True)
+        yield service.env["REACTOR_MONGO_URL"]
+
+
+PASSWORD = "pg-Pa55-3e1f"  # noqa: S105 (a test password)
+
+
+def _with_user(url: str, user: str, password: str) -> str:
+    return url.replace("mongodb://", f"mongodb://{user}:{password}@", 1) + "&authMechanism=PLAIN"
+
+
+async def test_on_postgresql_the_url_credentials_are_checked(credentials_url: str) -> None:
+    """The right password works; a wrong one, or an unknown user, gets no data (PostgreSQL refuses the login)."""
+    database = f"cred{os.urandom(4).hex()}"
+    async with MongoStore(_with_user(credentials_url, "reactor", PASSWORD), database=database) as store:
+        assert await store.get_node("noop/none/app") is None
+    for user, password in (("reactor", "wrong"), ("nobody", PASSWORD)):
+        async with collecting_the_sockets_pymongo_leaks():
+            with pytest.raises(ReactorError) as refused:
+                async with MongoStore(_with_user(credentials_url, user, password), database=database, timeout_s=3):
+                    pass
+            assert "authentication failed" in str(refused.value) or "does not exist" in str(refused.value)
+            assert password not in str(refused.value)
+            del refused
