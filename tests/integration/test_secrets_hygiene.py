@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from cryptography.hazmat.primitives import serialization
 
@@ -303,6 +303,16 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
             for name in WORKERS
         ]
         assert len(texts) == 5, texts
+    # An unsigned command: the worker dead-letters it, so `dlq` holds a record (and its reason) to search too.
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(f"{prefix}commands", b"{}", key=b"noop/host-0/app")
+    finally:
+        await producer.stop()
+    deadline = time.monotonic() + 60
+    while not any(topic == f"{prefix}dlq" for topic, _ in await _every_record(kafka_bootstrap, prefix)):
+        assert time.monotonic() < deadline, "the unsigned command never reached the dead letters"
     # Wait until the cdevents worker has logged giving up on its unreachable sink, and the other sink took events.
     cdevents_output = tmp_path / "worker-cdevents.out"
     deadline = time.monotonic() + 60
@@ -336,7 +346,7 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
 
     processes.stop_all()
     records = await _every_record(kafka_bootstrap, prefix)
-    assert {topic.removeprefix(prefix) for topic, _ in records} >= {"releases", "commands", "outcomes"}
+    assert {topic.removeprefix(prefix) for topic, _ in records} >= {"releases", "commands", "outcomes", "dlq"}
     texts += [(output.name, output.read_bytes()) for output in processes.outputs]
     texts += [(str(path), path.read_bytes()) for path in (tmp_path / "state").rglob("*") if path.is_file()]
     texts += [(f"topic {topic}", text) for topic, text in records]
