@@ -755,13 +755,16 @@ def start_ferretdb(
     *,
     backend: str = "sqlite",
     tls: bool = False,
+    client_certificates: bool = False,
     outlive_parent: bool = False,
 ) -> Service:
     """Start FerretDB and wait until it accepts TCP. Its data is in `workdir` (wiped first): SQLite files, or with
     `backend="postgresql"` a PostgreSQL cluster of its own (`start_postgres`), which is part of the service:
     stopped after FerretDB stops, left running when FerretDB is killed or relaunched. With `tls`, it listens with
     TLS only (no plaintext port), with a server certificate for 127.0.0.1/localhost from a CA made here
-    (`workdir/ca.pem`, the `tlsCAFile` of the URL it exports); client certificates are not asked for."""
+    (`workdir/ca.pem`, the `tlsCAFile` of the URL it exports); with `client_certificates` it also demands a client
+    certificate signed by that CA, and the URL names one (`tlsCertificateKeyFile`, the server's own, which may serve
+    as a client's too)."""
     if backend not in FERRETDB_BACKENDS:
         raise TestEnvError(f"FerretDB backend {backend!r}: one of {', '.join(FERRETDB_BACKENDS)}")
     binary = ensure_ferretdb(version)
@@ -784,6 +787,9 @@ def start_ferretdb(
         listen = ["-listen-addr", "", "-listen-tls", f"{HOST}:{port}"]
         listen += ["-listen-tls-cert-file", str(server_file), "-listen-tls-key-file", str(server_file)]
         url += f"?tls=true&tlsCAFile={ca_file}"
+        if client_certificates:
+            listen += ["-listen-tls-ca-file", str(ca_file)]
+            url += f"&tlsCertificateKeyFile={server_file}"
     try:
         svc = _spawn(
             "mongo",

@@ -82,6 +82,27 @@ def test_reactor_status_reads_the_store_over_tls(tls_url: str, kafka_bootstrap: 
 
 
 @pytest.fixture(scope="module")
+def mutual_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """FerretDB over TLS that demands a client certificate signed by its CA (the launcher's -listen-tls-ca-file)."""
+    workdir = tmp_path_factory.mktemp("ferretdb-mutual") / "mongo"
+    with start_ferretdb(workdir, tls=True, client_certificates=True) as service:
+        yield service.env["REACTOR_MONGO_URL"]
+
+
+async def test_with_client_certificates_demanded_a_client_without_one_is_refused(mutual_url: str) -> None:
+    """FerretDB checks the client's certificate against its CA (it authenticates nobody by it: that is MongoDB's
+    MONGODB-X509); the URL's `tlsCertificateKeyFile` gets through, the same URL without it does not."""
+    assert "&tlsCertificateKeyFile=" in mutual_url
+    async with MongoStore(mutual_url, database=f"mtls{os.urandom(4).hex()}") as store:
+        assert await store.get_node("noop/none/app") is None
+    without = mutual_url.partition("&tlsCertificateKeyFile=")[0]
+    async with collecting_the_sockets_pymongo_leaks():
+        with pytest.raises(BackendUnavailable):
+            async with MongoStore(without, database="refused", timeout_s=2):
+                pass
+
+
+@pytest.fixture(scope="module")
 def credentials_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """FerretDB over TLS on PostgreSQL, where a MongoDB client's PLAIN user and password are PostgreSQL's: a role
     `reactor` with a password, and SCRAM authentication for every loopback user but the harness's `postgres`."""
