@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from urllib.parse import unquote_plus
 from uuid import uuid4
 
 import structlog
@@ -85,6 +86,16 @@ def _release_node(document: Document) -> ReleaseNode:
     return ReleaseNode.model_validate({name: document[name] for name in ReleaseNode.model_fields if name in document})
 
 
+def _without_password(text: str, url: str) -> str:
+    """`text` with the password of `url` (as written and as decoded) replaced by `***`."""
+    userinfo = url.partition("//")[2].rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    if password:
+        for form in {password, unquote_plus(password)}:
+            text = text.replace(form, "***")
+    return text
+
+
 class MongoStore:
     """The Store port on a MongoDB-protocol server (MongoDB or FerretDB)."""
 
@@ -106,8 +117,10 @@ class MongoStore:
                 socketTimeoutMS=timeout_ms,
                 waitQueueTimeoutMS=timeout_ms,
             )
-        except PyMongoError as exc:
-            raise InvalidInput("mongo url", str(exc)) from exc
+        except (PyMongoError, ValueError) as exc:
+            # pymongo's URL parser raises ValueError too (a port that is not a number); its text must not carry
+            # the URL's password either, so whatever sits between "//" and "@" is taken out of it.
+            raise InvalidInput("mongo url", _without_password(str(exc), self.url)) from exc
         try:
             await self.ping()
             await self._create_indexes()

@@ -61,7 +61,12 @@ from reactor.settings import Settings
 from reactor.trust import generate_key, load_trust_file
 from reactor.trust.audit import RecordCheck, check_records
 
-app = typer.Typer(help="Deploy Reactor: event-driven releases for hosts and Kubernetes.", no_args_is_help=True)
+# No local variables in tracebacks: they would print settings (REACTOR_MONGO_URL with its password).
+app = typer.Typer(
+    help="Deploy Reactor: event-driven releases for hosts and Kubernetes.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 release_app = typer.Typer(help="Submit and follow releases.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Generated event contracts (JSON Schema, AsyncAPI).", no_args_is_help=True)
 keys_app = typer.Typer(help="Ed25519 signing keys for signed events.", no_args_is_help=True)

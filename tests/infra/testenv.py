@@ -750,11 +750,21 @@ def ferretdb_backend(svc: Service) -> str:
 
 
 def start_ferretdb(
-    workdir: Path, version: str = FERRETDB_VERSION, *, backend: str = "sqlite", outlive_parent: bool = False
+    workdir: Path,
+    version: str = FERRETDB_VERSION,
+    *,
+    backend: str = "sqlite",
+    tls: bool = False,
+    client_certificates: bool = False,
+    outlive_parent: bool = False,
 ) -> Service:
     """Start FerretDB and wait until it accepts TCP. Its data is in `workdir` (wiped first): SQLite files, or with
     `backend="postgresql"` a PostgreSQL cluster of its own (`start_postgres`), which is part of the service:
-    stopped after FerretDB stops, left running when FerretDB is killed or relaunched."""
+    stopped after FerretDB stops, left running when FerretDB is killed or relaunched. With `tls`, it listens with
+    TLS only (no plaintext port), with a server certificate for 127.0.0.1/localhost from a CA made here
+    (`workdir/ca.pem`, the `tlsCAFile` of the URL it exports); with `client_certificates` it also demands a client
+    certificate signed by that CA, and the URL names one (`tlsCertificateKeyFile`, the server's own, which may serve
+    as a client's too)."""
     if backend not in FERRETDB_BACKENDS:
         raise TestEnvError(f"FerretDB backend {backend!r}: one of {', '.join(FERRETDB_BACKENDS)}")
     binary = ensure_ferretdb(version)
@@ -770,24 +780,35 @@ def start_ferretdb(
     else:
         storage = ["-handler", "sqlite", "-sqlite-dir", str(workdir / "data")]
     port = free_port()
+    listen = ["-listen-addr", f"{HOST}:{port}"]
+    url = f"mongodb://{HOST}:{port}/"
+    if tls:
+        ca_file, server_file = _kafka_secure().make_certificates(workdir)  # key and chain in one file, 0600
+        listen = ["-listen-addr", "", "-listen-tls", f"{HOST}:{port}"]
+        listen += ["-listen-tls-cert-file", str(server_file), "-listen-tls-key-file", str(server_file)]
+        url += f"?tls=true&tlsCAFile={ca_file}"
+        if client_certificates:
+            listen += ["-listen-tls-ca-file", str(ca_file)]
+            url += f"&tlsCertificateKeyFile={server_file}"
     try:
         svc = _spawn(
             "mongo",
-            [str(binary), "-listen-addr", f"{HOST}:{port}", *storage],
+            [str(binary), *listen, *storage],
             workdir,
             workdir / "ferretdb.log",
             stop_grace=FERRETDB_STOP_GRACE,
             outlive_parent=outlive_parent,
         )
         svc.parts = parts
-        svc.env = {"REACTOR_MONGO_URL": f"mongodb://{HOST}:{port}/"}
+        svc.env = {"REACTOR_MONGO_URL": url}
         svc._ready = lambda: _tcp_accepts(port)
         _wait_until(svc, svc._ready, FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
     except BaseException:
         for part in parts:
             part.stop()
         raise
-    log(f"FerretDB {version} on {backend} ready on {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
+    how = "TLS" if tls else "TCP"
+    log(f"FerretDB {version} on {backend} ready on {how} {HOST}:{port} (pid {svc.pid}) in {time.monotonic() - t0:.1f}s")
     return svc
 
 
@@ -1061,15 +1082,18 @@ COMPONENTS: dict[str, Component] = {
         ),
     ),
     # Backend: $REACTOR_MONGO_BACKEND (`up mongo --backend postgresql`); on PostgreSQL its cluster is part of it.
+    # `up mongo --tls` ($REACTOR_MONGO_TLS=1): a TLS listener only, with a CA of its own (`start_ferretdb`).
     "mongo": Component(
         "mongo",
         f"FerretDB {FERRETDB_VERSION} (MongoDB wire protocol) on SQLite or on a PostgreSQL cluster of its own",
         lambda: install_ferretdb(mongo_backend()),
-        lambda workdir: start_ferretdb(workdir, backend=mongo_backend(), outlive_parent=True),
+        lambda workdir: start_ferretdb(workdir, backend=mongo_backend(), tls=mongo_tls(), outlive_parent=True),
         lambda svc: (
-            None
-            if ferretdb_backend(svc) == mongo_backend()
-            else f"it runs on {ferretdb_backend(svc)}, not {mongo_backend()}"
+            f"it runs on {ferretdb_backend(svc)}, not {mongo_backend()}"
+            if ferretdb_backend(svc) != mongo_backend()
+            else None
+            if ("-listen-tls" in svc.command) == mongo_tls()
+            else f"it runs {'with' if '-listen-tls' in svc.command else 'without'} TLS"
         ),
     ),
     # Imported on use: tests/infra/fleet.py imports this module. Hosts: $REACTOR_FLEET_HOSTS (`up --hosts N`).
@@ -1092,6 +1116,11 @@ COMPONENTS: dict[str, Component] = {
 def kafka_secure() -> bool:
     """Whether `up kafka` starts the SASL_SSL broker ($REACTOR_KAFKA_SECURE, set by `--secure`)."""
     return os.environ.get("REACTOR_KAFKA_SECURE", "") not in ("", "0")
+
+
+def mongo_tls() -> bool:
+    """Whether `up mongo` starts FerretDB with TLS ($REACTOR_MONGO_TLS, set by `--tls`)."""
+    return os.environ.get("REACTOR_MONGO_TLS", "") not in ("", "0")
 
 
 def _kafka_secure() -> Any:

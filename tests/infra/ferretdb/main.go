@@ -19,13 +19,17 @@ import (
 )
 
 func main() {
-	listenAddr := flag.String("listen-addr", "127.0.0.1:27017", "TCP address to listen on")
+	listenAddr := flag.String("listen-addr", "127.0.0.1:27017", "TCP address to listen on (empty: none)")
 	handler := flag.String("handler", "sqlite", "backend: sqlite or postgresql")
 	sqliteDir := flag.String("sqlite-dir", "data", "directory for SQLite database files (sqlite handler)")
 	postgresqlURL := flag.String(
 		"postgresql-url", "", "PostgreSQL URL, e.g. postgres://127.0.0.1:5432/ferretdb (postgresql handler)",
 	)
 	logLevel := flag.String("log-level", "info", "log level: debug, info, warn, error")
+	listenTLS := flag.String("listen-tls", "", "TLS address to listen on (with -listen-tls-cert-file and -key-file)")
+	tlsCert := flag.String("listen-tls-cert-file", "", "server certificate (PEM) for -listen-tls")
+	tlsKey := flag.String("listen-tls-key-file", "", "server private key (PEM) for -listen-tls")
+	tlsCA := flag.String("listen-tls-ca-file", "", "CA (PEM) that client certificates must verify against (mutual TLS)")
 	flag.Parse()
 
 	var level slog.Level
@@ -36,9 +40,15 @@ func main() {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
 	config := &ferretdb.Config{
-		Listener: ferretdb.ListenerConfig{TCP: *listenAddr},
-		Logger:   logger,
-		Handler:  *handler,
+		Listener: ferretdb.ListenerConfig{
+			TCP:         *listenAddr,
+			TLS:         *listenTLS,
+			TLSCertFile: *tlsCert,
+			TLSKeyFile:  *tlsKey,
+			TLSCAFile:   *tlsCA,
+		},
+		Logger:  logger,
+		Handler: *handler,
 	}
 	var backend []any
 	switch *handler {
@@ -77,7 +87,10 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	logger.Info("FerretDB listening", append([]any{"addr", *listenAddr, "handler", *handler}, backend...)...)
+	logger.Info(
+		"FerretDB listening",
+		append([]any{"addr", *listenAddr, "tls", *listenTLS, "handler", *handler}, backend...)...,
+	)
 	if err = f.Run(ctx); err != nil {
 		logger.Error("FerretDB stopped with error", "error", err)
 		os.Exit(1)
