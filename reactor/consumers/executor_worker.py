@@ -43,6 +43,8 @@ from reactor.errors import ConflictError, Fenced, NodeBusy, ReactorError
 from reactor.events import DeployRequested, Event, HealthCheck, NodeEvent, RollbackRequested, utc_now
 from reactor.executors import executor_factory
 from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory, ExecutorSettings, Store, unfenced
+from reactor.trust.enforcement import current_signer
+from reactor.trust.policy import Policy
 
 log = structlog.get_logger(__name__)
 
@@ -70,8 +72,11 @@ class ExecutorWorker:
         lease: timedelta = DEFAULT_LEASE,
         clock: Callable[[], datetime] = utc_now,
         owner: str | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.store = store
+        # The deploy policy every command is checked against before anything runs (None: everything is allowed).
+        self.policy = policy
         self.bus = bus
         self.settings = settings or ExecutorSettings()
         self.factories = factories
@@ -86,7 +91,28 @@ class ExecutorWorker:
             with structlog.contextvars.bound_contextvars(
                 event_id=event.event_id, node_key=event.node_key, release_id=event.release_id
             ):
+                if self.policy is not None:
+                    await self._check_policy(event, self.policy)
                 await self._run(event)
+
+    async def _check_policy(self, request: DeployRequested | RollbackRequested, policy: Policy) -> None:
+        """Raise PolicyRefused unless the policy allows `request` as signed: inside a release its submitter may
+        release to this node, or a direct command by an identity the policy allows."""
+        signer = current_signer()
+        release = None if request.release_id is None else await self.store.get_release(request.release_id)
+        labels: dict[str, str] | None = None  # None: not a node of the release
+        if release is not None:
+            for row in await self.store.list_release_nodes(release.release_id):
+                if row.node_key == request.node_key:
+                    labels = {} if row.target is None else row.target.labels
+        policy.check_node_command(
+            None if signer is None else signer.name,
+            signer is not None and signer.reactor,
+            request,
+            release_service=None if release is None else release.plan.service,
+            release_submitter=None if release is None else release.submitter,
+            release_labels=labels,
+        )
 
     async def _run(self, request: DeployRequested | RollbackRequested) -> None:
         recorded = await self.store.get_processed(request.event_id)
