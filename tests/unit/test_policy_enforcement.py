@@ -18,6 +18,7 @@ from reactor.adapters.memory_bus import MemoryBus
 from reactor.codec import encode
 from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState
+from reactor.errors import InvalidInput
 from reactor.events import (
     DeployRequested,
     Event,
@@ -235,3 +236,11 @@ async def test_a_reactor_signed_command_for_a_node_outside_its_release_is_refuse
     [refused] = reactor.dead_letters()
     assert refused.startswith("policy: services.app: noop/web-9/app is not a node of release app-2")
     assert await reactor.store.get_node("noop/web-9/app") is None
+
+
+def test_a_policy_without_required_signatures_is_refused_at_start(tmp_path: Path) -> None:
+    """The policy decides by verified signer: with signatures off there is none, so the process does not start."""
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    settings = Settings(mode="embedded", policy_file=tmp_path / "policy.yaml", state_dir=tmp_path / "state")
+    with pytest.raises(InvalidInput, match=r"^policy_file: .*REACTOR_REQUIRE_SIGNED"):
+        load_signatures(settings)
