@@ -77,6 +77,8 @@ def test_a_valid_policy_file_loads(tmp_path: Path) -> None:
         ({"approve": ["bad name!"]}, "services.app.approve.0", "pattern"),
         ({"four_eyes": "yes"}, "services.app.four_eyes", "boolean"),
         ({"artifacts": {"packages": ["https://packages.example.com"]}}, "services.app.artifacts.packages.0", "pattern"),
+        # Without the trailing "/", "https://packages.example.com/app" would also allow ".../app-evil/...".
+        ({"artifacts": {"packages": [PACKAGES.rstrip("/")]}}, "services.app.artifacts.packages.0", "pattern"),
         ({"artifacts": {"images": ["registry.example.com/app:1.0"]}}, "services.app.artifacts.images.0", "pattern"),
         ({"nodes": [{"key": "local/$(id)/app"}]}, "services.app.nodes.0.key", "pattern"),
         ({"nodes": [{"labels": {"Env": "prod"}}]}, "services.app.nodes.0.labels.Env", "pattern"),
