@@ -64,3 +64,7 @@ class StepFailed(ReactorError):
         super().__init__(f"{step}: {message}")
         self.step = step
         self.message = message
+
+
+class PolicyRefused(ReactorError):
+    """The deploy policy does not allow a request; the text starts with `policy:` and names the rule."""

@@ -148,6 +148,9 @@ class ReleaseRecord(Model):
     fast_rollback: bool = False
     request_id: str
     actor: str | None = None
+    # The verified signer of the ReleaseRequested (None when signatures were not checked): the deploy policy's
+    # submitter, for four-eyes approval and the worker's check of each node command.
+    submitter: str | None = None
     created_at: datetime
     updated_at: datetime
     revision: int = 0

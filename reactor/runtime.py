@@ -27,6 +27,7 @@ from reactor.settings import Settings
 from reactor.trust import load_signing_key, load_trust_file
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 from reactor.trust.keys import check_private_file
+from reactor.trust.policy import Policy, load_policy
 
 log = structlog.get_logger(__name__)
 
@@ -67,9 +68,22 @@ def load_signatures(settings: Settings) -> Signatures:
         )
     key = None if settings.signing_key is None else load_signing_key(settings.signing_key)
     trust = None if settings.trust_file is None else load_trust_file(settings.trust_file)
+    policy = load_policy_setting(settings)
     if key is None and trust is None and not required:
         return NO_SIGNATURES
-    return Signatures(key=key, trust=trust, required=required)
+    direct = frozenset() if policy is None else policy.direct_signers()
+    return Signatures(key=key, trust=trust, required=required, direct_signers=direct)
+
+
+def load_policy_setting(settings: Settings) -> Policy | None:
+    """The deploy policy `REACTOR_POLICY_FILE` names (None: none is enforced); it needs verified signers."""
+    if settings.policy_file is None:
+        return None
+    if not settings.signatures_required():
+        raise InvalidInput(
+            "policy_file", "a deploy policy decides by verified signer: set REACTOR_REQUIRE_SIGNED=true with it"
+        )
+    return load_policy(settings.policy_file)
 
 
 @asynccontextmanager
@@ -166,6 +180,7 @@ async def run_roles(
         # OpenSSH refuses such a key, asyncssh would not: refused here for both drivers, before anything is taken.
         check_private_file(settings.physical_private_key, "SSH private key (REACTOR_PHYSICAL_PRIVATE_KEY)")
     bus, store = backends.bus, backends.store
+    policy = load_policy_setting(settings)
     async with cdevents_publisher(settings, Role.CDEVENTS in roles) as publisher, asyncio.TaskGroup() as tasks:
         if Role.EXECUTOR in roles:
             worker = ExecutorWorker(
@@ -187,13 +202,18 @@ async def run_roles(
                 ),
                 factories=factories,
                 lease=timedelta(seconds=settings.lease_s),
+                policy=policy,
             )
             tasks.create_task(bus.consume([Topic.COMMANDS], "executor", worker.handle))
         if Role.ROLLBACK in roles:
             tasks.create_task(bus.consume([Topic.OUTCOMES], "rollback", RollbackConsumer(bus).handle))
         if Role.PACER in roles:
             pacer = Pacer(
-                store, bus, concurrent_releases=settings.concurrent_releases, limits=settings.in_flight_limits()
+                store,
+                bus,
+                concurrent_releases=settings.concurrent_releases,
+                limits=settings.in_flight_limits(),
+                policy=policy,
             )
             tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
             await pacer.recover()

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     signing_key: Path | None = None
     trust_file: Path | None = None
     require_signed: bool | None = None
+    # The deploy policy (reactor/trust/policy.py): who may release what where; None: no policy is enforced.
+    policy_file: Path | None = None
     # `reactor serve`: a YAML file of token SHA-256 digests and the identities they stand for (reactor/api/auth.py).
     api_tokens: Path | None = None
     # Serve without tokens beyond embedded mode on loopback (everyone who reaches the port acts as "local").

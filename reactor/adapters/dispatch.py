@@ -15,10 +15,13 @@ from typing import Generic, TypeVar
 import structlog
 
 from reactor.codec import Record, decode
-from reactor.errors import DecodeError, ReactorError
+from reactor.errors import DecodeError, PolicyRefused, ReactorError
 from reactor.events import Event, Topic
 from reactor.observability import DEAD_LETTERED
 from reactor.ports import Handler
+from reactor.trust.enforcement import SIGNER
+from reactor.trust.identities import Identity
+from reactor.trust.signing import Verified
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +36,7 @@ _DLQ_HEADERS = (DLQ_REASON, DLQ_TOPIC, DLQ_DROPPED)
 M = TypeVar("M")
 DeadLetter = Callable[[Topic, Record, str], Awaitable[None]]
 # Raises DecodeError (a SignatureError) unless the message may be used; see reactor.trust.enforcement.
-Check = Callable[[Record], object]
+Check = Callable[[Record], Verified | None]
 
 
 def dead_letter_record(topic: Topic, record: Record, reason: str) -> Record:
@@ -85,19 +88,24 @@ async def deliver(
                 break
         DEAD_LETTERED.labels(topic.value).inc()
 
+    signer: Identity | None = None
     if event is None:
         try:
             raw = record() if callable(record) else record
-            if check is not None:
-                check(raw)
+            verified = None if check is None else check(raw)
+            signer = None if verified is None else verified.identity
             event, _source = decode(raw)
         except DecodeError as exc:
             await dead_letter(topic, str(exc))
             return
     delay = retry_delay_s
     while True:
+        token = SIGNER.set(signer)  # the handler may ask who signed what it handles (the deploy policy does)
         try:
             await handler(event)
+        except PolicyRefused as exc:
+            await dead_letter(topic, str(exc))
+            return
         except ReactorError as exc:
             if not exc.retriable:
                 await dead_letter(topic, f"handler: {exc}")
@@ -111,6 +119,8 @@ async def deliver(
             return
         else:
             return
+        finally:
+            SIGNER.reset(token)
 
 
 @dataclass

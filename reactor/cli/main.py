@@ -60,6 +60,7 @@ from reactor.session import submit_and_follow
 from reactor.settings import Settings
 from reactor.trust import generate_key, load_trust_file
 from reactor.trust.audit import RecordCheck, check_records
+from reactor.trust.policy import load_policy
 
 # No local variables in tracebacks: they would print settings (REACTOR_MONGO_URL with its password).
 app = typer.Typer(
@@ -73,6 +74,8 @@ keys_app = typer.Typer(help="Ed25519 signing keys for signed events.", no_args_i
 app.add_typer(release_app, name="release")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(keys_app, name="keys")
+policy_app = typer.Typer(help="The deploy policy (REACTOR_POLICY_FILE).", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
 
 # Piped output is read by programs and people with wide screens: do not cut tables at 80 columns.
 _PIPED_WIDTH = 200
@@ -692,6 +695,17 @@ def keys_generate(
         _say(err, ("error", "red"), f": cannot write the key pair in {directory}: {exc.strerror}")
         raise typer.Exit(ExitCode.FAILED) from exc
     _say(out, identifier)
+
+
+@policy_app.command("check")
+def policy_check(file: Annotated[Path, typer.Argument(help="The policy file (YAML).")]) -> None:
+    """Validate a policy file: print OK, or each broken field and why (exit 2)."""
+    try:
+        load_policy(file)
+    except InvalidInput as exc:
+        _say(err, ("invalid", "red"), f" {exc.field}: {exc.rule}")
+        raise typer.Exit(ExitCode.INVALID) from exc
+    out.print("OK")
 
 
 @app.command()

@@ -43,6 +43,8 @@ from reactor.errors import ConflictError, Fenced, NodeBusy, ReactorError
 from reactor.events import DeployRequested, Event, HealthCheck, NodeEvent, RollbackRequested, utc_now
 from reactor.executors import executor_factory
 from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory, ExecutorSettings, Store, unfenced
+from reactor.trust.enforcement import current_signer
+from reactor.trust.policy import Policy
 
 log = structlog.get_logger(__name__)
 
@@ -70,8 +72,12 @@ class ExecutorWorker:
         lease: timedelta = DEFAULT_LEASE,
         clock: Callable[[], datetime] = utc_now,
         owner: str | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.store = store
+        # The deploy policy every command is checked against before anything runs (None: everything is allowed).
+        self.policy = policy
+        self._releases: dict[str, _ReleaseNodes] = {}
         self.bus = bus
         self.settings = settings or ExecutorSettings()
         self.factories = factories
@@ -86,7 +92,44 @@ class ExecutorWorker:
             with structlog.contextvars.bound_contextvars(
                 event_id=event.event_id, node_key=event.node_key, release_id=event.release_id
             ):
+                if self.policy is not None:
+                    await self._check_policy(event, self.policy)
                 await self._run(event)
+
+    async def _check_policy(self, request: DeployRequested | RollbackRequested, policy: Policy) -> None:
+        """Raise PolicyRefused unless the policy allows `request` as signed: inside a release its submitter may
+        release to this node, or a direct command by an identity the policy allows."""
+        signer = current_signer()
+        release = None if request.release_id is None else await self._release_nodes(request.release_id)
+        policy.check_node_command(
+            None if signer is None else signer.name,
+            signer is not None and signer.reactor,
+            request,
+            release_service=None if release is None else release.service,
+            release_submitter=None if release is None else release.submitter,
+            # None: not a node of the release
+            release_labels=None if release is None else release.labels.get(request.node_key),
+        )
+
+    async def _release_nodes(self, release_id: str) -> _ReleaseNodes | None:
+        """A release's service, submitter and node labels; kept for the last releases asked about, since none of
+        them changes once the release is stored (its nodes are stored before it)."""
+        known = self._releases.get(release_id)
+        if known is not None:
+            return known
+        record = await self.store.get_release(release_id)
+        if record is None:
+            return None
+        rows = await self.store.list_release_nodes(release_id)
+        known = _ReleaseNodes(
+            record.plan.service,
+            record.submitter,
+            {row.node_key: {} if row.target is None else row.target.labels for row in rows},
+        )
+        if len(self._releases) >= _RELEASES_KEPT:
+            self._releases.pop(next(iter(self._releases)))
+        self._releases[release_id] = known
+        return known
 
     async def _run(self, request: DeployRequested | RollbackRequested) -> None:
         recorded = await self.store.get_processed(request.event_id)
@@ -344,6 +387,18 @@ class ExecutorWorker:
         """Record the outcome of `request` (a redelivery re-emits it), then publish it."""
         await self.store.put_processed(request.event_id, outcomes.record(outcome))
         await self.bus.publish(outcome)
+
+
+_RELEASES_KEPT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _ReleaseNodes:
+    """What the policy check needs of a release: its service, verified submitter and each node's labels."""
+
+    service: str
+    submitter: str | None
+    labels: dict[str, dict[str, str]]
 
 
 @dataclass

@@ -81,6 +81,8 @@ from reactor.events import (
     utc_now,
 )
 from reactor.ports import EventBus, ReleaseNode, ReleaseRecord, Store
+from reactor.trust.enforcement import current_signer
+from reactor.trust.policy import Command, Policy
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +96,15 @@ _DISPATCHED = (ItemState.DISPATCHED, ItemState.ROLLBACK_DISPATCHED)
 # A node failed by its deadline is recorded before its NodeFailed is published, and marked once it is.
 DEADLINE = "deadline"
 DEADLINE_ANNOUNCED = "deadline, announced"
+
+
+_COMMANDS: dict[type[Event], Command] = {
+    ReleaseApproved: "approve",
+    ReleasePaused: "pause",
+    ReleaseResumed: "resume",
+    ReleaseAborted: "abort",
+    ReleaseRollbackRequested: "rollback",
+}
 
 
 @dataclass
@@ -117,8 +128,11 @@ class Pacer:
         concurrent_releases: str = "queue",
         limits: InFlightLimits | None = None,
         identity: str | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.store = store
+        # The deploy policy checked on each release and release command (None: everything is allowed).
+        self.policy = policy
         self.bus = bus
         self.clock = clock
         self.limits = limits or InFlightLimits()
@@ -304,6 +318,11 @@ class Pacer:
     # --- events ---
 
     async def _start(self, request: ReleaseRequested) -> None:
+        signer = current_signer()
+        submitter = None if signer is None else signer.name
+        if self.policy is not None:
+            # Before anything is stored: a refused release is dead-lettered with nothing planned.
+            self.policy.check_release(submitter, request.plan)
         if await self.store.get_release(request.release_id) is None:
             plan = request.plan
             batches = plan_batches(plan.nodes, plan.strategy)
@@ -317,6 +336,7 @@ class Pacer:
                 budget=failure_budget(strategy.failure_budget, len(plan.nodes)),
                 request_id=request.event_id,
                 actor=request.actor,
+                submitter=submitter,
                 created_at=now,
                 updated_at=now,
             )
@@ -402,6 +422,11 @@ class Pacer:
         if record is None:
             log.warning("command for an unknown release ignored", command=type(command).__name__)
             return
+        if self.policy is not None:
+            signer = current_signer()
+            self.policy.check_command(
+                None if signer is None else signer.name, _COMMANDS[type(command)], record.plan.service, record.submitter
+            )
         who = getattr(command, "actor", None) or "someone"
         why = getattr(command, "reason", "")
         changes: dict[str, object] | None = None

@@ -3,18 +3,28 @@ before it is decoded and handed to a handler (docs/security.md)."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from reactor.codec import Record
 from reactor.errors import InvalidInput
 from reactor.events import DeployRequested, RollbackRequested
-from reactor.trust.identities import TrustStore
+from reactor.trust.identities import Identity, TrustStore
 from reactor.trust.keys import SigningKey
 from reactor.trust.signing import SignatureError, Verified, sign_record, verify_record
 
 # Commands that make an executor change a node: only a reactor identity (a pacer or rollback consumer deriving
 # them from a verified release or outcome) may sign them.
 NODE_COMMAND_TYPES = frozenset({DeployRequested.TYPE, RollbackRequested.TYPE})
+
+# Who signed the message a handler is handling (set by the bus around the handler call; None when signatures are
+# not checked or the event was handed over in-process).
+SIGNER: ContextVar[Identity | None] = ContextVar("reactor_signer", default=None)
+
+
+def current_signer() -> Identity | None:
+    """The verified signer of the message being handled, if it was checked."""
+    return SIGNER.get()
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +34,8 @@ class Signatures:
     key: SigningKey | None = None
     trust: TrustStore | None = None
     required: bool = False
+    # Identities the deploy policy lets sign a direct node command (the worker checks the policy on each).
+    direct_signers: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.required and self.trust is None:
@@ -53,9 +65,10 @@ class Signatures:
         verified = verify_record(record, self.trust)
         raw_type = record.header("ce_type")
         event_type = None if raw_type is None else raw_type.decode(errors="replace")
-        if event_type in NODE_COMMAND_TYPES and not verified.identity.reactor:
+        identity = verified.identity
+        if event_type in NODE_COMMAND_TYPES and not identity.reactor and identity.name not in self.direct_signers:
             raise SignatureError(
-                f"not a reactor identity: {verified.identity.name!r} (key {verified.key_id}) may not sign"
+                f"not a reactor identity: {identity.name!r} (key {verified.key_id}) may not sign"
                 f" {event_type}; node commands are signed by reactor identities (reactor: true in the trust file)"
             )
         return verified
