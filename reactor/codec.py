@@ -53,6 +53,19 @@ class HeaderRule:
     const: str | None = None
     date_time: bool = False
 
+    def json_schema(self) -> dict[str, Any]:
+        """This rule as JSON Schema (asyncapi.json's headers, openapi.json's CloudEvents attributes)."""
+        schema: dict[str, Any] = {"type": "string", "description": self.description}
+        if self.const is not None:
+            schema["const"] = self.const
+        else:
+            schema["minLength"] = 1
+        if self.pattern is not None:
+            schema["pattern"] = self.pattern
+        if self.date_time:
+            schema["format"] = "date-time"
+        return schema
+
     def check(self, value: str) -> str | None:
         """Why `value` breaks this rule, or None."""
         if self.const is not None and value != self.const:

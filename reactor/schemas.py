@@ -8,7 +8,7 @@ from typing import Any
 
 from reactor import __version__
 from reactor.api import openapi
-from reactor.codec import ATTRIBUTE_HEADER, CONTENT_TYPE, HEADER_RULES, RESERVED_HEADERS, HeaderRule
+from reactor.codec import ATTRIBUTE_HEADER, CONTENT_TYPE, HEADER_RULES, RESERVED_HEADERS
 from reactor.events import EVENT_TYPES, Event, ReleaseEvent, Topic
 
 _ENVELOPE = ("event_id", "occurred_at", "release_id", "causation_id")
@@ -28,19 +28,6 @@ _KEY_DOC = (
     " partitioner=murmur2_random. A message on another partition is not lost: workers serialise each node through"
     " the store, but its order against the node's other messages is then not guaranteed."
 )
-
-
-def _header_schema(rule: HeaderRule) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "string", "description": rule.description}
-    if rule.const is not None:
-        schema["const"] = rule.const
-    else:
-        schema["minLength"] = 1
-    if rule.pattern is not None:
-        schema["pattern"] = rule.pattern
-    if rule.date_time:
-        schema["format"] = "date-time"
-    return schema
 
 
 def file_name(event: type[Event]) -> str:
@@ -72,7 +59,7 @@ def asyncapi_document() -> dict[str, Any]:
         " name starts with ce_ in any case is a CloudEvents attribute and must be ce_ and lower-case letters or"
         " digits; other headers (e.g. tracing) are ignored.",
         "required": [rule.name for rule in HEADER_RULES if rule.required],
-        "properties": {rule.name: _header_schema(rule) for rule in HEADER_RULES},
+        "properties": {rule.name: rule.json_schema() for rule in HEADER_RULES},
         "propertyNames": {
             "anyOf": [
                 {"not": {"pattern": "^[Cc][Ee]_"}},

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 from reactor import __version__
 from reactor.api import console
 from reactor.cli.documents import NODE_FIELDS as _NODE_FIELDS
-from reactor.codec import CONTENT_TYPE, HEADER_RULES, HeaderRule
+from reactor.codec import CONTENT_TYPE, HEADER_RULES
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.replay import TimelineEntry
 from reactor.domain.status import NodeStatus
@@ -44,26 +44,13 @@ def _progress() -> Schema:
     }
 
 
-def _attribute(rule: HeaderRule) -> Schema:
-    schema: Schema = {"type": "string", "description": rule.description}
-    if rule.const is not None:
-        schema["const"] = rule.const
-    else:
-        schema["minLength"] = 1
-    if rule.pattern is not None:
-        schema["pattern"] = rule.pattern
-    if rule.date_time:
-        schema["format"] = "date-time"
-    return schema
-
-
 def _structured_release_requested() -> Schema:
     """The structured-mode envelope of a ReleaseRequested: the codec's attribute rules by attribute name."""
     properties: Schema = {}
     required = []
     for rule in HEADER_RULES:
         name = "datacontenttype" if rule.name == "content-type" else rule.name.removeprefix("ce_")
-        properties[name] = _attribute(rule)
+        properties[name] = rule.json_schema()
         if rule.required:
             required.append(name)
     properties["type"] = {**properties["type"], "const": ReleaseRequested.TYPE}
@@ -84,7 +71,7 @@ def _binary_headers() -> list[Schema]:
     for rule in HEADER_RULES:
         if rule.name == "content-type":
             continue
-        schema = _attribute(rule)
+        schema = rule.json_schema()
         if rule.name == "ce_type":
             schema = {**schema, "const": ReleaseRequested.TYPE}
         parameters.append(
