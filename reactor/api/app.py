@@ -16,14 +16,15 @@ from starlette.routing import Route
 
 from reactor.api import console, openapi
 from reactor.api.auth import LOCAL, Identity, Tokens
-from reactor.api.binding import decode_request, problem_field
+from reactor.api.binding import decode_request_record, problem_field
 from reactor.api.feed import Feed, StreamEnded
 from reactor.cli import documents
-from reactor.codec import MAX_EVENT_BYTES, describe_validation_error, matches
+from reactor.codec import MAX_EVENT_BYTES, describe_validation_error, encode, matches
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.errors import DecodeError, ReactorError
 from reactor.events import (
     RELEASE_ID,
+    Event,
     ReleaseAborted,
     ReleaseApproved,
     ReleasePaused,
@@ -33,6 +34,8 @@ from reactor.events import (
     Topic,
 )
 from reactor.ports import EventBus, ReleaseNode, ReleaseRecord, Store
+from reactor.trust.identities import TrustStore
+from reactor.trust.signing import SignatureError, is_signed, sign_record, verify_record
 
 log = structlog.get_logger(__name__)
 
@@ -52,13 +55,23 @@ _MAX_COMMAND_BYTES = 16 * 1024
 
 @dataclass
 class Api:
-    """What the routes work on. `tokens` None: no authentication (embedded mode's local use only)."""
+    """What the routes work on. `tokens` None: no authentication (embedded mode's local use only). `trust`: the
+    trusted keys a signed submission is verified with (None: no trust file, so one is passed on unverified, and the
+    workers, which check nothing either, act on it)."""
 
     store: Store
     bus: EventBus
     feed: Feed
     tokens: Tokens | None
+    trust: TrustStore | None = None
     keepalive_s: float = KEEPALIVE_S
+
+    async def publish_as(self, identity: Identity, event: Event) -> None:
+        """Publish a command for `identity`: signed with its key when its token has one, else as the bus signs."""
+        if identity.key is None:
+            await self.bus.publish(event)
+        else:
+            await self.bus.publish_raw(event.TOPIC, sign_record(encode(event, self.feed.source), identity.key))
 
 
 class Refused(Exception):
@@ -227,15 +240,30 @@ async def list_nodes(api: Api, request: Request, identity: Identity) -> Response
 async def submit_release(api: Api, request: Request, identity: Identity) -> Response:
     body = await _body(request, MAX_EVENT_BYTES)
     try:
-        event = decode_request(request.headers.items(), body, ReleaseRequested)
+        event, record = decode_request_record(request.headers.items(), body, ReleaseRequested)
     except DecodeError as exc:
         reason = str(exc)
         raise Refused(400, "invalid", reason, field=problem_field(reason)) from exc
     assert isinstance(event, ReleaseRequested)  # noqa: S101 (decode_request checked the type; this tells mypy)
+    # A submission signed by its sender (binary mode, ce-dssematerial) goes on as it came, its signature with it;
+    # any other is signed here for the token's identity.
+    signed = is_signed(record.headers)
+    if signed and api.trust is not None:
+        try:
+            signer = verify_record(record, api.trust).identity.name
+        except SignatureError as exc:
+            raise Refused(403, "forbidden", str(exc), field="ce-dssematerial") from exc
+        if api.tokens is not None and signer != identity.name:
+            raise Refused(
+                403,
+                "forbidden",
+                f"signed by {signer!r}, not by the authenticated identity {identity.name!r}",
+                "ce-dssematerial",
+            )
     if api.tokens is not None:
-        if event.actor is None:
+        if event.actor is None and not signed:
             event = event.model_copy(update={"actor": identity.name})
-        elif event.actor != identity.name:
+        elif event.actor is not None and event.actor != identity.name:
             raise Refused(
                 403, "forbidden", f"actor {event.actor!r} is not the authenticated identity {identity.name!r}", "actor"
             )
@@ -244,7 +272,10 @@ async def submit_release(api: Api, request: Request, identity: Identity) -> Resp
     if existing is not None and existing.request_id != event.event_id:
         raise Refused(409, "conflict", f"release {event.release_id!r} exists already", field="release_id")
     if existing is None:
-        await api.bus.publish(event)
+        if signed:
+            await api.bus.publish_raw(Topic.RELEASES, record)
+        else:
+            await api.publish_as(identity, event)
         api.feed.add(Topic.RELEASES, event)
         log.info("release submitted", release_id=event.release_id, event_id=event.event_id)
     accepted = {"release_id": event.release_id, "event_id": event.event_id, "location": location}
@@ -264,7 +295,7 @@ async def release_command(api: Api, request: Request, identity: Identity) -> Res
     except ValidationError as exc:
         reason = describe_validation_error(exc)
         raise Refused(400, "invalid", reason, field=problem_field(reason)) from exc
-    await api.bus.publish(event)
+    await api.publish_as(identity, event)
     api.feed.add(Topic.RELEASES, event)
     log.info("release command", release_id=release_id, command=name, event_id=event.event_id)
     return JSONResponse(

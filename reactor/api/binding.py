@@ -64,15 +64,23 @@ def record_of(headers: Iterable[tuple[str, str]], body: bytes) -> Record:
 def decode_request(headers: Iterable[tuple[str, str]], body: bytes, expected: type[Event]) -> Event:
     """The event of type `expected` an HTTP request carries; DecodeError naming the attribute (as the request's mode
     names it: `time` in structured mode, `ce-time` in binary mode) or the field, and why, as `decode` does."""
+    return decode_request_record(headers, body, expected)[0]
+
+
+def decode_request_record(
+    headers: Iterable[tuple[str, str]], body: bytes, expected: type[Event]
+) -> tuple[Event, Record]:
+    """`decode_request`, and the Kafka record the request stands for (what a signature over it covers)."""
     pairs = list(headers)
     binary = not is_structured(pairs)
     try:
-        event, _source = decode(record_of(pairs, body))
+        record = record_of(pairs, body)
+        event, _source = decode(record)
     except DecodeError as exc:
         raise DecodeError(_as_named(str(exc), binary=binary)) from exc
     if not isinstance(event, expected):
         raise DecodeError(f"{'ce-type' if binary else 'type'}: this path takes {expected.TYPE}, not {event.TYPE}")
-    return event
+    return event, record
 
 
 def _as_named(reason: str, *, binary: bool) -> str:

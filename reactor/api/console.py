@@ -33,7 +33,7 @@ _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
 WHOAMI_PATH = {
     "get": {
         "operationId": "whoami",
-        "summary": "Who the bearer token acts as, and whether it may only read.",
+        "summary": "Who the bearer token acts as, whether it may only read, and the key its commands are signed with.",
         "responses": {
             "200": {
                 "description": "The identity.",
@@ -41,8 +41,16 @@ WHOAMI_PATH = {
                     "application/json": {
                         "schema": {
                             "type": "object",
-                            "properties": {"identity": {"type": "string"}, "read_only": {"type": "boolean"}},
-                            "required": ["identity", "read_only"],
+                            "properties": {
+                                "identity": {"type": "string"},
+                                "read_only": {"type": "boolean"},
+                                "key_id": {
+                                    "type": ["string", "null"],
+                                    "description": "The id of the key the API signs this identity's commands"
+                                    " with; null: they are signed as the server signs (its own key, if any).",
+                                },
+                            },
+                            "required": ["identity", "read_only", "key_id"],
                         }
                     }
                 },
@@ -60,7 +68,8 @@ async def page(request: Request) -> Response:
 
 async def whoami(api: Api, request: Request, identity: Identity) -> Response:
     """Who the bearer token acts as, and whether it may only read (the console hides its buttons then)."""
-    return JSONResponse({"identity": identity.name, "read_only": identity.read_only})
+    key_id = None if identity.key is None else identity.key.key_id
+    return JSONResponse({"identity": identity.name, "read_only": identity.read_only, "key_id": key_id})
 
 
 def routes() -> list[Route | Mount]:

@@ -14,7 +14,7 @@ import uvicorn
 from reactor.api.app import Api, create_app
 from reactor.api.auth import Tokens
 from reactor.api.feed import Feed
-from reactor.runtime import Role, open_backends, run_roles
+from reactor.runtime import Role, load_signatures, open_backends, run_roles
 from reactor.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -72,7 +72,8 @@ async def serve(settings: Settings, sock: socket.socket, tokens: Tokens | None, 
     """
     async with open_backends(settings) as backends:
         feed = Feed(settings.source)
-        app = create_app(Api(store=backends.store, bus=backends.bus, feed=feed, tokens=tokens))
+        trust = load_signatures(settings).trust
+        app = create_app(Api(store=backends.store, bus=backends.bus, feed=feed, tokens=tokens, trust=trust))
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_S
         )

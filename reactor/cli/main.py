@@ -55,7 +55,7 @@ from reactor.observability import CountingBus, HealthServer
 from reactor.planfile import load_plan
 from reactor.recovery import RecoveryReport
 from reactor.replay import AuditReport, audit
-from reactor.runtime import Backends, Role, cdevent_sinks, kafka_bus, open_backends, run_roles
+from reactor.runtime import Backends, Role, cdevent_sinks, kafka_bus, load_signatures, open_backends, run_roles
 from reactor.session import submit_and_follow
 from reactor.settings import Settings
 from reactor.trust import generate_key, load_trust_file
@@ -539,6 +539,8 @@ def serve(
     if settings.api_tokens is not None:
         try:
             tokens = auth.load_tokens(settings.api_tokens)
+            signatures = load_signatures(settings)
+            tokens.check_signing(signatures.trust, required=signatures.required)
         except InvalidInput as exc:
             _say(err, ("invalid", "red"), f" {exc.field}: {exc.rule}")
             raise typer.Exit(ExitCode.INVALID) from exc

@@ -17,11 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from reactor.api.auth import digest
 from reactor.demo import build_package
 from reactor.demo.scenario import free_ports, release_plan, served_version
 from reactor.executors.local import stop_all
+from reactor.trust import generate_key
 
 pytestmark = pytest.mark.e2e
 
@@ -55,11 +57,16 @@ def _first_line(process: subprocess.Popen[str], timeout_s: float) -> str:
 
 
 @contextlib.contextmanager
-def reactor_serve(tmp_path: Path) -> Iterator[Server]:
-    """`reactor serve --port 0` with a tokens file, until the test ends; then SIGTERM, and it must exit 0."""
+def reactor_serve(tmp_path: Path, *, policy: dict[str, Any] | None = None) -> Iterator[Server]:
+    """`reactor serve --port 0` with a tokens file, until the test ends; then SIGTERM, and it must exit 0.
+
+    With `policy`: signatures required, the deploy policy enforced, and the token's commands signed with ci's key
+    (the reactor's roles sign with a key of their own).
+    """
     state = tmp_path / "state"
     tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(f"tokens:\n  {digest(TOKEN)}: {{identity: ci}}\n")
+    grant = "{identity: ci}" if policy is None else "{identity: ci, signing_key: keys/ci.key}"
+    tokens.write_text(f"tokens:\n  {digest(TOKEN)}: {grant}\n")
     stderr = tmp_path / "serve.stderr"
     env = {
         **os.environ,
@@ -67,6 +74,21 @@ def reactor_serve(tmp_path: Path) -> Iterator[Server]:
         "REACTOR_LOG_FORMAT": "json",
         "REACTOR_API_TOKENS": str(tokens),
     }
+    if policy is not None:
+        keys = tmp_path / "keys"
+        for name in ("reactor", "ci"):
+            generate_key(name, keys)
+        trust = [
+            {"name": name, "public_key": f"{name}.pub", "reactor": name == "reactor"} for name in ("reactor", "ci")
+        ]
+        (keys / "trust.yaml").write_text(yaml.safe_dump(trust))
+        (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+        env |= {
+            "REACTOR_SIGNING_KEY": str(keys / "reactor.key"),
+            "REACTOR_TRUST_FILE": str(keys / "trust.yaml"),
+            "REACTOR_POLICY_FILE": str(tmp_path / "policy.yaml"),
+            "REACTOR_REQUIRE_SIGNED": "true",
+        }
     with stderr.open("w") as errors:
         process = subprocess.Popen(
             [sys.executable, "-m", "reactor.cli.main", "serve", "--port", "0"],
@@ -102,13 +124,25 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_curl_submits_a_release_of_local_nodes_that_completes(tmp_path: Path) -> None:
     """examples/ci/submit-release.sh posts a structured ReleaseRequested with curl and polls until it completes;
-    the new version serves on every node; an invalid event is refused with 400 naming the field."""
+    the new version serves on every node; an invalid event is refused with 400 naming the field.
+
+    Signatures are required and the policy lets only ci submit releases of hello: the release runs only because the
+    server signs it with the key of the token's identity (signed with the server's own, the policy refuses it)."""
     package = build_package(tmp_path / "dist", "1.0.0")
     ports = dict(zip(("node-1", "node-2", "node-3"), free_ports(3), strict=True))
     plan = release_plan("hello-api-1", package, ports)
     plan_file = tmp_path / "release.json"
     plan_file.write_text(plan.model_dump_json(exclude_defaults=True))
-    with reactor_serve(tmp_path) as server:
+    policy = {
+        "services": {
+            "hello": {
+                "submit": ["ci"],
+                "nodes": [{"key": "local/*/hello"}],
+                "artifacts": {"packages": [package.url.rpartition("/")[0] + "/"]},
+            }
+        }
+    }
+    with reactor_serve(tmp_path, policy=policy) as server:
         env = {**os.environ, "REACTOR_URL": server.url, "REACTOR_TOKEN": TOKEN, "REACTOR_POLL_S": "0.2"}
         submitted = subprocess.run(
             ["bash", str(SUBMIT), str(plan_file)], capture_output=True, text=True, env=env, timeout=120, check=False
