@@ -6,7 +6,7 @@ A thin shell of I/O around `reactor.domain.replay`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from reactor.adapters.dispatch import DLQ_REASON
@@ -15,6 +15,8 @@ from reactor.domain.replay import Difference, Filter, TimelineEntry, compare, re
 from reactor.errors import DecodeError, InvalidInput
 from reactor.events import Event, Topic
 from reactor.ports import EventBus, Store
+from reactor.trust.identities import TrustStore
+from reactor.trust.signing import SignatureError, verify_record
 
 AUDIT_TOPICS = (Topic.RELEASES, Topic.COMMANDS, Topic.OUTCOMES, Topic.DLQ)
 """Read in this order: the last tiebreak (after causation) for events stamped with the same time."""
@@ -33,6 +35,8 @@ class _Read:
     dead_letter_reason: str | None
     time: datetime
     key: str
+    signer: str | None = None
+    unverified: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ async def read_events(
     return decoded, undecodable
 
 
-async def _read(bus: EventBus, topics: Sequence[Topic]) -> list[_Read]:
+async def _read(bus: EventBus, topics: Sequence[Topic], trust: TrustStore | None = None) -> list[_Read]:
+    """Every record of `topics`, decoded where it can be; with `trust`, each decodable one's signature checked."""
     reads: list[_Read] = []
     for topic in topics:
         last_time: datetime | None = None
@@ -75,12 +80,23 @@ async def _read(bus: EventBus, topics: Sequence[Topic]) -> list[_Read]:
             for index in pending_times:
                 reads[index] = _with_time(reads[index], last_time)
             pending_times.clear()
-            reads.append(_Read(topic, event, source, "", reason, event.occurred_at, key))
+            signer, unverified = _signature(record, trust)
+            reads.append(_Read(topic, event, source, "", reason, event.occurred_at, key, signer, unverified))
     return reads
 
 
+def _signature(record: Record, trust: TrustStore | None) -> tuple[str | None, str | None]:
+    """(signer, None) when the record verifies with `trust`, (None, why) when it does not, (None, None) unchecked."""
+    if trust is None:
+        return None, None
+    try:
+        return verify_record(record, trust).identity.name, None
+    except SignatureError as exc:
+        return None, str(exc)
+
+
 def _with_time(read: _Read, time: datetime) -> _Read:
-    return _Read(read.topic, read.event, read.source, read.problem, read.dead_letter_reason, time, read.key)
+    return replace(read, time=time)
 
 
 def _header(record: Record, name: str) -> str | None:
@@ -109,13 +125,16 @@ async def rebuild_into(store: Store, events: Iterable[Event]) -> int:
     return count
 
 
-async def audit(bus: EventBus, live_store: Store, fresh_store: Store, flt: Filter) -> AuditReport:
+async def audit(
+    bus: EventBus, live_store: Store, fresh_store: Store, flt: Filter, *, trust: TrustStore | None = None
+) -> AuditReport:
     """Read every topic, build the filtered timeline, rebuild node status into `fresh_store` and diff it with live.
 
     The rebuild always uses the whole history (a node's status depends on all of it) and skips the dead-letter
-    topic; differences are narrowed to the nodes the filter names by node key, service or release.
+    topic; differences are narrowed to the nodes the filter names by node key, service or release. With `trust`,
+    each entry says who signed it (verified) or why its signature does not verify.
     """
-    reads = await _read(bus, AUDIT_TOPICS)
+    reads = await _read(bus, AUDIT_TOPICS, trust)
     items = [(read.topic, read.event, read.source) for read in reads if read.event is not None]
     reasons: dict[str, str] = {}
     for read in reads:
@@ -129,6 +148,22 @@ async def audit(bus: EventBus, live_store: Store, fresh_store: Store, flt: Filte
         if read.topic == Topic.DLQ and read.event is None
     ]
     entries = timeline(items, flt, dead_letter_reasons=reasons, undecodable=unreadable)
+    if trust is not None:
+        # A re-emitted event keeps its first emission's id: the timeline shows the first, so its signature counts.
+        signatures: dict[tuple[Topic, str], tuple[str | None, str | None]] = {}
+        for read in reads:
+            if read.event is not None:
+                signatures.setdefault((read.topic, read.event.event_id), (read.signer, read.unverified))
+        entries = [
+            entry
+            if entry.event_id is None
+            else replace(
+                entry,
+                signer=signatures[(entry.topic, entry.event_id)][0],
+                unverified=signatures[(entry.topic, entry.event_id)][1],
+            )
+            for entry in entries
+        ]
     await rebuild_into(fresh_store, (event for topic, event, _ in items if topic != Topic.DLQ))
     rebuilt = {status.node_key: status for status in await fresh_store.list_nodes()}
     live = {status.node_key: status for status in await live_store.list_nodes()}

@@ -28,7 +28,7 @@ from reactor.cli.report import Reporter, node_table, plan_table, planned_batches
 from reactor.codec import describe_validation_error
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.planner import failure_budget, plan_batches
-from reactor.domain.replay import Filter
+from reactor.domain.replay import Filter, TimelineEntry
 from reactor.errors import InvalidInput, ReactorError
 from reactor.events import (
     DeployRequested,
@@ -647,11 +647,12 @@ def replay(
 
     async def run() -> AuditReport:
         async with open_backends(settings) as backends:
+            trust = load_signatures(settings).trust
             if database is None:
                 async with EmbeddedStore(":memory:") as scratch:
-                    return await audit(backends.bus, backends.store, scratch, flt)
+                    return await audit(backends.bus, backends.store, scratch, flt, trust=trust)
             async with MongoStore(settings.mongo_url, database) as fresh:
-                return await audit(backends.bus, backends.store, fresh, flt)
+                return await audit(backends.bus, backends.store, fresh, flt, trust=trust)
 
     report = _run(run())
     failed = database is not None and bool(report.differences)
@@ -666,7 +667,7 @@ def replay(
         _say(
             out,
             f"{entry.time:%Y-%m-%dT%H:%M:%S.%fZ} {entry.topic.value:<8} {entry.event_type:<16} {entry.subject}"
-            f" [{entry.actor}] {entry.summary}",
+            f" [{_who(entry)}] {entry.summary}",
         )
     for topic, problem in report.undecodable:
         _say(out, f"undecodable message on {topic.value}: {problem}")
@@ -680,6 +681,18 @@ def replay(
         if failed:
             raise typer.Exit(ExitCode.FAILED)
         out.print("live node status matches the log")
+
+
+def _who(entry: TimelineEntry) -> str:
+    """Who an audit line names: the verified signer when signatures were checked (and the stated actor where it
+    says otherwise), the stated actor when they were not, or UNVERIFIED and why."""
+    if entry.unverified is not None:
+        return f"UNVERIFIED {entry.unverified}; says {entry.actor}"
+    if entry.signer is None:
+        return entry.actor
+    if entry.actor in (entry.signer, "") or entry.actor.startswith("/"):
+        return f"signed by {entry.signer}"
+    return f"signed by {entry.signer}; says {entry.actor}"
 
 
 @keys_app.command("generate")

@@ -54,6 +54,10 @@ class TimelineEntry:
     actor: str
     summary: str
     event_id: str | None = None
+    # Who signed the record, verified against the trust file (None: not checked, or it did not verify).
+    signer: str | None = None
+    # Why the record's signature did not verify, when it was checked (None: it verified, or was not checked).
+    unverified: str | None = None
 
 
 @dataclass(frozen=True)

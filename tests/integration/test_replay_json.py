@@ -16,8 +16,9 @@ from pymongo import AsyncMongoClient
 
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.mongo_store import MongoStore
-from reactor.codec import Record
-from reactor.events import DeployRequested, NodeDeployed, Package, Topic
+from reactor.codec import Record, encode
+from reactor.events import DeployRequested, NodeDeployed, Package, ReleaseApproved, ReleasePaused, Topic
+from reactor.trust import generate_key, load_signing_key, sign_record
 from tests.conftest import fresh_kafka_bus
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
@@ -77,8 +78,12 @@ async def test_replay_json_is_one_document_and_exits_1_only_on_differences(
         ("outcomes", "NodeDeployed", deployed.event_id),
     ]
     first = shown["timeline"][0]
-    assert set(first) == {"time", "topic", "event_type", "subject", "release_id", "actor", "summary", "event_id"}
+    assert set(first) == {
+        *("time", "topic", "event_type", "subject", "release_id", "actor", "summary", "event_id"),
+        *("signer", "unverified"),
+    }
     assert (first["subject"], first["actor"], first["release_id"]) == (NODE, "ci-pipeline", None)
+    assert (first["signer"], first["unverified"]) == (None, None)  # no trust file: nothing is claimed
     assert first["time"] == deploy.occurred_at.isoformat().replace("+00:00", "Z")
     [unreadable] = shown["undecodable"]
     assert unreadable["topic"] == "commands"
@@ -110,3 +115,56 @@ async def test_replay_json_is_one_document_and_exits_1_only_on_differences(
 async def drop(mongo_url: str, database: str) -> None:
     async with AsyncMongoClient[dict[str, object]](mongo_url, serverSelectionTimeoutMS=5000) as client:
         await client.drop_database(database)
+
+
+async def test_replay_with_a_trust_file_shows_the_verified_signer_not_the_stated_actor(
+    kafka: KafkaBus, mongo: MongoStore, mongo_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The audit trail names who verifiably signed each command: alice, although the approval says bob; the reactor
+    for its deploy; an unsigned command is marked UNVERIFIED with the reason, in text and in JSON."""
+    keys = tmp_path / "keys"
+    for name in ("reactor", "alice"):
+        generate_key(name, keys)
+    (keys / "trust.yaml").write_text(
+        "- {name: reactor, public_key: reactor.pub, reactor: true}\n- {name: alice, public_key: alice.pub}\n"
+    )
+    release = f"r-{kafka.prefix.strip('.')}"
+    approved = ReleaseApproved(release_id=release, actor="bob")
+    paused = ReleasePaused(release_id=release, actor="alice")
+    deploy = DeployRequested(node_key=NODE, service="app", version="2.0.0", package=PACKAGE, release_id=release)
+    await kafka.publish_raw(Topic.RELEASES, sign_record(encode(approved, "/cli"), load_signing_key(keys / "alice.key")))
+    await kafka.publish_raw(Topic.RELEASES, encode(paused, "/cli"))
+    await kafka.publish_raw(
+        Topic.COMMANDS, sign_record(encode(deploy, "/reactor"), load_signing_key(keys / "reactor.key"))
+    )
+    env = {
+        **os.environ,
+        "REACTOR_MODE": "distributed",
+        "REACTOR_TRUST_FILE": str(keys / "trust.yaml"),
+        "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "REACTOR_TOPIC_PREFIX": kafka.prefix,
+        "REACTOR_MONGO_URL": mongo_url,
+        "REACTOR_MONGO_DATABASE": mongo.database,
+        "REACTOR_STATE_DIR": str(tmp_path / "cli"),
+    }
+
+    def replay(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "reactor.cli.main", "replay", "--release", release, *args],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    shown = {entry["event_id"]: entry for entry in json.loads(replay("--output", "json"))["timeline"]}
+    assert (shown[approved.event_id]["signer"], shown[approved.event_id]["actor"]) == ("alice", "bob")
+    assert shown[deploy.event_id]["signer"] == "reactor"
+    assert shown[paused.event_id]["signer"] is None
+    assert shown[paused.event_id]["unverified"].startswith("signature: unsigned")
+    lines = replay().splitlines()
+    [approval] = [line for line in lines if "ReleaseApproved" in line]
+    assert "[signed by alice; says bob]" in approval
+    [pause] = [line for line in lines if "ReleasePaused" in line]
+    assert "[UNVERIFIED signature: unsigned" in pause
+    [command] = [line for line in lines if "DeployRequested" in line]
+    assert "[signed by reactor]" in command

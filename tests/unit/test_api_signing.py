@@ -65,7 +65,7 @@ class Reactor:
             for record in self.session.bus.records(Topic.DLQ)
         ]
 
-    def signers(self, topic: Topic) -> list[tuple[str | None, str]]:
+    def signers(self, topic: Topic) -> list[tuple[str, str]]:
         """(ce_type, verified signer) of every message of `topic`, checked against the trust file."""
         trust = load_trust_file(self.keys / "trust.yaml")
         return [

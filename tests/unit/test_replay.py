@@ -27,8 +27,12 @@ from reactor.events import (
     NodeRolledBack,
     NodeTarget,
     Package,
+    ReleaseAborted,
+    ReleaseApproved,
+    ReleasePaused,
     ReleasePlan,
     ReleaseRequested,
+    ReleaseResumed,
     ReleaseRollbackRequested,
     ReleaseRolledBack,
     RollbackFailed,
@@ -39,6 +43,7 @@ from reactor.events import (
 from reactor.replay import AUDIT_TOPICS, audit, read_events, rebuild_into
 from reactor.runtime import Backends, Role, run_roles
 from reactor.settings import Settings
+from reactor.trust import generate_key, load_signing_key, load_trust_file, sign_record
 from tests.fakes import Script, scripted
 
 pytestmark = pytest.mark.unit
@@ -471,3 +476,46 @@ def test_timeline_says_who_asked_for_a_release_rollback_and_whether_it_was_fast(
     request = ReleaseRollbackRequested(release_id="app-2", actor="carol", reason="errors", fast=fast)
     assert summarize(request, "/reactor") == asked
     assert summarize(ReleaseRolledBack(release_id="app-2", rolled_back=4, failed=1, fast=fast), "/reactor") == ended
+
+
+async def test_audit_with_a_trust_file_names_who_signed_each_entry_and_why_others_do_not_verify(
+    tmp_path: Path,
+) -> None:
+    """Signed by the reactor, signed by alice under another actor's name, unsigned, tampered after signing, signed by
+    a key the trust file does not hold: each entry says who verifiably signed it, or why it does not verify; without
+    a trust file nothing is claimed."""
+    keys = tmp_path / "keys"
+    for name in ("reactor", "alice", "stranger"):
+        generate_key(name, keys)
+    (keys / "trust.yaml").write_text(
+        "- {name: reactor, public_key: reactor.pub, reactor: true}\n- {name: alice, public_key: alice.pub}\n"
+    )
+    trust = load_trust_file(keys / "trust.yaml")
+    reactor_key, alice, stranger = (load_signing_key(keys / f"{name}.key") for name in ("reactor", "alice", "stranger"))
+    by_reactor = deploy(NODES[0], "1.0.0", "ci")
+    approved = ReleaseApproved(release_id=RELEASE, actor="bob")
+    unsigned = ReleasePaused(release_id=RELEASE, actor="alice")
+    tampered = ReleaseResumed(release_id=RELEASE, actor="alice")
+    foreign = ReleaseAborted(release_id=RELEASE, actor="alice")
+    bus = MemoryBus()
+    await bus.publish_raw(Topic.COMMANDS, sign_record(encode(by_reactor, "/reactor"), reactor_key))
+    await bus.publish_raw(Topic.RELEASES, sign_record(encode(approved, "/cli"), alice))
+    await bus.publish_raw(Topic.RELEASES, encode(unsigned, "/cli"))
+    signed = sign_record(encode(tampered, "/cli"), alice)
+    await bus.publish_raw(Topic.RELEASES, Record(signed.key, signed.value.replace(b"alice", b"mallo"), signed.headers))
+    await bus.publish_raw(Topic.RELEASES, sign_record(encode(foreign, "/cli"), stranger))
+
+    async with EmbeddedStore(":memory:") as live, EmbeddedStore(":memory:") as fresh:
+        report = await audit(bus, live, fresh, Filter(), trust=trust)
+    found = {entry.event_id: (entry.signer, entry.unverified) for entry in report.timeline}
+    assert found[by_reactor.event_id] == ("reactor", None)
+    assert found[approved.event_id] == ("alice", None)
+    assert [entry.actor for entry in report.timeline if entry.event_id == approved.event_id] == ["bob"]
+    assert found[unsigned.event_id][0] is None
+    assert (found[unsigned.event_id][1] or "").startswith("signature: unsigned")
+    assert (found[tampered.event_id][1] or "").startswith("signature: tampered")
+    assert (found[foreign.event_id][1] or "").startswith("signature: unknown key")
+
+    async with EmbeddedStore(":memory:") as live, EmbeddedStore(":memory:") as fresh:
+        unchecked = await audit(bus, live, fresh, Filter())
+    assert {(entry.signer, entry.unverified) for entry in unchecked.timeline} == {(None, None)}
