@@ -3,8 +3,9 @@ before it is decoded and handed to a handler (docs/security.md)."""
 
 from __future__ import annotations
 
+import hashlib
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from reactor.codec import Record
 from reactor.errors import InvalidInput
@@ -16,6 +17,10 @@ from reactor.trust.signing import SignatureError, Verified, sign_record, verify_
 # Commands that make an executor change a node: only a reactor identity (a pacer or rollback consumer deriving
 # them from a verified release or outcome) may sign them.
 NODE_COMMAND_TYPES = frozenset({DeployRequested.TYPE, RollbackRequested.TYPE})
+
+# Verified records remembered per process: a record every consumer group of a process reads (an outcome reaches the
+# pacer, the rollback consumer and the CDEvents publisher) is verified once, not once per group.
+VERIFIED_CACHE_SIZE = 4096
 
 # Who signed the message a handler is handling (set by the bus around the handler call; None when signatures are
 # not checked or the event was handed over in-process).
@@ -36,6 +41,8 @@ class Signatures:
     required: bool = False
     # Identities the deploy policy lets sign a direct node command (the worker checks the policy on each).
     direct_signers: frozenset[str] = frozenset()
+    # SHA-256 of a record's exact bytes (`_fingerprint`) -> who signed it, for records that verified with `trust`.
+    _verified: dict[bytes, Verified] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.required and self.trust is None:
@@ -62,7 +69,15 @@ class Signatures:
         if not self.required:
             return None
         assert self.trust is not None  # noqa: S101 (__post_init__ refuses required without trust)
-        verified = verify_record(record, self.trust)
+        # Verification is a pure function of the record's bytes and the trust store (fixed for this object): the same
+        # bytes verified before verify again, to the same signer. Only successes are kept.
+        fingerprint = _fingerprint(record)
+        verified = self._verified.get(fingerprint)
+        if verified is None:
+            verified = verify_record(record, self.trust)
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[fingerprint] = verified
         raw_type = record.header("ce_type")
         event_type = None if raw_type is None else raw_type.decode(errors="replace")
         identity = verified.identity
@@ -72,6 +87,21 @@ class Signatures:
                 f" {event_type}; node commands are signed by reactor identities (reactor: true in the trust file)"
             )
         return verified
+
+
+def _fingerprint(record: Record) -> bytes:
+    """SHA-256 over every header (name and value) in order and the value, each length-prefixed, so that no two
+    different records share an input."""
+    digest = hashlib.sha256()
+    for name, value in record.headers:
+        encoded = name.encode()
+        digest.update(len(encoded).to_bytes(4, "big"))
+        digest.update(encoded)
+        digest.update(len(value).to_bytes(4, "big"))
+        digest.update(value)
+    digest.update(len(record.value).to_bytes(8, "big"))
+    digest.update(record.value)
+    return digest.digest()
 
 
 NO_SIGNATURES = Signatures()

@@ -15,13 +15,14 @@ from reactor import runtime
 from reactor.adapters.dispatch import DLQ_REASON
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.memory_bus import MemoryBus
-from reactor.codec import encode
+from reactor.codec import Record, encode
 from reactor.errors import InvalidInput
 from reactor.events import DeployRequested, Event, NodeDeployed, Package, ReleaseApproved, Topic
 from reactor.runtime import Backends, Role, load_signatures, run_roles
 from reactor.settings import Settings
-from reactor.trust import Identity, SigningKey, TrustStore, generate_key, sign_record, verify_record
+from reactor.trust import Identity, SigningKey, TrustStore, enforcement, generate_key, sign_record, verify_record
 from reactor.trust.enforcement import Signatures
+from reactor.trust.signing import SignatureError
 
 pytestmark = pytest.mark.unit
 
@@ -178,3 +179,38 @@ async def test_with_signatures_required_the_memory_bus_signs_and_verifies_every_
     assert handled == deploy
     assert handled is not deploy  # it went through the codec
     assert verify_record(record, trust).identity.name == "reactor"
+
+
+def test_a_record_checked_again_is_not_verified_again_but_any_changed_byte_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consumer groups of one process share the verification of the same record; a record that differs in any
+    header or in its value is verified on its own, and one that does not verify is never remembered."""
+
+    reactor_key = _key()
+    signatures = Signatures(
+        trust=TrustStore([Identity.of("reactor", reactor_key.public_key, reactor=True)]), required=True
+    )
+    calls: list[Record] = []
+
+    def counting(record: Record, trust: TrustStore) -> object:
+        calls.append(record)
+        return verify_record(record, trust)
+
+    monkeypatch.setattr(enforcement, "verify_record", counting)
+    record = sign_record(encode(_deploy(), "/reactor"), reactor_key)
+    first = signatures.check(record)
+    again = signatures.check(Record(record.key, bytes(record.value), tuple(record.headers)))
+    assert first == again
+    assert first is not None
+    assert first.identity.name == "reactor"
+    assert len(calls) == 1
+
+    tampered = Record(record.key, record.value.replace(b"2.0.0", b"2.0.1"), record.headers)
+    renamed = Record(
+        record.key,
+        record.value,
+        tuple((name, value + b"x") if name == "ce_source" else (name, value) for name, value in record.headers),
+    )
+    for changed in (tampered, renamed, tampered):
+        with pytest.raises(SignatureError, match="signature: tampered"):
+            signatures.check(changed)
+    assert len(calls) == 4
