@@ -9,6 +9,12 @@ What the log gives back:
   What it decides is what the Pacer decided live, so the commands it would send are already in the log: it
   publishes nothing. In-flight limits are taken again for the nodes still in flight.
 
+What it reads is what the workers accepted: with signatures required, a record that does not pass this process's
+check (unsigned, forged, tampered, a node command not signed by a reactor identity) is left out, as every consumer
+dead-lettered it live, and each release and release command is replayed as its verified signer's (the release
+keeps its verified submitter); with a deploy policy, the replayed Pacer checks it as the live one did, so what the
+policy refused (a release, an approval by its own submitter) stays refused.
+
 What it cannot give back: a claim in flight when the store was lost (its owner and epoch; stop the workers before
 recovering, a run still going finds its claim gone and is fenced), a node's port and health check until its next
 command, processed records of requests whose outcome was never published, and anything a Pacer decided but had
@@ -29,7 +35,7 @@ from reactor.consumers.pacer import Pacer
 from reactor.domain.limits import InFlightLimits
 from reactor.domain.pacer import ItemState
 from reactor.domain.replay import as_utc, rebuild
-from reactor.errors import InvalidInput
+from reactor.errors import InvalidInput, PolicyRefused
 from reactor.events import (
     DeployRequested,
     Event,
@@ -44,7 +50,10 @@ from reactor.events import (
     utc_now,
 )
 from reactor.ports import EventBus, Store
-from reactor.replay import read_events
+from reactor.replay import read_accepted
+from reactor.trust.enforcement import NO_SIGNATURES, SIGNER, Signatures
+from reactor.trust.identities import Identity
+from reactor.trust.policy import Policy
 
 RECOVERY_TOPICS = (Topic.RELEASES, Topic.COMMANDS, Topic.OUTCOMES)
 
@@ -67,6 +76,10 @@ class RecoveryReport:
     releases: int = 0
     events: int = 0
     unplaced: list[str] = field(default_factory=list)
+    # Records left out: they do not decode, or their signature does not pass (the live consumers dead-lettered them).
+    refused: int = 0
+    # Releases and release commands the deploy policy refused again.
+    policy_refused: int = 0
 
 
 class _ReplayClock:
@@ -92,14 +105,25 @@ async def recover(
     *,
     concurrent_releases: str = "queue",
     limits: InFlightLimits | None = None,
+    signatures: Signatures = NO_SIGNATURES,
+    policy: Policy | None = None,
 ) -> RecoveryReport:
-    """Rebuild node status, processed records and releases from the topics into `store`, which must be empty."""
+    """Rebuild node status, processed records and releases from the topics into `store`, which must be empty.
+
+    `signatures` and `policy`: the workers' own, so that what they refused stays out (see the module's text)."""
     if await store.list_releases() or await store.list_nodes():
         raise InvalidInput("store", "is not empty: recovery rebuilds a lost store and never writes over one")
-    read, _undecodable = await read_events(bus, RECOVERY_TOPICS)
-    return await recover_from(
-        [(topic, event) for topic, event, _ in read], store, concurrent_releases=concurrent_releases, limits=limits
+    read, refused = await read_accepted(bus, RECOVERY_TOPICS, signatures.check)
+    report = await recover_from(
+        [(topic, event) for topic, event, _ in read],
+        store,
+        concurrent_releases=concurrent_releases,
+        limits=limits,
+        signers=[signer for _, _, signer in read],
+        policy=policy,
     )
+    report.refused = len(refused)
+    return report
 
 
 async def recover_from(
@@ -108,10 +132,16 @@ async def recover_from(
     *,
     concurrent_releases: str = "queue",
     limits: InFlightLimits | None = None,
+    signers: Sequence[Identity | None] | None = None,
+    policy: Policy | None = None,
 ) -> RecoveryReport:
-    """`recover` over events already read: (topic, event) in each topic's order."""
+    """`recover` over events already read: (topic, event) in each topic's order, and who verifiably signed each
+    (`signers`, in the same order; None: unchecked)."""
     report = RecoveryReport()
     events = [event for _, event in read]
+    signed_by = [None] * len(read) if signers is None else list(signers)
+    if len(signed_by) != len(read):
+        raise ValueError("signers: one per event read")
     worker_outcomes = [event for event in events if worker_outcome(event)]
     for status in rebuild(worker_outcomes).values():
         if await store.put_node(status, expected_revision=0) is None:
@@ -125,7 +155,9 @@ async def recover_from(
 
     clock = _ReplayClock()
     # Whatever the replayed Pacer decides to send is already in the log: it goes to a bus nobody reads.
-    pacer = Pacer(store, MemoryBus(), clock=clock, concurrent_releases=concurrent_releases, limits=limits)
+    pacer = Pacer(
+        store, MemoryBus(), clock=clock, concurrent_releases=concurrent_releases, limits=limits, policy=policy
+    )
     fed = sorted(
         (
             (as_utc(event.occurred_at), position, event)
@@ -135,13 +167,19 @@ async def recover_from(
         key=lambda item: (item[0], item[1]),
     )
     seen: set[str] = set()
-    for moment, _, event in fed:
+    for moment, position, event in fed:
         if event.event_id in seen:
             continue
         seen.add(event.event_id)
         clock.now = moment
         await pacer.tick()
-        await pacer.handle(event)
+        token = SIGNER.set(signed_by[position])  # who signed it, as the live bus told the Pacer
+        try:
+            await pacer.handle(event)
+        except PolicyRefused:
+            report.policy_refused += 1  # dead-lettered live too: it changed nothing then, it changes nothing now
+        finally:
+            SIGNER.reset(token)
         report.events += 1
     report.releases = len(await store.list_releases())
     report.unplaced = await _unplaced(store, [event for event in events if isinstance(event, NodeEvent)])

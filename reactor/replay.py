@@ -5,7 +5,7 @@ A thin shell of I/O around `reactor.domain.replay`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -15,8 +15,10 @@ from reactor.domain.replay import Difference, Filter, TimelineEntry, compare, re
 from reactor.errors import DecodeError, InvalidInput
 from reactor.events import Event, Topic
 from reactor.ports import EventBus, Store
-from reactor.trust.identities import TrustStore
-from reactor.trust.signing import SignatureError, verify_record
+from reactor.trust.identities import Identity, TrustStore
+from reactor.trust.signing import SignatureError, Verified, verify_record
+
+Check = Callable[[Record], Verified | None]
 
 AUDIT_TOPICS = (Topic.RELEASES, Topic.COMMANDS, Topic.OUTCOMES, Topic.DLQ)
 """Read in this order: the last tiebreak (after causation) for events stamped with the same time."""
@@ -35,7 +37,7 @@ class _Read:
     dead_letter_reason: str | None
     time: datetime
     key: str
-    signer: str | None = None
+    signer: Identity | None = None
     unverified: str | None = None
 
 
@@ -58,8 +60,28 @@ async def read_events(
     return decoded, undecodable
 
 
-async def _read(bus: EventBus, topics: Sequence[Topic], trust: TrustStore | None = None) -> list[_Read]:
-    """Every record of `topics`, decoded where it can be; with `trust`, each decodable one's signature checked."""
+async def read_accepted(
+    bus: EventBus, topics: Sequence[Topic], check: Check
+) -> tuple[list[tuple[Topic, Event, Identity | None]], list[tuple[Topic, str]]]:
+    """The records of `topics` a consumer checking with `check` would have acted on, each with its verified signer
+    (None: not checked), and (topic, reason) for every other one: undecodable, or refused by `check`."""
+    reads = await _read(bus, topics, check=check)
+    accepted = [
+        (read.topic, read.event, read.signer) for read in reads if read.event is not None and not read.unverified
+    ]
+    refused = [
+        (read.topic, read.problem or read.unverified or "") for read in reads if read.event is None or read.unverified
+    ]
+    return accepted, refused
+
+
+def trust_check(trust: TrustStore) -> Check:
+    """A check that verifies a record's signature with `trust` (what `reactor replay` shows), and nothing more."""
+    return lambda record: verify_record(record, trust)
+
+
+async def _read(bus: EventBus, topics: Sequence[Topic], *, check: Check | None = None) -> list[_Read]:
+    """Every record of `topics`, decoded where it can be; with `check`, each decodable one's signature checked."""
     reads: list[_Read] = []
     for topic in topics:
         last_time: datetime | None = None
@@ -80,19 +102,20 @@ async def _read(bus: EventBus, topics: Sequence[Topic], trust: TrustStore | None
             for index in pending_times:
                 reads[index] = _with_time(reads[index], last_time)
             pending_times.clear()
-            signer, unverified = _signature(record, trust)
+            signer, unverified = _signature(record, check)
             reads.append(_Read(topic, event, source, "", reason, event.occurred_at, key, signer, unverified))
     return reads
 
 
-def _signature(record: Record, trust: TrustStore | None) -> tuple[str | None, str | None]:
-    """(signer, None) when the record verifies with `trust`, (None, why) when it does not, (None, None) unchecked."""
-    if trust is None:
+def _signature(record: Record, check: Check | None) -> tuple[Identity | None, str | None]:
+    """(signer, None) when the record passes `check`, (None, why) when it does not, (None, None) unchecked."""
+    if check is None:
         return None, None
     try:
-        return verify_record(record, trust).identity.name, None
+        verified = check(record)
     except SignatureError as exc:
         return None, str(exc)
+    return (None if verified is None else verified.identity), None
 
 
 def _with_time(read: _Read, time: datetime) -> _Read:
@@ -134,7 +157,7 @@ async def audit(
     topic; differences are narrowed to the nodes the filter names by node key, service or release. With `trust`,
     each entry says who signed it (verified) or why its signature does not verify.
     """
-    reads = await _read(bus, AUDIT_TOPICS, trust)
+    reads = await _read(bus, AUDIT_TOPICS, check=None if trust is None else trust_check(trust))
     items = [(read.topic, read.event, read.source) for read in reads if read.event is not None]
     reasons: dict[str, str] = {}
     for read in reads:
@@ -153,7 +176,8 @@ async def audit(
         signatures: dict[tuple[Topic, str], tuple[str | None, str | None]] = {}
         for read in reads:
             if read.event is not None:
-                signatures.setdefault((read.topic, read.event.event_id), (read.signer, read.unverified))
+                signer = None if read.signer is None else read.signer.name
+                signatures.setdefault((read.topic, read.event.event_id), (signer, read.unverified))
         entries = [
             entry
             if entry.event_id is None

@@ -55,7 +55,16 @@ from reactor.observability import CountingBus, HealthServer
 from reactor.planfile import load_plan
 from reactor.recovery import RecoveryReport
 from reactor.replay import AuditReport, audit
-from reactor.runtime import Backends, Role, cdevent_sinks, kafka_bus, load_signatures, open_backends, run_roles
+from reactor.runtime import (
+    Backends,
+    Role,
+    cdevent_sinks,
+    kafka_bus,
+    load_policy_setting,
+    load_signatures,
+    open_backends,
+    run_roles,
+)
 from reactor.session import submit_and_follow
 from reactor.settings import Settings
 from reactor.trust import generate_key, load_trust_file
@@ -609,6 +618,8 @@ def recover() -> None:
                 backends.store,
                 concurrent_releases=settings.concurrent_releases,
                 limits=settings.in_flight_limits(),
+                signatures=load_signatures(settings),
+                policy=load_policy_setting(settings),
             )
 
     report = _run(run())

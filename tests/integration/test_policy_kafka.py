@@ -21,7 +21,8 @@ from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState
 from reactor.events import NodeTarget, Package, ReleaseApproved, ReleasePlan, ReleaseRequested, Strategy, Topic
 from reactor.ports import ReleaseRecord
-from reactor.runtime import Role, kafka_bus, load_signatures
+from reactor.recovery import recover
+from reactor.runtime import Role, kafka_bus, load_policy_setting, load_signatures
 from reactor.settings import Settings
 from reactor.trust import generate_key
 from tests.support import running_roles
@@ -50,6 +51,7 @@ class Reactor:
     bus: KafkaBus
     signed_by: dict[str, KafkaBus]
     store: EmbeddedStore
+    settings: Settings
 
     async def dead_letters(self, count: int) -> list[tuple[str, str]]:
         """(release id, reason) of every dead letter, once there are `count`."""
@@ -99,7 +101,7 @@ async def reactor(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Reactor
     ):
         await bus.create_topics(partitions=4)
         async with running_roles(bus, store, settings, {Role.ALL}):
-            yield Reactor(bus, {"ci": ci, "alice": alice}, store)
+            yield Reactor(bus, {"ci": ci, "alice": alice}, store, settings)
 
 
 def _release(
@@ -155,3 +157,16 @@ async def test_policy_refuses_at_submit_and_holds_four_eyes_on_kafka(reactor: Re
         ("noop/web-1/app", NodeState.SUCCESS),
         ("noop/web-2/app", NodeState.SUCCESS),
     ]
+
+    # The store lost: recovery from the topics brings back app-2 as the live store has it, submitted by ci, and
+    # none of the refused releases; ci's refused approval stays refused, alice's counts.
+    async with EmbeddedStore(":memory:") as fresh:
+        report = await recover(
+            reactor.bus,
+            fresh,
+            signatures=load_signatures(reactor.settings),
+            policy=load_policy_setting(reactor.settings),
+        )
+        [recovered] = await fresh.list_releases()
+        assert (recovered.release_id, recovered.state, recovered.submitter) == ("app-2", ReleaseState.COMPLETED, "ci")
+    assert (report.refused, report.policy_refused) == (0, len(refused) + 1)
