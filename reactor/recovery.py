@@ -156,7 +156,12 @@ async def recover_from(
     clock = _ReplayClock()
     # Whatever the replayed Pacer decides to send is already in the log: it goes to a bus nobody reads.
     pacer = Pacer(
-        store, MemoryBus(), clock=clock, concurrent_releases=concurrent_releases, limits=limits, policy=policy
+        store,
+        MemoryBus(history_limit=0),
+        clock=clock,
+        concurrent_releases=concurrent_releases,
+        limits=limits,
+        policy=policy,
     )
     fed = sorted(
         (

@@ -92,7 +92,12 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
     signatures = load_signatures(settings)
     if settings.mode == "embedded":
         async with (
-            MemoryBus(source=settings.source, concurrency=settings.concurrency, signatures=signatures) as bus,
+            MemoryBus(
+                source=settings.source,
+                concurrency=settings.concurrency,
+                signatures=signatures,
+                history_limit=settings.memory_history,
+            ) as bus,
             EmbeddedStore(settings.database_path) as store,
         ):
             yield Backends(bus=bus, store=store, memory_bus=bus)

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # A claim not renewed for this long may be taken over; a running claim is renewed every third of it.
     lease_s: float = Field(default=60.0, gt=0)
     resend_after_s: float = Field(default=60.0, gt=0)
+    # Embedded mode: messages the in-memory bus keeps per topic (for consumers that start later, the API's event
+    # stream among them); older ones are dropped, as a Kafka topic's retention drops them.
+    memory_history: int = Field(default=10_000, ge=0, le=10_000_000)
     timer_tick_s: float = Field(default=1.0, gt=0)
     concurrent_releases: Literal["queue", "refuse"] = "queue"
     # Nodes in flight at once across every release (None: no limit); per label, e.g. {"zone": 2, "cluster": 10}

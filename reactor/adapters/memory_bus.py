@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
+from functools import partial
 from types import TracebackType
 from typing import Self
 
@@ -38,7 +39,11 @@ class MemoryBus:
         retry_delay_s: float = 0.05,
         signatures: Signatures = NO_SIGNATURES,
         through_codec: bool = False,
+        history_limit: int | None = None,
     ) -> None:
+        """`history_limit`: the messages kept per topic for groups that start later and for `history` (None: all,
+        as tests want; the embedded runtime keeps the last few thousand, so a long run does not hold every event
+        it ever carried, as a Kafka topic's retention would not)."""
         self.source = source
         self.signatures = signatures
         # Every published event encoded (and signed, with a key) at once and decoded (and verified, when signatures
@@ -46,7 +51,7 @@ class MemoryBus:
         self.through_codec = through_codec or signatures.required
         self.concurrency = concurrency
         self.retry_delay_s = retry_delay_s
-        self._logs: dict[Topic, list[_Message]] = defaultdict(list)
+        self._logs: dict[Topic, deque[_Message]] = defaultdict(partial(deque, maxlen=history_limit))
         self._queues: dict[tuple[Topic, str], asyncio.Queue[_Message]] = {}
         self._busy = 0
         self._changed = asyncio.Event()

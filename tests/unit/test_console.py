@@ -40,9 +40,9 @@ def bearer(token: str) -> dict[str, str]:
 async def test_whoami_names_the_identity_and_whether_it_may_only_read(client: httpx.AsyncClient) -> None:
     """A writer and a reader learn who they are; without a known token it is 401 like every API path."""
     writer = await client.get("/api/v1/whoami", headers=bearer(WRITER))
-    assert writer.json() == {"identity": "ci", "read_only": False}
+    assert writer.json() == {"identity": "ci", "read_only": False, "key_id": None}
     reader = await client.get("/api/v1/whoami", headers=bearer(READER))
-    assert reader.json() == {"identity": "viewer", "read_only": True}
+    assert reader.json() == {"identity": "viewer", "read_only": True, "key_id": None}
     assert (await client.get("/api/v1/whoami")).status_code == 401
     assert (await client.get("/api/v1/whoami", headers=bearer("nobody"))).status_code == 401
 
