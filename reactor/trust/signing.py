@@ -46,8 +46,11 @@ CONTENT_TYPE_HEADER = "content-type"
 CORE_ATTRIBUTES = ("id", "source", "specversion", "type", "datacontenttype", "dataschema", "subject", "time")
 # An envelope with one Ed25519 signature is about 400 bytes of Base64; anything far larger is refused unparsed.
 MAX_MATERIAL_BYTES = 8 * 1024
-_ANY_CE = re.compile(r"^[Cc][Ee]_")
+# A header that claims to be a CloudEvents attribute in any letter case (only lower case is one).
+_ANY_CE = frozenset({"ce_", "cE_", "Ce_", "CE_"})
 _ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]+$")
+# The form the reactor writes (UTC, `T`, `Z`): normalised by cutting the fraction, once the date-time parses.
+_CANONICAL_UTC = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?Z$")
 _TIMESTAMP = re.compile(
     r"^(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})[Tt](?P<time>[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.[0-9]+)?"
     r"(?P<zone>[Zz]|[+-][0-9]{2}:[0-9]{2})?$"
@@ -196,6 +199,12 @@ def extensions_digest(attributes: Mapping[str, str], names: Sequence[str]) -> by
 
 def normalize_time(value: str) -> str:
     """An RFC 3339 timestamp in UTC with whole seconds and `Z`, as the extension hashes `time`."""
+    if _CANONICAL_UTC.match(value):
+        try:
+            datetime.fromisoformat(value[:19])  # a real date and time, as the general path checks
+        except ValueError as exc:
+            raise SignatureError(f"time: {value!r} is not an RFC 3339 date-time: {exc}") from exc
+        return value[:19] + "Z"
     match = _TIMESTAMP.match(value)
     if match is None:
         raise SignatureError(f"time: {value!r} is not an RFC 3339 date-time")
@@ -228,7 +237,7 @@ def _attributes(headers: Headers, *, signing: bool) -> dict[str, str]:
         return ValueError(reason) if signing else SignatureError(f"malformed headers: {reason}")
 
     for header, raw in headers:
-        if _ANY_CE.match(header):
+        if header[:3] in _ANY_CE:
             name = header[3:]
             if _ATTRIBUTE_NAME.match(name) is None or header[:3] != "ce_":
                 raise refuse(f"{header!r} is not ce_ and a lower-case attribute name")
