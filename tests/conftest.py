@@ -23,7 +23,7 @@ from reactor.adapters.memory_bus import MemoryBus
 from reactor.adapters.mongo_store import MongoStore
 from reactor.ports import EventBus, Store
 from tests.infra import fleet as fleet_harness
-from tests.infra import testenv
+from tests.infra import kafka_secure, testenv
 from tests.infra.fleet import Fleet
 from tests.infra.testenv import TestEnvError
 
@@ -131,6 +131,21 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.fail(f"Kafka could not be started for the kafka tests: {exc}")
     try:
         yield service.env["REACTOR_KAFKA_BOOTSTRAP"]
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[testenv.Service]:
+    """A SASL_SSL broker (SCRAM-SHA-512 over TLS, ACLs per principal) for the session, started by the harness
+    with no topics: each user grants its own prefix (slow to start, so shared)."""
+    try:
+        testenv.ensure_kafka()
+        service = kafka_secure.start_secure_kafka(tmp_path_factory.mktemp("kafka-secure") / "kafka")
+    except (testenv.TestEnvError, OSError) as exc:
+        pytest.fail(f"the SASL_SSL broker could not be started: {exc}")
+    try:
+        yield service
     finally:
         service.stop()
 

@@ -199,6 +199,9 @@ class KafkaBus:
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
             client_id=self.client_id,
+            # The broker answers one request of a connection at a time: a fetch waiting for data that will not come
+            # (an empty partition, one read to its end) holds up the offset lookup and the close (TLS) behind it.
+            fetch_max_wait_ms=10,
             **self.security.client_options(),
         )
         try:

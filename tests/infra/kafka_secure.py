@@ -25,7 +25,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tests.infra import testenv
 from tests.infra.testenv import HOST, Service, TestEnvError, log
@@ -218,11 +220,6 @@ def grant(svc: Service, prefix: str, *, partitions: int = PARTITIONS) -> None:
     `reactor replay`/`recover` read it: an operator's job, as the admin).
     """
     t = {name: _topic(prefix, name) for name in TOPICS}
-    acl = "org.apache.kafka.tools.AclCommand"
-
-    def topics_for(*names: str) -> list[str]:
-        return [arg for name in names for arg in ("--topic", t[name])]
-
     runs = [
         (
             "org.apache.kafka.tools.TopicCommand",
@@ -231,17 +228,17 @@ def grant(svc: Service, prefix: str, *, partitions: int = PARTITIONS) -> None:
         )
         for name in TOPICS
     ]
-    subscriber_groups = ["--group", f"{prefix}subscriber", "--resource-pattern-type", "prefixed"]
-    acls = [
-        (WORKER, "Read", [*topics_for("commands", "releases", "outcomes"), *_groups(WORKER_GROUPS)]),
-        (WORKER, "Write", topics_for("commands", "outcomes", "releases", "dlq")),
-        (CI, "Write", topics_for("releases")),
-        (SUBSCRIBER, "Read", topics_for("outcomes", "releases")),
-        (SUBSCRIBER, "Read", subscriber_groups),  # apart: a pattern type applies to every resource of a run
-    ]
-    for user, operation, resources in acls:
+    # One AclCommand run per principal, operation and pattern type (a pattern type applies to every resource of
+    # a run), each JVM start costing seconds.
+    runs_of: dict[tuple[str, str, str], list[str]] = {}
+    for binding in acl_bindings(prefix):
+        resources = runs_of.setdefault((binding.principal, binding.operation, binding.pattern), [])
+        resources += [f"--{binding.resource}", binding.name]
+    for (user, operation, pattern), resources in runs_of.items():
         args = ["--add", "--allow-principal", f"User:{user}", "--operation", operation, *resources]
-        runs.append((acl, args, f"ACL {operation} for {user}"))
+        if pattern != "literal":
+            args += ["--resource-pattern-type", pattern]
+        runs.append(("org.apache.kafka.tools.AclCommand", args, f"ACL {operation} for {user}"))
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=2) as pool:
         for fut in [pool.submit(_tool, svc, main, *args, what=what) for main, args, what in runs]:
@@ -249,8 +246,28 @@ def grant(svc: Service, prefix: str, *, partitions: int = PARTITIONS) -> None:
     log(f"topics and ACLs for prefix {prefix!r} in {time.monotonic() - t0:.1f}s")
 
 
-def _groups(names: tuple[str, ...]) -> list[str]:
-    return [arg for name in names for arg in ("--group", name)]
+@dataclass(frozen=True)
+class AclBinding:
+    """One ACL: `principal` may do `operation` on the `resource` (topic or group) `name`, matched `pattern`."""
+
+    principal: str
+    operation: Literal["Read", "Write"]
+    resource: Literal["topic", "group"]
+    name: str
+    pattern: Literal["literal", "prefixed"] = "literal"
+
+
+def acl_bindings(prefix: str) -> list[AclBinding]:
+    """The ACLs of each principal on the reactor's topics under `prefix` (see `grant` for why each is there)."""
+    t = {name: _topic(prefix, name) for name in TOPICS}
+    return [
+        *(AclBinding(WORKER, "Read", "topic", t[name]) for name in ("commands", "releases", "outcomes")),
+        *(AclBinding(WORKER, "Read", "group", group) for group in WORKER_GROUPS),
+        *(AclBinding(WORKER, "Write", "topic", t[name]) for name in ("commands", "outcomes", "releases", "dlq")),
+        AclBinding(CI, "Write", "topic", t["releases"]),
+        *(AclBinding(SUBSCRIBER, "Read", "topic", t[name]) for name in ("outcomes", "releases")),
+        AclBinding(SUBSCRIBER, "Read", "group", f"{prefix}subscriber", "prefixed"),
+    ]
 
 
 def revoke(svc: Service, user: str, operation: str, topic: str) -> None:

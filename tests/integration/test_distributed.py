@@ -1,5 +1,14 @@
 """The reactor on a real Kafka broker and a real MongoDB-protocol server (FerretDB): releases, redelivery after a
-killed worker, scale-out in one consumer group, the demo with real processes, replay, health and metrics."""
+killed worker, scale-out in one consumer group, the demo with real processes, replay, health and metrics.
+
+Each test runs twice (`transport`): on a plaintext broker with nothing signed, and on the session's SASL_SSL broker
+(SCRAM-SHA-512 over TLS, ACLs per principal) with signatures required. There the workers' bus is the worker
+principal signing as the reactor identity; the test's own node commands (DeployRequested, RollbackRequested
+straight to `commands`) go through that bus too, since only the worker principal may write `commands` and only a
+reactor identity may sign a node command; releases are submitted on the `ci` bus, the ci principal (WRITE on
+`releases` only) signing as the ci identity. After each secure test every message on `commands`, `outcomes` and
+`releases` must verify with the signer it should have, and none may have been dead-lettered for a signature.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +19,15 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
+import yaml
+from pydantic import SecretStr
 
+from reactor.adapters.dispatch import DLQ_REASON
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.mongo_store import MongoStore
 from reactor.codec import decode
@@ -22,6 +35,7 @@ from reactor.demo import build_package
 from reactor.demo.scenario import free_ports, release_plan, served_version
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, NodeStatus, pending
+from reactor.errors import AccessDenied, BackendUnavailable
 from reactor.events import (
     AutoRollback,
     DeployRequested,
@@ -42,11 +56,13 @@ from reactor.events import (
 from reactor.executors.local import stop_all
 from reactor.observability import CountingBus, HealthServer
 from reactor.ports import ExecutorFactory, Store
-from reactor.runtime import Role
+from reactor.runtime import Role, kafka_bus, load_signatures
 from reactor.settings import Settings
-from tests.conftest import fresh_kafka_bus
+from reactor.trust import generate_key, verify_record
+from tests import kafka_principals
 from tests.fakes import Script, scripted
-from tests.infra import testenv
+from tests.infra import kafka_secure, testenv
+from tests.infra.testenv import Service
 from tests.leaks import collecting_the_sockets_pymongo_leaks
 from tests.support import equals, running_roles
 from tests.support import until as poll_until
@@ -74,15 +90,138 @@ async def mongo(mongo_url: str, mongo_database: str) -> AsyncIterator[MongoStore
         yield store
 
 
+@dataclass(frozen=True)
+class Transport:
+    """How this module's buses reach Kafka and what they sign: the settings the workers' bus and roles are built
+    from, those of the bus CI submits releases on, and the environment of an operator's `reactor` CLI."""
+
+    worker: Settings
+    ci: Settings
+    operator_env: dict[str, str]
+    broker: Service | None = None  # the SASL_SSL broker
+
+
+@pytest.fixture(params=["plaintext", "sasl_ssl"])
+async def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Transport:
+    """Plaintext with signatures off, as a developer runs it; or SASL_SSL as the ACL'd principals with signatures
+    required, a reactor identity for the workers and a ci identity for releases, on a fresh granted prefix."""
+    prefix = f"t{uuid4().hex[:10]}."
+    if request.param == "plaintext":
+        bootstrap: str = request.getfixturevalue("kafka_bootstrap")
+        plain = Settings(kafka_bootstrap=bootstrap, topic_prefix=prefix, grace_s=2.0)
+        # Tests publish through fixture buses that sign nothing (signed commands: test_signed_commands.py).
+        operator_env = {"REACTOR_KAFKA_BOOTSTRAP": bootstrap, "REACTOR_REQUIRE_SIGNED": "false"}
+        return Transport(plain, plain, operator_env)
+    broker: Service = request.getfixturevalue("secure_kafka")
+    bootstrap = kafka_principals.bootstrap(broker)
+    async with asyncio.timeout(60):
+        with pytest.raises(BackendUnavailable):  # the only listener takes no client without TLS and SASL
+            async with KafkaBus(bootstrap, prefix=prefix):
+                pass
+    await kafka_principals.grant(broker, prefix)
+    keys = tmp_path / "keys"
+    for name in ("reactor", "ci"):
+        generate_key(name, keys)
+    identities = [
+        {"name": "reactor", "public_key": "reactor.pub", "reactor": True},
+        {"name": "ci", "public_key": "ci.pub"},
+    ]
+    (keys / "trust.yaml").write_text(yaml.safe_dump(identities))
+    passwords = kafka_secure.passwords(broker)
+    worker = Settings(
+        kafka_bootstrap=bootstrap,
+        topic_prefix=prefix,
+        grace_s=2.0,
+        signing_key=keys / "reactor.key",
+        trust_file=keys / "trust.yaml",
+        require_signed=True,
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_ssl_cafile=Path(broker.env["REACTOR_KAFKA_SSL_CAFILE"]),
+        kafka_sasl_username=kafka_secure.WORKER,
+        kafka_sasl_password=SecretStr(passwords[kafka_secure.WORKER]),
+    )
+    ci = worker.model_copy(
+        update={
+            "signing_key": keys / "ci.key",
+            "kafka_sasl_username": kafka_secure.CI,
+            "kafka_sasl_password": SecretStr(passwords[kafka_secure.CI]),
+        }
+    )
+    operator_env = {  # the admin: `reactor replay` reads `dlq`, which no other principal may (an operator's job)
+        **broker.env,
+        "REACTOR_KAFKA_SASL_USERNAME": kafka_secure.ADMIN,
+        "REACTOR_KAFKA_SASL_PASSWORD": passwords[kafka_secure.ADMIN],
+        "REACTOR_TRUST_FILE": str(keys / "trust.yaml"),
+        "REACTOR_REQUIRE_SIGNED": "true",
+    }
+    await _ci_cannot_write_commands(ci)
+    return Transport(worker, ci, operator_env, broker)
+
+
 @pytest.fixture
-async def kafka(kafka_bootstrap: str) -> AsyncIterator[KafkaBus]:
-    async with fresh_kafka_bus(kafka_bootstrap, retry_delay_s=0.05, grace_s=2.0) as bus:
+async def kafka(transport: Transport) -> AsyncIterator[KafkaBus]:
+    """The workers' bus on topics no other test uses (the test publishes node commands on it too); over SASL_SSL,
+    afterwards, every message must verify as signed by whom it should be."""
+    bus = kafka_bus(transport.worker, load_signatures(transport.worker))
+    bus.retry_delay_s = 0.05
+    async with bus:
+        if transport.broker is None:
+            await bus.create_topics(partitions=4)
+            yield bus
+            return
+        assert (bus.security.protocol, bus.security.sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+        assert bus.security.username == kafka_secure.WORKER
+        assert bus.signatures.required, "signatures are checked"
+        assert bus.signatures.key is not None, "the workers sign"
+        yield bus
+        await _all_signed_by_whom_they_should_be(transport, bus)
+
+
+async def _all_signed_by_whom_they_should_be(transport: Transport, bus: KafkaBus) -> None:
+    """Commands and outcomes verify as the reactor's, releases as CI's (its requests) or the reactor's (the rest);
+    no dead letter names a signature (read as the admin: no other principal may read `dlq`)."""
+    assert transport.broker is not None
+    trust = bus.signatures.trust
+    assert trust is not None
+    for topic in (Topic.COMMANDS, Topic.OUTCOMES, Topic.RELEASES):
+        for record in await bus.history(topic):
+            event = decode(record)[0]
+            expected = "ci" if isinstance(event, ReleaseRequested) else "reactor"
+            assert verify_record(record, trust).identity.name == expected, (topic, event)
+    admin = kafka_principals.security(transport.broker, kafka_secure.ADMIN)
+    async with KafkaBus(bus.bootstrap, prefix=bus.prefix, security=admin) as operator:
+        reasons = [(record.header(DLQ_REASON) or b"").decode() for record in await operator.history(Topic.DLQ)]
+    assert not [reason for reason in reasons if reason.startswith(("signature:", "policy:"))], reasons
+
+
+@pytest.fixture
+async def ci(transport: Transport, kafka: KafkaBus) -> AsyncIterator[KafkaBus]:
+    """The bus releases are submitted on: over SASL_SSL the ci principal signing as the ci identity; in plaintext
+    the workers' bus itself."""
+    if transport.ci is transport.worker:
+        yield kafka
+        return
+    async with kafka_bus(transport.ci, load_signatures(transport.ci)) as bus:
         yield bus
 
 
-def settings_under(directory: Path) -> Settings:
-    """A worker's settings with its state and `local` nodes under `directory`."""
-    return Settings(state_dir=directory / "state", local_root=directory / "nodes")
+async def _ci_cannot_write_commands(ci: Settings) -> None:
+    """The ACLs are in force on this prefix: CI's node command of its own is refused by the broker."""
+    command = DeployRequested(node_key="fake/ci/app", service="app", version="6.6.6", package=PACKAGE)
+    async with kafka_bus(ci, load_signatures(ci)) as intruder:
+        with pytest.raises((AccessDenied, BackendUnavailable), match="TopicAuthorizationFailed"):
+            await intruder.publish(command)
+
+
+@pytest.fixture
+def settings_under(transport: Transport) -> Callable[[Path], Settings]:
+    """A worker's settings with its state and `local` nodes under a directory (and signing as the transport says)."""
+
+    def under(directory: Path) -> Settings:
+        return transport.worker.model_copy(update={"state_dir": directory / "state", "local_root": directory / "nodes"})
+
+    return under
 
 
 async def until(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
@@ -100,7 +239,7 @@ async def events(bus: KafkaBus, topic: Topic) -> list[Event]:
 
 
 async def test_release_with_a_failing_node_halts_and_rolls_back_on_kafka_and_mongo(
-    kafka: KafkaBus, mongo: MongoStore, tmp_path: Path
+    kafka: KafkaBus, ci: KafkaBus, mongo: MongoStore, tmp_path: Path, settings_under: Callable[[Path], Settings]
 ) -> None:
     """Canary then the rest; budget 1 of 6; two failures halt the release; the failed nodes are rolled back."""
     for index in range(6):
@@ -109,7 +248,7 @@ async def test_release_with_a_failing_node_halts_and_rolls_back_on_kafka_and_mon
     script = Script(behaviour={"fake/host-02/app": "fail", "fake/host-03/app": "fail"})
     release = plan(6, Strategy(batches=[1, "50%"], max_parallel=3, failure_budget=1))
     async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.ALL}, {"fake": scripted(script)}):
-        await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await ci.publish(ReleaseRequested(release_id=release.release_id, plan=release))
         await until(lambda: release_state(mongo, release.release_id), "the release is recorded")
         await until(lambda: equals(release_state(mongo, release.release_id), ReleaseState.HALTED), "the release halts")
         await until(lambda: script.calls["rollback:fake/host-03/app"] == 1, "the second failed node is rolled back")
@@ -128,7 +267,7 @@ async def test_release_with_a_failing_node_halts_and_rolls_back_on_kafka_and_mon
 
 
 async def test_worker_killed_mid_deploy_leaves_it_uncommitted_and_the_next_worker_finishes_it(
-    kafka: KafkaBus, mongo: MongoStore, tmp_path: Path
+    kafka: KafkaBus, mongo: MongoStore, tmp_path: Path, settings_under: Callable[[Path], Settings]
 ) -> None:
     """Exactly-once effects: the interrupted deploy runs again on the next worker, finished ones do not."""
     script = Script(behaviour={"fake/host-01/app": "hang"}, release=asyncio.Event())
@@ -156,7 +295,7 @@ async def test_worker_killed_mid_deploy_leaves_it_uncommitted_and_the_next_worke
 
 
 async def test_two_executors_in_one_group_share_the_work_and_deploy_each_node_once(
-    kafka: KafkaBus, mongo: MongoStore, tmp_path: Path
+    kafka: KafkaBus, ci: KafkaBus, mongo: MongoStore, tmp_path: Path, settings_under: Callable[[Path], Settings]
 ) -> None:
     """Scale-out: two executor workers split the partitions; every node is deployed exactly once."""
     first, second = Script(delay_s=0.01), Script(delay_s=0.01)
@@ -168,7 +307,7 @@ async def test_two_executors_in_one_group_share_the_work_and_deploy_each_node_on
         # Let both members join before work arrives, so the group splits the partitions between them.
         await asyncio.sleep(3)
         async with running_roles(kafka, mongo, settings_under(tmp_path / "pacer"), {Role.PACER, Role.ROLLBACK}):
-            await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+            await ci.publish(ReleaseRequested(release_id=release.release_id, plan=release))
             await until(
                 lambda: equals(release_state(mongo, release.release_id), ReleaseState.COMPLETED),
                 "the release completes",
@@ -181,7 +320,7 @@ async def test_two_executors_in_one_group_share_the_work_and_deploy_each_node_on
 
 
 async def test_demo_scenario_with_real_processes_on_kafka_and_mongo(
-    kafka: KafkaBus, mongo: MongoStore, tmp_path: Path
+    kafka: KafkaBus, ci: KafkaBus, mongo: MongoStore, tmp_path: Path, settings_under: Callable[[Path], Settings]
 ) -> None:
     """Two good releases then a bad canary, with the local executor: checked over HTTP, as in the demo."""
     dist = tmp_path / "dist"
@@ -195,7 +334,7 @@ async def test_demo_scenario_with_real_processes_on_kafka_and_mongo(
     try:
         async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.ALL}):
             for good, version in ((plans[0], "1.0.0"), (plans[1], "1.1.0")):
-                await kafka.publish(ReleaseRequested(release_id=good.release_id, plan=good))
+                await ci.publish(ReleaseRequested(release_id=good.release_id, plan=good))
                 release_id = good.release_id
                 await until(
                     lambda: equals(release_state(mongo, release_id), ReleaseState.COMPLETED),  # noqa: B023 (awaited here)
@@ -203,7 +342,7 @@ async def test_demo_scenario_with_real_processes_on_kafka_and_mongo(
                 )
                 assert {served_version(port) for port in ports.values()} == {version}
             bad = plans[2]
-            await kafka.publish(ReleaseRequested(release_id=bad.release_id, plan=bad))
+            await ci.publish(ReleaseRequested(release_id=bad.release_id, plan=bad))
             await until(lambda: equals(release_state(mongo, bad.release_id), ReleaseState.HALTED), "the halt")
             await until(lambda: _node_state(mongo, "local/node-1/hello", NodeState.ROLLED_BACK), "the rollback")
             assert {served_version(port) for port in ports.values()} == {"1.1.0"}
@@ -212,14 +351,21 @@ async def test_demo_scenario_with_real_processes_on_kafka_and_mongo(
 
 
 async def test_replay_rebuild_matches_live_status_and_reports_a_tampered_node(
-    kafka: KafkaBus, mongo: MongoStore, mongo_url: str, kafka_bootstrap: str, tmp_path: Path
+    kafka: KafkaBus,
+    ci: KafkaBus,
+    mongo: MongoStore,
+    mongo_url: str,
+    transport: Transport,
+    tmp_path: Path,
+    settings_under: Callable[[Path], Settings],
 ) -> None:
     """`reactor replay` prints the timeline; after every kind of outcome `--rebuild` finds no difference, then
-    exactly the one made by hand."""
+    exactly the one made by hand. Over SASL_SSL the CLI runs as the admin principal: it reads `dlq`, which the
+    ACLs give no other principal (an operator's job)."""
     script = Script(behaviour={"fake/host-01/app": "fail"})
     release = plan(3, Strategy(batches=["100%"], max_parallel=3, failure_budget=1, auto_rollback="none"))
     async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.ALL}, {"fake": scripted(script)}):
-        await kafka.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="ci-pipeline"))
+        await ci.publish(ReleaseRequested(release_id=release.release_id, plan=release, actor="ci-pipeline"))
         await until(lambda: equals(release_state(mongo, release.release_id), ReleaseState.COMPLETED), "completion")
         await _every_other_outcome(kafka, script)
     told = await events(kafka, Topic.OUTCOMES)
@@ -228,10 +374,8 @@ async def test_replay_rebuild_matches_live_status_and_reports_a_tampered_node(
     assert len(refusals) == 3
     env = {
         **os.environ,
+        **transport.operator_env,
         "REACTOR_MODE": "distributed",
-        # Tests publish through fixture buses that sign nothing (signed commands: test_signed_commands.py).
-        "REACTOR_REQUIRE_SIGNED": "false",
-        "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "REACTOR_TOPIC_PREFIX": kafka.prefix,
         "REACTOR_MONGO_URL": mongo_url,
         "REACTOR_MONGO_DATABASE": mongo.database,

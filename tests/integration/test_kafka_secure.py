@@ -21,7 +21,6 @@ from aiokafka.errors import TopicAuthorizationFailedError
 from pydantic import SecretStr
 
 from reactor.adapters.kafka_bus import KafkaBus, _record
-from reactor.adapters.kafka_security import KafkaSecurity
 from reactor.adapters.mongo_store import MongoStore
 from reactor.codec import Record, decode
 from reactor.domain.pacer import ReleaseState
@@ -30,6 +29,7 @@ from reactor.errors import AccessDenied, BackendUnavailable
 from reactor.events import NodeDeployed, NodeTarget, Package, ReleasePlan, ReleaseRequested, Strategy
 from tests.infra import kafka_secure, testenv
 from tests.infra.testenv import Service
+from tests.kafka_principals import bootstrap, security
 from tests.workers import Workers, worker_group
 
 pytestmark = [pytest.mark.kafka]
@@ -39,32 +39,14 @@ PACKAGE = Package(url="https://packages.example.test/app-4.0.0.tar.gz", sha256="
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """A SASL_SSL broker started by the harness, with the reactor's topics and ACLs under PREFIX."""
+def broker(secure_kafka: Service) -> Service:
+    """The session's SASL_SSL broker with the reactor's topics and ACLs under PREFIX, set by Kafka's own tools as
+    `scripts/testenv up kafka --secure` sets them."""
     try:
-        testenv.ensure_kafka()
-        service = kafka_secure.start_secure_kafka(tmp_path_factory.mktemp("kafka-secure") / "kafka", prefix=PREFIX)
+        kafka_secure.grant(secure_kafka, PREFIX)
     except (testenv.TestEnvError, OSError) as exc:
-        pytest.fail(f"the SASL_SSL broker could not be started: {exc}")
-    try:
-        yield service
-    finally:
-        service.stop()
-
-
-def security(broker: Service, user: str) -> KafkaSecurity:
-    """Client settings of `user` on the secure broker."""
-    return KafkaSecurity(
-        protocol="SASL_SSL",
-        sasl_mechanism="SCRAM-SHA-512",
-        username=user,
-        password=SecretStr(kafka_secure.passwords(broker)[user]),
-        cafile=Path(broker.env["REACTOR_KAFKA_SSL_CAFILE"]),
-    )
-
-
-def bootstrap(broker: Service) -> str:
-    return broker.env["REACTOR_KAFKA_BOOTSTRAP"]
+        pytest.fail(f"the topics and ACLs of {PREFIX!r} could not be set: {exc}")
+    return secure_kafka
 
 
 @pytest.fixture
