@@ -648,7 +648,9 @@ def replay(
             if database is None:
                 async with EmbeddedStore(":memory:") as scratch:
                     return await audit(backends.bus, backends.store, scratch, flt)
-            async with MongoStore(settings.mongo_url, database) as fresh:
+            async with MongoStore(
+                settings.mongo_url, database, compare_and_set=settings.mongo_compare_and_set
+            ) as fresh:
                 return await audit(backends.bus, backends.store, fresh, flt)
 
     report = _run(run())
