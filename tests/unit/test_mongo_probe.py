@@ -42,7 +42,7 @@ class FakeCollection:
             self.documents[filter["_id"]] = {**self.documents[filter["_id"]], **update["$set"]}
         return Matched(int(matched))
 
-    async def find_one(self, filter: Any) -> Document | None:
+    async def find_one(self, filter: Any, projection: Any = None) -> Document | None:
         document = self.documents.get(filter["_id"])
         return None if document is None else dict(document)
 
