@@ -311,3 +311,24 @@ async def test_a_cancelled_store_call_always_stops_the_task(mongo: MongoStore) -
     async with collecting_the_sockets_pymongo_leaks():
         stuck = await cancelled_at_every_instant()
     assert stuck == 0, f"{stuck} of 120 cancelled tasks went on running"
+
+
+async def test_the_lock_free_path_writes_and_refuses_as_the_lock_path_does(mongo: MongoStore) -> None:
+    """The one-update compare-and-set, switched on by hand (one writer, so no race for the server to lose): a stale
+    revision or state is refused, a current one written, and no lock document is ever made."""
+    mongo.compare_and_set = "atomic"
+    stored = await mongo.put_node(pending(NODE, "api"), expected_revision=0)
+    assert stored is not None
+    written = await mongo.put_node(attempt(stored, 1), expected_revision=1)
+    assert written is not None
+    assert await mongo.put_node(attempt(stored, 2), expected_revision=1) is None
+    assert await mongo.get_node(NODE) == written
+    await mongo.add_release_nodes([ReleaseNode(release_id="rel-1", node_key=NODE, batch=0, position=0)])
+    assert await mongo.move_release_node("rel-1", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED)
+    assert not await mongo.move_release_node(
+        "rel-1", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+    )
+    assert await mongo.take_lease("timers", "me", now=T0, ttl_s=60)
+    assert not await mongo.take_lease("timers", "you", now=T0, ttl_s=60)
+    assert await mongo.take_lease("timers", "me", now=T0, ttl_s=60)
+    assert await mongo.db["locks"].count_documents({}) == 0
