@@ -104,7 +104,9 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
         return
     async with (
         kafka_bus(settings, signatures) as kafka,
-        MongoStore(settings.mongo_url, settings.mongo_database) as mongo,
+        MongoStore(
+            settings.mongo_url, settings.mongo_database, compare_and_set=settings.mongo_compare_and_set
+        ) as mongo,
     ):
         yield Backends(bus=kafka, store=mongo)
 

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     mongo_url: str = "mongodb://127.0.0.1:27017/"
     mongo_database: str = "reactor"
+    # `probe`: the store races writers at open and uses a lock-free compare-and-set only if the server's conditional
+    # update proved atomic (reactor/adapters/mongo_probe.py); `locked`: lock documents always, without a probe.
+    mongo_compare_and_set: Literal["probe", "locked"] = "probe"
     topic_partitions: int = Field(default=6, ge=1, le=1000)
     topic_replication: int = Field(default=1, ge=1, le=10)
     concurrency: int = Field(default=64, ge=1, le=10_000)

@@ -7,9 +7,12 @@ Release nodes are small and array-free, so their JSON-mode dump is the document 
 TTL or partial indexes, no projection in findAndModify.
 
 FerretDB 1.x runs `findAndModify` and `update` as a query followed by a write, so two writers can both
-match the same revision and both "win" a compare-and-set. Inserts on a unique index are atomic there, so
-every conditional update runs under a lock document: inserting it acquires the lock (unique `key`),
-deleting it by its never-reused `_id` releases it. A writer that dies holding one loses it after a lease.
+match the same revision and both "win" a compare-and-set. Inserts on a unique index are atomic there, so on
+such a server every conditional update runs under a lock document: inserting it acquires the lock (unique
+`key`), deleting it by its never-reused `_id` releases it. A writer that dies holding one loses it after a
+lease. Where the server's conditional update is atomic (MongoDB), a compare-and-set is that one `update_one`
+with the revision in its filter, no lock. Which of the two a store uses is decided when it opens, by racing
+writers on the server (`mongo_probe.py`), never by the server's name; the lock path can be forced.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import unquote_plus
 from uuid import uuid4
 
@@ -29,6 +32,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
 
+from reactor.adapters.mongo_probe import PROBE_COLLECTION, WRITERS, ProbeResult, probe_compare_and_set
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeStatus
 from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
@@ -38,6 +42,9 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 Document = dict[str, Any]
+# How a store makes a conditional update exclusive: `probe` decides at open between the two below.
+CompareAndSetSetting = Literal["probe", "locked"]
+CompareAndSet = Literal["atomic", "locked"]
 
 _DUPLICATE_KEY = 11000
 # Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
@@ -99,10 +106,20 @@ def _without_password(text: str, url: str) -> str:
 class MongoStore:
     """The Store port on a MongoDB-protocol server (MongoDB or FerretDB)."""
 
-    def __init__(self, url: str, database: str = "reactor", *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        database: str = "reactor",
+        *,
+        timeout_s: float = 10.0,
+        compare_and_set: CompareAndSetSetting = "probe",
+    ) -> None:
         self.url = url
         self.database = database
         self.timeout_s = timeout_s
+        self.compare_and_set_setting: CompareAndSetSetting = compare_and_set
+        # The lock path until the probe, run at open, finds the server's conditional update atomic.
+        self.compare_and_set: CompareAndSet = "locked"
         self._client: AsyncMongoClient[Document] | None = None
 
     async def __aenter__(self) -> Self:
@@ -124,6 +141,7 @@ class MongoStore:
         try:
             await self.ping()
             await self._create_indexes()
+            await self._choose_compare_and_set()
         except BaseException:
             await self._close()
             raise
@@ -158,6 +176,43 @@ class MongoStore:
             await self._retry(
                 f"create index on {collection}", partial(self.db[collection].create_index, keys, unique=unique)
             )
+
+    async def _choose_compare_and_set(self) -> None:
+        """Probe the server unless the lock path is forced; log the choice once."""
+        if self.compare_and_set_setting == "locked":
+            self.compare_and_set = "locked"
+            log.info("mongo compare-and-set chosen", compare_and_set="locked", probed=False)
+            return
+        result = await self._retry("compare-and-set probe", self._probe)
+        self.compare_and_set = "atomic" if result.atomic else "locked"
+        log.info(
+            "mongo compare-and-set chosen",
+            compare_and_set=self.compare_and_set,
+            probed=True,
+            probe_rounds=result.rounds,
+            probe_winners=result.winners,
+        )
+
+    async def _probe(self) -> ProbeResult:
+        """Race writers on clients of one connection each, so that each really has its own."""
+        timeout_ms = max(1, int(self.timeout_s * 1000))
+        clients = [
+            AsyncMongoClient[Document](
+                self.url,
+                tz_aware=True,
+                appname="deploy-reactor-probe",
+                maxPoolSize=1,
+                serverSelectionTimeoutMS=timeout_ms,
+                connectTimeoutMS=timeout_ms,
+                socketTimeoutMS=timeout_ms,
+            )
+            for _ in range(WRITERS)
+        ]
+        try:
+            return await probe_compare_and_set([client[self.database][PROBE_COLLECTION] for client in clients])
+        finally:
+            for client in clients:
+                await client.close()
 
     async def ping(self) -> None:
         """Raise BackendUnavailable unless the server answers."""
@@ -395,7 +450,30 @@ class MongoStore:
         return await self._find_one(collection, {"_id": stamped["_id"], "write_token": token}) is not None
 
     async def _update(self, collection: str, identity: Document, condition: Document, fields: Document) -> bool:
-        """Set `fields` on the document at `identity` if it matches `condition`, under the document's lock."""
+        """Set `fields` on the document at `identity` if it matches `condition`, exclusive of other writers."""
+        if self.compare_and_set == "atomic":
+            return await self._update_atomic(collection, identity, condition, fields)
+        return await self._update_locked(collection, identity, condition, fields)
+
+    async def _update_atomic(self, collection: str, identity: Document, condition: Document, fields: Document) -> bool:
+        """One conditional `update_one`: the server matches and writes it as one step (the probe saw to that)."""
+        token = uuid4().hex
+        update = {"$set": {**fields, "write_token": token}}
+        attempts = 0
+
+        async def update_one() -> int:
+            nonlocal attempts
+            attempts += 1
+            result = await self.db[collection].update_one({**identity, **condition}, update)
+            return result.matched_count
+
+        if await self._retry(f"update {collection}", update_one):
+            return True
+        # An earlier attempt whose reply was lost may have applied it: then the document no longer matches.
+        return attempts > 1 and await self._find_one(collection, {**identity, "write_token": token}) is not None
+
+    async def _update_locked(self, collection: str, identity: Document, condition: Document, fields: Document) -> bool:
+        """Find-and-update under the document's lock document: for servers whose own update is not atomic."""
         key = f"{collection}/" + "/".join(str(value) for value in identity.values())
         lock_id = await self._lock(key, lambda: self._find_one(collection, {**identity, **condition}))
         if lock_id is None:

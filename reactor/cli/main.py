@@ -662,7 +662,9 @@ def replay(
             if database is None:
                 async with EmbeddedStore(":memory:") as scratch:
                     return await audit(backends.bus, backends.store, scratch, flt, trust=trust)
-            async with MongoStore(settings.mongo_url, database) as fresh:
+            async with MongoStore(
+                settings.mongo_url, database, compare_and_set=settings.mongo_compare_and_set
+            ) as fresh:
                 return await audit(backends.bus, backends.store, fresh, flt, trust=trust)
 
     report = _run(run())

@@ -1,4 +1,5 @@
-"""What only the MongoDB store has: indexes, atomic compare-and-set on the server, locks, errors, durability.
+"""What only the MongoDB store has: indexes, the compare-and-set probe, atomic compare-and-set on the server, locks,
+errors, durability.
 
 The Store behaviour shared with every backend is in test_store.py (it runs on MongoDB through `store`).
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 from pymongo import AsyncMongoClient
 
-from reactor.adapters.mongo_store import MongoStore
+from reactor.adapters.mongo_probe import PROBE_COLLECTION
+from reactor.adapters.mongo_store import CompareAndSetSetting, MongoStore
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeState, NodeStatus, pending
 from reactor.errors import BackendUnavailable
@@ -89,17 +91,44 @@ async def test_opening_twice_keeps_the_indexes_and_the_data(mongo_url: str, mong
         assert (await again.get_node(NODE)) == await mongo.get_node(NODE)
 
 
-async def test_concurrent_updates_with_the_same_revision_let_exactly_one_win(mongo: MongoStore) -> None:
-    """FerretDB's findAndModify is not atomic on its own; the store's lock makes the compare-and-set so."""
-    stored = await mongo.put_node(pending(NODE, "api"), expected_revision=0)
-    assert stored is not None
-    results = await asyncio.gather(
-        *(mongo.put_node(attempt(stored, index), expected_revision=stored.revision) for index in range(CONTENDERS))
-    )
-    winners = [result for result in results if result is not None]
-    assert len(winners) == 1
-    assert winners[0].revision == stored.revision + 1
-    assert await mongo.get_node(NODE) == winners[0]
+async def server_is_ferretdb(store: MongoStore) -> bool:
+    """FerretDB adds `ferretdbVersion` to buildInfo (used by tests only: the store never asks the server's name)."""
+    return "ferretdbVersion" in await store.db.command("buildInfo")
+
+
+async def test_the_probe_finds_ferretdb_not_atomic_and_the_store_takes_the_lock_path(mongo: MongoStore) -> None:
+    """FerretDB 1.x, on SQLite and on PostgreSQL alike, lets two racing conditional updates both match; MongoDB
+    does not. The probe must tell them apart by what they do."""
+    expected = "locked" if await server_is_ferretdb(mongo) else "atomic"
+    assert mongo.compare_and_set == expected
+
+
+async def test_the_probe_leaves_no_document_behind(mongo: MongoStore) -> None:
+    assert await mongo.db[PROBE_COLLECTION].count_documents({}) == 0
+
+
+async def test_forcing_the_lock_path_skips_the_probe(mongo_url: str, mongo_database: str) -> None:
+    async with MongoStore(mongo_url, database=mongo_database, compare_and_set="locked") as store:
+        assert store.compare_and_set == "locked"
+        assert PROBE_COLLECTION not in await store.db.list_collection_names()
+
+
+@pytest.mark.parametrize("setting", ["probe", "locked"])
+async def test_concurrent_updates_with_the_same_revision_let_exactly_one_win(
+    mongo_url: str, mongo_database: str, setting: CompareAndSetSetting
+) -> None:
+    """N writers of one node with the same expected revision: exactly one wins, in the mode the probe chose (the
+    lock path on FerretDB, whose findAndModify is not atomic on its own) and with the lock path forced."""
+    async with MongoStore(mongo_url, database=mongo_database, compare_and_set=setting) as mongo:
+        stored = await mongo.put_node(pending(NODE, "api"), expected_revision=0)
+        assert stored is not None
+        results = await asyncio.gather(
+            *(mongo.put_node(attempt(stored, index), expected_revision=stored.revision) for index in range(CONTENDERS))
+        )
+        winners = [result for result in results if result is not None]
+        assert len(winners) == 1, f"{len(winners)} winners with compare_and_set={mongo.compare_and_set}"
+        assert winners[0].revision == stored.revision + 1
+        assert await mongo.get_node(NODE) == winners[0]
 
 
 async def test_concurrent_inserts_of_one_node_let_exactly_one_win(mongo: MongoStore) -> None:
@@ -140,7 +169,15 @@ async def test_concurrent_moves_of_one_release_node_let_exactly_one_win(mongo: M
     assert (node.state, node.outcome) == (ItemState.DISPATCHED, f"evt-{moved.index(True)}")
 
 
-async def test_a_lock_left_by_a_dead_writer_is_taken_over_once_expired(mongo: MongoStore) -> None:
+@pytest.fixture
+async def locked(mongo_url: str, mongo_database: str) -> AsyncIterator[MongoStore]:
+    """A MongoStore on a fresh database that takes the lock path whatever the server."""
+    async with MongoStore(mongo_url, database=mongo_database, compare_and_set="locked") as opened:
+        yield opened
+
+
+async def test_a_lock_left_by_a_dead_writer_is_taken_over_once_expired(locked: MongoStore) -> None:
+    mongo = locked
     stored = await mongo.put_node(pending(NODE, "api"), expected_revision=0)
     assert stored is not None
     expired = datetime.now(UTC) - timedelta(seconds=1)
@@ -152,7 +189,7 @@ async def test_a_lock_left_by_a_dead_writer_is_taken_over_once_expired(mongo: Mo
 async def test_a_lock_held_by_a_live_writer_makes_the_write_unavailable_not_lost(
     mongo_url: str, mongo_database: str
 ) -> None:
-    async with MongoStore(mongo_url, database=mongo_database, timeout_s=0.5) as store:
+    async with MongoStore(mongo_url, database=mongo_database, timeout_s=0.5, compare_and_set="locked") as store:
         stored = await store.put_node(pending(NODE, "api"), expected_revision=0)
         assert stored is not None
         alive = datetime.now(UTC) + timedelta(minutes=5)
@@ -274,3 +311,24 @@ async def test_a_cancelled_store_call_always_stops_the_task(mongo: MongoStore) -
     async with collecting_the_sockets_pymongo_leaks():
         stuck = await cancelled_at_every_instant()
     assert stuck == 0, f"{stuck} of 120 cancelled tasks went on running"
+
+
+async def test_the_lock_free_path_writes_and_refuses_as_the_lock_path_does(mongo: MongoStore) -> None:
+    """The one-update compare-and-set, switched on by hand (one writer, so no race for the server to lose): a stale
+    revision or state is refused, a current one written, and no lock document is ever made."""
+    mongo.compare_and_set = "atomic"
+    stored = await mongo.put_node(pending(NODE, "api"), expected_revision=0)
+    assert stored is not None
+    written = await mongo.put_node(attempt(stored, 1), expected_revision=1)
+    assert written is not None
+    assert await mongo.put_node(attempt(stored, 2), expected_revision=1) is None
+    assert await mongo.get_node(NODE) == written
+    await mongo.add_release_nodes([ReleaseNode(release_id="rel-1", node_key=NODE, batch=0, position=0)])
+    assert await mongo.move_release_node("rel-1", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED)
+    assert not await mongo.move_release_node(
+        "rel-1", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+    )
+    assert await mongo.take_lease("timers", "me", now=T0, ttl_s=60)
+    assert not await mongo.take_lease("timers", "you", now=T0, ttl_s=60)
+    assert await mongo.take_lease("timers", "me", now=T0, ttl_s=60)
+    assert await mongo.db["locks"].count_documents({}) == 0
