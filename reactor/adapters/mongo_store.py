@@ -490,7 +490,9 @@ class MongoStore:
             # An attempt whose reply was lost may have applied it: then the document no longer matches.
             return await self._find_one(collection, {**identity, "write_token": token}) is not None
         finally:
-            await self._unlock(key, lock_id)
+            # Shielded: a writer cancelled now (a worker stopping) still gives the lock back, rather than leave the
+            # next writer of this document waiting out its lease.
+            await asyncio.shield(self._unlock(key, lock_id))
 
     async def _lock(self, key: str, matching: Callable[[], Awaitable[Document | None]]) -> str | None:
         """Take the lock of one document; None once the document no longer matches (the update would fail).

@@ -186,6 +186,38 @@ async def test_a_lock_left_by_a_dead_writer_is_taken_over_once_expired(locked: M
     assert await mongo.db["locks"].count_documents({}) == 0
 
 
+async def test_a_writer_cancelled_while_it_gives_its_lock_back_still_gives_it_back(
+    locked: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task is cancelled exactly while the lock is being released (held there by a latch): the release goes
+    on, so the next writer of the node does not wait out the lease."""
+    stored = await locked.put_node(pending(NODE, "api"), expected_revision=0)
+    assert stored is not None
+    unlocking, go_on = asyncio.Event(), asyncio.Event()
+    unlock = MongoStore._unlock
+
+    async def held(store: MongoStore, key: str, lock_id: str) -> None:
+        unlocking.set()
+        await go_on.wait()
+        await unlock(store, key, lock_id)
+
+    monkeypatch.setattr(MongoStore, "_unlock", held)
+    writing = asyncio.create_task(locked.put_node(attempt(stored, 1), expected_revision=1))
+    await unlocking.wait()
+    assert await locked.db["locks"].count_documents({}) == 1
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    go_on.set()
+    async with asyncio.timeout(10):
+        while await locked.db["locks"].count_documents({}):
+            await asyncio.sleep(0.01)
+    monkeypatch.setattr(MongoStore, "_unlock", unlock)
+    latest = await locked.get_node(NODE)
+    assert latest is not None
+    assert await locked.put_node(attempt(latest, latest.revision), expected_revision=latest.revision) is not None
+
+
 async def test_a_lock_held_by_a_live_writer_makes_the_write_unavailable_not_lost(
     mongo_url: str, mongo_database: str
 ) -> None:
