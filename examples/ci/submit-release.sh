@@ -7,6 +7,10 @@
 # release.json is a release plan as JSON (the fields of a release file; `reactor release plan` checks one).
 # Exit codes as the reactor CLI's: 0 completed, 1 failed (halted, aborted, rolled back) or refused,
 # 2 invalid input, 3 waiting for a person (approval or resume).
+#
+# A release the workers refuse after accepting it over HTTP (a deploy policy that does not let this identity
+# release it, a signature that does not verify) is never planned: after REACTOR_PLAN_TIMEOUT_S (default 120)
+# seconds without a plan the script gives up with exit 1 and says where to look.
 set -euo pipefail
 
 plan=${1:?usage: submit-release.sh release.json}
@@ -37,11 +41,19 @@ if [ "$status" != 202 ]; then
 fi
 echo "release $release_id submitted"
 
+plan_deadline=$((SECONDS + ${REACTOR_PLAN_TIMEOUT_S:-120}))
 while :; do
   status=$(curl -sS -o "$answer" -w '%{http_code}' "${auth[@]}" "$url/api/v1/releases/$release_id")
   case $status in
     200) state=$(jq -er .state "$answer") ;;
-    404) state=accepted ;; # accepted, not planned yet: the pacer has not taken it up
+    404) # accepted, not planned yet: the pacer has not taken it up, or refused it
+      if [ "$SECONDS" -ge "$plan_deadline" ]; then
+        echo "release $release_id was accepted but not planned within ${REACTOR_PLAN_TIMEOUT_S:-120} s: the reactor" \
+          "may have refused it (deploy policy, signature); its reason is on the dead-letter topic" \
+          "(reactor replay --release $release_id)" >&2
+        exit 1
+      fi
+      state=accepted ;;
     *) echo "reading release $release_id failed ($status): $(cat "$answer")" >&2; exit 1 ;;
   esac
   case $state in

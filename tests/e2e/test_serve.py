@@ -194,6 +194,25 @@ def test_curl_submits_a_release_of_local_nodes_that_completes(tmp_path: Path) ->
         unauthenticated = curl("-o", "/dev/null", "-w", "%{http_code}", server.url + "/api/v1/releases")
         assert unauthenticated.stdout == "401"
 
+        # Valid, accepted over HTTP, then refused by the policy (a package from elsewhere): never planned, so the
+        # script gives up after its plan timeout rather than wait for ever.
+        elsewhere = json.loads(plan_file.read_text())
+        elsewhere["release_id"] = "hello-api-3"
+        elsewhere["package"]["url"] = "https://elsewhere.example.test/hello-1.0.0.tar.gz"
+        (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
+        refused_run = subprocess.run(
+            ["bash", str(SUBMIT), str(tmp_path / "elsewhere.json")],
+            capture_output=True,
+            text=True,
+            env={**env, "REACTOR_PLAN_TIMEOUT_S": "3"},
+            timeout=60,
+            check=False,
+        )
+        assert refused_run.returncode == 1, refused_run
+        assert "release hello-api-3 submitted" in refused_run.stdout
+        assert "accepted but not planned within 3 s" in refused_run.stderr
+        assert "policy: services.hello.artifacts.packages" in server.stderr.read_text()
+
 
 def _events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(event type, document) of each Server-Sent Event; comments and the retry hint are skipped."""
