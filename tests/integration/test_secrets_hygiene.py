@@ -1,7 +1,7 @@
 """Secrets hygiene (issue 11, part 7): a signed release runs through real `reactor worker` and `reactor serve`
-processes at debug level with every secret set, and no secret shows anywhere: not in any process's output, not in
-any topic's keys, values or headers (the dead letters included), not on /metrics, not in the error texts of calls
-that fail on purpose."""
+processes at debug level with every secret set, on the SASL_SSL broker with the worker principal's real password,
+and no secret shows anywhere: not in any process's output, not in any topic's keys, values or headers (the dead
+letters included), not on /metrics, not in the error texts of calls that fail on purpose."""
 
 from __future__ import annotations
 
@@ -26,14 +26,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from cryptography.hazmat.primitives import serialization
 
+from reactor.adapters.kafka_security import KafkaSecurity
 from reactor.api.auth import digest
 from reactor.trust import generate_key
-from tests.infra.testenv import free_port
+from tests import kafka_principals
+from tests.infra import kafka_secure
+from tests.infra.testenv import Service, free_port
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
-SASL_PASSWORD = "kafka-Pa55-7f3e1c"  # noqa: S105 (test secrets: the point is that none of them shows)
-MONGO_PASSWORD = "mongo-Pa55-91ab2d"  # noqa: S105
+MONGO_PASSWORD = "mongo-Pa55-91ab2d"  # noqa: S105 (test secrets: the point is that none of them shows)
 API_TOKEN = "api-T0ken-5c8d0e"  # noqa: S105
 SINK_PASSWORD = "sink-Pa55-44e9f1"  # noqa: S105
 
@@ -47,7 +49,7 @@ def _first_line(process: subprocess.Popen[bytes], timeout_s: float) -> str:
     return process.stdout.readline().decode()
 
 
-def _secrets(key_file: Path) -> dict[str, bytes]:
+def _secrets(key_file: Path, kafka_password: str) -> dict[str, bytes]:
     """Every secret value, and the private key in each form it could leak in (PEM, its Base64 body, raw bytes)."""
     pem = key_file.read_bytes()
     private = serialization.load_pem_private_key(pem, password=None)
@@ -56,7 +58,7 @@ def _secrets(key_file: Path) -> dict[str, bytes]:
     )
     body = b"".join(line for line in pem.splitlines() if not line.startswith(b"-----"))
     found = {
-        "kafka password": SASL_PASSWORD.encode(),
+        "kafka password": kafka_password.encode(),
         "mongo password": MONGO_PASSWORD.encode(),
         "api token": API_TOKEN.encode(),
         "sink password": SINK_PASSWORD.encode(),
@@ -73,15 +75,21 @@ def _leaks(where: str, text: bytes, secrets: dict[str, bytes]) -> list[str]:
     return [f"{name} in {where}" for name, value in secrets.items() if value in text]
 
 
-async def _every_record(bootstrap: str, prefix: str) -> list[tuple[str, bytes]]:
-    """(topic, key + value + headers) of every record on every topic under `prefix`."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def _every_record(bootstrap: str, prefix: str, security: KafkaSecurity) -> list[tuple[str, bytes]]:
+    """(topic, key + value + headers) of every record on every topic under `prefix`, read as `security` says."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security.client_options())
     await admin.start()
     try:
         topics = [topic for topic in await admin.list_topics() if topic.startswith(prefix)]
     finally:
         await admin.close()
-    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+        **security.client_options(),
+    )
     await consumer.start()
     found: list[tuple[str, bytes]] = []
     try:
@@ -208,10 +216,15 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 @pytest.mark.timeout(300)
 async def test_no_secret_shows_in_any_output_topic_metric_or_error(
-    kafka_bootstrap: str, mongo_url: str, mongo_database: str, processes: Processes, sink: Sink, tmp_path: Path
+    secure_kafka: Service, mongo_url: str, mongo_database: str, processes: Processes, sink: Sink, tmp_path: Path
 ) -> None:
-    """Signing key, Kafka SASL password, MongoDB password, API token and a CDEvents sink's user:password all set;
-    a release runs to completion through a worker and serve at debug level; nothing anywhere holds a secret."""
+    """Signing key, Kafka SASL password (used: the broker is SASL_SSL), MongoDB password, API token and a CDEvents
+    sink's user:password all set; a release runs to completion through a worker and serve at debug level; nothing
+    anywhere holds a secret."""
+    kafka_bootstrap = kafka_principals.bootstrap(secure_kafka)
+    kafka_password = kafka_secure.passwords(secure_kafka)[kafka_secure.WORKER]
+    worker_security = kafka_principals.security(secure_kafka, kafka_secure.WORKER)
+    admin_security = kafka_principals.security(secure_kafka, kafka_secure.ADMIN)
     keys = tmp_path / "keys"
     for name in ("reactor", "ci"):
         generate_key(name, keys)
@@ -222,9 +235,11 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
         )
     )
     tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(f"tokens:\n  {digest(API_TOKEN)}: {{identity: ci}}\n")
-    secrets = _secrets(keys / "reactor.key") | {
-        f"ci {name}": value for name, value in _secrets(keys / "ci.key").items() if name.startswith("private")
+    tokens.write_text(f"tokens:\n  {digest(API_TOKEN)}: {{identity: ci, signing_key: keys/ci.key}}\n")
+    secrets = _secrets(keys / "reactor.key", kafka_password) | {
+        f"ci {name}": value
+        for name, value in _secrets(keys / "ci.key", kafka_password).items()
+        if name.startswith("private")
     }
     host_port = mongo_url.split("//", 1)[1].rstrip("/")
     prefix = f"s{os.urandom(5).hex()}."
@@ -232,10 +247,9 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
     env = {
         **os.environ,
         "REACTOR_MODE": "distributed",
-        "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        # The test broker is PLAINTEXT: the password is set, so it goes through settings, never used on the wire.
-        "REACTOR_KAFKA_SASL_USERNAME": "worker",
-        "REACTOR_KAFKA_SASL_PASSWORD": SASL_PASSWORD,
+        # SCRAM-SHA-512 over TLS as the worker principal, as `scripts/testenv up kafka --secure` prints it: the
+        # password is used on the wire, and every client library's debug output is in what is searched.
+        **secure_kafka.env,
         # FerretDB on SQLite takes PLAIN credentials and checks none: the password travels, as it would to MongoDB.
         "REACTOR_MONGO_URL": f"mongodb://reactor:{MONGO_PASSWORD}@{host_port}/?authMechanism=PLAIN",
         "REACTOR_MONGO_DATABASE": mongo_database,
@@ -249,6 +263,8 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
         "REACTOR_API_TOKENS": str(tokens),
         "REACTOR_CDEVENTS_SINKS": f"http://cd:{SINK_PASSWORD}@127.0.0.1:{sink.server_port}/events,"
         f"http://cd:{SINK_PASSWORD}@127.0.0.1:{dead_sink}/events",  # sent to in this order
+        # HTTP sinks only: the worker principal's ACLs give it no cdevents topic.
+        "REACTOR_CDEVENTS_TOPIC": "",
         "REACTOR_CDEVENTS_ATTEMPTS": "2",
         "REACTOR_CDEVENTS_BACKOFF_S": "0.1",
         "REACTOR_LOG_LEVEL": "debug",
@@ -257,8 +273,10 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
         "REACTOR_GRACE_S": "2",
     }
     ci = {**env, "REACTOR_SIGNING_KEY": str(keys / "ci.key")}
-    topics = processes.run(env, "topics", "topics")
-    assert topics.returncode == 0, topics.stderr.decode()
+    # The admin creates the prefix's topics and ACLs (the worker principal may not create topics).
+    await kafka_principals.grant(secure_kafka, prefix, partitions=2)
+    assert env["REACTOR_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert env["REACTOR_KAFKA_SASL_PASSWORD"] == kafka_password
     processes.start(env, "worker", "worker", "--role", "all")
     processes.start(env, "worker-cdevents", "worker", "--role", "cdevents")
     serve = processes.start(ci, "serve", "serve", "--port", "0", stdout_pipe=True)
@@ -304,14 +322,14 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
         ]
         assert len(texts) == 5, texts
     # An unsigned command: the worker dead-letters it, so `dlq` holds a record (and its reason) to search too.
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, **worker_security.client_options())
     await producer.start()
     try:
         await producer.send_and_wait(f"{prefix}commands", b"{}", key=b"noop/host-0/app")
     finally:
         await producer.stop()
     deadline = time.monotonic() + 60
-    while not any(topic == f"{prefix}dlq" for topic, _ in await _every_record(kafka_bootstrap, prefix)):
+    while not any(topic == f"{prefix}dlq" for topic, _ in await _every_record(kafka_bootstrap, prefix, admin_security)):
         assert time.monotonic() < deadline, "the unsigned command never reached the dead letters"
     # Wait until the cdevents worker has logged giving up on its unreachable sink, and the other sink took events.
     cdevents_output = tmp_path / "worker-cdevents.out"
@@ -345,7 +363,7 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
         assert completed.returncode != 0, name
 
     processes.stop_all()
-    records = await _every_record(kafka_bootstrap, prefix)
+    records = await _every_record(kafka_bootstrap, prefix, admin_security)
     assert {topic.removeprefix(prefix) for topic, _ in records} >= {"releases", "commands", "outcomes", "dlq"}
     texts += [(output.name, output.read_bytes()) for output in processes.outputs]
     texts += [(str(path), path.read_bytes()) for path in (tmp_path / "state").rglob("*") if path.is_file()]
