@@ -6,9 +6,10 @@ The executor does nothing, so everything measured is the reactor's own cost per 
 the claim and status writes, the outcome and its counting. Baseline in the same run: the same number of
 no-op executor calls made directly in a loop (what the work itself costs).
 
-Signing: two more releases of `--signing-nodes` nodes in the same process, every event through the codec as on
-Kafka, first unsigned, then signed (Ed25519) and verified by each consumer; the difference per node is the cost
-of signatures, and the ratio compares the two runs (0 skips them).
+Signing: three more releases of `--signing-nodes` nodes, every event through the codec as on Kafka: unsigned (the
+baseline); signed (Ed25519) with every record verified once, as when each role runs in a process of its own; and
+signed in one process, which takes what it signed itself as verified (embedded mode, `--role all`). The CPU
+difference per node is the cost of signatures, next to the bare Ed25519 operations it made (0 skips them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +40,7 @@ from reactor.ports import ExecutionContext
 from reactor.settings import Settings
 from reactor.trust import TrustStore, enforcement, generate_key, load_signing_key, load_trust_file
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
-from reactor.trust.signing import Verified, verify_record
+from reactor.trust.signing import Verified, sign_record, verify_record
 
 
 async def direct_calls(count: int) -> float:
@@ -68,8 +70,32 @@ class _Counting(Signatures):
         _Counting.checked += 1
         return super().check(record)
 
+    @classmethod
+    def reset(cls) -> None:
+        cls.signed = cls.checked = cls.verified = 0
+
+
+class _Apart(_Counting):
+    """As if every record were read by another process: what this process signs is verified when read (the
+    consumer groups of one process still share one verification of a record)."""
+
+    def sign(self, record: Record) -> Record:
+        _Counting.signed += 1
+        assert self.key is not None
+        return sign_record(record, self.key)
+
 
 Run = tuple[float, float]  # seconds of wall-clock time, seconds of this process's CPU time
+
+
+@dataclass
+class SignedRun:
+    """One signed release: wall and CPU seconds, and per node the signatures made, checks and verifications."""
+
+    run: Run
+    signed: float
+    checked: float
+    verified: float
 
 
 def _counting_verify(record: Record, trust: TrustStore) -> Verified:
@@ -95,41 +121,43 @@ def raw_ed25519_ms(signs: float, verifies: float, rounds: int = 2000) -> float:
     return signs * sign_ms + verifies * verify_ms
 
 
-async def signing_runs(nodes: int, max_parallel: int, batches: int) -> tuple[Run, Run, int, int]:
-    """A release through the codec unsigned, then signed and verified (wall and CPU seconds each); how many
-    signatures were made and messages checked."""
+async def signing_runs(nodes: int, max_parallel: int, batches: int) -> tuple[Run, SignedRun, SignedRun]:
+    """A release through the codec unsigned; signed with every record verified once (as by separate processes);
+    signed in one process, which does not verify again what it signed itself."""
     setattr(enforcement, "verify_record", _counting_verify)  # noqa: B010 (counted, same behaviour)
     plan = release(nodes, max_parallel=max_parallel)
     plan = plan.model_copy(update={"strategy": Strategy(batches=[max(nodes // batches, 1)], max_parallel=max_parallel)})
-    results: list[Run] = []
+    results: list[SignedRun] = []
     with tempfile.TemporaryDirectory(prefix="reactor-bench-signing-") as work:
         root = Path(work)
         generate_key("reactor", root / "keys")
         (root / "keys" / "trust.yaml").write_text("- name: reactor\n  public_key: reactor.pub\n  reactor: true\n")
-        signing = _Counting(
-            key=load_signing_key(root / "keys" / "reactor.key"),
-            trust=load_trust_file(root / "keys" / "trust.yaml"),
-            required=True,
-        )
-        for signed in (False, True):
+        key = load_signing_key(root / "keys" / "reactor.key")
+        trust = load_trust_file(root / "keys" / "trust.yaml")
+        modes: list[tuple[str, Signatures]] = [
+            ("off", NO_SIGNATURES),
+            ("apart", _Apart(key=key, trust=trust, required=True)),
+            ("one-process", _Counting(key=key, trust=trust, required=True)),
+        ]
+        for name, signatures in modes:
             settings = Settings(
-                state_dir=root / f"state-{signed}",
+                state_dir=root / f"state-{name}",
                 concurrency=max_parallel + 64,
-                require_signed=signed,
-                signing_key=root / "keys" / "reactor.key" if signed else None,
+                require_signed=signatures.required,
+                signing_key=root / "keys" / "reactor.key" if signatures.required else None,
             )
+            _Counting.reset()
             async with (
-                MemoryBus(
-                    concurrency=max_parallel + 64, through_codec=True, signatures=signing if signed else NO_SIGNATURES
-                ) as bus,
-                EmbeddedStore(root / f"signed-{signed}.db") as store,
+                MemoryBus(concurrency=max_parallel + 64, through_codec=True, signatures=signatures) as bus,
+                EmbeddedStore(root / f"signed-{name}.db") as store,
             ):
-                run_plan = plan.model_copy(update={"release_id": f"{plan.release_id}-{'on' if signed else 'off'}"})
+                run_plan = plan.model_copy(update={"release_id": f"{plan.release_id}-{name}"})
                 cpu_before = time.process_time()
                 elapsed, _peak = await run_release(bus, store, run_plan, settings)
                 cpu_s = time.process_time() - cpu_before
-            results.append((elapsed, cpu_s))
-    return results[0], results[1], _Counting.signed, _Counting.checked
+            counts = (_Counting.signed / nodes, _Counting.checked / nodes, _Counting.verified / nodes)
+            results.append(SignedRun((elapsed, cpu_s), *counts))
+    return results[0].run, results[1], results[2]
 
 
 async def main() -> None:
@@ -174,35 +202,33 @@ async def main() -> None:
     }
     if args.signing_nodes:
         count = args.signing_nodes
-        (unsigned_s, unsigned_cpu), (signed_s, signed_cpu), signed, checked = await signing_runs(
-            count, args.max_parallel, args.batches
-        )
-        # CPU time: the machine may be shared, and the wall clock then measures the neighbours too.
-        cost_ms = (signed_cpu - unsigned_cpu) / count * 1000
+        (unsigned_s, unsigned_cpu), apart, together = await signing_runs(count, args.max_parallel, args.batches)
         print(f"signing: {count} nodes, every event through the codec as on Kafka (wall / CPU of this process)")
-        print(f"  unsigned:            {unsigned_s:8.3f} s / {unsigned_cpu:8.3f} s CPU")
-        print(f"  signed and verified: {signed_s:8.3f} s / {signed_cpu:8.3f} s CPU")
-        verified = _Counting.verified / count
-        floor_ms = raw_ed25519_ms(signed / count, verified)
-        print(
-            f"  signatures cost {cost_ms:.3f} ms CPU per node (target <= 0.25 ms), {signed_cpu / unsigned_cpu:.2f}x the"
-            f" unsigned run's CPU ({signed_s / unsigned_s:.2f}x its wall time); {signed / count:.1f} events signed"
-            f" and {checked / count:.1f} checked per node, {verified:.1f} of them verified (the rest were verified"
-            " already by another consumer group of this process)"
-        )
-        print(
-            f"  bare Ed25519 for those {signed / count:.1f} signatures and {verified:.1f} verifications per node:"
-            f" {floor_ms:.3f} ms CPU ({cost_ms / floor_ms:.2f}x of it is the whole signing cost)"
-        )
-        result["signing"] = {
-            "nodes": count,
-            "cost_ms_per_node": round(cost_ms, 4),
-            "ed25519_floor_ms_per_node": round(floor_ms, 4),
-            "signed_per_node": round(signed / count, 2),
-            "checked_per_node": round(checked / count, 2),
-            "verified_per_node": round(verified, 2),
-            "cpu_ratio_to_unsigned": round(signed_cpu / unsigned_cpu, 3),
-        }
+        print(f"  unsigned:                         {unsigned_s:8.3f} s / {unsigned_cpu:8.3f} s CPU  (baseline)")
+        signing: dict[str, object] = {"nodes": count}
+        result["signing"] = signing
+        for label, key, run in (
+            ("signed, each record verified once", "verified_once", apart),
+            ("signed, in one process", "one_process", together),
+        ):
+            signed_s, signed_cpu = run.run
+            # CPU time: the machine may be shared, and the wall clock then measures the neighbours too.
+            cost_ms = (signed_cpu - unsigned_cpu) / count * 1000
+            floor_ms = raw_ed25519_ms(run.signed, run.verified)
+            print(f"  {label + ':':<33}{signed_s:8.3f} s / {signed_cpu:8.3f} s CPU")
+            print(
+                f"    cost {cost_ms:.3f} ms CPU per node (target <= 0.25 ms), {signed_cpu / unsigned_cpu:.2f}x the"
+                f" unsigned CPU; per node {run.signed:.1f} signed, {run.checked:.1f} checked, {run.verified:.1f}"
+                f" verified; bare Ed25519 for those: {floor_ms:.3f} ms ({cost_ms / floor_ms:.2f}x of it)"
+            )
+            signing[key] = {
+                "cost_ms_per_node": round(cost_ms, 4),
+                "ed25519_floor_ms_per_node": round(floor_ms, 4),
+                "signed_per_node": round(run.signed, 2),
+                "checked_per_node": round(run.checked, 2),
+                "verified_per_node": round(run.verified, 2),
+                "cpu_ratio_to_unsigned": round(signed_cpu / unsigned_cpu, 3),
+            }
     print(json.dumps(result))
 
 

@@ -12,7 +12,7 @@ from reactor.errors import InvalidInput
 from reactor.events import DeployRequested, RollbackRequested
 from reactor.trust.identities import Identity, TrustStore
 from reactor.trust.keys import SigningKey
-from reactor.trust.signing import SignatureError, Verified, sign_record, verify_record
+from reactor.trust.signing import SignatureError, Verified, sign_record_as, verify_record
 
 # Commands that make an executor change a node: only a reactor identity (a pacer or rollback consumer deriving
 # them from a verified release or outcome) may sign them.
@@ -59,7 +59,13 @@ class Signatures:
                     "REACTOR_REQUIRE_SIGNED is on and this process has no key to sign with: set REACTOR_SIGNING_KEY",
                 )
             return record
-        return sign_record(record, self.key)
+        signed, covered = sign_record_as(record, self.key)
+        own = None if self.trust is None else self.trust.by_key_id(self.key.key_id)
+        if own is not None:
+            # What this process signs with a key it trusts verifies by construction: a consumer group of this same
+            # process that reads it back (from Kafka byte for byte, or in-process) takes the result, not the work.
+            self._remember(_fingerprint(signed), Verified(identity=own, extensions=covered))
+        return signed
 
     def check(self, record: Record) -> Verified | None:
         """Who signed `record` (None when signatures are optional); raises SignatureError if it may not be used.
@@ -75,9 +81,7 @@ class Signatures:
         verified = self._verified.get(fingerprint)
         if verified is None:
             verified = verify_record(record, self.trust)
-            if len(self._verified) >= VERIFIED_CACHE_SIZE:
-                self._verified.clear()
-            self._verified[fingerprint] = verified
+            self._remember(fingerprint, verified)
         raw_type = record.header("ce_type")
         event_type = None if raw_type is None else raw_type.decode(errors="replace")
         identity = verified.identity
@@ -87,6 +91,11 @@ class Signatures:
                 f" {event_type}; node commands are signed by reactor identities (reactor: true in the trust file)"
             )
         return verified
+
+    def _remember(self, fingerprint: bytes, verified: Verified) -> None:
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[fingerprint] = verified
 
 
 def _fingerprint(record: Record) -> bytes:

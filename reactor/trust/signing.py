@@ -98,6 +98,13 @@ def sign_headers(
     what `verify_headers` requires. A `ce_dssematerial` in `headers` is not signed over: drop it before adding the
     new one, as `sign_record` does.
     """
+    return _sign(headers, body, key, extensions)[0]
+
+
+def _sign(
+    headers: Headers, body: bytes, key: SigningKey, extensions: Sequence[str] | None
+) -> tuple[tuple[tuple[str, bytes], ...], tuple[str, ...]]:
+    """`sign_headers`, and the extension attributes the signature covers."""
     attributes = _attributes(headers, signing=True)
     attributes.pop(MATERIAL_ATTRIBUTE, None)
     names = tuple(sorted(_extension_names(attributes))) if extensions is None else tuple(extensions)
@@ -106,13 +113,20 @@ def sign_headers(
         raise ValueError(f"extensions: {problem}")
     material = verification_material(attributes, body, names)
     envelope = dsse.sign(PAYLOAD_TYPE, material, key)
-    return ((MATERIAL_HEADER, dsse.b64encode(envelope.to_json()).encode("ascii")),)
+    return ((MATERIAL_HEADER, dsse.b64encode(envelope.to_json()).encode("ascii")),), names
 
 
 def sign_record(record: Record, key: SigningKey) -> Record:
     """`record` signed: its headers (less any earlier `ce_dssematerial`) plus the signature header."""
+    return sign_record_as(record, key)[0]
+
+
+def sign_record_as(record: Record, key: SigningKey) -> tuple[Record, tuple[str, ...]]:
+    """`sign_record`, and the extension attributes its signature covers (every one the record carries): what
+    `verify_record` of the result reports, for the key's identity."""
     kept = tuple((name, value) for name, value in record.headers if name != MATERIAL_HEADER)
-    return Record(key=record.key, value=record.value, headers=kept + sign_headers(kept, record.value, key))
+    added, names = _sign(kept, record.value, key, None)
+    return Record(key=record.key, value=record.value, headers=kept + added), names
 
 
 def verify_headers(headers: Headers, body: bytes, trust: TrustStore) -> Verified:

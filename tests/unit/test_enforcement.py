@@ -214,3 +214,32 @@ def test_a_record_checked_again_is_not_verified_again_but_any_changed_byte_is(mo
         with pytest.raises(SignatureError, match="signature: tampered"):
             signatures.check(changed)
     assert len(calls) == 4
+
+
+def test_what_a_process_signs_with_a_trusted_key_it_takes_as_verified_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Signed here with a key the trust file holds: read back byte for byte, it is not verified again. Any change
+    after signing is verified (and refused); a key the trust file does not hold is remembered as nothing."""
+    reactor_key, stranger = _key(), _key()
+    trust = TrustStore([Identity.of("reactor", reactor_key.public_key, reactor=True)])
+    calls: list[Record] = []
+
+    def counting(record: Record, trusted: TrustStore) -> object:
+        calls.append(record)
+        return verify_record(record, trusted)
+
+    monkeypatch.setattr(enforcement, "verify_record", counting)
+    signatures = Signatures(key=reactor_key, trust=trust, required=True)
+    signed = signatures.sign(encode(_deploy(), "/reactor"))
+    verified = signatures.check(Record(signed.key, bytes(signed.value), tuple(signed.headers)))
+    assert verified is not None
+    assert verified == verify_record(signed, trust)
+    assert calls == []  # taken from what it signed, not verified again
+    with pytest.raises(SignatureError, match="signature: tampered"):
+        signatures.check(Record(signed.key, signed.value.replace(b"2.0.0", b"2.0.1"), signed.headers))
+
+    untrusted = Signatures(key=stranger, trust=trust, required=True)
+    foreign = untrusted.sign(encode(_deploy(), "/reactor"))
+    with pytest.raises(SignatureError, match="signature: unknown key"):
+        untrusted.check(foreign)
