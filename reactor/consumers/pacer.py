@@ -109,11 +109,13 @@ _COMMANDS: dict[type[Event], Command] = {
 
 @dataclass
 class _Turns:
-    """Advance passes of one release: how many were asked for and how many a finished pass covered."""
+    """Advance passes of one release: how many were asked for and how many a finished pass covered, and whether
+    a caller that did not wait asked for one while a pass ran (the pass runs again for it)."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     requested: int = 0
     completed: int = 0
+    again: bool = False
 
 
 class Pacer:
@@ -409,7 +411,9 @@ class Pacer:
                 # The other releases get the first go at the freed slots, so releases sharing a limit take
                 # turns rather than the first one keeping it until it is done.
                 await self._wake_others(release_id)
-        await self._advance(release_id)
+        # The count is durable: a pass running now runs again for it, rather than this handler waiting (and
+        # holding one of the bus's concurrent handlers) while a long pass, such as a whole window's dispatch, runs.
+        await self._advance(release_id, wait=False)
 
     async def _wake_others(self, release_id: str) -> None:
         """A slot of a limit across releases came free: let the other releases that may use it go on."""
@@ -465,21 +469,31 @@ class Pacer:
 
     # --- the decision loop ---
 
-    async def _advance(self, release_id: str) -> None:
+    async def _advance(self, release_id: str, *, wait: bool = True) -> None:
         """Apply pacing decisions until the release must wait.
 
         Passes are serialised per release and coalesced: a caller waits for a pass that began after its own
-        write (so it saw it), and one pass serves every caller queued behind the one running.
+        write (so it saw it), and one pass serves every caller queued behind the one running. A caller that does
+        not `wait` returns at once while a pass runs; that pass then runs again before it lets the release go, so
+        the caller's write is still seen (and a pacer that dies meanwhile advances every release at its restart).
         """
         turn = self._turns[release_id]
         turn.requested += 1
         mine = turn.requested
+        if not wait and turn.lock.locked():
+            turn.again = True
+            return
+        ended: str | None = None
         async with turn.lock:
             if turn.completed >= mine:
                 return
-            covered = turn.requested
-            ended = await self._advance_once(release_id)
-            turn.completed = covered
+            while True:
+                turn.again = False
+                covered = turn.requested
+                ended = await self._advance_once(release_id)
+                turn.completed = covered
+                if ended is not None or not turn.again:
+                    break
         if ended is not None:
             await self._promote(ended)
 

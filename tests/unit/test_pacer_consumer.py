@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.pacer import Pacer
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, pending
@@ -13,6 +15,7 @@ from reactor.events import (
     BatchCompleted,
     BatchStarted,
     DeployRequested,
+    Event,
     NodeDeployed,
     ReleaseCompleted,
     ReleaseHalted,
@@ -197,3 +200,46 @@ async def test_release_min_healthy_is_carried_into_every_deploy_request(store: S
     assert record is not None
     assert record.state == ReleaseState.COMPLETED
     assert all(script.calls[f"status:{node.node_key}"] >= 1 for node in release.nodes)
+
+
+class _HeldCommandsBus(MemoryBus):
+    """A MemoryBus whose publish of a DeployRequested waits, once `hold` is cleared, until the test sets it."""
+
+    def __init__(self) -> None:
+        super().__init__(retry_delay_s=0.01)
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.waiting = asyncio.Event()
+
+    async def publish(self, event: Event) -> None:
+        if isinstance(event, DeployRequested) and not self.hold.is_set():
+            self.waiting.set()
+            await self.hold.wait()
+        await super().publish(event)
+
+
+async def test_an_outcome_is_counted_while_a_pass_dispatching_the_release_is_held(store: Store) -> None:
+    """An outcome's handler does not wait behind a pass of its release that is still dispatching (it would hold one
+    of the bus's concurrent handlers for as long): it counts the node and returns, and the held pass runs again
+    once it is let go, so the window it freed is filled."""
+    release = plan(4, Strategy(batches=["100%"], max_parallel=2))
+    async with _HeldCommandsBus() as bus:
+        pacer = Pacer(store, bus)
+        await pacer.handle(ReleaseRequested(release_id=release.release_id, plan=release))
+
+        def deployed(index: int) -> NodeDeployed:
+            return NodeDeployed(
+                node_key=f"fake/host-{index:02d}/app", service="app", version="2.0.0", release_id=release.release_id
+            )
+
+        bus.hold.clear()
+        # Its pass sends node 2 and is held there.
+        first = asyncio.create_task(pacer.handle(deployed(0)))
+        await asyncio.wait_for(bus.waiting.wait(), 5)
+        await asyncio.wait_for(pacer.handle(deployed(1)), 5)
+        counts = await store.count_release_nodes(release.release_id)
+        assert counts[ItemState.SUCCEEDED] == 2, counts
+        bus.hold.set()
+        await asyncio.wait_for(first, 5)
+        sent = sorted(event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested))
+    assert sent == [node.node_key for node in release.nodes], "the pass ran again and sent node 3 too"
