@@ -654,7 +654,7 @@ class Pacer:
     ) -> None:
         """Send up to `count` of `candidates`, in order: record each as sent (a CAS: a node is sent once) and
         publish its command. With limits, a node goes only once it holds its slots (the release's own: `parallel`)."""
-        if self.limits.any:
+        if self.limits.holds(max_parallel=parallel, release_size=sum(record.batch_sizes)):
             await self._send_holding_slots(record, candidates, count, from_state, to_state, command, parallel=parallel)
             return
         now = self.clock()
@@ -695,6 +695,7 @@ class Pacer:
                 max_parallel=parallel,
                 node_key=node.node_key,
                 target=node.target,
+                release_size=sum(record.batch_sizes),
             )
             now = self.clock()
             if not await self.store.take_slots(record.release_id, node.node_key, scopes, now=now):
