@@ -661,9 +661,7 @@ class Pacer:
 
         async def send(node: ReleaseNode) -> None:
             async with self._fan_out:
-                if await self.store.move_release_node(
-                    record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
-                ):
+                if await self._record_sent(record, node, from_state, to_state, now):
                     await self.bus.publish(command(record, node))
 
         await asyncio.gather(*(send(node) for node in candidates[:count]))
@@ -704,13 +702,33 @@ class Pacer:
                 continue
             # If another pacer sent the node first, the slots taken here stay with it (same holder) until its
             # outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
-            if await self.store.move_release_node(
-                record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
-            ):
+            if await self._record_sent(record, node, from_state, to_state, now):
                 await self.bus.publish(command(record, node))
                 sent += 1
         if sent < count:
             log.info("in-flight limit reached", sent=sent, wanted=count)
+
+    async def _record_sent(
+        self, record: ReleaseRecord, node: ReleaseNode, from_state: ItemState, to_state: ItemState, now: datetime
+    ) -> bool:
+        """Record `node` as sent (a CAS: False if it was not in `from_state`), so its command may be published.
+
+        A write that failed without an answer may still have landed; the pass would then fail with the node
+        recorded as sent and its command never published, so nothing would send it until the resend timer. It is
+        tried again accepting `to_state` too: a node already sent (by this write or another pacer's, whose command
+        has the same id and dedupes) is sent now, one whose outcome came meanwhile is not.
+        """
+        try:
+            return await self.store.move_release_node(
+                record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
+            )
+        except ReactorError as exc:
+            if not exc.retriable:
+                raise
+            log.warning("recording a node as sent failed; trying again", node_key=node.node_key, error=str(exc))
+        return await self.store.move_release_node(
+            record.release_id, node.node_key, from_states=[from_state, to_state], to_state=to_state, dispatched_at=now
+        )
 
     async def _save(self, record: ReleaseRecord, announce: Sequence[Event] = (), **changes: object) -> ReleaseRecord:
         """Write `changes` (a CAS on the revision read) with the events that announce them in the record's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,7 @@ from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.pacer import Pacer
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, pending
+from reactor.errors import BackendUnavailable
 from reactor.events import (
     BatchCompleted,
     BatchStarted,
@@ -243,3 +245,33 @@ async def test_an_outcome_is_counted_while_a_pass_dispatching_the_release_is_hel
         await asyncio.wait_for(first, 5)
         sent = sorted(event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested))
     assert sent == [node.node_key for node in release.nodes], "the pass ran again and sent node 3 too"
+
+
+async def test_a_node_whose_sent_record_landed_unanswered_is_still_sent(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store write that records a node as sent lands but its answer is lost (a timeout): the node's command is
+    published all the same, in the same pass, rather than waiting for the resend timer."""
+    release = plan(3, Strategy(batches=["100%"], max_parallel=3))
+    lost = "fake/host-01/app"
+    move = store.move_release_node
+    failed: list[str] = []
+
+    async def landed_unanswered(release_id: str, node_key: str, **changes: Any) -> bool:
+        moved = await move(release_id, node_key, **changes)
+        if node_key == lost and not failed:
+            failed.append(node_key)
+            raise BackendUnavailable("MongoDB update release_nodes: timed out")
+        return moved
+
+    monkeypatch.setattr(store, "move_release_node", landed_unanswered)
+    async with MemoryBus(retry_delay_s=0.01) as bus:
+        pacer = Pacer(store, bus)
+        request = ReleaseRequested(release_id=release.release_id, plan=release)
+        try:
+            await pacer.handle(request)
+        except BackendUnavailable:
+            await pacer.handle(request)  # as the bus retries it
+        sent = sorted(event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested))
+    assert failed == [lost]
+    assert sent == [node.node_key for node in release.nodes]
