@@ -145,6 +145,9 @@ class Pacer:
         self._turns: defaultdict[str, _Turns] = defaultdict(_Turns)
         # Dispatching a whole window at once must not open a store call per node all at the same time.
         self._fan_out = asyncio.Semaphore(_FAN_OUT)
+        # Per release, nodes whose record as sent may have landed though no attempt answered (see `_record_sent`):
+        # the release's next pass finishes them before anything else.
+        self._unsettled: defaultdict[str, dict[str, tuple[ReleaseNode, ItemState, ItemState]]] = defaultdict(dict)
 
     async def handle(self, event: Event) -> None:
         """Start a release, apply a release command, or count a node's outcome and dispatch what may go next."""
@@ -505,6 +508,7 @@ class Pacer:
                 return None
             if record.outbox:
                 record = await self._flush(record)
+            await self._settle_sent(record)
             if record.state in FINAL:
                 return record.plan.service
             batch_counts = BatchCounts.of(await self.store.count_release_nodes(release_id, batch=record.batch))
@@ -726,9 +730,38 @@ class Pacer:
             if not exc.retriable:
                 raise
             log.warning("recording a node as sent failed; trying again", node_key=node.node_key, error=str(exc))
-        return await self.store.move_release_node(
-            record.release_id, node.node_key, from_states=[from_state, to_state], to_state=to_state, dispatched_at=now
-        )
+        accepted = [from_state, to_state]
+        try:
+            return await self.store.move_release_node(
+                record.release_id, node.node_key, from_states=accepted, to_state=to_state, dispatched_at=now
+            )
+        except ReactorError as exc:
+            if exc.retriable:
+                # Still unknown (a store this slow may keep the first attempt's lock for a while): the release's
+                # next pass (this one's retry, or the next outcome's) tries again before anything else.
+                self._unsettled[record.release_id][node.node_key] = (node, from_state, to_state)
+            raise
+
+    async def _settle_sent(self, record: ReleaseRecord) -> None:
+        """Finish the nodes of `record` whose record as sent had no answer: send each one that is (or is now)
+        recorded as sent; drop one that moved on (its outcome came). One that still has no answer stays."""
+        if record.state in FINAL:
+            self._unsettled.pop(record.release_id, None)
+            return
+        unsettled = self._unsettled.get(record.release_id)
+        while unsettled:
+            node_key, (node, from_state, to_state) = next(iter(unsettled.items()))
+            if await self.store.move_release_node(
+                record.release_id,
+                node_key,
+                from_states=[from_state, to_state],
+                to_state=to_state,
+                dispatched_at=self.clock(),
+            ):
+                command = self._deploy_request if to_state == ItemState.DISPATCHED else self._rollback_request
+                await self.bus.publish(command(record, node))
+                log.info("node recorded as sent without an answer is sent", node_key=node_key)
+            unsettled.pop(node_key, None)
 
     async def _save(self, record: ReleaseRecord, announce: Sequence[Event] = (), **changes: object) -> ReleaseRecord:
         """Write `changes` (a CAS on the revision read) with the events that announce them in the record's

@@ -275,3 +275,35 @@ async def test_a_node_whose_sent_record_landed_unanswered_is_still_sent(
         sent = sorted(event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested))
     assert failed == [lost]
     assert sent == [node.node_key for node in release.nodes]
+
+
+async def test_a_node_whose_sent_record_stays_unanswered_is_sent_by_the_next_pass(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write recording a node as sent lands unanswered and the second try gets no answer either (the first
+    one's lock is still held): the pass fails, and its retry sends the node, which is no longer queued."""
+    release = plan(3, Strategy(batches=["100%"], max_parallel=3))
+    lost = "fake/host-01/app"
+    move = store.move_release_node
+    failed: list[str] = []
+
+    async def unanswered(release_id: str, node_key: str, **changes: Any) -> bool:
+        if node_key == lost and len(failed) < 2:
+            if not failed:
+                await move(release_id, node_key, **changes)
+            failed.append(node_key)
+            raise BackendUnavailable("MongoDB update release_nodes: timed out")
+        return await move(release_id, node_key, **changes)
+
+    monkeypatch.setattr(store, "move_release_node", unanswered)
+    async with MemoryBus(retry_delay_s=0.01) as bus:
+        pacer = Pacer(store, bus)
+        request = ReleaseRequested(release_id=release.release_id, plan=release)
+        with pytest.raises(BackendUnavailable):
+            await pacer.handle(request)
+        await pacer.handle(request)  # as the bus retries it
+        sent = sorted(event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested))
+    assert failed == [lost, lost]
+    assert sent == [node.node_key for node in release.nodes]
+    counts = await store.count_release_nodes(release.release_id)
+    assert counts[ItemState.DISPATCHED] == 3, counts
