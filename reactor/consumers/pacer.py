@@ -109,11 +109,13 @@ _COMMANDS: dict[type[Event], Command] = {
 
 @dataclass
 class _Turns:
-    """Advance passes of one release: how many were asked for and how many a finished pass covered."""
+    """Advance passes of one release: how many were asked for and how many a finished pass covered, and whether
+    a caller that did not wait asked for one while a pass ran (the pass runs again for it)."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     requested: int = 0
     completed: int = 0
+    again: bool = False
 
 
 class Pacer:
@@ -143,6 +145,9 @@ class Pacer:
         self._turns: defaultdict[str, _Turns] = defaultdict(_Turns)
         # Dispatching a whole window at once must not open a store call per node all at the same time.
         self._fan_out = asyncio.Semaphore(_FAN_OUT)
+        # Per release, nodes whose record as sent may have landed though no attempt answered (see `_record_sent`):
+        # the release's next pass finishes them before anything else.
+        self._unsettled: defaultdict[str, dict[str, tuple[ReleaseNode, ItemState, ItemState]]] = defaultdict(dict)
 
     async def handle(self, event: Event) -> None:
         """Start a release, apply a release command, or count a node's outcome and dispatch what may go next."""
@@ -409,7 +414,9 @@ class Pacer:
                 # The other releases get the first go at the freed slots, so releases sharing a limit take
                 # turns rather than the first one keeping it until it is done.
                 await self._wake_others(release_id)
-        await self._advance(release_id)
+        # The count is durable: a pass running now runs again for it, rather than this handler waiting (and
+        # holding one of the bus's concurrent handlers) while a long pass, such as a whole window's dispatch, runs.
+        await self._advance(release_id, wait=False)
 
     async def _wake_others(self, release_id: str) -> None:
         """A slot of a limit across releases came free: let the other releases that may use it go on."""
@@ -465,21 +472,31 @@ class Pacer:
 
     # --- the decision loop ---
 
-    async def _advance(self, release_id: str) -> None:
+    async def _advance(self, release_id: str, *, wait: bool = True) -> None:
         """Apply pacing decisions until the release must wait.
 
         Passes are serialised per release and coalesced: a caller waits for a pass that began after its own
-        write (so it saw it), and one pass serves every caller queued behind the one running.
+        write (so it saw it), and one pass serves every caller queued behind the one running. A caller that does
+        not `wait` returns at once while a pass runs; that pass then runs again before it lets the release go, so
+        the caller's write is still seen (and a pacer that dies meanwhile advances every release at its restart).
         """
         turn = self._turns[release_id]
         turn.requested += 1
         mine = turn.requested
+        if not wait and turn.lock.locked():
+            turn.again = True
+            return
+        ended: str | None = None
         async with turn.lock:
             if turn.completed >= mine:
                 return
-            covered = turn.requested
-            ended = await self._advance_once(release_id)
-            turn.completed = covered
+            while True:
+                turn.again = False
+                covered = turn.requested
+                ended = await self._advance_once(release_id)
+                turn.completed = covered
+                if ended is not None or not turn.again:
+                    break
         if ended is not None:
             await self._promote(ended)
 
@@ -491,6 +508,7 @@ class Pacer:
                 return None
             if record.outbox:
                 record = await self._flush(record)
+            await self._settle_sent(record)
             if record.state in FINAL:
                 return record.plan.service
             batch_counts = BatchCounts.of(await self.store.count_release_nodes(release_id, batch=record.batch))
@@ -640,16 +658,14 @@ class Pacer:
     ) -> None:
         """Send up to `count` of `candidates`, in order: record each as sent (a CAS: a node is sent once) and
         publish its command. With limits, a node goes only once it holds its slots (the release's own: `parallel`)."""
-        if self.limits.any:
+        if self.limits.holds(max_parallel=parallel, release_size=sum(record.batch_sizes)):
             await self._send_holding_slots(record, candidates, count, from_state, to_state, command, parallel=parallel)
             return
         now = self.clock()
 
         async def send(node: ReleaseNode) -> None:
             async with self._fan_out:
-                if await self.store.move_release_node(
-                    record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
-                ):
+                if await self._record_sent(record, node, from_state, to_state, now):
                     await self.bus.publish(command(record, node))
 
         await asyncio.gather(*(send(node) for node in candidates[:count]))
@@ -681,6 +697,7 @@ class Pacer:
                 max_parallel=parallel,
                 node_key=node.node_key,
                 target=node.target,
+                release_size=sum(record.batch_sizes),
             )
             now = self.clock()
             if not await self.store.take_slots(record.release_id, node.node_key, scopes, now=now):
@@ -689,13 +706,62 @@ class Pacer:
                 continue
             # If another pacer sent the node first, the slots taken here stay with it (same holder) until its
             # outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
-            if await self.store.move_release_node(
-                record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
-            ):
+            if await self._record_sent(record, node, from_state, to_state, now):
                 await self.bus.publish(command(record, node))
                 sent += 1
         if sent < count:
             log.info("in-flight limit reached", sent=sent, wanted=count)
+
+    async def _record_sent(
+        self, record: ReleaseRecord, node: ReleaseNode, from_state: ItemState, to_state: ItemState, now: datetime
+    ) -> bool:
+        """Record `node` as sent (a CAS: False if it was not in `from_state`), so its command may be published.
+
+        A write that failed without an answer may still have landed; the pass would then fail with the node
+        recorded as sent and its command never published, so nothing would send it until the resend timer. It is
+        tried again accepting `to_state` too: a node already sent (by this write or another pacer's, whose command
+        has the same id and dedupes) is sent now, one whose outcome came meanwhile is not.
+        """
+        try:
+            return await self.store.move_release_node(
+                record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
+            )
+        except ReactorError as exc:
+            if not exc.retriable:
+                raise
+            log.warning("recording a node as sent failed; trying again", node_key=node.node_key, error=str(exc))
+        accepted = [from_state, to_state]
+        try:
+            return await self.store.move_release_node(
+                record.release_id, node.node_key, from_states=accepted, to_state=to_state, dispatched_at=now
+            )
+        except ReactorError as exc:
+            if exc.retriable:
+                # Still unknown (a store this slow may keep the first attempt's lock for a while): the release's
+                # next pass (this one's retry, or the next outcome's) tries again before anything else.
+                self._unsettled[record.release_id][node.node_key] = (node, from_state, to_state)
+            raise
+
+    async def _settle_sent(self, record: ReleaseRecord) -> None:
+        """Finish the nodes of `record` whose record as sent had no answer: send each one that is (or is now)
+        recorded as sent; drop one that moved on (its outcome came). One that still has no answer stays."""
+        if record.state in FINAL:
+            self._unsettled.pop(record.release_id, None)
+            return
+        unsettled = self._unsettled.get(record.release_id)
+        while unsettled:
+            node_key, (node, from_state, to_state) = next(iter(unsettled.items()))
+            if await self.store.move_release_node(
+                record.release_id,
+                node_key,
+                from_states=[from_state, to_state],
+                to_state=to_state,
+                dispatched_at=self.clock(),
+            ):
+                command = self._deploy_request if to_state == ItemState.DISPATCHED else self._rollback_request
+                await self.bus.publish(command(record, node))
+                log.info("node recorded as sent without an answer is sent", node_key=node_key)
+            unsettled.pop(node_key, None)
 
     async def _save(self, record: ReleaseRecord, announce: Sequence[Event] = (), **changes: object) -> ReleaseRecord:
         """Write `changes` (a CAS on the revision read) with the events that announce them in the record's

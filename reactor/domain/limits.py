@@ -35,6 +35,11 @@ class InFlightLimits:
         """Whether dispatching takes slots at all."""
         return self.global_ or self.release_parallel
 
+    def holds(self, *, max_parallel: int, release_size: int) -> bool:
+        """Whether dispatching a release's nodes takes slots: a release of no more nodes than its max_parallel
+        can never have more in flight, so its own limit needs none (a limit across releases still does)."""
+        return self.global_ or (self.release_parallel and max_parallel < release_size)
+
 
 def label_value(target: NodeTarget | None, node_key: str, key: str) -> str | None:
     """The node's value of label `key`; a Kubernetes node's cluster is its context unless labelled."""
@@ -53,8 +58,12 @@ def scopes_for(
     max_parallel: int,
     node_key: str,
     target: NodeTarget | None,
+    release_size: int | None = None,
 ) -> list[tuple[str, int]]:
-    """The (scope, limit) pairs a node must hold a slot of before it is dispatched, in a fixed order."""
+    """The (scope, limit) pairs a node must hold a slot of before it is dispatched, in a fixed order.
+
+    The release's own scope is left out when its `release_size` nodes all fit in `max_parallel`.
+    """
     scopes: list[tuple[str, int]] = []
     if limits.overall is not None:
         scopes.append(("all", limits.overall))
@@ -64,6 +73,6 @@ def scopes_for(
         value = label_value(target, node_key, key)
         if value is not None:
             scopes.append((f"label/{key}={value}", limit))
-    if limits.release_parallel:
+    if limits.release_parallel and (release_size is None or max_parallel < release_size):
         scopes.append((f"release/{release_id}", max_parallel))
     return scopes

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.pacer import Pacer
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, pending
+from reactor.errors import BackendUnavailable
 from reactor.events import (
     BatchCompleted,
     BatchStarted,
     DeployRequested,
+    Event,
     NodeDeployed,
     ReleaseCompleted,
     ReleaseHalted,
@@ -197,3 +202,108 @@ async def test_release_min_healthy_is_carried_into_every_deploy_request(store: S
     assert record is not None
     assert record.state == ReleaseState.COMPLETED
     assert all(script.calls[f"status:{node.node_key}"] >= 1 for node in release.nodes)
+
+
+class _HeldCommandsBus(MemoryBus):
+    """A MemoryBus whose publish of a DeployRequested waits, once `hold` is cleared, until the test sets it."""
+
+    def __init__(self) -> None:
+        super().__init__(retry_delay_s=0.01)
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.waiting = asyncio.Event()
+
+    async def publish(self, event: Event) -> None:
+        if isinstance(event, DeployRequested) and not self.hold.is_set():
+            self.waiting.set()
+            await self.hold.wait()
+        await super().publish(event)
+
+
+async def test_an_outcome_is_counted_while_a_pass_dispatching_the_release_is_held(store: Store) -> None:
+    """An outcome's handler does not wait behind a pass of its release that is still dispatching (it would hold one
+    of the bus's concurrent handlers for as long): it counts the node and returns, and the held pass runs again
+    once it is let go, so the window it freed is filled."""
+    release = plan(4, Strategy(batches=["100%"], max_parallel=2))
+    async with _HeldCommandsBus() as bus:
+        pacer = Pacer(store, bus)
+        await pacer.handle(ReleaseRequested(release_id=release.release_id, plan=release))
+
+        def deployed(index: int) -> NodeDeployed:
+            return NodeDeployed(
+                node_key=f"fake/host-{index:02d}/app", service="app", version="2.0.0", release_id=release.release_id
+            )
+
+        bus.hold.clear()
+        # Its pass sends node 2 and is held there.
+        first = asyncio.create_task(pacer.handle(deployed(0)))
+        await asyncio.wait_for(bus.waiting.wait(), 5)
+        await asyncio.wait_for(pacer.handle(deployed(1)), 5)
+        counts = await store.count_release_nodes(release.release_id)
+        assert counts[ItemState.SUCCEEDED] == 2, counts
+        bus.hold.set()
+        await asyncio.wait_for(first, 5)
+        sent = sorted(event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested))
+    assert sent == [node.node_key for node in release.nodes], "the pass ran again and sent node 3 too"
+
+
+async def test_a_node_whose_sent_record_landed_unanswered_is_still_sent(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store write that records a node as sent lands but its answer is lost (a timeout): the node's command is
+    published all the same, in the same pass, rather than waiting for the resend timer."""
+    release = plan(3, Strategy(batches=["100%"], max_parallel=3))
+    lost = "fake/host-01/app"
+    move = store.move_release_node
+    failed: list[str] = []
+
+    async def landed_unanswered(release_id: str, node_key: str, **changes: Any) -> bool:
+        moved = await move(release_id, node_key, **changes)
+        if node_key == lost and not failed:
+            failed.append(node_key)
+            raise BackendUnavailable("MongoDB update release_nodes: timed out")
+        return moved
+
+    monkeypatch.setattr(store, "move_release_node", landed_unanswered)
+    async with MemoryBus(retry_delay_s=0.01) as bus:
+        pacer = Pacer(store, bus)
+        request = ReleaseRequested(release_id=release.release_id, plan=release)
+        try:
+            await pacer.handle(request)
+        except BackendUnavailable:
+            await pacer.handle(request)  # as the bus retries it
+        sent = sorted(event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested))
+    assert failed == [lost]
+    assert sent == [node.node_key for node in release.nodes]
+
+
+async def test_a_node_whose_sent_record_stays_unanswered_is_sent_by_the_next_pass(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write recording a node as sent lands unanswered and the second try gets no answer either (the first
+    one's lock is still held): the pass fails, and its retry sends the node, which is no longer queued."""
+    release = plan(3, Strategy(batches=["100%"], max_parallel=3))
+    lost = "fake/host-01/app"
+    move = store.move_release_node
+    failed: list[str] = []
+
+    async def unanswered(release_id: str, node_key: str, **changes: Any) -> bool:
+        if node_key == lost and len(failed) < 2:
+            if not failed:
+                await move(release_id, node_key, **changes)
+            failed.append(node_key)
+            raise BackendUnavailable("MongoDB update release_nodes: timed out")
+        return await move(release_id, node_key, **changes)
+
+    monkeypatch.setattr(store, "move_release_node", unanswered)
+    async with MemoryBus(retry_delay_s=0.01) as bus:
+        pacer = Pacer(store, bus)
+        request = ReleaseRequested(release_id=release.release_id, plan=release)
+        with pytest.raises(BackendUnavailable):
+            await pacer.handle(request)
+        await pacer.handle(request)  # as the bus retries it
+        sent = sorted(event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested))
+    assert failed == [lost, lost]
+    assert sent == [node.node_key for node in release.nodes]
+    counts = await store.count_release_nodes(release.release_id)
+    assert counts[ItemState.DISPATCHED] == 3, counts

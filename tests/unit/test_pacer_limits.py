@@ -216,3 +216,40 @@ async def test_a_pacer_that_stops_hands_the_timer_lease_over_at_once(
         await until(lambda: ticks.begun.total() > 0, "the pacer has taken the timer lease")
         assert not await store.take_lease(TIMER_LEASE, "another-pacer", now=utc_now(), ttl_s=60)
     assert await store.take_lease(TIMER_LEASE, "another-pacer", now=utc_now(), ttl_s=60)
+
+
+def test_a_release_that_fits_in_its_max_parallel_needs_no_slot_of_its_own() -> None:
+    strict = InFlightLimits(release_parallel=True)
+    node = "fake/host-00/app"
+    assert scopes_for(strict, release_id="r1", service="app", max_parallel=4, node_key=node, target=None) == [
+        ("release/r1", 4)
+    ]
+    assert scopes_for(
+        strict, release_id="r1", service="app", max_parallel=4, node_key=node, target=None, release_size=5
+    ) == [("release/r1", 4)]
+    assert (
+        scopes_for(strict, release_id="r1", service="app", max_parallel=4, node_key=node, target=None, release_size=4)
+        == []
+    )
+    assert strict.holds(max_parallel=4, release_size=5)
+    assert not strict.holds(max_parallel=4, release_size=4)
+    # A limit across releases still takes slots.
+    assert InFlightLimits(overall=10, release_parallel=True).holds(max_parallel=4, release_size=4)
+
+
+async def test_strict_max_parallel_takes_no_slots_for_a_release_that_fits_in_it(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 nodes with max_parallel 4 and strict slots: all four go at once, none holding a slot (none could be over
+    the limit), and the release completes."""
+    script = Script(latched=True)
+    release = zoned_plan("app", 4, Strategy(batches=["100%"], max_parallel=4))
+    bus, ticks = WatchedBus(), TimerTicks(store, monkeypatch)
+    async with reactor(store, script, tmp_path, bus, strict_max_parallel=True):
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await settle(bus, script, ticks)
+        assert len(script.held) == 4
+        assert await store.list_slots() == []
+        script.let_go(4)
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+    assert sorted(script.order) == sorted(node.node_key for node in release.nodes)
