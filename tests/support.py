@@ -91,3 +91,18 @@ def peak_in_flight(
         open_now[scope] = open_now.get(scope, 0) + step
         peaks[scope] = max(peaks.get(scope, 0), open_now[scope])
     return peaks
+
+
+# The deploy policy of the trust tests: ci may release app to noop/web-* nodes from PACKAGES; ci and alice may approve,
+# and four-eyes (the default) keeps ci from approving its own release.
+PACKAGES = "https://packages.example.com/app/"
+FOUR_EYES_POLICY = {
+    "services": {
+        "app": {
+            "submit": ["ci"],
+            "approve": ["ci", "alice"],
+            "nodes": [{"key": "noop/web-*/app"}],
+            "artifacts": {"packages": [PACKAGES]},
+        }
+    }
+}

@@ -25,23 +25,12 @@ from reactor.recovery import recover
 from reactor.runtime import Role, kafka_bus, load_policy_setting, load_signatures
 from reactor.settings import Settings
 from reactor.trust import generate_key
-from tests.support import running_roles
+from tests.support import FOUR_EYES_POLICY, PACKAGES, running_roles
 
 pytestmark = pytest.mark.kafka
 
 WAIT_S = 90.0
 NAMES = ("reactor", "ci", "alice")
-PACKAGES = "https://packages.example.com/app/"
-POLICY = {
-    "services": {
-        "app": {
-            "submit": ["ci"],
-            "approve": ["ci", "alice"],
-            "nodes": [{"key": "noop/web-*/app"}],
-            "artifacts": {"packages": [PACKAGES]},
-        }
-    }
-}
 
 
 @dataclass
@@ -81,7 +70,7 @@ async def reactor(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Reactor
         generate_key(name, keys)
     trust = [{"name": name, "public_key": f"{name}.pub", "reactor": name == "reactor"} for name in NAMES]
     (keys / "trust.yaml").write_text(yaml.safe_dump(trust))
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(FOUR_EYES_POLICY))
     settings = Settings(
         mode="distributed",
         kafka_bootstrap=kafka_bootstrap,

@@ -30,21 +30,11 @@ from reactor.session import Session, embedded
 from reactor.settings import Settings
 from reactor.trust import generate_key, load_signing_key, load_trust_file
 from reactor.trust.signing import MATERIAL_HEADER, sign_record, verify_record
+from tests.support import FOUR_EYES_POLICY, PACKAGES
 
 pytestmark = pytest.mark.unit
 
 NAMES = ("reactor", "ci", "alice", "mallory")
-PACKAGES = "https://packages.example.com/app/"
-POLICY = {
-    "services": {
-        "app": {
-            "submit": ["ci"],
-            "approve": ["ci", "alice"],
-            "nodes": [{"key": "noop/web-*/app"}],
-            "artifacts": {"packages": [PACKAGES]},
-        }
-    }
-}
 # Bearer tokens by identity; `viewer` may only read and has no key.
 TOKENS = {"ci": "ci-token-1", "alice": "alice-token-1", "viewer": "viewer-token-1"}
 
@@ -102,7 +92,7 @@ GRANTS: dict[str, dict[str, object]] = {
 @pytest.fixture
 async def reactor(tmp_path: Path) -> AsyncIterator[Reactor]:
     keys = _keys(tmp_path)
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(FOUR_EYES_POLICY))
     settings = Settings(
         state_dir=tmp_path / "state",
         signing_key=keys / "reactor.key",

@@ -22,20 +22,9 @@ from reactor.runtime import load_policy_setting, load_signatures
 from reactor.session import Session, embedded
 from reactor.settings import Settings
 from reactor.trust import generate_key, load_signing_key, sign_record
+from tests.support import FOUR_EYES_POLICY, PACKAGES
 
 pytestmark = pytest.mark.unit
-
-PACKAGES = "https://packages.example.com/app/"
-POLICY = {
-    "services": {
-        "app": {
-            "submit": ["ci"],
-            "approve": ["ci", "alice"],
-            "nodes": [{"key": "noop/web-*/app"}],
-            "artifacts": {"packages": [PACKAGES]},
-        }
-    }
-}
 
 
 def _release(release_id: str, service: str = "app") -> ReleaseRequested:
@@ -69,7 +58,7 @@ async def test_recovery_leaves_out_forged_and_refused_records_and_keeps_the_veri
         {"name": name, "public_key": f"{name}.pub", "reactor": name == "reactor"} for name in ("reactor", "ci", "alice")
     ]
     (keys / "trust.yaml").write_text(yaml.safe_dump(trust))
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(FOUR_EYES_POLICY))
     settings = Settings(
         state_dir=tmp_path / "state",
         signing_key=keys / "reactor.key",
