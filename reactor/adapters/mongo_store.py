@@ -13,6 +13,13 @@ such a server every conditional update runs under a lock document: inserting it 
 lease. Where the server's conditional update is atomic (MongoDB), a compare-and-set is that one `update_one`
 with the revision in its filter, no lock. Which of the two a store uses is decided when it opens, by racing
 writers on the server (`mongo_probe.py`), never by the server's name; the lock path can be forced.
+
+Round trips are batched (group commit, `batching.py`): reads by `_id`, inserts, lock-held updates, unlocks and
+slot frees made by concurrent callers (a worker's or pacer's concurrent handlers) go to the server together, one
+`find`/`insert_many`/`update`/`delete_many` per batch, each caller getting its own item's answer. An idle store
+sends each call at once; under load a batch carries what queued while the previous one ran. FerretDB scans a
+collection for each query (it uses no index, see tests/behaviour/test_mongo_explain.py), so one `$in` read of a
+batch costs what one read did. `batch=False` sends every call alone (the benchmarks' baseline).
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ from urllib.parse import unquote_plus
 from uuid import uuid4
 
 import structlog
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
 
+from reactor.adapters.batching import Batcher
 from reactor.adapters.mongo_probe import PROBE_COLLECTION, WRITERS, ProbeResult, probe_compare_and_set
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeStatus
@@ -113,8 +121,14 @@ class MongoStore:
         *,
         timeout_s: float = 10.0,
         compare_and_set: CompareAndSetSetting = "probe",
+        batch: bool = True,
+        max_batch: int = 256,
     ) -> None:
         self.url = url
+        self.batch = batch
+        self.max_batch = max_batch
+        # One batcher per kind of call and collection, made on first use (see the module docstring).
+        self._batchers: dict[tuple[str, str], Batcher[Any, Any]] = {}
         self.database = database
         self.timeout_s = timeout_s
         self.compare_and_set_setting: CompareAndSetSetting = compare_and_set
@@ -228,7 +242,7 @@ class MongoStore:
     # --- nodes ---
 
     async def get_node(self, node_key: str) -> NodeStatus | None:
-        found = await self._find_one("nodes", {"_id": node_key})
+        found = await self._find_by_id("nodes", node_key)
         return None if found is None else NodeStatus.model_validate_json(found["doc"])
 
     async def put_node(self, status: NodeStatus, *, expected_revision: int) -> NodeStatus | None:
@@ -252,7 +266,7 @@ class MongoStore:
     # --- processed requests ---
 
     async def get_processed(self, event_id: str) -> str | None:
-        found = await self._find_one("processed", {"_id": event_id})
+        found = await self._find_by_id("processed", event_id)
         return None if found is None else str(found["outcome"])
 
     async def put_processed(self, event_id: str, outcome: str) -> None:
@@ -262,7 +276,7 @@ class MongoStore:
     # --- releases ---
 
     async def get_release(self, release_id: str) -> ReleaseRecord | None:
-        found = await self._find_one("releases", {"_id": release_id})
+        found = await self._find_by_id("releases", release_id)
         return None if found is None else ReleaseRecord.model_validate_json(found["doc"])
 
     async def put_release(self, record: ReleaseRecord, *, expected_revision: int) -> ReleaseRecord | None:
@@ -379,9 +393,16 @@ class MongoStore:
         return True
 
     async def free_slots(self, release_id: str, node_key: str) -> None:
-        await self._retry(
-            "free slots", partial(self.db["slots"].delete_many, {"release_id": release_id, "node_key": node_key})
-        )
+        if not self.batch:
+            await self._free_slots_batch([(release_id, node_key)])
+            return
+        await self._batcher("free", "slots", self._free_slots_batch)((release_id, node_key))
+
+    async def _free_slots_batch(self, nodes: Sequence[tuple[str, str]]) -> list[None]:
+        held = [{"release_id": release_id, "node_key": node_key} for release_id, node_key in nodes]
+        query: Document = held[0] if len(held) == 1 else {"$or": held}
+        await self._retry("free slots", partial(self.db["slots"].delete_many, query))
+        return [None] * len(nodes)
 
     async def list_slots(self) -> list[Slot]:
         found = await self._find("slots", {}, sort=[("scope", ASCENDING), ("index", ASCENDING)])
@@ -432,22 +453,73 @@ class MongoStore:
             f"read {collection}", lambda: self.db[collection].find(query).sort(sort).limit(limit).to_list()
         )
 
-    async def _insert(self, collection: str, document: Document) -> bool:
-        """Insert `document`; False if its `_id` is taken by another writer's document."""
-        token = uuid4().hex
-        stamped = {**document, "write_token": token}
+    def _batcher(
+        self, kind: str, collection: str, operation: Callable[[Sequence[Any]], Awaitable[Sequence[Any]]]
+    ) -> Batcher[Any, Any]:
+        batcher = self._batchers.get((kind, collection))
+        if batcher is None:
+            batcher = self._batchers[(kind, collection)] = Batcher(operation, max_batch=self.max_batch)
+        return batcher
 
-        async def insert() -> bool:
+    async def _find_by_id(self, collection: str, document_id: str) -> Document | None:
+        """The document with `_id` `document_id`; concurrent reads of one collection share one `$in` query."""
+        if not self.batch:
+            return await self._find_one(collection, {"_id": document_id})
+        found: Document | None = await self._batcher("find", collection, partial(self._find_by_ids, collection))(
+            document_id
+        )
+        return found
+
+    async def _find_by_ids(self, collection: str, document_ids: Sequence[str]) -> list[Document | None]:
+        wanted = list(dict.fromkeys(document_ids))
+        query: Document = {"_id": wanted[0]} if len(wanted) == 1 else {"_id": {"$in": wanted}}
+        found = await self._retry(f"read {collection}", lambda: self.db[collection].find(query).to_list())
+        by_id = {document["_id"]: document for document in found}
+        return [by_id.get(document_id) for document_id in document_ids]
+
+    async def _insert(self, collection: str, document: Document, *, settle: bool = False) -> bool:
+        """Insert `document`; False if its `_id` is taken by another writer's document.
+
+        `settle`: a caller cancelled meanwhile still waits until the insert is done, so that what it undoes next
+        (a lock it gives back) is not overtaken by the insert itself.
+        """
+        stamped = {**document, "write_token": uuid4().hex}
+        if not self.batch:
+            [inserted] = await self._insert_batch(collection, [stamped])
+            return inserted
+        batcher = self._batcher("insert", collection, partial(self._insert_batch, collection))
+        return bool(await (batcher.settled(stamped) if settle else batcher(stamped)))
+
+    async def _insert_batch(self, collection: str, documents: Sequence[Document]) -> list[bool]:
+        """Insert stamped documents in one `insert_many`; per document, whether it is the stored one."""
+        attempts = 0
+
+        async def insert() -> set[int]:
+            nonlocal attempts
+            attempts += 1
             try:
-                await self.db[collection].insert_one(stamped)
-            except DuplicateKeyError:
-                return False
-            return True
+                await self.db[collection].insert_many(list(documents), ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if exc.details.get("writeConcernErrors") or any(
+                    error.get("code") != _DUPLICATE_KEY for error in errors
+                ):
+                    raise
+                return {int(error["index"]) for error in errors}
+            return set()
 
-        if await self._retry(f"insert into {collection}", insert):
-            return True
-        # An attempt whose reply was lost may have inserted it: then the stored document is ours.
-        return await self._find_one(collection, {"_id": stamped["_id"], "write_token": token}) is not None
+        duplicates = await self._retry(f"insert into {collection}", insert)
+        inserted = [index not in duplicates for index in range(len(documents))]
+        if not duplicates:
+            return inserted
+        # An attempt whose reply was lost may have inserted some: where the stored document is ours, it was.
+        ids = list(dict.fromkeys(documents[index]["_id"] for index in duplicates))
+        query: Document = {"_id": ids[0]} if len(ids) == 1 else {"_id": {"$in": ids}}
+        stored = await self._retry(f"read {collection}", lambda: self.db[collection].find(query).to_list())
+        tokens = {document["_id"]: document.get("write_token") for document in stored}
+        for index in duplicates:
+            inserted[index] = tokens.get(documents[index]["_id"]) == documents[index]["write_token"]
+        return inserted
 
     async def _update(self, collection: str, identity: Document, condition: Document, fields: Document) -> bool:
         """Set `fields` on the document at `identity` if it matches `condition`, exclusive of other writers."""
@@ -478,21 +550,40 @@ class MongoStore:
         lock_id = await self._lock(key, lambda: self._find_one(collection, {**identity, **condition}))
         if lock_id is None:
             return False
-        token = uuid4().hex
-        update = {"$set": {**fields, "write_token": token}}
+        update = {"$set": {**fields, "write_token": uuid4().hex}}
         try:
-            updated = await self._retry(
-                f"update {collection}",
-                lambda: self.db[collection].find_one_and_update({**identity, **condition}, update),
-            )
-            if updated is not None:
-                return True
-            # An attempt whose reply was lost may have applied it: then the document no longer matches.
-            return await self._find_one(collection, {**identity, "write_token": token}) is not None
+            if not self.batch:
+                [updated] = await self._update_held_batch(collection, [({**identity, **condition}, update)])
+                return updated
+            # Settled: the lock is given back only once the update is done, whatever happens to the caller.
+            batcher = self._batcher("update", collection, partial(self._update_held_batch, collection))
+            return bool(await batcher.settled(({**identity, **condition}, update)))
         finally:
             # Shielded: a writer cancelled now (a worker stopping) still gives the lock back, rather than leave the
             # next writer of this document waiting out its lease.
             await asyncio.shield(self._unlock(key, lock_id))
+
+    async def _update_held_batch(self, collection: str, updates: Sequence[tuple[Document, Document]]) -> list[bool]:
+        """Apply conditional updates of documents whose locks the callers hold, in one `update` command; per update,
+        whether it applied. Each update carries its own write token: where fewer matched than were sent, or a reply
+        was lost, the tokens on the documents tell which applied (no one else writes a locked document)."""
+        attempts = 0
+
+        async def update() -> int:
+            nonlocal attempts
+            attempts += 1
+            operations = [UpdateOne(query, change) for query, change in updates]
+            result = await self.db[collection].bulk_write(operations, ordered=False)
+            return int(result.matched_count)
+
+        matched = await self._retry(f"update {collection}", update)
+        if matched == len(updates) and attempts == 1:
+            return [True] * len(updates)
+        tokens = [change["$set"]["write_token"] for _, change in updates]
+        query: Document = {"write_token": tokens[0]} if len(tokens) == 1 else {"write_token": {"$in": tokens}}
+        found = await self._retry(f"read {collection}", lambda: self.db[collection].find(query).to_list())
+        applied = {document.get("write_token") for document in found}
+        return [token in applied for token in tokens]
 
     async def _lock(self, key: str, matching: Callable[[], Awaitable[Document | None]]) -> str | None:
         """Take the lock of one document; None once the document no longer matches (the update would fail).
@@ -508,7 +599,7 @@ class MongoStore:
             if held is None:
                 lock = {"_id": lock_id, "key": key, "expires_at": datetime.now(UTC) + lease}
                 try:
-                    taken = await self._insert("locks", lock)
+                    taken = await self._insert("locks", lock, settle=True)
                 except asyncio.CancelledError:
                     # The insert may have landed: give the lock back rather than leave it to expire.
                     await asyncio.shield(self._unlock(key, lock_id))
@@ -532,7 +623,15 @@ class MongoStore:
 
     async def _unlock(self, key: str, lock_id: str) -> None:
         try:
-            await self._retry("unlock", partial(self.db["locks"].delete_one, {"_id": lock_id}))
+            if not self.batch:
+                await self._unlock_batch([lock_id])
+            else:
+                await self._batcher("unlock", "locks", self._unlock_batch)(lock_id)
         except BackendUnavailable as exc:
             # The write itself is settled; the lock expires after its lease.
             log.warning("could not release a lock", lock=key, error=str(exc))
+
+    async def _unlock_batch(self, lock_ids: Sequence[str]) -> list[None]:
+        query: Document = {"_id": lock_ids[0]} if len(lock_ids) == 1 else {"_id": {"$in": list(lock_ids)}}
+        await self._retry("unlock", partial(self.db["locks"].delete_many, query))
+        return [None] * len(lock_ids)

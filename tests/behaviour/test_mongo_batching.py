@@ -1,0 +1,150 @@
+"""The MongoDB store's batched round trips (group commit) on the real server: concurrent callers share round trips
+and each still gets its own answer; races between callers of one batch still let exactly one win; a lock is never
+given back before the update made under it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+
+import pytest
+
+from reactor.adapters.mongo_store import Document, MongoStore
+from reactor.domain.pacer import ItemState
+from reactor.domain.status import NodeState, NodeStatus, pending
+from reactor.ports import ReleaseNode
+
+pytestmark = pytest.mark.mongo
+
+NODES = 48
+CONTENDERS = 20
+
+
+@pytest.fixture(params=[True, False], ids=["batched", "unbatched"])
+async def mongo(request: pytest.FixtureRequest, mongo_url: str, mongo_database: str) -> AsyncIterator[MongoStore]:
+    async with MongoStore(mongo_url, database=mongo_database, batch=request.param) as opened:
+        yield opened
+
+
+def rounds(store: MongoStore, kind: str, collection: str) -> tuple[int, int]:
+    """(round trips, calls) of one kind of call on one collection so far."""
+    batcher = store._batchers.get((kind, collection))
+    return (0, 0) if batcher is None else (batcher.batches, batcher.items)
+
+
+async def test_concurrent_writes_of_many_nodes_all_land_in_fewer_round_trips(mongo: MongoStore) -> None:
+    keys = [f"local/h{index}/api" for index in range(NODES)]
+    created = await asyncio.gather(*(mongo.put_node(pending(key, "api"), expected_revision=0) for key in keys))
+    assert all(status is not None for status in created)
+    changed = await asyncio.gather(
+        *(
+            mongo.put_node(
+                status.model_copy(update={"state": NodeState.DEPLOYING, "request_id": f"req-{status.node_key}"}),
+                expected_revision=status.revision,
+            )
+            for status in created
+            if status is not None
+        )
+    )
+    read = await asyncio.gather(*(mongo.get_node(key) for key in keys))
+    assert read == changed
+    assert [status.request_id if status else None for status in read] == [f"req-{key}" for key in keys]
+    for kind, collection in [("insert", "nodes"), ("update", "nodes"), ("find", "nodes"), ("unlock", "locks")]:
+        trips, calls = rounds(mongo, kind, collection)
+        if mongo.batch:
+            assert calls == NODES, (kind, collection, calls)
+            assert trips < calls / 4, f"{kind} {collection}: {trips} round trips for {calls} calls"
+        else:
+            assert (trips, calls) == (0, 0)
+
+
+async def test_concurrent_updates_of_one_node_in_one_batch_let_exactly_one_win(mongo: MongoStore) -> None:
+    stored = await mongo.put_node(pending("local/h1/api", "api"), expected_revision=0)
+    assert stored is not None
+
+    def attempt(index: int) -> NodeStatus:
+        return stored.model_copy(update={"state": NodeState.DEPLOYING, "request_id": f"req-{index}"})
+
+    results = await asyncio.gather(
+        *(mongo.put_node(attempt(index), expected_revision=stored.revision) for index in range(CONTENDERS))
+    )
+    winners = [result for result in results if result is not None]
+    assert len(winners) == 1
+    assert await mongo.get_node("local/h1/api") == winners[0]
+
+
+async def test_concurrent_leases_of_one_name_in_one_batch_let_exactly_one_win(mongo: MongoStore) -> None:
+    now = datetime.now(UTC)
+    taken = await asyncio.gather(
+        *(mongo.take_lease("pacer", f"holder-{index}", now=now, ttl_s=60) for index in range(CONTENDERS))
+    )
+    assert taken.count(True) == 1
+    [lease] = await mongo.db["leases"].find({}).to_list()
+    assert lease["holder"] == f"holder-{taken.index(True)}"
+
+
+async def test_concurrent_outcomes_of_one_request_keep_the_first(mongo: MongoStore) -> None:
+    await asyncio.gather(*(mongo.put_processed("evt-1", f"outcome-{index}") for index in range(CONTENDERS)))
+    stored = await mongo.db["processed"].find({"_id": "evt-1"}).to_list()
+    assert len(stored) == 1
+    assert await mongo.get_processed("evt-1") == stored[0]["outcome"]
+
+
+async def test_concurrent_moves_of_many_release_nodes_and_slot_frees_all_apply(mongo: MongoStore) -> None:
+    keys = [f"local/h{index}/api" for index in range(NODES)]
+    await mongo.add_release_nodes(
+        [ReleaseNode(release_id="rel-1", node_key=key, batch=0, position=index) for index, key in enumerate(keys)]
+    )
+    now = datetime.now(UTC)
+    for key in keys:
+        assert await mongo.take_slots("rel-1", key, [(f"node:{key}", 1)], now=now)
+    moved = await asyncio.gather(
+        *(
+            mongo.move_release_node(
+                "rel-1", key, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED, outcome=f"evt-{key}"
+            )
+            for key in keys
+        )
+    )
+    assert moved == [True] * NODES
+    await asyncio.gather(*(mongo.free_slots("rel-1", key) for key in keys[: NODES // 2]))
+    assert sorted(slot.node_key for slot in await mongo.list_slots()) == sorted(keys[NODES // 2 :])
+    nodes = await mongo.list_release_nodes("rel-1")
+    assert {(node.state, node.outcome) for node in nodes} == {(ItemState.DISPATCHED, f"evt-{key}") for key in keys}
+
+
+async def test_a_writer_cancelled_while_its_update_runs_gives_the_lock_back_only_after_it(
+    mongo_url: str, mongo_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update is held by a latch inside its batch while its caller is cancelled: the lock stays until the
+    update is done (giving it back first would let a second writer in beside the first's update), then goes."""
+    async with MongoStore(mongo_url, database=mongo_database, compare_and_set="locked") as store:
+        stored = await store.put_node(pending("local/h1/api", "api"), expected_revision=0)
+        assert stored is not None
+        updating, go_on = asyncio.Event(), asyncio.Event()
+        update = MongoStore._update_held_batch
+
+        async def held(self: MongoStore, collection: str, updates: Sequence[tuple[Document, Document]]) -> list[bool]:
+            updating.set()
+            await go_on.wait()
+            return await update(self, collection, updates)
+
+        monkeypatch.setattr(MongoStore, "_update_held_batch", held)
+        changed = stored.model_copy(update={"state": NodeState.DEPLOYING, "request_id": "req-cancelled"})
+        writing = asyncio.create_task(store.put_node(changed, expected_revision=stored.revision))
+        await updating.wait()
+        writing.cancel()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert await store.db["locks"].count_documents({}) == 1, "the lock went back while its update still ran"
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        async with asyncio.timeout(10):
+            while await store.db["locks"].count_documents({}):
+                await asyncio.sleep(0.01)
+        latest = await store.get_node("local/h1/api")
+        assert latest is not None
+        assert (latest.revision, latest.request_id) == (stored.revision + 1, "req-cancelled")
