@@ -178,10 +178,10 @@ def mongo(backend: str) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def distributed(bootstrap: str, mongo: str) -> AsyncIterator[tuple[KafkaBus, MongoStore]]:
+async def distributed(bootstrap: str, mongo: str, *, batch: bool = True) -> AsyncIterator[tuple[KafkaBus, MongoStore]]:
     async with (
         KafkaBus(bootstrap, prefix=f"bench{uuid.uuid4().hex[:6]}.", concurrency=64, max_buffered=2000) as bus,
-        MongoStore(mongo, database=f"bench_{uuid.uuid4().hex[:8]}") as store,
+        MongoStore(mongo, database=f"bench_{uuid.uuid4().hex[:8]}", batch=batch) as store,
     ):
         await bus.create_topics(partitions=6)
         yield bus, store
@@ -197,6 +197,11 @@ async def main() -> None:
         default=None,
         help="FerretDB storages to run the distributed loop on, comma-separated (default: sqlite,postgresql;"
         " with $REACTOR_MONGO_URL set, only $REACTOR_MONGO_BACKEND, else sqlite)",
+    )
+    parser.add_argument(
+        "--unbatched-baseline",
+        action="store_true",
+        help="also run each distributed loop with the store's round trips unbatched (REACTOR_MONGO_BATCH=false)",
     )
     args = parser.parse_args()
     nodes: int = args.nodes
@@ -243,6 +248,17 @@ async def main() -> None:
                     f"= {reactor_rate / raw_rate:.1%} of raw (target >= 20%)",
                     flush=True,
                 )
+                if args.unbatched_baseline:
+                    async with distributed(bootstrap, url, batch=False) as (bus, store):
+                        unbatched_s, _ = await run_release(bus, store, plan, settings)
+                    unbatched_rate = nodes / unbatched_s
+                    distributed_rates[backend]["unbatched_nodes_per_s"] = round(unbatched_rate, 1)
+                    distributed_rates[backend]["batched_to_unbatched"] = round(reactor_rate / unbatched_rate, 2)
+                    print(
+                        f"  the same, store round trips unbatched: {unbatched_s:8.2f} s  {unbatched_rate:9.0f} nodes/s"
+                        f"  (batched = {reactor_rate / unbatched_rate:.2f}x)",
+                        flush=True,
+                    )
                 if backend != chosen[0]:
                     continue
                 in_flight = release(args.in_flight, max_parallel=args.in_flight)

@@ -105,7 +105,10 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
     async with (
         kafka_bus(settings, signatures) as kafka,
         MongoStore(
-            settings.mongo_url, settings.mongo_database, compare_and_set=settings.mongo_compare_and_set
+            settings.mongo_url,
+            settings.mongo_database,
+            compare_and_set=settings.mongo_compare_and_set,
+            batch=settings.mongo_batch,
         ) as mongo,
     ):
         yield Backends(bus=kafka, store=mongo)

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # `probe`: the store races writers at open and uses a lock-free compare-and-set only if the server's conditional
     # update proved atomic (reactor/adapters/mongo_probe.py); `locked`: lock documents always, without a probe.
     mongo_compare_and_set: Literal["probe", "locked"] = "probe"
+    # Concurrent store calls share round trips (reactor/adapters/batching.py); false sends each call alone.
+    mongo_batch: bool = True
     topic_partitions: int = Field(default=6, ge=1, le=1000)
     topic_replication: int = Field(default=1, ge=1, le=10)
     concurrency: int = Field(default=64, ge=1, le=10_000)

@@ -663,7 +663,10 @@ def replay(
                 async with EmbeddedStore(":memory:") as scratch:
                     return await audit(backends.bus, backends.store, scratch, flt, trust=trust)
             async with MongoStore(
-                settings.mongo_url, database, compare_and_set=settings.mongo_compare_and_set
+                settings.mongo_url,
+                database,
+                compare_and_set=settings.mongo_compare_and_set,
+                batch=settings.mongo_batch,
             ) as fresh:
                 return await audit(backends.bus, backends.store, fresh, flt, trust=trust)
 
