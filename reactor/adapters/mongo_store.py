@@ -37,7 +37,7 @@ from uuid import uuid4
 import structlog
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
+from pymongo.errors import BulkWriteError, CollectionInvalid, ConnectionFailure, OperationFailure, PyMongoError
 
 from reactor.adapters.batching import Batcher
 from reactor.adapters.mongo_probe import PROBE_COLLECTION, WRITERS, ProbeResult, probe_compare_and_set
@@ -55,6 +55,9 @@ CompareAndSetSetting = Literal["probe", "locked"]
 CompareAndSet = Literal["atomic", "locked"]
 
 _DUPLICATE_KEY = 11000
+_NAMESPACE_EXISTS = 48
+# Every collection the store writes (the probe's own scratch collection aside).
+COLLECTIONS = ("nodes", "processed", "releases", "release_nodes", "slots", "leases", "locks")
 # Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
 _BACKOFF_S = (0.1, 0.4)
 _LOCK_POLL_S = (0.002, 0.05)
@@ -154,6 +157,7 @@ class MongoStore:
             raise InvalidInput("mongo url", _without_password(str(exc), self.url)) from exc
         try:
             await self.ping()
+            await self._create_collections()
             await self._create_indexes()
             await self._choose_compare_and_set()
         except BaseException:
@@ -170,6 +174,31 @@ class MongoStore:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+    async def _create_collections(self) -> None:
+        """Create every collection the store writes before anyone writes it.
+
+        FerretDB 1.x on PostgreSQL creates a collection on its first insert under a registry-wide write lock, then
+        waits for a pooled connection, while every pooled connection belongs to a request waiting for that lock: a
+        first insert made under load (the first outcome of a release, say) could stop the server for good (seen
+        with 64 concurrent workers' calls: every request hung, PostgreSQL idle). Made at open, one at a time, no
+        request waits for a creation.
+        """
+        existing = set(await self._retry("list collections", self.db.list_collection_names))
+        for name in COLLECTIONS:
+            if name in existing:
+                continue
+            try:
+                await self._retry(
+                    f"create collection {name}", partial(self.db.create_collection, name, check_exists=False)
+                )
+            except ReactorError as exc:
+                # Created meanwhile by another process opening the same database.
+                cause = exc.__cause__
+                if not isinstance(cause, CollectionInvalid) and not (
+                    isinstance(cause, OperationFailure) and cause.code == _NAMESPACE_EXISTS
+                ):
+                    raise
 
     async def _create_indexes(self) -> None:
         indexes: list[tuple[str, list[tuple[str, int]], bool]] = [

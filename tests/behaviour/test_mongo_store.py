@@ -7,6 +7,7 @@ The Store behaviour shared with every backend is in test_store.py (it runs on Mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import weakref
@@ -18,7 +19,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from reactor.adapters.mongo_probe import PROBE_COLLECTION
-from reactor.adapters.mongo_store import CompareAndSetSetting, MongoStore
+from reactor.adapters.mongo_store import COLLECTIONS, CompareAndSetSetting, MongoStore
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeState, NodeStatus, pending
 from reactor.errors import BackendUnavailable
@@ -83,6 +84,22 @@ async def test_open_creates_the_indexes(mongo_url: str, mongo: MongoStore) -> No
             str(index["name"]) async for index in await database["release_nodes"].list_indexes() if index.get("unique")
         }
         assert "release_id_1_node_key_1" in unique
+
+
+async def test_open_creates_every_collection_the_store_writes(mongo: MongoStore) -> None:
+    """None is left to be created by its first insert under load (FerretDB on PostgreSQL could hang on it)."""
+    assert set(COLLECTIONS) <= set(await mongo.db.list_collection_names())
+
+
+async def test_stores_opening_one_new_database_at_once_all_open(mongo_url: str, mongo_database: str) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        stores = await asyncio.gather(
+            *(
+                stack.enter_async_context(MongoStore(mongo_url, database=mongo_database, compare_and_set="locked"))
+                for _ in range(4)
+            )
+        )
+        assert set(COLLECTIONS) <= set(await stores[0].db.list_collection_names())
 
 
 async def test_opening_twice_keeps_the_indexes_and_the_data(mongo_url: str, mongo: MongoStore) -> None:
