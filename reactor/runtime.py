@@ -109,6 +109,7 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
             settings.mongo_database,
             compare_and_set=settings.mongo_compare_and_set,
             batch=settings.mongo_batch,
+            pool_size=settings.mongo_pool_size,
         ) as mongo,
     ):
         yield Backends(bus=kafka, store=mongo)

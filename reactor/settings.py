@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     mongo_compare_and_set: Literal["probe", "locked"] = "probe"
     # Concurrent store calls share round trips (reactor/adapters/batching.py); false sends each call alone.
     mongo_batch: bool = True
+    # Connections (so concurrent requests) of one process to the MongoDB-protocol server.
+    mongo_pool_size: int = Field(default=16, ge=1, le=1000)
     topic_partitions: int = Field(default=6, ge=1, le=1000)
     topic_replication: int = Field(default=1, ge=1, le=10)
     concurrency: int = Field(default=64, ge=1, le=10_000)

@@ -14,9 +14,10 @@ lease. Where the server's conditional update is atomic (MongoDB), a compare-and-
 with the revision in its filter, no lock. Which of the two a store uses is decided when it opens, by racing
 writers on the server (`mongo_probe.py`), never by the server's name; the lock path can be forced.
 
-Round trips are batched (group commit, `batching.py`): reads by `_id`, inserts, lock-held updates, unlocks and
-slot frees made by concurrent callers (a worker's or pacer's concurrent handlers) go to the server together, one
-`find`/`insert_many`/`update`/`delete_many` per batch, each caller getting its own item's answer. An idle store
+Round trips are batched (group commit, `batching.py`): reads by `_id`, inserts, unlocks and slot frees made by
+concurrent callers (a worker's or pacer's concurrent handlers) go to the server together, one
+`find`/`insert_many`/`delete_many` per batch, each caller getting its own item's answer. Updates go one per command
+(FerretDB on PostgreSQL stalls on large `update` commands, see `_update_locked`). An idle store
 sends each call at once; under load a batch carries what queued while the previous one ran. FerretDB scans a
 collection for each query (it uses no index, see tests/behaviour/test_mongo_explain.py), so one `$in` read of a
 batch costs what one read did. `batch=False` sends every call alone (the benchmarks' baseline).
@@ -35,7 +36,7 @@ from urllib.parse import unquote_plus
 from uuid import uuid4
 
 import structlog
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, CollectionInvalid, ConnectionFailure, OperationFailure, PyMongoError
 
@@ -56,6 +57,11 @@ CompareAndSet = Literal["atomic", "locked"]
 
 _DUPLICATE_KEY = 11000
 _NAMESPACE_EXISTS = 48
+# Documents a read asks for in its first reply. FerretDB 1.x on PostgreSQL keeps a pooled connection for a cursor
+# left open after a reply (the default first batch is 101 documents) until the client's getMore; with every client
+# connection busy with requests waiting for a pooled connection, that getMore can never be sent and the server
+# stalls for good (seen with 256-id batched reads). Replies are capped at 16 MiB whatever this says.
+_READ_BATCH = 100_000
 # Every collection the store writes (the probe's own scratch collection aside).
 COLLECTIONS = ("nodes", "processed", "releases", "release_nodes", "slots", "leases", "locks")
 # Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
@@ -126,8 +132,13 @@ class MongoStore:
         compare_and_set: CompareAndSetSetting = "probe",
         batch: bool = True,
         max_batch: int = 256,
+        pool_size: int = 16,
     ) -> None:
         self.url = url
+        # Connections to the server, so at most this many requests of this process at once: FerretDB 1.x on
+        # PostgreSQL stalls for good once more requests than its own pool holds wait for a second connection each
+        # (seen under a 64-handler worker with 100 connections); with batched calls a few carry the load.
+        self.pool_size = pool_size
         self.batch = batch
         self.max_batch = max_batch
         # One batcher per kind of call and collection, made on first use (see the module docstring).
@@ -146,6 +157,7 @@ class MongoStore:
                 self.url,
                 tz_aware=True,
                 appname="deploy-reactor",
+                maxPoolSize=self.pool_size,
                 serverSelectionTimeoutMS=timeout_ms,
                 connectTimeoutMS=timeout_ms,
                 socketTimeoutMS=timeout_ms,
@@ -479,7 +491,8 @@ class MongoStore:
         self, collection: str, query: Mapping[str, Any], *, sort: list[tuple[str, int]], limit: int = 0
     ) -> list[Document]:
         return await self._retry(
-            f"read {collection}", lambda: self.db[collection].find(query).sort(sort).limit(limit).to_list()
+            f"read {collection}",
+            lambda: self.db[collection].find(query, batch_size=_READ_BATCH).sort(sort).limit(limit).to_list(),
         )
 
     def _batcher(
@@ -502,7 +515,9 @@ class MongoStore:
     async def _find_by_ids(self, collection: str, document_ids: Sequence[str]) -> list[Document | None]:
         wanted = list(dict.fromkeys(document_ids))
         query: Document = {"_id": wanted[0]} if len(wanted) == 1 else {"_id": {"$in": wanted}}
-        found = await self._retry(f"read {collection}", lambda: self.db[collection].find(query).to_list())
+        found = await self._retry(
+            f"read {collection}", lambda: self.db[collection].find(query, batch_size=_READ_BATCH).to_list()
+        )
         by_id = {document["_id"]: document for document in found}
         return [by_id.get(document_id) for document_id in document_ids]
 
@@ -544,7 +559,9 @@ class MongoStore:
         # An attempt whose reply was lost may have inserted some: where the stored document is ours, it was.
         ids = list(dict.fromkeys(documents[index]["_id"] for index in duplicates))
         query: Document = {"_id": ids[0]} if len(ids) == 1 else {"_id": {"$in": ids}}
-        stored = await self._retry(f"read {collection}", lambda: self.db[collection].find(query).to_list())
+        stored = await self._retry(
+            f"read {collection}", lambda: self.db[collection].find(query, batch_size=_READ_BATCH).to_list()
+        )
         tokens = {document["_id"]: document.get("write_token") for document in stored}
         for index in duplicates:
             inserted[index] = tokens.get(documents[index]["_id"]) == documents[index]["write_token"]
@@ -581,38 +598,35 @@ class MongoStore:
             return False
         update = {"$set": {**fields, "write_token": uuid4().hex}}
         try:
-            if not self.batch:
-                [updated] = await self._update_held_batch(collection, [({**identity, **condition}, update)])
-                return updated
+            # One update per command, not batched: FerretDB 1.x on PostgreSQL holds a pooled connection per statement
+            # of an `update` command until the command ends, so a batch of 50 (its pool) stalls the server for good.
             # Settled: the lock is given back only once the update is done, whatever happens to the caller.
-            batcher = self._batcher("update", collection, partial(self._update_held_batch, collection))
-            return bool(await batcher.settled(({**identity, **condition}, update)))
+            updating = asyncio.ensure_future(self._update_held(collection, {**identity, **condition}, update))
+            try:
+                return await asyncio.shield(updating)
+            except asyncio.CancelledError:
+                await asyncio.wait([updating])
+                raise
         finally:
             # Shielded: a writer cancelled now (a worker stopping) still gives the lock back, rather than leave the
             # next writer of this document waiting out its lease.
             await asyncio.shield(self._unlock(key, lock_id))
 
-    async def _update_held_batch(self, collection: str, updates: Sequence[tuple[Document, Document]]) -> list[bool]:
-        """Apply conditional updates of documents whose locks the callers hold, in one `update` command; per update,
-        whether it applied. Each update carries its own write token: where fewer matched than were sent, or a reply
-        was lost, the tokens on the documents tell which applied (no one else writes a locked document)."""
+    async def _update_held(self, collection: str, query: Document, change: Document) -> bool:
+        """Apply a conditional update of a document whose lock the caller holds; whether it applied. Where a reply
+        was lost, the update's write token on the document tells (no one else writes a locked document)."""
         attempts = 0
 
-        async def update() -> int:
+        async def update_one() -> int:
             nonlocal attempts
             attempts += 1
-            operations = [UpdateOne(query, change) for query, change in updates]
-            result = await self.db[collection].bulk_write(operations, ordered=False)
+            result = await self.db[collection].update_one(query, change)
             return int(result.matched_count)
 
-        matched = await self._retry(f"update {collection}", update)
-        if matched == len(updates) and attempts == 1:
-            return [True] * len(updates)
-        tokens = [change["$set"]["write_token"] for _, change in updates]
-        query: Document = {"write_token": tokens[0]} if len(tokens) == 1 else {"write_token": {"$in": tokens}}
-        found = await self._retry(f"read {collection}", lambda: self.db[collection].find(query).to_list())
-        applied = {document.get("write_token") for document in found}
-        return [token in applied for token in tokens]
+        if await self._retry(f"update {collection}", update_one) and attempts == 1:
+            return True
+        token = change["$set"]["write_token"]
+        return await self._find_one(collection, {"write_token": token}) is not None
 
     async def _lock(self, key: str, matching: Callable[[], Awaitable[Document | None]]) -> str | None:
         """Take the lock of one document; None once the document no longer matches (the update would fail).

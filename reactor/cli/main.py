@@ -667,6 +667,7 @@ def replay(
                 database,
                 compare_and_set=settings.mongo_compare_and_set,
                 batch=settings.mongo_batch,
+                pool_size=settings.mongo_pool_size,
             ) as fresh:
                 return await audit(backends.bus, backends.store, fresh, flt, trust=trust)
 

@@ -1,15 +1,16 @@
 """The MongoDB store's batched round trips (group commit) on the real server: concurrent callers share round trips
-and each still gets its own answer; races between callers of one batch still let exactly one win; a lock is never
-given back before the update made under it is done.
+and each still gets its own answer; races between callers of one batch still let exactly one win; an `update`
+command never carries more than one statement; a lock is never given back before the update made under it is done.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from pymongo.asynchronous.collection import AsyncCollection
 
 from reactor.adapters.mongo_store import Document, MongoStore
 from reactor.domain.pacer import ItemState
@@ -51,7 +52,7 @@ async def test_concurrent_writes_of_many_nodes_all_land_in_fewer_round_trips(mon
     read = await asyncio.gather(*(mongo.get_node(key) for key in keys))
     assert read == changed
     assert [status.request_id if status else None for status in read] == [f"req-{key}" for key in keys]
-    for kind, collection in [("insert", "nodes"), ("update", "nodes"), ("find", "nodes"), ("unlock", "locks")]:
+    for kind, collection in [("insert", "nodes"), ("insert", "locks"), ("find", "nodes"), ("unlock", "locks")]:
         trips, calls = rounds(mongo, kind, collection)
         if mongo.batch:
             assert calls == NODES, (kind, collection, calls)
@@ -115,6 +116,39 @@ async def test_concurrent_moves_of_many_release_nodes_and_slot_frees_all_apply(m
     assert {(node.state, node.outcome) for node in nodes} == {(ItemState.DISPATCHED, f"evt-{key}") for key in keys}
 
 
+async def test_no_update_command_carries_more_than_one_statement(
+    mongo_url: str, mongo_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FerretDB on PostgreSQL holds a pooled connection per statement until the command ends: 50 stall it for good."""
+    sizes: list[int] = []
+    bulk_write = AsyncCollection.bulk_write
+    update_one = AsyncCollection.update_one
+
+    async def counted_bulk(self: AsyncCollection[Document], requests: list[object], **options: object) -> object:
+        sizes.append(len(requests))
+        return await bulk_write(self, requests, **options)  # type: ignore[arg-type]
+
+    async def counted_one(self: AsyncCollection[Document], *args: object, **options: object) -> object:
+        sizes.append(1)
+        return await update_one(self, *args, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AsyncCollection, "bulk_write", counted_bulk)
+    monkeypatch.setattr(AsyncCollection, "update_one", counted_one)
+    async with MongoStore(mongo_url, database=mongo_database, compare_and_set="locked") as store:
+        keys = [f"local/h{index}/api" for index in range(NODES)]
+        created = await asyncio.gather(*(store.put_node(pending(key, "api"), expected_revision=0) for key in keys))
+        changed = await asyncio.gather(
+            *(
+                store.put_node(status.model_copy(update={"state": NodeState.DEPLOYING}), expected_revision=1)
+                for status in created
+                if status is not None
+            )
+        )
+    assert all(status is not None for status in changed)
+    assert sizes
+    assert max(sizes) == 1
+
+
 async def test_a_writer_cancelled_while_its_update_runs_gives_the_lock_back_only_after_it(
     mongo_url: str, mongo_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,14 +158,14 @@ async def test_a_writer_cancelled_while_its_update_runs_gives_the_lock_back_only
         stored = await store.put_node(pending("local/h1/api", "api"), expected_revision=0)
         assert stored is not None
         updating, go_on = asyncio.Event(), asyncio.Event()
-        update = MongoStore._update_held_batch
+        update = MongoStore._update_held
 
-        async def held(self: MongoStore, collection: str, updates: Sequence[tuple[Document, Document]]) -> list[bool]:
+        async def held(self: MongoStore, collection: str, query: Document, change: Document) -> bool:
             updating.set()
             await go_on.wait()
-            return await update(self, collection, updates)
+            return await update(self, collection, query, change)
 
-        monkeypatch.setattr(MongoStore, "_update_held_batch", held)
+        monkeypatch.setattr(MongoStore, "_update_held", held)
         changed = stored.model_copy(update={"state": NodeState.DEPLOYING, "request_id": "req-cancelled"})
         writing = asyncio.create_task(store.put_node(changed, expected_revision=stored.revision))
         await updating.wait()
