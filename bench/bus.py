@@ -1,6 +1,6 @@
 """Throughput of the full reactor loop against raw Kafka, measured in the same run.
 
-    python bench/bus.py [--nodes 10000] [--in-flight 1000]
+    python bench/bus.py [--nodes 10000] [--in-flight 1000] [--backends sqlite,postgresql] [--unbatched-baseline]
 
 Full loop per node: DeployRequested -> executor worker (no-op executor) -> status write -> NodeDeployed -> pacer
 (and the rollback consumer reads every outcome too). Baseline: raw aiokafka produce -> consume of the same
@@ -8,8 +8,10 @@ number of messages of the same size. Also: the embedded mode (in-memory bus, SQL
 memory of one process running every role while `--in-flight` nodes are in flight on Kafka + FerretDB.
 Uses $REACTOR_KAFKA_BOOTSTRAP / $REACTOR_MONGO_URL when set (that FerretDB's storage named by $REACTOR_MONGO_BACKEND,
 sqlite by default), otherwise starts Kafka and one FerretDB per `--backends` entry with the test harness.
+Each distributed run also prints the store's requests per node by kind (where the remaining time goes); with
+`--unbatched-baseline` the same release runs again with every store call sent alone (REACTOR_MONGO_BATCH=false).
 The last line is one JSON object: {"bench": "bus", "nodes": N, "raw_msgs_per_s": x, "embedded_nodes_per_s": x,
-"distributed": {"<backend>": {"nodes_per_s": x, "ratio_to_raw": x}, ...}, "rss_mb": x}.
+"distributed": {"<backend>": {"nodes_per_s": x, "ratio_to_raw": x, "requests_per_node": x, ...}, ...}, "rss_mb": x}.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -187,6 +190,52 @@ async def distributed(bootstrap: str, mongo: str, *, batch: bool = True) -> Asyn
         yield bus, store
 
 
+async def timed_release(bootstrap: str, url: str, plan: ReleasePlan, *, batch: bool) -> tuple[float, Counter[str]]:
+    """Seconds of one distributed release and the store requests it made, by kind."""
+    async with distributed(bootstrap, url, batch=batch) as (bus, store):
+        # As a distributed deployment runs it: max_parallel held with store slots across pacers.
+        settings = Settings(mode="distributed", require_signed=False, state_dir=Path(tempfile.gettempdir()))
+        opened = store.round_trips.copy()
+        seconds, _ = await run_release(bus, store, plan, settings)
+        return seconds, store.round_trips - opened
+
+
+async def measure_distributed(
+    bootstrap: str, url: str, backend: str, plan: ReleasePlan, raw_rate: float, *, unbatched_baseline: bool
+) -> dict[str, float]:
+    """The full loop on Kafka + FerretDB/`backend`, and where asked the same with every store call sent alone."""
+    nodes = len(plan.nodes)
+    reactor_s, trips = await timed_release(bootstrap, url, plan, batch=True)
+    rate = nodes / reactor_s
+    print(
+        f"reactor full loop, Kafka+FerretDB/{backend}: {reactor_s:8.2f} s  {rate:9.0f} nodes/s  "
+        f"= {rate / raw_rate:.1%} of raw (target >= 20%)",
+        flush=True,
+    )
+    print(
+        f"  store requests per node: {trips.total() / nodes:.2f}: "
+        + ", ".join(f"{what} {count / nodes:.2f}" for what, count in trips.most_common()),
+        flush=True,
+    )
+    figures = {
+        "nodes_per_s": round(rate, 1),
+        "ratio_to_raw": round(rate / raw_rate, 4),
+        "requests_per_node": round(trips.total() / nodes, 2),
+    }
+    if unbatched_baseline:
+        unbatched_s, unbatched_trips = await timed_release(bootstrap, url, plan, batch=False)
+        unbatched_rate = nodes / unbatched_s
+        figures["unbatched_nodes_per_s"] = round(unbatched_rate, 1)
+        figures["unbatched_requests_per_node"] = round(unbatched_trips.total() / nodes, 2)
+        figures["batched_to_unbatched"] = round(rate / unbatched_rate, 2)
+        print(
+            f"  the same, every store call sent alone: {unbatched_s:8.2f} s  {unbatched_rate:9.0f} nodes/s"
+            f"  (batched = {rate / unbatched_rate:.2f}x), {unbatched_trips.total() / nodes:.2f} requests per node",
+            flush=True,
+        )
+    return figures
+
+
 async def main() -> None:
     logs.configure("json", "warning")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -226,7 +275,7 @@ async def main() -> None:
         flush=True,
     )
 
-    distributed_rates: dict[str, dict[str, float]] = {}
+    distributed_rates: dict[str, dict[str, float]] = {}  # per FerretDB storage
     peak_rss = baseline_rss = float("nan")
     with kafka() as bootstrap:
         raw_s = await raw_kafka(bootstrap, nodes, size)
@@ -234,31 +283,9 @@ async def main() -> None:
         print(f"raw aiokafka produce->consume: {raw_s:8.2f} s  {raw_rate:9.0f} msg/s   (baseline)", flush=True)
         for backend in chosen:
             with mongo(backend) as url:
-                async with distributed(bootstrap, url) as (bus, store):
-                    # As a distributed deployment runs it: max_parallel held with store slots across pacers.
-                    settings = Settings(mode="distributed", require_signed=False, state_dir=Path(tempfile.gettempdir()))
-                    reactor_s, _ = await run_release(bus, store, plan, settings)
-                reactor_rate = nodes / reactor_s
-                distributed_rates[backend] = {
-                    "nodes_per_s": round(reactor_rate, 1),
-                    "ratio_to_raw": round(reactor_rate / raw_rate, 4),
-                }
-                print(
-                    f"reactor full loop, Kafka+FerretDB/{backend}: {reactor_s:8.2f} s  {reactor_rate:9.0f} nodes/s  "
-                    f"= {reactor_rate / raw_rate:.1%} of raw (target >= 20%)",
-                    flush=True,
+                distributed_rates[backend] = await measure_distributed(
+                    bootstrap, url, backend, plan, raw_rate, unbatched_baseline=args.unbatched_baseline
                 )
-                if args.unbatched_baseline:
-                    async with distributed(bootstrap, url, batch=False) as (bus, store):
-                        unbatched_s, _ = await run_release(bus, store, plan, settings)
-                    unbatched_rate = nodes / unbatched_s
-                    distributed_rates[backend]["unbatched_nodes_per_s"] = round(unbatched_rate, 1)
-                    distributed_rates[backend]["batched_to_unbatched"] = round(reactor_rate / unbatched_rate, 2)
-                    print(
-                        f"  the same, store round trips unbatched: {unbatched_s:8.2f} s  {unbatched_rate:9.0f} nodes/s"
-                        f"  (batched = {reactor_rate / unbatched_rate:.2f}x)",
-                        flush=True,
-                    )
                 if backend != chosen[0]:
                     continue
                 in_flight = release(args.in_flight, max_parallel=args.in_flight)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -143,6 +144,8 @@ class MongoStore:
         self.max_batch = max_batch
         # One batcher per kind of call and collection, made on first use (see the module docstring).
         self._batchers: dict[tuple[str, str], Batcher[Any, Any]] = {}
+        # Requests sent to the server so far, by what they did ("read nodes", "unlock", ...): benchmarks read it.
+        self.round_trips: Counter[str] = Counter()
         self.database = database
         self.timeout_s = timeout_s
         self.compare_and_set_setting: CompareAndSetSetting = compare_and_set
@@ -468,6 +471,7 @@ class MongoStore:
         task = asyncio.current_task()
         cancels = 0 if task is None else task.cancelling()
         while True:
+            self.round_trips[what] += 1
             try:
                 result = await operation()
             except PyMongoError as exc:
