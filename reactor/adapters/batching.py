@@ -70,15 +70,15 @@ class Batcher(Generic[I, R]):
             self.items += len(items)
             try:
                 results = await self.operation(items)
-            except BaseException as exc:  # each caller gets its batch's error; this task carries on with the next
+            except asyncio.CancelledError:  # this task itself is cancelled (its loop is closing): so is every call
+                for _, future in batch + self._waiting:
+                    future.cancel()
+                self._waiting.clear()
+                raise
+            except Exception as exc:  # noqa: BLE001  # each caller gets its batch's error; the next batch goes on
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    for _, future in self._waiting:
-                        future.cancel()
-                    self._waiting.clear()
-                    raise
                 continue
             if len(results) != len(items):
                 error = RuntimeError(f"batch operation returned {len(results)} results for {len(items)} items")

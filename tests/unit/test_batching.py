@@ -157,3 +157,19 @@ def test_max_batch_must_be_positive() -> None:
 
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(echo, max_batch=0)
+
+
+async def test_callers_are_cancelled_when_the_batch_task_itself_is() -> None:
+    gate = Gate()
+    batcher = Batcher(gate)
+    running, queued = asyncio.create_task(batcher(1)), None
+    await gate.entered.wait()
+    queued = asyncio.create_task(batcher(2))
+    await until(lambda: len(batcher._waiting) == 1, what="one call queued")
+    assert batcher._runner is not None
+    batcher._runner.cancel()
+    for call in (running, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    gate.open.set()
+    assert await batcher(3) == 6  # a new call starts a new batch task
