@@ -190,14 +190,17 @@ async def distributed(bootstrap: str, mongo: str, *, batch: bool = True) -> Asyn
         yield bus, store
 
 
-async def timed_release(bootstrap: str, url: str, plan: ReleasePlan, *, batch: bool) -> tuple[float, Counter[str]]:
-    """Seconds of one distributed release and the store requests it made, by kind."""
+async def timed_release(
+    bootstrap: str, url: str, plan: ReleasePlan, *, batch: bool
+) -> tuple[float, Counter[str], dict[str, float]]:
+    """Seconds of one distributed release, the store requests it made and the seconds they took, by kind."""
     async with distributed(bootstrap, url, batch=batch) as (bus, store):
         # As a distributed deployment runs it: max_parallel held with store slots across pacers.
         settings = Settings(mode="distributed", require_signed=False, state_dir=Path(tempfile.gettempdir()))
-        opened = store.round_trips.copy()
+        opened, opened_s = store.round_trips.copy(), dict(store.round_trip_s)
         seconds, _ = await run_release(bus, store, plan, settings)
-        return seconds, store.round_trips - opened
+        spent = {what: total - opened_s.get(what, 0.0) for what, total in store.round_trip_s.items()}
+        return seconds, store.round_trips - opened, spent
 
 
 async def measure_distributed(
@@ -205,7 +208,7 @@ async def measure_distributed(
 ) -> dict[str, float]:
     """The full loop on Kafka + FerretDB/`backend`, and where asked the same with every store call sent alone."""
     nodes = len(plan.nodes)
-    reactor_s, trips = await timed_release(bootstrap, url, plan, batch=True)
+    reactor_s, trips, trip_s = await timed_release(bootstrap, url, plan, batch=True)
     rate = nodes / reactor_s
     print(
         f"reactor full loop, Kafka+FerretDB/{backend}: {reactor_s:8.2f} s  {rate:9.0f} nodes/s  "
@@ -217,13 +220,21 @@ async def measure_distributed(
         + ", ".join(f"{what} {count / nodes:.2f}" for what, count in trips.most_common()),
         flush=True,
     )
+    print(
+        "  their milliseconds per node (summed over concurrent requests): "
+        + ", ".join(
+            f"{what} {seconds * 1000 / nodes:.1f}"
+            for what, seconds in sorted(trip_s.items(), key=lambda item: -item[1])[:8]
+        ),
+        flush=True,
+    )
     figures = {
         "nodes_per_s": round(rate, 1),
         "ratio_to_raw": round(rate / raw_rate, 4),
         "requests_per_node": round(trips.total() / nodes, 2),
     }
     if unbatched_baseline:
-        unbatched_s, unbatched_trips = await timed_release(bootstrap, url, plan, batch=False)
+        unbatched_s, unbatched_trips, _ = await timed_release(bootstrap, url, plan, batch=False)
         unbatched_rate = nodes / unbatched_s
         figures["unbatched_nodes_per_s"] = round(unbatched_rate, 1)
         figures["unbatched_requests_per_node"] = round(unbatched_trips.total() / nodes, 2)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -146,6 +146,7 @@ class MongoStore:
         self._batchers: dict[tuple[str, str], Batcher[Any, Any]] = {}
         # Requests sent to the server so far, by what they did ("read nodes", "unlock", ...): benchmarks read it.
         self.round_trips: Counter[str] = Counter()
+        self.round_trip_s: defaultdict[str, float] = defaultdict(float)  # and the seconds they took, summed
         self.database = database
         self.timeout_s = timeout_s
         self.compare_and_set_setting: CompareAndSetSetting = compare_and_set
@@ -472,9 +473,11 @@ class MongoStore:
         cancels = 0 if task is None else task.cancelling()
         while True:
             self.round_trips[what] += 1
+            sent = time.monotonic()
             try:
                 result = await operation()
             except PyMongoError as exc:
+                self.round_trip_s[what] += time.monotonic() - sent
                 _raise_swallowed_cancellation(task, cancels)
                 if not _is_transient(exc):
                     raise ReactorError(f"MongoDB {what}: {exc}") from exc
@@ -485,6 +488,7 @@ class MongoStore:
                 attempt += 1
                 await asyncio.sleep(delay)
             else:
+                self.round_trip_s[what] += time.monotonic() - sent
                 _raise_swallowed_cancellation(task, cancels)
                 return result
 

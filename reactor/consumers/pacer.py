@@ -662,13 +662,9 @@ class Pacer:
             await self._send_holding_slots(record, candidates, count, from_state, to_state, command, parallel=parallel)
             return
         now = self.clock()
-
-        async def send(node: ReleaseNode) -> None:
-            async with self._fan_out:
-                if await self._record_sent(record, node, from_state, to_state, now):
-                    await self.bus.publish(command(record, node))
-
-        await asyncio.gather(*(send(node) for node in candidates[:count]))
+        await asyncio.gather(
+            *(self._send_one(record, node, from_state, to_state, command, now) for node in candidates[:count])
+        )
 
     async def _send_holding_slots(
         self,
@@ -681,14 +677,16 @@ class Pacer:
         *,
         parallel: int,
     ) -> None:
-        """Send the first `count` candidates that can take a slot of each of their scopes, one at a time.
+        """Send the first `count` candidates that can take a slot of each of their scopes.
 
-        Each node is recorded as sent right after its slots are taken, with the time they were taken: the
-        sweep frees a slot of a node not in flight only once it is old, so that gap must stay short.
+        Slots are taken one node at a time, in order; each node that got its slots is recorded as sent and its command
+        published at once, beside the taking of the next node's slots (so a window's sends share the store's round
+        trips instead of queueing behind one another). The time its slots were taken is the time it is recorded
+        sent with: the sweep frees a slot of a node not in flight only once it is old, so that gap must stay short.
         """
-        sent = 0
+        sending: list[asyncio.Task[bool]] = []
         for node in candidates:
-            if sent >= count:
+            if len(sending) >= count:
                 break
             scopes = scopes_for(
                 self.limits,
@@ -706,11 +704,26 @@ class Pacer:
                 continue
             # If another pacer sent the node first, the slots taken here stay with it (same holder) until its
             # outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
-            if await self._record_sent(record, node, from_state, to_state, now):
-                await self.bus.publish(command(record, node))
-                sent += 1
+            sending.append(asyncio.create_task(self._send_one(record, node, from_state, to_state, command, now)))
+        sent = sum(await asyncio.gather(*sending))
         if sent < count:
             log.info("in-flight limit reached", sent=sent, wanted=count)
+
+    async def _send_one(
+        self,
+        record: ReleaseRecord,
+        node: ReleaseNode,
+        from_state: ItemState,
+        to_state: ItemState,
+        command: Callable[[ReleaseRecord, ReleaseNode], Event],
+        now: datetime,
+    ) -> bool:
+        """Record `node` as sent and publish its command; False if it was not in `from_state` (sent by another)."""
+        async with self._fan_out:
+            if not await self._record_sent(record, node, from_state, to_state, now):
+                return False
+            await self.bus.publish(command(record, node))
+            return True
 
     async def _record_sent(
         self, record: ReleaseRecord, node: ReleaseNode, from_state: ItemState, to_state: ItemState, now: datetime
