@@ -685,27 +685,34 @@ class Pacer:
         sent with: the sweep frees a slot of a node not in flight only once it is old, so that gap must stay short.
         """
         sending: list[asyncio.Task[bool]] = []
-        for node in candidates:
-            if len(sending) >= count:
-                break
-            scopes = scopes_for(
-                self.limits,
-                release_id=record.release_id,
-                service=record.plan.service,
-                max_parallel=parallel,
-                node_key=node.node_key,
-                target=node.target,
-                release_size=sum(record.batch_sizes),
-            )
-            now = self.clock()
-            if not await self.store.take_slots(record.release_id, node.node_key, scopes, now=now):
-                if not self.limits.per_label:
-                    break  # every node has the same scopes: the next one would not fit either
-                continue
-            # If another pacer sent the node first, the slots taken here stay with it (same holder) until its
-            # outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
-            sending.append(asyncio.create_task(self._send_one(record, node, from_state, to_state, command, now)))
-        sent = sum(await asyncio.gather(*sending))
+        try:
+            for node in candidates:
+                if len(sending) >= count:
+                    break
+                scopes = scopes_for(
+                    self.limits,
+                    release_id=record.release_id,
+                    service=record.plan.service,
+                    max_parallel=parallel,
+                    node_key=node.node_key,
+                    target=node.target,
+                    release_size=sum(record.batch_sizes),
+                )
+                now = self.clock()
+                if not await self.store.take_slots(record.release_id, node.node_key, scopes, now=now):
+                    if not self.limits.per_label:
+                        break  # every node has the same scopes: the next one would not fit either
+                    continue
+                # If another pacer sent the node first, the slots taken here stay with it (same holder) until its
+                # outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
+                sending.append(asyncio.create_task(self._send_one(record, node, from_state, to_state, command, now)))
+        finally:
+            # The sends under way finish (each a CAS and its command) before anything, an error too, goes on.
+            results = await asyncio.gather(*sending, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        sent = results.count(True)
         if sent < count:
             log.info("in-flight limit reached", sent=sent, wanted=count)
 
