@@ -13,13 +13,26 @@ caller then waits for its item's result (shielded) before the cancellation goes 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Generic, TypeVar
 
 I = TypeVar("I")  # noqa: E741  # one item of a batch
 R = TypeVar("R")  # one item's result
+T = TypeVar("T")
 
 BatchOperation = Callable[[Sequence[I]], Awaitable[Sequence[R]]]
+
+
+async def settled(work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`; if the caller is cancelled meanwhile, `work` still runs to its end before the cancellation
+    goes on, so that what the caller does next (give a lock back) is not overtaken by it."""
+    running = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        if not running.done():
+            await asyncio.wait([running])
+        raise
 
 
 class Batcher(Generic[I, R]):
@@ -49,13 +62,7 @@ class Batcher(Generic[I, R]):
 
     async def settled(self, item: I) -> R:
         """As a call, but a cancelled caller still waits until its item is done (its effect then is known)."""
-        future = asyncio.ensure_future(self(item))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if not future.done():
-                await asyncio.wait([future])
-            raise
+        return await settled(self(item))
 
     async def _run(self) -> None:
         while self._waiting:

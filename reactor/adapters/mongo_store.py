@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
@@ -41,7 +41,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, CollectionInvalid, ConnectionFailure, OperationFailure, PyMongoError
 
-from reactor.adapters.batching import Batcher
+from reactor.adapters.batching import Batcher, BatchOperation, settled
 from reactor.adapters.mongo_probe import PROBE_COLLECTION, WRITERS, ProbeResult, probe_compare_and_set
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeStatus
@@ -51,6 +51,8 @@ from reactor.ports import ReleaseNode, ReleaseRecord, Slot
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741  # one item of a batched call
+R = TypeVar("R")  # its result
 Document = dict[str, Any]
 # How a store makes a conditional update exclusive: `probe` decides at open between the two below.
 CompareAndSetSetting = Literal["probe", "locked"]
@@ -70,6 +72,12 @@ _BACKOFF_S = (0.1, 0.4)
 _LOCK_POLL_S = (0.002, 0.05)
 # A lock outlives any holder that is still working: one update is bounded by `timeout_s` (retries included).
 _LOCK_LEASE_TIMEOUTS = 6
+
+
+async def _first(results: Awaitable[Sequence[R]]) -> R:
+    """The one result of a batch operation run on one item."""
+    [result] = await results
+    return result
 
 
 def _is_transient(exc: PyMongoError) -> bool:
@@ -438,10 +446,7 @@ class MongoStore:
         return True
 
     async def free_slots(self, release_id: str, node_key: str) -> None:
-        if not self.batch:
-            await self._free_slots_batch([(release_id, node_key)])
-            return
-        await self._batcher("free", "slots", self._free_slots_batch)((release_id, node_key))
+        await self._call("free", "slots", self._free_slots_batch, (release_id, node_key))
 
     async def _free_slots_batch(self, nodes: Sequence[tuple[str, str]]) -> list[None]:
         held = [{"release_id": release_id, "node_key": node_key} for release_id, node_key in nodes]
@@ -503,30 +508,37 @@ class MongoStore:
             lambda: self.db[collection].find(query, batch_size=_READ_BATCH).sort(sort).limit(limit).to_list(),
         )
 
-    def _batcher(
-        self, kind: str, collection: str, operation: Callable[[Sequence[Any]], Awaitable[Sequence[Any]]]
-    ) -> Batcher[Any, Any]:
-        batcher = self._batchers.get((kind, collection))
-        if batcher is None:
-            batcher = self._batchers[(kind, collection)] = Batcher(operation, max_batch=self.max_batch)
-        return batcher
+    async def _call(
+        self, kind: str, collection: str, operation: BatchOperation[I, R], item: I, *, settle: bool = False
+    ) -> R:
+        """`operation` on `item`: in the next batch of this kind of call on `collection`, or alone if the store does
+        not batch. `settle`: see `batching.settled`."""
+        if self.batch:
+            batcher = self._batchers.get((kind, collection))
+            if batcher is None:
+                batcher = self._batchers[(kind, collection)] = Batcher(operation, max_batch=self.max_batch)
+            call: Coroutine[Any, Any, R] = batcher(item)
+        else:
+            call = _first(operation([item]))
+        return await (settled(call) if settle else call)
+
+    def _ids(self, document_ids: Sequence[str]) -> Document:
+        """A query for the documents with these `_id`s."""
+        wanted = list(dict.fromkeys(document_ids))
+        return {"_id": wanted[0]} if len(wanted) == 1 else {"_id": {"$in": wanted}}
+
+    async def _read_all(self, collection: str, query: Mapping[str, Any]) -> list[Document]:
+        """Every document matching `query`, in the first reply (see `_READ_BATCH`)."""
+        return await self._retry(
+            f"read {collection}", lambda: self.db[collection].find(query, batch_size=_READ_BATCH).to_list()
+        )
 
     async def _find_by_id(self, collection: str, document_id: str) -> Document | None:
         """The document with `_id` `document_id`; concurrent reads of one collection share one `$in` query."""
-        if not self.batch:
-            return await self._find_one(collection, {"_id": document_id})
-        found: Document | None = await self._batcher("find", collection, partial(self._find_by_ids, collection))(
-            document_id
-        )
-        return found
+        return await self._call("find", collection, partial(self._find_by_ids, collection), document_id)
 
     async def _find_by_ids(self, collection: str, document_ids: Sequence[str]) -> list[Document | None]:
-        wanted = list(dict.fromkeys(document_ids))
-        query: Document = {"_id": wanted[0]} if len(wanted) == 1 else {"_id": {"$in": wanted}}
-        found = await self._retry(
-            f"read {collection}", lambda: self.db[collection].find(query, batch_size=_READ_BATCH).to_list()
-        )
-        by_id = {document["_id"]: document for document in found}
+        by_id = {document["_id"]: document for document in await self._read_all(collection, self._ids(document_ids))}
         return [by_id.get(document_id) for document_id in document_ids]
 
     async def _insert(self, collection: str, document: Document, *, settle: bool = False) -> bool:
@@ -536,11 +548,7 @@ class MongoStore:
         (a lock it gives back) is not overtaken by the insert itself.
         """
         stamped = {**document, "write_token": uuid4().hex}
-        if not self.batch:
-            [inserted] = await self._insert_batch(collection, [stamped])
-            return inserted
-        batcher = self._batcher("insert", collection, partial(self._insert_batch, collection))
-        return bool(await (batcher.settled(stamped) if settle else batcher(stamped)))
+        return await self._call("insert", collection, partial(self._insert_batch, collection), stamped, settle=settle)
 
     async def _insert_batch(self, collection: str, documents: Sequence[Document]) -> list[bool]:
         """Insert stamped documents in one `insert_many`; per document, whether it is the stored one."""
@@ -565,11 +573,7 @@ class MongoStore:
         if not duplicates:
             return inserted
         # An attempt whose reply was lost may have inserted some: where the stored document is ours, it was.
-        ids = list(dict.fromkeys(documents[index]["_id"] for index in duplicates))
-        query: Document = {"_id": ids[0]} if len(ids) == 1 else {"_id": {"$in": ids}}
-        stored = await self._retry(
-            f"read {collection}", lambda: self.db[collection].find(query, batch_size=_READ_BATCH).to_list()
-        )
+        stored = await self._read_all(collection, self._ids([documents[index]["_id"] for index in duplicates]))
         tokens = {document["_id"]: document.get("write_token") for document in stored}
         for index in duplicates:
             inserted[index] = tokens.get(documents[index]["_id"]) == documents[index]["write_token"]
@@ -609,12 +613,7 @@ class MongoStore:
             # One update per command, not batched: FerretDB 1.x on PostgreSQL holds a pooled connection per statement
             # of an `update` command until the command ends, so a batch of 50 (its pool) stalls the server for good.
             # Settled: the lock is given back only once the update is done, whatever happens to the caller.
-            updating = asyncio.ensure_future(self._update_held(collection, {**identity, **condition}, update))
-            try:
-                return await asyncio.shield(updating)
-            except asyncio.CancelledError:
-                await asyncio.wait([updating])
-                raise
+            return await settled(self._update_held(collection, {**identity, **condition}, update))
         finally:
             # Shielded: a writer cancelled now (a worker stopping) still gives the lock back, rather than leave the
             # next writer of this document waiting out its lease.
@@ -674,15 +673,11 @@ class MongoStore:
 
     async def _unlock(self, key: str, lock_id: str) -> None:
         try:
-            if not self.batch:
-                await self._unlock_batch([lock_id])
-            else:
-                await self._batcher("unlock", "locks", self._unlock_batch)(lock_id)
+            await self._call("unlock", "locks", self._unlock_batch, lock_id)
         except BackendUnavailable as exc:
             # The write itself is settled; the lock expires after its lease.
             log.warning("could not release a lock", lock=key, error=str(exc))
 
     async def _unlock_batch(self, lock_ids: Sequence[str]) -> list[None]:
-        query: Document = {"_id": lock_ids[0]} if len(lock_ids) == 1 else {"_id": {"$in": list(lock_ids)}}
-        await self._retry("unlock", partial(self.db["locks"].delete_many, query))
+        await self._retry("unlock", partial(self.db["locks"].delete_many, self._ids(lock_ids)))
         return [None] * len(lock_ids)
