@@ -20,6 +20,7 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
@@ -249,6 +250,42 @@ def test_release_page_follows_the_release_live_and_approves_its_gate(server: Ser
     assert text(browser, '#releases tr[data-release="checkout-1"] [data-state]') == "completed"
     assert "8/8" in text(browser, '#releases tr[data-release="checkout-1"]')
     screenshot(browser, "release-list")
+
+
+def test_a_reason_being_typed_keeps_its_focus_and_its_keys_across_live_updates(
+    server: Server, browser: WebDriver
+) -> None:
+    """Live updates re-render the page around the command bar: the reason field being typed in keeps the focus, so
+    the keys typed after an update still land in it, and the approval carries the whole reason."""
+    server.submit(gated("ledger-1", 4, batches=[1, 1, "100%"], approval_after_batches=[1, 2]))
+    sign_in(browser, f"{server.url}/releases/ledger-1", WRITER)
+    release_state(browser, "awaiting_approval")
+    shown(browser, "#reason")
+    browser.find_element(By.CSS_SELECTOR, "#reason").send_keys("canary ")
+    browser.execute_script("document.querySelector('#budget').dataset.beforeUpdate = 'yes'")
+    # Approved by the API, not the page: its events make the page render again while the field has the focus.
+    response = httpx.post(
+        f"{server.url}/api/v1/releases/ledger-1/approve", headers={"authorization": f"Bearer {WRITER}"}, timeout=30
+    )
+    assert response.status_code == 202, response.text
+    wait(browser).until(lambda page: page.find_elements(By.CSS_SELECTOR, "#budget[data-before-update]") == [])
+    assert browser.execute_script("return document.activeElement.id") == "reason"
+    # Typed into whatever has the focus, as a person's keys are, not into the element.
+    ActionChains(browser).send_keys("looks fine").perform()
+    assert browser.execute_script("return document.getElementById('reason').value") == "canary looks fine"
+
+    node(browser, "noop/web-02/ledger", "succeeded")
+    release_state(browser, "awaiting_approval")
+    click(browser, '[data-action="approve"]')
+    release_state(browser, "completed")
+    script = "return [...document.querySelectorAll(arguments[0])].map((element) => element.textContent)"
+    approvals = '#timeline li[data-type="ReleaseApproved"] .summary'
+    wait(browser).until(lambda page: len(page.execute_script(script, approvals)) == 2)
+    # Newest first: the page's approval with the whole reason, then the API's without one.
+    assert browser.execute_script(script, approvals) == [
+        "release approved by ci: canary looks fine",
+        "release approved by ci",
+    ]
 
 
 def test_abort_then_rollback_from_the_page(server: Server, browser: WebDriver) -> None:

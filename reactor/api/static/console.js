@@ -425,11 +425,19 @@ class ReleasePage {
     const nodes = release.nodes.map((node) => ({ ...node, progress: this.progress.get(node.node_key) || node.progress }));
     const counts = Object.fromEntries(PROGRESS.map((state) => [state, 0]));
     for (const node of nodes) counts[node.progress] += 1;
+    // Moving the kept command bar out and back in takes the focus from its reason field: give it back, with the
+    // caret where it was, or the keys typed next would go to the page and the reason would be lost.
+    const focused = document.activeElement;
+    const caret = focused && focused.id === "reason" ? [focused.selectionStart, focused.selectionEnd] : null;
     this.main.replaceChildren(
       this.header(release, liveState),
       this.controls(release),
       h("section", { class: "columns" }, h("div", { class: "grid-column" }, this.figures(release, counts, nodes.length), this.grid(release, nodes)), this.timeline()),
     );
+    if (caret && document.activeElement !== focused && focused.isConnected) {
+      focused.focus();
+      focused.setSelectionRange(...caret);
+    }
     if (this.openNode) this.drawer(this.openNode);
   }
 
