@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class ReactorError(Exception):
     """Root of every error the reactor raises on purpose."""
@@ -68,3 +71,19 @@ class StepFailed(ReactorError):
 
 class PolicyRefused(ReactorError):
     """The deploy policy does not allow a request; the text starts with `policy:` and names the rule."""
+
+
+@contextmanager
+def first_reactor_error() -> Iterator[None]:
+    """Inside: a task group's ExceptionGroup holding a ReactorError is raised as its first ReactorError, so callers
+    (and the CLI's exit codes) see the reactor's own error, not a group of them."""
+    try:
+        yield
+    except ExceptionGroup as group:
+        found = group.subgroup(ReactorError)
+        if found is None:
+            raise
+        first: BaseException = found
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group

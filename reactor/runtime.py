@@ -20,7 +20,7 @@ from reactor.consumers.cdevents import CDEventsPublisher
 from reactor.consumers.executor_worker import ExecutorWorker
 from reactor.consumers.pacer import Pacer
 from reactor.consumers.rollback import RollbackConsumer
-from reactor.errors import InvalidInput
+from reactor.errors import InvalidInput, first_reactor_error
 from reactor.events import Topic
 from reactor.ports import CDEventSink, EventBus, ExecutorFactory, ExecutorSettings, Store
 from reactor.settings import Settings
@@ -192,45 +192,46 @@ async def run_roles(
         check_private_file(settings.physical_private_key, "SSH private key (REACTOR_PHYSICAL_PRIVATE_KEY)")
     bus, store = backends.bus, backends.store
     policy = load_policy_setting(settings)
-    async with cdevents_publisher(settings, Role.CDEVENTS in roles) as publisher, asyncio.TaskGroup() as tasks:
-        if Role.EXECUTOR in roles:
-            worker = ExecutorWorker(
-                store,
-                bus,
-                settings=ExecutorSettings(
-                    local_root=settings.nodes_root,
-                    stop_timeout_s=settings.stop_timeout_s,
-                    noop_delay_s=settings.noop_delay_s,
-                    physical_driver=settings.physical_driver,
-                    physical_inventory=settings.physical_inventory,
-                    physical_known_hosts=settings.physical_known_hosts,
-                    physical_private_key=settings.physical_private_key,
-                    physical_user=settings.physical_user,
-                    physical_connect_timeout_s=settings.physical_connect_timeout_s,
-                    physical_command_timeout_s=settings.physical_command_timeout_s,
-                    physical_concurrency=settings.physical_concurrency,
-                    kubeconfig=settings.kubeconfig,
-                ),
-                factories=factories,
-                lease=timedelta(seconds=settings.lease_s),
-                policy=policy,
-            )
-            tasks.create_task(bus.consume([Topic.COMMANDS], "executor", worker.handle))
-        if Role.ROLLBACK in roles:
-            tasks.create_task(bus.consume([Topic.OUTCOMES], "rollback", RollbackConsumer(bus).handle))
-        if Role.PACER in roles:
-            pacer = Pacer(
-                store,
-                bus,
-                concurrent_releases=settings.concurrent_releases,
-                limits=settings.in_flight_limits(),
-                policy=policy,
-            )
-            tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
-            await pacer.recover()
-            tasks.create_task(pacer.run_timers(tick_s=settings.timer_tick_s, resend_s=settings.resend_after_s))
-        if publisher is not None:
-            tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "cdevents", publisher.handle))
-        log.info("worker running", roles=sorted(role.value for role in roles))
-        if started is not None:
-            started.set()
+    with first_reactor_error():
+        async with cdevents_publisher(settings, Role.CDEVENTS in roles) as publisher, asyncio.TaskGroup() as tasks:
+            if Role.EXECUTOR in roles:
+                worker = ExecutorWorker(
+                    store,
+                    bus,
+                    settings=ExecutorSettings(
+                        local_root=settings.nodes_root,
+                        stop_timeout_s=settings.stop_timeout_s,
+                        noop_delay_s=settings.noop_delay_s,
+                        physical_driver=settings.physical_driver,
+                        physical_inventory=settings.physical_inventory,
+                        physical_known_hosts=settings.physical_known_hosts,
+                        physical_private_key=settings.physical_private_key,
+                        physical_user=settings.physical_user,
+                        physical_connect_timeout_s=settings.physical_connect_timeout_s,
+                        physical_command_timeout_s=settings.physical_command_timeout_s,
+                        physical_concurrency=settings.physical_concurrency,
+                        kubeconfig=settings.kubeconfig,
+                    ),
+                    factories=factories,
+                    lease=timedelta(seconds=settings.lease_s),
+                    policy=policy,
+                )
+                tasks.create_task(bus.consume([Topic.COMMANDS], "executor", worker.handle))
+            if Role.ROLLBACK in roles:
+                tasks.create_task(bus.consume([Topic.OUTCOMES], "rollback", RollbackConsumer(bus).handle))
+            if Role.PACER in roles:
+                pacer = Pacer(
+                    store,
+                    bus,
+                    concurrent_releases=settings.concurrent_releases,
+                    limits=settings.in_flight_limits(),
+                    policy=policy,
+                )
+                tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
+                await pacer.recover()
+                tasks.create_task(pacer.run_timers(tick_s=settings.timer_tick_s, resend_s=settings.resend_after_s))
+            if publisher is not None:
+                tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "cdevents", publisher.handle))
+            log.info("worker running", roles=sorted(role.value for role in roles))
+            if started is not None:
+                started.set()

@@ -5,6 +5,7 @@ milliseconds)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,30 @@ def bootstrap(broker: Service) -> str:
     return broker.env["REACTOR_KAFKA_BOOTSTRAP"]
 
 
-async def grant(broker: Service, prefix: str, *, partitions: int = kafka_secure.PARTITIONS) -> None:
+async def grant(
+    broker: Service,
+    prefix: str,
+    *,
+    partitions: int = kafka_secure.PARTITIONS,
+    leave_out: Collection[kafka_secure.AclBinding] = (),
+) -> None:
     """As the admin: the reactor's topics under `prefix` and every principal's ACLs on them, the same bindings
-    `kafka_secure.grant` sets with Kafka's tools."""
-    admin_security = security(broker, kafka_secure.ADMIN)
-    async with KafkaBus(bootstrap(broker), prefix=prefix, security=admin_security) as admin_bus:
+    `kafka_secure.grant` sets with Kafka's tools, but those in `leave_out`."""
+    async with KafkaBus(bootstrap(broker), prefix=prefix, security=security(broker, kafka_secure.ADMIN)) as admin_bus:
         await admin_bus.create_topics(partitions=partitions)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap(broker), **admin_security.client_options())
+    await allow(broker, [binding for binding in kafka_secure.acl_bindings(prefix) if binding not in leave_out])
+    await _visible(broker, kafka_secure.WORKER, [prefix + name for name in kafka_secure.TOPICS])
+    await _visible(broker, kafka_secure.CI, [prefix + "releases"])
+
+
+async def allow(broker: Service, bindings: Collection[kafka_secure.AclBinding]) -> None:
+    """As the admin: add `bindings` (the broker applies them moments later)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap(broker), **security(broker, kafka_secure.ADMIN).client_options()
+    )
     await admin.start()
     try:
-        for binding in kafka_secure.acl_bindings(prefix):
+        for binding in bindings:
             request = CreateAclsRequest(
                 _RESOURCE[binding.resource],
                 binding.name,
@@ -67,8 +82,6 @@ async def grant(broker: Service, prefix: str, *, partitions: int = kafka_secure.
                     raise for_code(error_code)(f"creating {binding}: {message}")
     finally:
         await admin.close()
-    await _visible(broker, kafka_secure.WORKER, [prefix + name for name in kafka_secure.TOPICS])
-    await _visible(broker, kafka_secure.CI, [prefix + "releases"])
 
 
 async def _visible(broker: Service, user: str, topics: list[str]) -> None:

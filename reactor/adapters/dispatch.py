@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 import structlog
 
 from reactor.codec import Record, decode
-from reactor.errors import DecodeError, PolicyRefused, ReactorError
+from reactor.errors import AccessDenied, DecodeError, PolicyRefused, ReactorError
 from reactor.events import Event, Topic
 from reactor.observability import DEAD_LETTERED
 from reactor.ports import Handler
@@ -106,6 +106,10 @@ async def deliver(
         except PolicyRefused as exc:
             await dead_letter(topic, str(exc))
             return
+        except AccessDenied:
+            # This process may not do what the message needs (a write its backend refused): the message is not at
+            # fault, so it is neither dead-lettered nor retried; its consumer stops with it unfinished.
+            raise
         except ReactorError as exc:
             if not exc.retriable:
                 await dead_letter(topic, f"handler: {exc}")
@@ -147,6 +151,10 @@ class KeyedDispatcher(Generic[M]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._progressed = asyncio.Event()  # set whenever a message finishes or a lane ends
+        # The first error `process` raised (it retries or dead-letters everything else, so this is a reason to
+        # stop consuming, such as AccessDenied); the message stays unfinished and its lane ends.
+        self.failure: Exception | None = None
+        self._failed = asyncio.Event()
 
     def submit(self, key: bytes | None, message: M) -> None:
         """Queue a message behind earlier ones of the same key."""
@@ -170,12 +178,23 @@ class KeyedDispatcher(Generic[M]):
                 self.pending -= 1
                 self._on_done(message)
                 self._progressed.set()
+        # Kept for the consumer to raise, not lost with this task; the lane's messages stay pending (unfinished).
+        except Exception as exc:  # noqa: BLE001
+            if self.failure is None:
+                self.failure = exc
+            self._failed.set()
         finally:
             if self._lanes.get(key) is lane:
                 del self._lanes[key]
             if not self._lanes:
                 self._idle.set()
             self._progressed.set()
+
+    async def failed(self) -> Exception:
+        """Wait until a message's processing raised; that error."""
+        await self._failed.wait()
+        assert self.failure is not None  # noqa: S101 (set before the event)
+        return self.failure
 
     def _holding(self, which: Callable[[M], bool] | None) -> list[tuple[bytes | None, _Lane[M]]]:
         return [

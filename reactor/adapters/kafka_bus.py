@@ -23,12 +23,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
     CommitFailedError,
+    GroupAuthorizationFailedError,
     IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
     for_code,
 )
 from aiokafka.partitioner import murmur2
@@ -43,6 +46,15 @@ from reactor.ports import Handler
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
 log = structlog.get_logger(__name__)
+
+# The broker's ACLs refused this principal: not an outage (waiting does not help), so AccessDenied, not
+# BackendUnavailable.
+REFUSED = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +187,8 @@ class KafkaBus:
             await self._producer.send_and_wait(
                 self.topic_name(topic), value=record.value, key=record.key, headers=list(record.headers)
             )
+        except REFUSED as exc:
+            raise AccessDenied(f"kafka {self.bootstrap}: not allowed to write {self.topic_name(topic)}: {exc}") from exc
         except KafkaError as exc:
             raise BackendUnavailable(f"kafka publish to {self.topic_name(topic)}: {exc}") from exc
 
@@ -311,6 +325,8 @@ class _GroupMember:
             with contextlib.suppress(Exception):
                 await starting
             raise
+        except REFUSED as exc:
+            raise AccessDenied(f"kafka {self.bus.bootstrap}: not allowed to consume {names}: {exc}") from exc
         except KafkaError as exc:
             await self.bus.security.explain(self.bus.bootstrap)
             raise BackendUnavailable(f"kafka {self.bus.bootstrap}: {exc}") from exc
@@ -320,7 +336,14 @@ class _GroupMember:
         interval = self.bus.commit_interval_s
         next_commit = loop.time() + interval
         while True:
-            batch = await self.consumer.getmany(timeout_ms=int(interval * 1000))
+            try:
+                batch = await self.consumer.getmany(timeout_ms=int(interval * 1000))
+            except REFUSED as exc:
+                raise AccessDenied(f"kafka {self.bus.bootstrap}: not allowed to consume: {exc}") from exc
+            if self.dispatcher.failure is not None:
+                # A message this process may not finish (its write was refused): stop taking more. Its offset
+                # and those after it stay uncommitted, so a member that is allowed runs them.
+                raise self.dispatcher.failure
             for tp, messages in batch.items():
                 state = self.progress.setdefault(tp, _PartitionProgress())
                 for message in messages:

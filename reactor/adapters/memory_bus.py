@@ -20,7 +20,7 @@ import structlog
 
 from reactor.adapters.dispatch import KeyedDispatcher, dead_letter_record, deliver
 from reactor.codec import Record, decode, encode
-from reactor.errors import DecodeError
+from reactor.errors import DecodeError, first_reactor_error
 from reactor.events import Event, Topic
 from reactor.ports import Handler
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
@@ -124,14 +124,16 @@ class MemoryBus:
         """Feed events to `handler`, per-key ordered, different keys concurrently, until cancelled."""
         member = _Member(self, group, handler)
         try:
-            async with asyncio.TaskGroup() as tasks:
-                for topic in topics:
-                    if (topic, group) not in self._queues:
-                        queue: asyncio.Queue[_Message] = asyncio.Queue()
-                        for message in self._logs[topic]:
-                            queue.put_nowait(message)
-                        self._queues[(topic, group)] = queue
-                    tasks.create_task(self._take(topic, self._queues[(topic, group)], member))
+            with first_reactor_error():
+                async with asyncio.TaskGroup() as tasks:
+                    for topic in topics:
+                        if (topic, group) not in self._queues:
+                            queue: asyncio.Queue[_Message] = asyncio.Queue()
+                            for message in self._logs[topic]:
+                                queue.put_nowait(message)
+                            self._queues[(topic, group)] = queue
+                        tasks.create_task(self._take(topic, self._queues[(topic, group)], member))
+                    tasks.create_task(member.stop_on_failure())
         finally:
             self._busy -= member.dispatcher.pending
             await member.dispatcher.cancel()
@@ -219,6 +221,10 @@ class _Member:
         )
         self.unfinished: dict[int, tuple[Topic, _Message]] = {}
         self.owned: dict[bytes | None, int] = {}
+
+    async def stop_on_failure(self) -> None:
+        """Raise the error that stops this member (see KeyedDispatcher.failure), when there is one."""
+        raise await self.dispatcher.failed()
 
     def take(self, topic: Topic, message: _Message) -> None:
         item = (topic, message)

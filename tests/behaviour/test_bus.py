@@ -19,6 +19,7 @@ from aiokafka.partitioner import murmur2
 
 from reactor.codec import Record, decode, encode
 from reactor.errors import (
+    AccessDenied,
     BackendUnavailable,
     ConflictError,
     ExecutorNotFound,
@@ -434,6 +435,34 @@ async def test_events_interrupted_by_cancelling_the_consumer_are_delivered_again
         stuck_one.event_id,
         queued_behind.event_id,
     ]
+
+
+async def test_access_denied_stops_the_consumer_and_its_group_gets_the_event_again(bus: EventBus) -> None:
+    """A handler refused a permission (AccessDenied: this process may not do what the event needs) stops its
+    consumer with that error: the event is neither retried nor dead-lettered, and stays unfinished, so the group's
+    next consumer gets it, with what came after it on its key."""
+    denied, behind = paused("rel-1", 0), paused("rel-1", 1)
+    attempts: Counter[str] = Counter()
+    second_run: list[str] = []
+
+    async def refused(event: Event) -> None:
+        attempts[event.event_id] += 1
+        if event.event_id == denied.event_id:
+            raise AccessDenied("kafka: not allowed to write outcomes")
+
+    async def handler(event: Event) -> None:
+        second_run.append(event.event_id)
+
+    await bus.publish(denied)
+    await bus.publish(behind)
+    with pytest.raises(AccessDenied, match="not allowed to write outcomes"):
+        async with asyncio.timeout(TIMEOUT_S):
+            await bus.consume([Topic.RELEASES], "denied", refused)
+    assert attempts == {denied.event_id: 1}
+    assert await dead_letters(bus) == []
+    async with consuming(bus, [Topic.RELEASES], "denied", handler):
+        await eventually(lambda: behind.event_id in second_run, "the next consumer handles both events")
+    assert second_run == [denied.event_id, behind.event_id]
 
 
 async def test_consumer_cancelled_while_starting_leaves_no_connection_open(bus: EventBus) -> None:

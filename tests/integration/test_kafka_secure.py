@@ -26,7 +26,18 @@ from reactor.codec import Record, decode
 from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState
 from reactor.errors import AccessDenied, BackendUnavailable
-from reactor.events import NodeDeployed, NodeTarget, Package, ReleasePlan, ReleaseRequested, Strategy
+from reactor.events import (
+    DeployRequested,
+    Event,
+    NodeDeployed,
+    NodeTarget,
+    Package,
+    ReleasePlan,
+    ReleaseRequested,
+    Strategy,
+    Topic,
+)
+from tests import kafka_principals
 from tests.infra import kafka_secure, testenv
 from tests.infra.testenv import Service
 from tests.kafka_principals import bootstrap, security
@@ -251,3 +262,51 @@ def test_a_worker_with_a_wrong_password_exits_at_once_naming_the_user(broker: Se
     assert "authentication failed as 'worker'" in output
     assert "not-the-password" not in output
     assert kafka_secure.passwords(broker)[kafka_secure.WORKER] not in output
+
+
+@pytest.mark.timeout(180)
+async def test_a_worker_whose_outcome_is_refused_stops_and_leaves_its_command_to_an_allowed_one(
+    secure_kafka: Service,
+) -> None:
+    """A worker principal without WRITE on outcomes handles a command, and the broker refuses its outcome: the
+    consumer stops at once with AccessDenied naming the topic (no retrying as for an outage, no dead letter, since
+    the command is not at fault), and the command's offset stays uncommitted. Granted the ACL, the same group
+    takes the same command again and its outcome goes through: the refusal was the ACL's."""
+    broker = secure_kafka
+    prefix = f"refused-{time.monotonic_ns()}."
+    missing = kafka_secure.AclBinding(kafka_secure.WORKER, "Write", "topic", prefix + "outcomes")
+    await kafka_principals.grant(broker, prefix, leave_out=[missing])
+    command = DeployRequested(node_key="noop/host-01/app", service="app", version="4.0.0", package=PACKAGE)
+    handled: list[str] = []
+
+    async with KafkaBus(
+        bootstrap(broker), prefix=prefix, security=security(broker, kafka_secure.WORKER), retry_delay_s=0.05
+    ) as bus:
+
+        async def handle(event: Event) -> None:
+            assert isinstance(event, DeployRequested)
+            handled.append(event.event_id)
+            await bus.publish(NodeDeployed(node_key=event.node_key, service="app", version=event.version))
+
+        await bus.publish(command)
+        with pytest.raises(AccessDenied, match=f"not allowed to write {prefix}outcomes"):
+            async with asyncio.timeout(60):
+                await bus.consume([Topic.COMMANDS], "executor", handle)
+        assert handled == [command.event_id]  # taken once, not retried
+        assert await _read_all(broker, prefix + "dlq", kafka_secure.ADMIN) == []
+
+        await kafka_principals.allow(broker, [missing])
+        async with asyncio.timeout(90):
+            while not (records := await _read_all(broker, prefix + "outcomes", kafka_secure.ADMIN)):
+                try:
+                    async with asyncio.timeout(10):
+                        await bus.consume([Topic.COMMANDS], "executor", handle)
+                except AccessDenied:  # the broker applies the new ACL moments after the controller took it
+                    await asyncio.sleep(0.2)
+                except TimeoutError:
+                    pass
+    [(outcome, _source)] = [decode(record) for record in records]
+    assert isinstance(outcome, NodeDeployed)
+    assert outcome.node_key == command.node_key
+    assert set(handled) == {command.event_id}
+    assert len(handled) >= 2

@@ -15,7 +15,7 @@ from reactor.adapters.dispatch import (
     deliver,
 )
 from reactor.codec import Record
-from reactor.errors import BackendUnavailable, InvalidInput
+from reactor.errors import AccessDenied, BackendUnavailable, InvalidInput, first_reactor_error
 from reactor.events import EVENT_ID, Event, Topic
 
 pytestmark = pytest.mark.unit
@@ -123,3 +123,42 @@ def test_a_dead_letter_replaces_the_dead_letter_headers_the_message_carried() ->
     record = Record(key=b"k", value=b"v", headers=(("a", b"1"), (DLQ_REASON, b"old"), (DLQ_TOPIC, b"releases")))
     letter = dead_letter_record(Topic.COMMANDS, record, "new")
     assert letter.headers == (("a", b"1"), (DLQ_REASON, b"new"), (DLQ_TOPIC, b"commands"))
+
+
+async def test_an_error_process_lets_out_is_kept_for_the_consumer_and_its_message_is_not_done() -> None:
+    """An error out of `process` (deliver lets AccessDenied out) is not lost with its lane's task: `failed()` gives
+    it to the consumer, the message and the one queued behind it on its key are not reported done, and other keys
+    go on."""
+    done: list[str] = []
+
+    async def process(message: str) -> None:
+        if message == "a1":
+            raise AccessDenied("kafka: not allowed to write outcomes")
+
+    dispatcher: KeyedDispatcher[str] = KeyedDispatcher(process, done.append, limit=4)
+    for key, message in ((b"a", "a1"), (b"a", "a2"), (b"b", "b1")):
+        dispatcher.submit(key, message)
+    async with asyncio.timeout(5):
+        failure = await dispatcher.failed()
+        assert await dispatcher.drain(5)
+    assert isinstance(failure, AccessDenied)
+    assert done == ["b1"]
+    assert dispatcher.pending == 2
+
+
+async def test_a_task_groups_reactor_error_is_raised_as_itself() -> None:
+    """`first_reactor_error` turns a task group's ExceptionGroup into its ReactorError (the CLI's exit codes and
+    messages depend on it), and lets any other group through unchanged."""
+
+    async def refused() -> None:
+        raise AccessDenied("kafka: not allowed to write outcomes")
+
+    async def crashed() -> None:
+        raise ValueError("a bug")
+
+    with pytest.raises(AccessDenied, match="not allowed"), first_reactor_error():
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(refused())
+    with pytest.raises(ExceptionGroup), first_reactor_error():
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(crashed())
