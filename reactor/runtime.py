@@ -214,6 +214,7 @@ async def run_roles(
                     ),
                     factories=factories,
                     lease=timedelta(seconds=settings.lease_s),
+                    max_age=timedelta(seconds=settings.command_max_age_s) if settings.command_max_age_s else None,
                     policy=policy,
                 )
                 tasks.create_task(bus.consume([Topic.COMMANDS], "executor", worker.handle))

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # A claim not renewed for this long may be taken over; a running claim is renewed every third of it.
     lease_s: float = Field(default=60.0, gt=0)
     resend_after_s: float = Field(default=60.0, gt=0)
+    # A command (DeployRequested/RollbackRequested) whose signed `time` is older than this is refused, not run: a
+    # message replayed from the log, or left on the topic for a day, does not change a host. 0: no limit. The pacer
+    # stamps each send and resend anew, so only a command nobody sent again for this long is refused.
+    command_max_age_s: float = Field(default=86_400.0, ge=0)
     # Embedded mode: messages the in-memory bus keeps per topic (for consumers that start later, the API's event
     # stream among them); older ones are dropped, as a Kafka topic's retention drops them.
     memory_history: int = Field(default=10_000, ge=0, le=10_000_000)

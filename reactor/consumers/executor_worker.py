@@ -39,7 +39,7 @@ from reactor.domain.status import (
     renew,
     rollback_target,
 )
-from reactor.errors import ConflictError, Fenced, NodeBusy, ReactorError
+from reactor.errors import ConflictError, Fenced, NodeBusy, PolicyRefused, ReactorError
 from reactor.events import DeployRequested, Event, HealthCheck, NodeEvent, RollbackRequested, utc_now
 from reactor.executors import executor_factory
 from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory, ExecutorSettings, Store, unfenced
@@ -73,8 +73,11 @@ class ExecutorWorker:
         clock: Callable[[], datetime] = utc_now,
         owner: str | None = None,
         policy: Policy | None = None,
+        max_age: timedelta | None = None,
     ) -> None:
         self.store = store
+        # Commands older than this (by their `time`) are refused before anything runs (None: any age runs).
+        self.max_age = max_age
         # The deploy policy every command is checked against before anything runs (None: everything is allowed).
         self.policy = policy
         self._releases: dict[str, _ReleaseNodes] = {}
@@ -152,6 +155,7 @@ class ExecutorWorker:
             log.info("request finished but its outcome was not recorded; recording and emitting it")
             await self._emit(request, current, 0.0)
             return
+        self._check_age(request)
         operation = "deploy" if isinstance(request, DeployRequested) else "rollback"
         target: str | None
         if isinstance(request, DeployRequested):
@@ -193,6 +197,18 @@ class ExecutorWorker:
             if not holds(await self.store.get_node(request.node_key), saved):
                 self._fenced(saved)
         await self._emit(request, saved, time.monotonic() - started, before=current)
+
+    def _check_age(self, request: DeployRequested | RollbackRequested) -> None:
+        """Raise PolicyRefused when `request` is older than `max_age`. Checked after its recorded outcome was looked
+        for, so a late redelivery of a command that ran still re-emits that outcome."""
+        if self.max_age is None:
+            return
+        age = self.clock() - request.occurred_at
+        if age > self.max_age:
+            raise PolicyRefused(
+                f"policy: stale command: its time {request.occurred_at.isoformat()} is {age.total_seconds():.0f} s"
+                f" old, more than REACTOR_COMMAND_MAX_AGE_S ({self.max_age.total_seconds():.0f} s); nothing ran"
+            )
 
     async def _while_held(self, held: _Held, work: Coroutine[Any, Any, T]) -> T:
         """Run `work` while renewing the claim every lease/3; Fenced (and `work` cancelled) if the claim is lost."""

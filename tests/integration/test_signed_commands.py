@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from subprocess import PIPE
 from typing import Any
@@ -38,6 +39,7 @@ from reactor.events import (
     ReleaseRequested,
     Topic,
     new_event_id,
+    utc_now,
 )
 from reactor.executors.local import stop_all
 from reactor.runtime import Role, kafka_bus, load_signatures
@@ -316,6 +318,16 @@ async def test_a_signed_command_replayed_under_a_new_id_goes_to_the_dead_letters
     headers = tuple((name, new_event_id().encode() if name == "ce_id" else value) for name, value in original.headers)
     replayed = Record(original.key, original.value, headers)
     await assert_refused_and_node_unchanged(reactor, replayed, "signature: tampered")
+
+
+async def test_a_deploy_signed_by_the_reactor_two_days_ago_goes_to_the_dead_letters(
+    reactor: Reactor, keys: Keys
+) -> None:
+    """A valid reactor-signed command, never run, but older than REACTOR_COMMAND_MAX_AGE_S (a day by default): a
+    message kept on the topic or replayed from the log that long changes no host."""
+    old = reactor.deploy("2.0.0", occurred_at=utc_now() - timedelta(days=2))
+    stale = sign_record(encode(old, "/reactor"), keys.reactor)
+    await assert_refused_and_node_unchanged(reactor, stale, "policy: stale command")
 
 
 async def test_a_deploy_signed_by_the_reactor_runs(reactor: Reactor, keys: Keys) -> None:

@@ -20,7 +20,7 @@ from reactor.consumers.executor_worker import ExecutorWorker, probe_interval
 from reactor.consumers.rollback import RollbackConsumer
 from reactor.domain.replay import apply, refused
 from reactor.domain.status import NodeState, NodeStatus, claim, pending
-from reactor.errors import Fenced, NodeBusy
+from reactor.errors import Fenced, NodeBusy, PolicyRefused
 from reactor.events import (
     AutoRollback,
     DeployRequested,
@@ -89,6 +89,29 @@ async def test_redelivered_finished_request_re_emits_recorded_outcome_without_ru
     assert script.calls[f"deploy:{NODE}"] == 1
     first, second = bus.events(Topic.OUTCOMES)
     assert first == second
+
+
+async def test_a_command_older_than_the_max_age_is_refused_before_anything_runs(store: Store) -> None:
+    """A command whose time is older than `max_age` is refused (PolicyRefused, `policy: stale command`): no claim,
+    no executor, no outcome. A younger one runs; and the stale redelivery of one that ran re-emits its outcome."""
+    bus, script = MemoryBus(), Script()
+    consumer = worker(store, bus, script, max_age=timedelta(hours=1))
+    stale = deploy(occurred_at=utc_now() - timedelta(hours=2))
+    with pytest.raises(PolicyRefused, match=r"^policy: stale command: .* 7200 s old, more than .* \(3600 s\)"):
+        await consumer.handle(stale)
+    assert await store.get_node(NODE) is None
+    assert script.calls[f"deploy:{NODE}"] == 0
+    assert bus.events(Topic.OUTCOMES) == []
+
+    young = deploy(occurred_at=utc_now() - timedelta(minutes=50))
+    await consumer.handle(young)
+    assert script.calls[f"deploy:{NODE}"] == 1
+    # Two hours on, the same command comes again: it ran, so its recorded outcome is re-emitted, nothing runs.
+    later = worker(store, bus, script, max_age=timedelta(hours=1), clock=lambda: utc_now() + timedelta(hours=2))
+    await later.handle(young)
+    first, second = bus.events(Topic.OUTCOMES)
+    assert first == second
+    assert script.calls[f"deploy:{NODE}"] == 1
 
 
 async def test_interrupted_request_runs_again_on_redelivery(store: Store) -> None:
