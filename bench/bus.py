@@ -1,6 +1,7 @@
 """Throughput of the full reactor loop against raw Kafka, measured in the same run.
 
     python bench/bus.py [--nodes 10000] [--in-flight 1000] [--backends sqlite,postgresql] [--unbatched-baseline]
+                        [--signing]
 
 Full loop per node: DeployRequested -> executor worker (no-op executor) -> status write -> NodeDeployed -> pacer
 (and the rollback consumer reads every outcome too). Baseline: raw aiokafka produce -> consume of the same
@@ -10,6 +11,9 @@ Uses $REACTOR_KAFKA_BOOTSTRAP / $REACTOR_MONGO_URL when set (that FerretDB's sto
 sqlite by default), otherwise starts Kafka and one FerretDB per `--backends` entry with the test harness.
 Each distributed run also prints the store's requests per node by kind (where the remaining time goes); with
 `--unbatched-baseline` the same release runs again with every store call sent alone (REACTOR_MONGO_BATCH=false).
+With `--signing` the first storage's loop runs twice more, unsigned and with signatures required (every event
+Ed25519-signed and checked, one process with every role): the cost per node is the difference of this process's
+CPU seconds (FerretDB and Kafka run elsewhere, so their time is not in it).
 The last line is one JSON object: {"bench": "bus", "nodes": N, "raw_msgs_per_s": x, "embedded_nodes_per_s": x,
 "distributed": {"<backend>": {"nodes_per_s": x, "ratio_to_raw": x, "requests_per_node": x, ...}, ...}, "rss_mb": x}.
 """
@@ -52,6 +56,8 @@ from reactor.events import (
 from reactor.ports import EventBus, Store
 from reactor.runtime import Backends, Role, run_roles
 from reactor.settings import Settings
+from reactor.trust import generate_key, load_signing_key, load_trust_file
+from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 from tests.infra import testenv
 
 PACKAGE = Package(url="https://packages.example.test/app-1.0.0.tar.gz", sha256="f" * 64)
@@ -181,9 +187,12 @@ def mongo(backend: str) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def distributed(bootstrap: str, mongo: str, *, batch: bool = True) -> AsyncIterator[tuple[KafkaBus, MongoStore]]:
+async def distributed(
+    bootstrap: str, mongo: str, *, batch: bool = True, signatures: Signatures = NO_SIGNATURES
+) -> AsyncIterator[tuple[KafkaBus, MongoStore]]:
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
     async with (
-        KafkaBus(bootstrap, prefix=f"bench{uuid.uuid4().hex[:6]}.", concurrency=64, max_buffered=2000) as bus,
+        KafkaBus(bootstrap, prefix=prefix, concurrency=64, max_buffered=2000, signatures=signatures) as bus,
         MongoStore(mongo, database=f"bench_{uuid.uuid4().hex[:8]}", batch=batch) as store,
     ):
         await bus.create_topics(partitions=6)
@@ -201,6 +210,32 @@ async def timed_release(
         seconds, _ = await run_release(bus, store, plan, settings)
         spent = {what: total - opened_s.get(what, 0.0) for what, total in store.round_trip_s.items()}
         return seconds, store.round_trips - opened, spent
+
+
+async def signing_cost(bootstrap: str, url: str, plan: ReleasePlan) -> dict[str, float]:
+    """The distributed loop unsigned, then with signatures required; each one's wall and CPU seconds."""
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="reactor-bench-keys-") as work:
+        keys = Path(work)
+        generate_key("reactor", keys)
+        (keys / "trust.yaml").write_text("- name: reactor\n  public_key: reactor.pub\n  reactor: true\n")
+        signed = Signatures(
+            key=load_signing_key(keys / "reactor.key"), trust=load_trust_file(keys / "trust.yaml"), required=True
+        )
+        for name, signatures in (("unsigned", NO_SIGNATURES), ("signed", signed)):
+            settings = Settings(
+                mode="distributed",
+                state_dir=Path(tempfile.gettempdir()),
+                require_signed=signatures.required,
+                signing_key=keys / "reactor.key" if signatures.required else None,
+                trust_file=keys / "trust.yaml" if signatures.required else None,
+            )
+            run_plan = plan.model_copy(update={"release_id": f"{plan.release_id}-{name}"})
+            async with distributed(bootstrap, url, signatures=signatures) as (bus, store):
+                cpu_before = time.process_time()
+                seconds, _ = await run_release(bus, store, run_plan, settings)
+                figures[f"{name}_s"], figures[f"{name}_cpu_s"] = seconds, time.process_time() - cpu_before
+    return figures
 
 
 async def measure_distributed(
@@ -259,6 +294,11 @@ async def main() -> None:
         " with $REACTOR_MONGO_URL set, only $REACTOR_MONGO_BACKEND, else sqlite)",
     )
     parser.add_argument(
+        "--signing",
+        action="store_true",
+        help="also run the first storage's loop unsigned and signed, and report the signing cost per node",
+    )
+    parser.add_argument(
         "--unbatched-baseline",
         action="store_true",
         help="also run each distributed loop with the store's round trips unbatched (REACTOR_MONGO_BATCH=false)",
@@ -287,6 +327,7 @@ async def main() -> None:
     )
 
     distributed_rates: dict[str, dict[str, float]] = {}  # per FerretDB storage
+    signing: dict[str, object] | None = None
     peak_rss = baseline_rss = float("nan")
     with kafka() as bootstrap:
         raw_s = await raw_kafka(bootstrap, nodes, size)
@@ -299,6 +340,24 @@ async def main() -> None:
                 )
                 if backend != chosen[0]:
                     continue
+                if args.signing:
+                    cost = await signing_cost(bootstrap, url, plan)
+                    per_node_ms = (cost["signed_cpu_s"] - cost["unsigned_cpu_s"]) * 1000 / nodes
+                    signing = {
+                        "backend": backend,
+                        "cost_ms_per_node": round(per_node_ms, 4),
+                        "cpu_ratio": round(cost["signed_cpu_s"] / cost["unsigned_cpu_s"], 2),
+                        "unsigned_nodes_per_s": round(nodes / cost["unsigned_s"], 1),
+                        "signed_nodes_per_s": round(nodes / cost["signed_s"], 1),
+                    }
+                    print(
+                        f"signing, Kafka+FerretDB/{backend}, one process with every role (wall / CPU of this process):"
+                        f"\n  unsigned: {cost['unsigned_s']:8.2f} s / {cost['unsigned_cpu_s']:8.2f} s CPU  (baseline)"
+                        f"\n  signed:   {cost['signed_s']:8.2f} s / {cost['signed_cpu_s']:8.2f} s CPU"
+                        f"\n  cost {per_node_ms:.3f} ms CPU per node (target <= 0.25 ms),"
+                        f" {signing['cpu_ratio']:.2f}x the unsigned CPU",
+                        flush=True,
+                    )
                 in_flight = release(args.in_flight, max_parallel=args.in_flight)
                 slow = Settings(
                     state_dir=Path(tempfile.gettempdir()), noop_delay_s=5.0, concurrency=args.in_flight + 64
@@ -319,6 +378,7 @@ async def main() -> None:
                 "embedded_nodes_per_s": round(nodes / embedded_s, 1),
                 "distributed": distributed_rates,
                 "rss_mb": round(peak_rss, 1),
+                **({"signing": signing} if signing is not None else {}),
             }
         )
     )
