@@ -310,3 +310,30 @@ async def test_a_worker_whose_outcome_is_refused_stops_and_leaves_its_command_to
     assert outcome.node_key == command.node_key
     assert set(handled) == {command.event_id}
     assert len(handled) >= 2
+
+
+@pytest.mark.mongo
+@pytest.mark.timeout(180)
+async def test_a_worker_process_without_its_outcomes_acl_exits_naming_the_topic(
+    secure_kafka: Service, mongo_url: str, mongo_database: str, tmp_path: Path
+) -> None:
+    """`reactor worker --role executor` as the worker principal on a prefix where it may not write outcomes: it
+    runs the command it takes, its outcome is refused, and the process exits non-zero with `error: ... not allowed
+    to write <prefix>outcomes`, instead of retrying as if the broker were away."""
+    broker = secure_kafka
+    with worker_group(bootstrap(broker), mongo_url, mongo_database, tmp_path) as group:
+        prefix = group.env["REACTOR_TOPIC_PREFIX"]
+        missing = kafka_secure.AclBinding(kafka_secure.WORKER, "Write", "topic", prefix + "outcomes")
+        await kafka_principals.grant(broker, prefix, leave_out=[missing])
+        group.env.update(broker.env)
+        group.env["REACTOR_TOPIC_PREFIX"] = prefix
+        async with KafkaBus(bootstrap(broker), prefix=prefix, security=security(broker, kafka_secure.WORKER)) as bus:
+            await bus.publish(
+                DeployRequested(node_key="noop/host-01/app", service="app", version="4.0.0", package=PACKAGE)
+            )
+        process = group.start("executor")
+        code = await asyncio.to_thread(process.wait, 120)
+        output = group.log_path(0).read_text(errors="replace")
+    assert code != 0, output
+    assert f"not allowed to write {prefix}outcomes" in output
+    assert kafka_secure.passwords(broker)[kafka_secure.WORKER] not in output
