@@ -12,6 +12,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,8 @@ def _header_const(headers: dict[str, Any], name: str) -> str:
 def _narrowed_body(event_type: str, live: bool) -> dict[str, Any]:
     """The body schema, narrowed (never widened) so a release plan has a real chance to keep the listed rules.
 
-    `live`: node commands for a running worker: nodes of the test platform `fake`, no min_healthy window.
+    `live`: node commands for a running worker: nodes of the test platform `fake`, no min_healthy window (and,
+    in `valid_messages`, the time of sending).
     """
     schema: dict[str, Any] = copy.deepcopy(messages()[event_type]["body"])
     properties = schema.get("properties", {})
@@ -209,6 +211,10 @@ def valid_messages(draw: st.DrawFn, event_type: str, live: bool = False) -> Mess
         subject = body["node_key"]
     headers["ce_subject"] = subject
     headers.pop("ce_partitionkey", None)
+    if live:
+        # A running worker refuses a command older than its freshness window (REACTOR_COMMAND_MAX_AGE_S): a drawn
+        # time would make almost every valid command stale; a live one is sent now.
+        headers["ce_time"] = datetime.now(UTC).isoformat()
     return Message(event_type, subject, body, headers)
 
 
