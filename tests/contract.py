@@ -122,8 +122,7 @@ def _header_const(headers: dict[str, Any], name: str) -> str:
 def _narrowed_body(event_type: str, live: bool) -> dict[str, Any]:
     """The body schema, narrowed (never widened) so a release plan has a real chance to keep the listed rules.
 
-    `live`: node commands for a running worker: nodes of the test platform `fake`, no min_healthy window (and,
-    in `valid_messages`, the time of sending).
+    `live`: node commands for a running worker: nodes of the test platform `fake`, no min_healthy window.
     """
     schema: dict[str, Any] = copy.deepcopy(messages()[event_type]["body"])
     properties = schema.get("properties", {})
@@ -197,7 +196,11 @@ def _plan_bodies(draw: st.DrawFn, schema: dict[str, Any]) -> dict[str, Any]:
 
 @st.composite
 def valid_messages(draw: st.DrawFn, event_type: str, live: bool = False) -> Message:
-    """A message the contract accepts: body and headers drawn from the files, tied together as they require."""
+    """A message the contract accepts: body and headers drawn from the files, tied together as they require.
+
+    `live`: for a running worker, which refuses a command older than its freshness window
+    (REACTOR_COMMAND_MAX_AGE_S): the time is the time of drawing, not a drawn one, which would almost always be stale.
+    """
     bodies, header_sets = _strategies(event_type, live)
     body = copy.deepcopy(draw(bodies))
     headers = dict(draw(header_sets))
@@ -212,8 +215,6 @@ def valid_messages(draw: st.DrawFn, event_type: str, live: bool = False) -> Mess
     headers["ce_subject"] = subject
     headers.pop("ce_partitionkey", None)
     if live:
-        # A running worker refuses a command older than its freshness window (REACTOR_COMMAND_MAX_AGE_S): a drawn
-        # time would make almost every valid command stale; a live one is sent now.
         headers["ce_time"] = datetime.now(UTC).isoformat()
     return Message(event_type, subject, body, headers)
 
