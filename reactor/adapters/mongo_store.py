@@ -161,6 +161,8 @@ class MongoStore:
         # The lock path until the probe, run at open, finds the server's conditional update atomic.
         self.compare_and_set: CompareAndSet = "locked"
         self._client: AsyncMongoClient[Document] | None = None
+        # Per slot scope, the index after the last slot this process took: the first one `take_slots` tries.
+        self._next_slot: dict[str, int] = {}
 
     async def __aenter__(self) -> Self:
         timeout_ms = max(1, int(self.timeout_s * 1000))
@@ -417,27 +419,37 @@ class MongoStore:
     async def take_slots(
         self, release_id: str, node_key: str, scopes: Sequence[tuple[str, int]], *, now: datetime
     ) -> bool:
-        # A slot is a document whose `_id` names its scope and index: inserting it is the atomic step.
+        # A slot is a document whose `_id` names its scope and index: inserting it is the atomic step, so any index
+        # below the limit may be tried. The one after the last this process took is tried first, without reading the
+        # scope: a window's nodes take a scope's slots one after another, and reading every held slot (FerretDB
+        # decodes each) for each node made taking a window's slots quadratic. Only when that one is not free are
+        # the held slots read, to find one that is.
         taken: list[str] = []
+
+        async def take(scope: str, index: int) -> str | None:
+            slot_id = f"{scope}#{index}"
+            document = {
+                "_id": slot_id,
+                "scope": scope,
+                "index": index,
+                "release_id": release_id,
+                "node_key": node_key,
+                "taken_at": now,
+            }
+            if not await self._insert("slots", document):
+                return None
+            self._next_slot[scope] = index + 1
+            return slot_id
+
         for scope, limit in scopes:
-            held = await self._find("slots", {"scope": scope}, sort=[("index", ASCENDING)])
-            used = {int(slot["index"]) for slot in held}
-            won: str | None = None
-            for index in range(limit):
-                slot_id = f"{scope}#{index}"
-                if index in used:
-                    continue
-                document = {
-                    "_id": slot_id,
-                    "scope": scope,
-                    "index": index,
-                    "release_id": release_id,
-                    "node_key": node_key,
-                    "taken_at": now,
-                }
-                if await self._insert("slots", document):
-                    won = slot_id
-                    break
+            guess = self._next_slot.get(scope, 0)
+            won = await take(scope, guess) if guess < limit else None
+            if won is None:
+                held = await self._find("slots", {"scope": scope}, sort=[("index", ASCENDING)])
+                used = {int(slot["index"]) for slot in held}
+                for index in range(limit):
+                    if index not in used and index != guess and (won := await take(scope, index)) is not None:
+                        break
             if won is None:
                 if taken:
                     await self._retry("free slots", partial(self.db["slots"].delete_many, {"_id": {"$in": taken}}))

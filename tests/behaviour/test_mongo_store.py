@@ -186,6 +186,34 @@ async def test_concurrent_moves_of_one_release_node_let_exactly_one_win(mongo: M
     assert (node.state, node.outcome) == (ItemState.DISPATCHED, f"evt-{moved.index(True)}")
 
 
+async def test_a_window_takes_its_slots_without_reading_the_scope_until_the_next_one_is_not_free(
+    mongo: MongoStore,
+) -> None:
+    """Nodes taking a scope's slots one after another each insert the next slot, reading no held slot; once the
+    next is not free (the limit reached, or held by another process) the held slots are read to find a free one."""
+    window = 20
+    for index in range(window):
+        assert await mongo.take_slots("rel-1", f"local/h{index}/api", [("release/rel-1", window)], now=T0)
+    assert mongo.round_trips["read slots"] == 0
+    assert sorted(slot.index for slot in await mongo.list_slots()) == list(range(window))
+    await mongo.free_slots("rel-1", "local/h7/api")
+    reads = mongo.round_trips["read slots"]
+    assert await mongo.take_slots("rel-1", "local/h99/api", [("release/rel-1", window)], now=T0)
+    assert not await mongo.take_slots("rel-1", "local/h98/api", [("release/rel-1", window)], now=T0)
+    # Two reads of the scope (the free slot found, the full scope seen) and the insert's check of the taken slot 8.
+    assert mongo.round_trips["read slots"] - reads == 3
+    assert {slot.index: slot.node_key for slot in await mongo.list_slots()}[7] == "local/h99/api"
+    # Another process takes the index this one would try next: this one then reads, and takes a free one.
+    await mongo.free_slots("rel-1", "local/h3/api")
+    await mongo.free_slots("rel-1", "local/h9/api")
+    mongo._next_slot["release/rel-1"] = 3
+    assert await mongo.take_slots("rel-2", "local/h50/api", [("release/rel-1", window)], now=T0)
+    mongo._next_slot["release/rel-1"] = 3
+    assert await mongo.take_slots("rel-1", "local/h97/api", [("release/rel-1", window)], now=T0)
+    taken = {slot.index: slot.node_key for slot in await mongo.list_slots()}
+    assert (taken[3], taken[9], len(taken)) == ("local/h50/api", "local/h97/api", window)
+
+
 @pytest.fixture
 async def locked(mongo_url: str, mongo_database: str) -> AsyncIterator[MongoStore]:
     """A MongoStore on a fresh database that takes the lock path whatever the server."""
