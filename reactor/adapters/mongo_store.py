@@ -421,9 +421,9 @@ class MongoStore:
     ) -> bool:
         # A slot is a document whose `_id` names its scope and index: inserting it is the atomic step, so any index
         # below the limit may be tried. The one after the last this process took is tried first, without reading the
-        # scope: a window's nodes take a scope's slots one after another, and reading every held slot (FerretDB
-        # decodes each) for each node made taking a window's slots quadratic. Only when that one is not free are
-        # the held slots read, to find one that is.
+        # scope: a window's nodes take a scope's slots one after another (or a chunk at once), and reading every
+        # held slot (FerretDB decodes each) for each node made taking a window's slots quadratic. Only when that one
+        # is not free are the held slots read, to find one that is.
         taken: list[str] = []
 
         async def take(scope: str, index: int) -> str | None:
@@ -442,7 +442,9 @@ class MongoStore:
             return slot_id
 
         for scope, limit in scopes:
+            # Taken from the hint before the insert: concurrent takers of this process try distinct slots.
             guess = self._next_slot.get(scope, 0)
+            self._next_slot[scope] = guess + 1
             won = await take(scope, guess) if guess < limit else None
             if won is None:
                 held = await self._find("slots", {"scope": scope}, sort=[("index", ASCENDING)])

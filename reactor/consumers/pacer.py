@@ -679,42 +679,58 @@ class Pacer:
     ) -> None:
         """Send the first `count` candidates that can take a slot of each of their scopes.
 
-        Slots are taken one node at a time, in order; each node that got its slots is recorded as sent and its command
-        published at once, beside the taking of the next node's slots (so a window's sends share the store's round
-        trips instead of queueing behind one another). The time its slots were taken is the time it is recorded
-        sent with: the sweep frees a slot of a node not in flight only once it is old, so that gap must stay short.
+        Nodes whose scopes are the same (no per-label limit) take their slots a chunk of `_FAN_OUT` at a time, the
+        chunk's takes at once: one after another, a window's dispatch was as slow as the store's round trip times
+        the window. A chunk where a node could not take its slots is the last (its scopes are full). With per-label
+        limits a node of a full zone is passed over for the next, so nodes take their slots one at a time, in order.
+        Each node that got its slots is recorded as sent and its command published at once, beside the taking of the
+        next ones' slots. The time its slots were taken is the time it is recorded sent with: the sweep frees a slot
+        of a node not in flight only once it is old, so that gap must stay short.
         """
         sending: list[asyncio.Task[bool]] = []
+        errors: list[BaseException] = []
         try:
-            for node in candidates:
-                if len(sending) >= count:
-                    break
-                scopes = scopes_for(
-                    self.limits,
-                    release_id=record.release_id,
-                    service=record.plan.service,
-                    max_parallel=parallel,
-                    node_key=node.node_key,
-                    target=node.target,
-                    release_size=sum(record.batch_sizes),
-                )
+            position = 0
+            while position < len(candidates) and len(sending) < count and not errors:
+                size = 1 if self.limits.per_label else min(_FAN_OUT, count - len(sending))
+                chunk = candidates[position : position + size]
+                position += size
                 now = self.clock()
-                if not await self.store.take_slots(record.release_id, node.node_key, scopes, now=now):
-                    if not self.limits.per_label:
-                        break  # every node has the same scopes: the next one would not fit either
-                    continue
-                # If another pacer sent the node first, the slots taken here stay with it (same holder) until its
-                # outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
-                sending.append(asyncio.create_task(self._send_one(record, node, from_state, to_state, command, now)))
+                taken = await asyncio.gather(
+                    *(self._take_slots(record, node, parallel, now) for node in chunk), return_exceptions=True
+                )
+                for node, took in zip(chunk, taken, strict=True):
+                    if isinstance(took, BaseException):
+                        errors.append(took)
+                    elif took:
+                        # If another pacer sent the node first, the slots taken here stay with it (same holder) until
+                        # its outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
+                        task = self._send_one(record, node, from_state, to_state, command, now)
+                        sending.append(asyncio.create_task(task))
+                if not self.limits.per_label and not all(took is True for took in taken):
+                    break  # every node has the same scopes: the next ones would not fit either
         finally:
             # The sends under way finish (each a CAS and its command) before anything, an error too, goes on.
             results = await asyncio.gather(*sending, return_exceptions=True)
-        for result in results:
+        for result in [*errors, *results]:
             if isinstance(result, BaseException):
                 raise result
         sent = results.count(True)
         if sent < count:
             log.info("in-flight limit reached", sent=sent, wanted=count)
+
+    async def _take_slots(self, record: ReleaseRecord, node: ReleaseNode, parallel: int, now: datetime) -> bool:
+        """Take a slot of every scope that applies to `node` (the release's own: `parallel`), or none."""
+        scopes = scopes_for(
+            self.limits,
+            release_id=record.release_id,
+            service=record.plan.service,
+            max_parallel=parallel,
+            node_key=node.node_key,
+            target=node.target,
+            release_size=sum(record.batch_sizes),
+        )
+        return await self.store.take_slots(record.release_id, node.node_key, scopes, now=now)
 
     async def _send_one(
         self,

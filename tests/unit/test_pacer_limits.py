@@ -4,9 +4,12 @@ log: a node is in flight from its command to its outcome."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from itertools import cycle
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -253,3 +256,46 @@ async def test_strict_max_parallel_takes_no_slots_for_a_release_that_fits_in_it(
         script.let_go(4)
         await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
     assert sorted(script.order) == sorted(node.node_key for node in release.nodes)
+
+
+class _LatchedSlots:
+    """A store whose `take_slots` lets no call through until `together` calls are in it at once (or a few seconds
+    went by: then the call fails), so a pacer that took a window's slots one node after another fails."""
+
+    def __init__(self, store: Store, together: int) -> None:
+        self._store = store
+        self._together = together
+        self._inside = 0
+        self._all_in = asyncio.Event()
+        self.peak = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def take_slots(
+        self, release_id: str, node_key: str, scopes: Sequence[tuple[str, int]], *, now: datetime
+    ) -> bool:
+        self._inside += 1
+        self.peak = max(self.peak, self._inside)
+        if self._inside >= self._together:
+            self._all_in.set()
+        try:
+            async with asyncio.timeout(5):
+                await self._all_in.wait()
+            return await self._store.take_slots(release_id, node_key, scopes, now=now)
+        finally:
+            self._inside -= 1
+
+
+async def test_a_window_takes_the_slots_of_its_nodes_at_once(store: Store) -> None:
+    """A release larger than its max_parallel holds it with slots: the first window's eight nodes take theirs at
+    once (one after another, a window took the store's round trip times its size), and exactly eight go."""
+    release = zoned_plan("app", 20, Strategy(batches=["100%"], max_parallel=8))
+    latched = _LatchedSlots(store, together=8)
+    async with MemoryBus() as bus:
+        pacer = Pacer(cast(Store, latched), bus, limits=InFlightLimits(release_parallel=True))
+        await pacer.handle(ReleaseRequested(release_id=release.release_id, plan=release))
+        sent = [event for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
+    assert latched.peak == 8
+    assert sorted(event.node_key for event in sent) == [node.node_key for node in release.nodes[:8]]
+    assert sorted(slot.node_key for slot in await store.list_slots()) == [node.node_key for node in release.nodes[:8]]
