@@ -73,7 +73,8 @@ async def test_calls_made_while_a_round_trip_runs_go_together_in_the_next(
 
     monkeypatch.setattr(MongoStore, "_find_by_ids", read)
     monkeypatch.setattr(MongoStore, "_insert_batch", insert)
-    async with MongoStore(mongo_url, database=mongo_database, compare_and_set="locked") as store:
+    # Reads by `_id` batched as on a server that passes `$in` down to its storage (FerretDB does not: see below).
+    async with MongoStore(mongo_url, database=mongo_database, compare_and_set="locked", batch_reads=True) as store:
         ids = [f"evt-{index}" for index in range(NODES)]
         calls: dict[str, Callable[[str], Coroutine[Any, Any, object]]] = {
             "insert": lambda event: store.put_processed(event, f"outcome-{event}"),
@@ -95,6 +96,26 @@ async def test_calls_made_while_a_round_trip_runs_go_together_in_the_next(
                 assert answers == [f"outcome-{event}" for event in ids]
         assert store.round_trips["insert into processed"] == 2
         assert store.round_trips["read processed"] == 2
+
+
+async def test_ferretdb_filters_an_in_of_ids_itself_so_reads_by_id_go_alone(
+    mongo_url: str, mongo_database: str
+) -> None:
+    """FerretDB's explain shows `{_id: {$in: ...}}` filtered outside its storage (every document decoded) and one
+    `_id` passed down: the store then sends each read by `_id` alone, and each caller still gets its own answer."""
+    async with MongoStore(mongo_url, database=mongo_database) as store:
+        explained = await store.db.command({"explain": {"find": "processed", "filter": {"_id": {"$in": ["a", "b"]}}}})
+        assert explained.get("filterPushdown") is False
+        assert store.batch_reads is False
+        ids = [f"evt-{index}" for index in range(NODES)]
+        await asyncio.gather(*(store.put_processed(event, f"outcome-{event}") for event in ids))
+        before = store.round_trips["read processed"]
+        answers = await asyncio.gather(*(store.get_processed(event) for event in [*ids, "evt-unknown"]))
+        assert answers == [*(f"outcome-{event}" for event in ids), None]
+        assert store.round_trips["read processed"] - before == NODES + 1
+        assert ("find", "processed") not in store._batchers
+    async with MongoStore(mongo_url, database=mongo_database, batch=False) as unbatched:
+        assert unbatched.batch_reads is False
 
 
 async def test_concurrent_updates_of_one_node_in_one_batch_let_exactly_one_win(mongo: MongoStore) -> None:
