@@ -166,7 +166,7 @@ class MongoStore:
         # The lock path until the probe, run at open, finds the server's conditional update atomic.
         self.compare_and_set: CompareAndSet = "locked"
         self._client: AsyncMongoClient[Document] | None = None
-        # Per slot scope, the next index `take_slots` tries without reading the scope (while below its limit).
+        # Per slot scope, the index after the last slot this process took: the first one `take_slots` tries.
         self._next_slot: dict[str, int] = {}
 
     async def __aenter__(self) -> Self:
@@ -449,11 +449,10 @@ class MongoStore:
         self, release_id: str, node_key: str, scopes: Sequence[tuple[str, int]], *, now: datetime
     ) -> bool:
         # A slot is a document whose `_id` names its scope and index: inserting it is the atomic step, so any index
-        # below the limit may be tried. While this process has not yet tried every index of a scope, the next one is
-        # tried first, without reading the scope: a first window's nodes take a scope's slots one after another (or
-        # a chunk at once), and reading every held slot (FerretDB decodes each) for each node made filling a window
-        # quadratic. Past that (or when that one is not free) the held slots are read to find a free one: slots
-        # given back are anywhere.
+        # below the limit may be tried. The one after the last this process took is tried first, without reading the
+        # scope: a window's nodes take a scope's slots one after another (or a chunk at once), and reading every
+        # held slot (FerretDB decodes each) for each node made taking a window's slots quadratic. Only when that one
+        # is not free are the held slots read, to find one that is.
         taken: list[str] = []
 
         async def take(scope: str, index: int) -> str | None:
@@ -466,7 +465,10 @@ class MongoStore:
                 "node_key": node_key,
                 "taken_at": now,
             }
-            return slot_id if await self._insert("slots", document) else None
+            if not await self._insert("slots", document):
+                return None
+            self._next_slot[scope] = index + 1
+            return slot_id
 
         for scope, limit in scopes:
             # Taken from the hint before the insert: concurrent takers of this process try distinct slots.
