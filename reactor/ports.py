@@ -255,6 +255,11 @@ class Store(Protocol):
         """How many nodes of the release (or of one batch) are in each state."""
         ...
 
+    async def count_release_batches(self, release_id: str) -> dict[int, dict[ItemState, int]]:
+        """How many nodes of each batch of the release are in each state (a batch and state with no node may be
+        absent), counted in one pass: the pacer needs its batch's counts and the release's on every pass."""
+        ...
+
     async def take_slots(
         self, release_id: str, node_key: str, scopes: Sequence[tuple[str, int]], *, now: datetime
     ) -> bool:

@@ -294,6 +294,15 @@ class EmbeddedStore:
             counts[ItemState(state)] = int(count)
         return counts
 
+    async def count_release_batches(self, release_id: str) -> dict[int, dict[ItemState, int]]:
+        rows = self.db.execute(
+            "SELECT batch, state, n FROM release_counts WHERE release_id = ? AND n > 0", (release_id,)
+        ).fetchall()
+        counts: dict[int, dict[ItemState, int]] = {}
+        for batch, state, count in rows:
+            counts.setdefault(int(batch), {})[ItemState(state)] = int(count)
+        return counts
+
     # --- in-flight slots and leases ---
 
     async def take_slots(

@@ -432,16 +432,28 @@ class MongoStore:
         match: Document = {"release_id": release_id}
         if batch is not None:
             match["batch"] = batch
-        pipeline: list[Document] = [{"$match": match}, {"$group": {"_id": "$state", "count": {"$sum": 1}}}]
+        counts = dict.fromkeys(ItemState, 0)
+        for group in await self._count_release_nodes(match, "$state"):
+            counts[ItemState(group["_id"])] = int(group["count"])
+        return counts
+
+    async def count_release_batches(self, release_id: str) -> dict[int, dict[ItemState, int]]:
+        # One aggregation, not one for the batch and one for the release: FerretDB decodes every node row of the
+        # release for each (it counts in its own process), and the pacer counts on every pass.
+        counts: dict[int, dict[ItemState, int]] = {}
+        key = {"batch": "$batch", "state": "$state"}
+        for group in await self._count_release_nodes({"release_id": release_id}, key):
+            counts.setdefault(int(group["_id"]["batch"]), {})[ItemState(group["_id"]["state"])] = int(group["count"])
+        return counts
+
+    async def _count_release_nodes(self, match: Document, key: object) -> list[Document]:
+        pipeline: list[Document] = [{"$match": match}, {"$group": {"_id": key, "count": {"$sum": 1}}}]
 
         async def aggregate() -> list[Document]:
             cursor = await self.db["release_nodes"].aggregate(pipeline)
             return await cursor.to_list()
 
-        counts = dict.fromkeys(ItemState, 0)
-        for group in await self._retry("count release_nodes", aggregate):
-            counts[ItemState(group["_id"])] = int(group["count"])
-        return counts
+        return await self._retry("count release_nodes", aggregate)
 
     # --- in-flight slots and leases ---
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import uuid4
@@ -105,6 +105,15 @@ _COMMANDS: dict[type[Event], Command] = {
     ReleaseAborted: "abort",
     ReleaseRollbackRequested: "rollback",
 }
+
+
+def _summed(counts: Iterable[dict[ItemState, int]]) -> dict[ItemState, int]:
+    """Per-state counts added up (a release's, from its batches')."""
+    total: dict[ItemState, int] = defaultdict(int)
+    for each in counts:
+        for state, count in each.items():
+            total[state] += count
+    return total
 
 
 @dataclass
@@ -511,8 +520,7 @@ class Pacer:
             await self._settle_sent(record)
             if record.state in FINAL:
                 return record.plan.service
-            batch_counts = BatchCounts.of(await self.store.count_release_nodes(release_id, batch=record.batch))
-            totals = BatchCounts.of(await self.store.count_release_nodes(release_id))
+            batch_counts, totals = await self._counts(record)
             view = self._view(record, batch_counts, totals)
             decision = decide(view)
             announce: list[Event]
@@ -583,6 +591,11 @@ class Pacer:
                     await self._save(record, [rolled_back], state=ReleaseState.ROLLED_BACK)
                     log.info("release rolled back", fast=record.fast_rollback)
                     return record.plan.service
+
+    async def _counts(self, record: ReleaseRecord) -> tuple[BatchCounts, BatchCounts]:
+        """The counts of the release's current batch and of the whole release, from one count of the store."""
+        by_batch = await self.store.count_release_batches(record.release_id)
+        return BatchCounts.of(by_batch.get(record.batch, {})), BatchCounts.of(_summed(by_batch.values()))
 
     def _view(self, record: ReleaseRecord, batch_counts: BatchCounts, totals: BatchCounts) -> View:
         strategy = record.plan.strategy

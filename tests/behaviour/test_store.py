@@ -386,6 +386,30 @@ async def test_count_release_nodes_per_batch_and_in_total_with_every_state(store
     assert await store.count_release_nodes("rel-unknown") == counts()
 
 
+async def test_count_release_batches_gives_each_batch_its_states_in_one_count(store: Store) -> None:
+    await seeded_release(store, count=5)
+    await store.add_release_nodes(release_nodes(release("rel-2", count=2)))
+    moves = [
+        ("local/h0/api", ItemState.SUCCEEDED),
+        ("local/h1/api", ItemState.FAILED),
+        ("local/h2/api", ItemState.DISPATCHED),
+    ]
+    for node_key, to_state in moves:
+        assert await store.move_release_node("rel-1", node_key, from_states=[ItemState.QUEUED], to_state=to_state)
+    # Moved on again: a state a node left counts no longer (an empty state may be absent, never a stale one).
+    assert await store.move_release_node(
+        "rel-1", "local/h2/api", from_states=[ItemState.DISPATCHED], to_state=ItemState.SUCCEEDED
+    )
+
+    assert await store.count_release_batches("rel-1") == {
+        0: {ItemState.SUCCEEDED: 1},
+        1: {ItemState.SUCCEEDED: 1, ItemState.FAILED: 1},
+        2: {ItemState.QUEUED: 2},
+    }
+    assert await store.count_release_batches("rel-2") == {0: {ItemState.QUEUED: 1}, 1: {ItemState.QUEUED: 1}}
+    assert await store.count_release_batches("rel-unknown") == {}
+
+
 async def test_release_nodes_of_different_releases_are_separate(store: Store) -> None:
     await seeded_release(store, count=3)
     await store.add_release_nodes(release_nodes(release("rel-2", count=2)))
