@@ -138,6 +138,10 @@ class ReleaseRecord(Model):
     plan: ReleaseSpec
     batch_sizes: list[int]
     batch: int = 0
+    # Per state, the nodes of the batches before `batch`: those no longer change while the release rolls forward,
+    # so the pacer counts only the current batch's rows (a FerretDB count decodes every row it counts). None in
+    # a record stored without it: every batch is counted.
+    settled: dict[ItemState, int] | None = None
     state: ReleaseState = ReleaseState.RUNNING
     budget: int = 0
     batch_budget: int | None = None

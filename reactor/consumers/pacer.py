@@ -347,6 +347,7 @@ class Pacer:
                 release_id=request.release_id,
                 plan=plan.spec(),
                 batch_sizes=[len(batch) for batch in batches],
+                settled={},
                 budget=failure_budget(strategy.failure_budget, len(plan.nodes)),
                 request_id=request.event_id,
                 actor=request.actor,
@@ -537,8 +538,14 @@ class Pacer:
                 case StartNextBatch(report_completed=report):
                     announce = [self._batch_completed(record, batch_counts)] if report else []
                     announce.append(await self._batch_started(record, record.batch + 1))
+                    settled = None if record.settled is None else _summed([record.settled, batch_counts.by_state()])
                     await self._save(
-                        record, announce, batch=record.batch + 1, state=ReleaseState.RUNNING, resume_at=None
+                        record,
+                        announce,
+                        batch=record.batch + 1,
+                        settled=settled,
+                        state=ReleaseState.RUNNING,
+                        resume_at=None,
                     )
                 case AwaitApproval():
                     approval = ReleaseAwaitingApproval(
@@ -593,7 +600,16 @@ class Pacer:
                     return record.plan.service
 
     async def _counts(self, record: ReleaseRecord) -> tuple[BatchCounts, BatchCounts]:
-        """The counts of the release's current batch and of the whole release, from one count of the store."""
+        """The counts of the release's current batch and of the whole release, from one count of the store.
+
+        While the release rolls forward only the current batch's nodes change: the batches before it are done (their
+        counts are the record's `settled`) and those after it have not started (every node queued). So only the
+        current batch is counted. Rolling back moves nodes of every batch: the whole release is counted.
+        """
+        if record.state in LIVE and record.settled is not None:
+            current = await self.store.count_release_nodes(record.release_id, batch=record.batch)
+            later = {ItemState.QUEUED: sum(record.batch_sizes[record.batch + 1 :])}
+            return BatchCounts.of(current), BatchCounts.of(_summed([record.settled, current, later]))
         by_batch = await self.store.count_release_batches(record.release_id)
         return BatchCounts.of(by_batch.get(record.batch, {})), BatchCounts.of(_summed(by_batch.values()))
 

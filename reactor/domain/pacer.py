@@ -65,6 +65,18 @@ class BatchCounts:
             get(ItemState.ROLLBACK_FAILED, 0),
         )
 
+    def by_state(self) -> dict[ItemState, int]:
+        """As a store counts them: per state."""
+        return {
+            ItemState.QUEUED: self.queued,
+            ItemState.DISPATCHED: self.dispatched,
+            ItemState.SUCCEEDED: self.succeeded,
+            ItemState.FAILED: self.failed,
+            ItemState.ROLLBACK_DISPATCHED: self.rollback_dispatched,
+            ItemState.ROLLED_BACK: self.rolled_back,
+            ItemState.ROLLBACK_FAILED: self.rollback_failed,
+        }
+
     @property
     def done(self) -> bool:
         """Every node of the batch has an outcome."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -26,7 +26,7 @@ from reactor.events import (
     Strategy,
     Topic,
 )
-from reactor.ports import Store
+from reactor.ports import ReleaseRecord, Store
 from reactor.runtime import Role
 from tests.control import TimerTicks, WatchedBus, settle
 from tests.fakes import Script
@@ -307,3 +307,58 @@ async def test_a_node_whose_sent_record_stays_unanswered_is_sent_by_the_next_pas
     assert sent == [node.node_key for node in release.nodes]
     counts = await store.count_release_nodes(release.release_id)
     assert counts[ItemState.DISPATCHED] == 3, counts
+
+
+class _CountingStore:
+    """A store that records how the pacer counts release nodes; `legacy`: it drops each release record's
+    `settled`, as a record stored before the field has none."""
+
+    def __init__(self, store: Store, *, legacy: bool) -> None:
+        self._store = store
+        self._legacy = legacy
+        self.counted: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def put_release(self, record: ReleaseRecord, *, expected_revision: int) -> ReleaseRecord | None:
+        if self._legacy:
+            record = record.model_copy(update={"settled": None})
+        return await self._store.put_release(record, expected_revision=expected_revision)
+
+    async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
+        self.counted.append("release" if batch is None else f"batch {batch}")
+        return await self._store.count_release_nodes(release_id, batch=batch)
+
+    async def count_release_batches(self, release_id: str) -> dict[int, dict[ItemState, int]]:
+        self.counted.append("every batch")
+        return await self._store.count_release_batches(release_id)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["settled", "record-without-settled"])
+async def test_a_release_rolling_forward_counts_its_current_batch_and_keeps_the_failures_of_earlier_ones(
+    store: Store, tmp_path: Path, legacy: bool
+) -> None:
+    """Batches [2, 2, 1], budget 1: the canary batch's failure and the last batch's make two, so the release halts
+    in its last batch; only the current batch is counted on each pass (every batch for a record without
+    `settled`, which the pacer still paces right)."""
+    script = Script(behaviour={"fake/host-00/app": "fail", "fake/host-04/app": "fail"})
+    release = plan(5, Strategy(batches=[2, 2, 1], max_parallel=2, failure_budget=1, auto_rollback="none"))
+    counting = _CountingStore(store, legacy=legacy)
+    async with reactor(cast(Store, counting), script, tmp_path) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await bus.idle()
+
+    record = await store.get_release(release.release_id)
+    assert record is not None
+    assert (record.state, record.batch) == (ReleaseState.HALTED, 2), record.reason
+    assert record.reason == "failure budget spent: 2 failed, budget 1"
+    halted = [event for event in bus.events(Topic.RELEASES) if isinstance(event, ReleaseHalted)]
+    assert [(event.succeeded, event.failed) for event in halted] == [(3, 2)]
+    assert sorted(script.order) == [node.node_key for node in release.nodes]
+    if legacy:
+        assert record.settled is None
+        assert set(counting.counted) == {"every batch"}, counting.counted
+    else:
+        assert record.settled == {**record.settled, ItemState.SUCCEEDED: 3, ItemState.FAILED: 1}
+        assert set(counting.counted) == {"batch 0", "batch 1", "batch 2"}, counting.counted
