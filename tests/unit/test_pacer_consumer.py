@@ -360,5 +360,7 @@ async def test_a_release_rolling_forward_counts_its_current_batch_and_keeps_the_
         assert record.settled is None
         assert set(counting.counted) == {"every batch"}, counting.counted
     else:
-        assert record.settled == {**record.settled, ItemState.SUCCEEDED: 3, ItemState.FAILED: 1}
+        assert record.settled is not None
+        settled = {state: count for state, count in record.settled.items() if count}
+        assert settled == {ItemState.SUCCEEDED: 3, ItemState.FAILED: 1}, "batches 0 and 1, as counted"
         assert set(counting.counted) == {"batch 0", "batch 1", "batch 2"}, counting.counted
