@@ -13,12 +13,13 @@ from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.v1.event import CloudEvent
 from pydantic import ValidationError
 
-from reactor.errors import DecodeError
-from reactor.events import EVENT_ID, EVENTS_BY_TYPE, RELEASE_ID, Event, ReleaseEvent
+from reactor.errors import DecodeError, InvalidInput
+from reactor.events import EVENT_ID, EVENTS_BY_TYPE, RELEASE_ID, Event, ReleaseEvent, ReleaseRequested
 
 CONTENT_TYPE = "application/json"
 # Well under Kafka's default 1 MiB message limit, so a rejected message still fits in the dead-letter topic
-# with its reason; a 10,000-node release plan is about 700 KiB.
+# with its reason. A release's plan carries its nodes: about 100 bytes each without labels, so a ReleaseRequested
+# holds about 8,000 of them (`check_size`).
 MAX_EVENT_BYTES = 900 * 1024
 # Envelope fields live in the CloudEvents attributes; the JSON body carries the rest of the event.
 _ENVELOPE_FIELDS = {"event_id", "occurred_at", "release_id", "causation_id"}
@@ -147,6 +148,26 @@ def encode(event: Event, source: str) -> Record:
     message = ce_kafka.to_binary_event(CloudEvent(attributes, data))
     key = message.key.encode() if isinstance(message.key, str) else message.key
     return Record(key=key, value=message.value, headers=tuple(message.headers.items()))
+
+
+def check_size(event: Event, record: Record) -> None:
+    """Raise InvalidInput unless `record` (the encoding of `event`) is small enough for `decode` to take: sent, it
+    would only be dead-lettered by every reader. For a ReleaseRequested it says how many of its nodes would fit."""
+    size = len(record.value)
+    if size <= MAX_EVENT_BYTES:
+        return
+    if isinstance(event, ReleaseRequested) and len(event.plan.nodes) > 1:
+        nodes = len(event.plan.nodes)
+        # The request's own size, then what its nodes take on average.
+        alone = event.model_copy(update={"plan": event.plan.model_copy(update={"nodes": event.plan.nodes[:1]})})
+        base = len(encode(alone, "/size").value)
+        fit = 1 + (MAX_EVENT_BYTES - base) * (nodes - 1) // (size - base)
+        raise InvalidInput(
+            "plan.nodes",
+            f"the release request of {nodes:,} nodes is {size:,} bytes, more than the {MAX_EVENT_BYTES:,} an event on"
+            f" the bus may be: about {fit:,} of these nodes fit in one release; split it",
+        )
+    raise InvalidInput(event.TYPE, f"the event is {size:,} bytes, more than the {MAX_EVENT_BYTES:,} an event may be")
 
 
 def decode(record: Record) -> tuple[Event, str]:

@@ -38,7 +38,7 @@ from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
 from reactor.adapters.kafka_security import KafkaSecurity, started_producer
-from reactor.codec import Record, encode
+from reactor.codec import Record, check_size, encode
 from reactor.errors import AccessDenied, BackendUnavailable
 from reactor.events import Event, Topic
 from reactor.observability import CONSUMER_LAG, MISROUTED
@@ -176,8 +176,13 @@ class KafkaBus:
         return created
 
     async def publish(self, event: Event) -> None:
-        """Send one event keyed by its subject, signed with this process's key; returns once the brokers have it."""
-        await self.publish_raw(event.TOPIC, self.signatures.sign(encode(event, self.source)))
+        """Send one event keyed by its subject, signed with this process's key; returns once the brokers have it.
+
+        InvalidInput for an event larger than a reader takes (`codec.check_size`): nothing is sent.
+        """
+        record = encode(event, self.source)
+        check_size(event, record)
+        await self.publish_raw(event.TOPIC, self.signatures.sign(record))
 
     async def publish_raw(self, topic: Topic, record: Record) -> None:
         """Send a message as it is; returns once the brokers acknowledged it."""

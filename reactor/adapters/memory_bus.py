@@ -19,7 +19,7 @@ from typing import Self
 import structlog
 
 from reactor.adapters.dispatch import KeyedDispatcher, dead_letter_record, deliver
-from reactor.codec import Record, decode, encode
+from reactor.codec import Record, check_size, decode, encode
 from reactor.errors import DecodeError, first_reactor_error
 from reactor.events import Event, Topic
 from reactor.ports import Handler
@@ -71,7 +71,10 @@ class MemoryBus:
     async def publish(self, event: Event) -> None:
         """Append the event to its topic and hand it to every group reading that topic."""
         if self.through_codec:
-            self._append(event.TOPIC, _Message(self.source, record=self.signatures.sign(encode(event, self.source))))
+            # As on Kafka: an event larger than a reader takes is refused here, not dead-lettered by the readers.
+            record = encode(event, self.source)
+            check_size(event, record)
+            self._append(event.TOPIC, _Message(self.source, record=self.signatures.sign(record)))
             return
         self._append(event.TOPIC, _Message(self.source, event=event, signatures=self.signatures))
 
