@@ -229,7 +229,7 @@ async def run_roles(
                     policy=policy,
                 )
                 tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "pacer", pacer.handle))
-                await pacer.recover()
+                await pacer.recover_when_possible()
                 tasks.create_task(pacer.run_timers(tick_s=settings.timer_tick_s, resend_s=settings.resend_after_s))
             if publisher is not None:
                 tasks.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "cdevents", publisher.handle))

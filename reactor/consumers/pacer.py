@@ -203,6 +203,22 @@ class Pacer:
                     await self._announce_deadline_failure(record, node)
             await self._advance(record.release_id)
 
+    async def recover_when_possible(self, *, retry_s: float = 1.0) -> None:
+        """`recover`, again every `retry_s` while the store cannot answer. A pacer that died mid-write leaves the
+        release record's lock to expire (a minute), and the store may be down: a pacer starting then waits, rather
+        than fail and take its worker process down with it. Every effect of `recover` is a CAS or a command with a
+        fixed id, so a try that failed halfway is safe to make again."""
+        while True:
+            try:
+                await self.recover()
+            except ReactorError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning("recovering the releases failed; trying again", error=str(exc), retry_s=retry_s)
+                await asyncio.sleep(retry_s)
+            else:
+                return
+
     async def tick(self) -> None:
         """Fire what is due: queued releases whose turn came, pauses that ended, nodes past their deadline.
 

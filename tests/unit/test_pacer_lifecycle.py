@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partialmethod
 from pathlib import Path
+from typing import cast
+
+import pytest
 
 from reactor.adapters.memory_bus import MemoryBus
-from reactor.consumers.pacer import DEADLINE_ANNOUNCED
+from reactor.consumers.pacer import DEADLINE_ANNOUNCED, Pacer
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, pending
 from reactor.errors import BackendUnavailable
@@ -393,3 +397,40 @@ async def test_a_deadline_failure_recorded_but_not_announced_is_announced_on_rec
     assert script.calls[f"rollback:{node_key}"] == 1
     [failed] = await store.list_release_nodes(release.release_id, state=ItemState.FAILED)
     assert failed.outcome == DEADLINE_ANNOUNCED, "marked, so later recoveries do not announce it again"
+
+
+class _UnansweringAtFirst:
+    """A store whose first `failures` calls to list the releases find it unavailable (a lock a dead pacer left on a
+    release record, or the server down)."""
+
+    def __init__(self, store: Store, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def list_releases(self) -> list[ReleaseRecord]:
+        if self.failures:
+            self.failures -= 1
+            raise BackendUnavailable("MongoDB lock releases/app-2 is held by another writer")
+        return await self._store.list_releases()
+
+
+async def test_a_worker_whose_pacer_cannot_recover_yet_waits_and_recovers(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker starts while the store cannot answer the pacer's recovery: it tries again rather than exit, then
+    sends the nodes a pacer before it dispatched, and the release completes."""
+    monkeypatch.setattr(Pacer, "recover_when_possible", partialmethod(Pacer.recover_when_possible, retry_s=0.01))
+    script = Script()
+    release = plan(2, Strategy(batches=["100%"], max_parallel=2))
+    async with reactor(store, script, tmp_path, roles=frozenset({Role.PACER})) as bus:
+        await bus.publish(ReleaseRequested(release_id=release.release_id, plan=release))
+        await bus.idle()
+    assert (await store.count_release_nodes(release.release_id))[ItemState.DISPATCHED] == 2
+    flaky = _UnansweringAtFirst(store, failures=3)
+    async with reactor(cast(Store, flaky), script, tmp_path):
+        await until(lambda: equals(state_of(store, release.release_id), ReleaseState.COMPLETED), "completion")
+    assert flaky.failures == 0
+    assert sorted(script.order) == [node.node_key for node in release.nodes]
