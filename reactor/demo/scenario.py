@@ -6,6 +6,7 @@ Every claim is checked from outside, over HTTP, against the running services.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import urllib.request
 from collections.abc import Callable
@@ -43,7 +44,43 @@ class DemoResult:
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on the loopback interface."""
+    """Distinct free TCP ports on the loopback interface, for services started later.
+
+    Taken below the kernel's ephemeral range where it has one (Linux): a port from that range may meanwhile become
+    the local end of any outgoing connection (a worker's to Kafka or the store), and a service then fails to bind it.
+    """
+    low = _ephemeral_low()
+    if low is None or low <= 1024 + 4 * count:
+        return _kernel_ports(count)
+    candidates = random.SystemRandom().sample(range(max(1024, low - 12_000), low), min(low - 1024, 12_000))
+    sockets: list[socket.socket] = []
+    try:
+        for port in candidates:
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            sockets.append(sock)
+            if len(sockets) == count:
+                return [held.getsockname()[1] for held in sockets]
+    finally:
+        for held in sockets:
+            held.close()
+    return _kernel_ports(count)
+
+
+def _ephemeral_low() -> int | None:
+    """The first port of the kernel's ephemeral range, or None where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kernel_ports(count: int) -> list[int]:
+    """Distinct ports the kernel hands out as free (from its ephemeral range)."""
     sockets = []
     try:
         for _ in range(count):
