@@ -14,13 +14,16 @@ from cloudevents.core.v1.event import CloudEvent
 from pydantic import ValidationError
 
 from reactor.errors import DecodeError, InvalidInput
-from reactor.events import EVENT_ID, EVENTS_BY_TYPE, RELEASE_ID, Event, ReleaseEvent, ReleaseRequested
+from reactor.events import EVENT_ID, EVENTS_BY_TYPE, RELEASE_ID, Event, ReleaseEvent, ReleaseRequested, Topic
 
 CONTENT_TYPE = "application/json"
-# Well under Kafka's default 1 MiB message limit, so a rejected message still fits in the dead-letter topic
-# with its reason. A release's plan carries its nodes: about 100 bytes each without labels, so a ReleaseRequested
-# holds about 8,000 of them (`check_size`).
+# Commands and outcomes: well under Kafka's default 1 MiB message limit, so a rejected message still fits in the
+# dead-letter topic with its reason.
 MAX_EVENT_BYTES = 900 * 1024
+# Events of the releases topic: a release's request carries its plan's nodes (about 100 bytes each without labels,
+# and a plan has up to 100,000), and a batch's start names the batch's nodes. The releases topic is made to take them
+# (`reactor topics create` sets its max.message.bytes), and producers and its readers fetch that much.
+MAX_RELEASE_EVENT_BYTES = 32 * 1024 * 1024
 # Envelope fields live in the CloudEvents attributes; the JSON body carries the rest of the event.
 _ENVELOPE_FIELDS = {"event_id", "occurred_at", "release_id", "causation_id"}
 SPECVERSION = "1.0"
@@ -150,24 +153,34 @@ def encode(event: Event, source: str) -> Record:
     return Record(key=key, value=message.value, headers=tuple(message.headers.items()))
 
 
+def max_event_bytes(event_type: type[Event]) -> int:
+    """The largest message body `decode` takes for an event of `event_type`: more on the releases topic."""
+    return MAX_RELEASE_EVENT_BYTES if event_type.TOPIC == Topic.RELEASES else MAX_EVENT_BYTES
+
+
 def check_size(event: Event, record: Record) -> None:
     """Raise InvalidInput unless `record` (the encoding of `event`) is small enough for `decode` to take: sent, it
     would only be dead-lettered by every reader. For a ReleaseRequested it says how many of its nodes would fit."""
     size = len(record.value)
-    if size <= MAX_EVENT_BYTES:
+    limit = max_event_bytes(type(event))
+    if size <= limit:
         return
     if isinstance(event, ReleaseRequested) and len(event.plan.nodes) > 1:
         nodes = len(event.plan.nodes)
         # The request's own size, then what its nodes take on average.
         alone = event.model_copy(update={"plan": event.plan.model_copy(update={"nodes": event.plan.nodes[:1]})})
         base = len(encode(alone, "/size").value)
-        fit = 1 + (MAX_EVENT_BYTES - base) * (nodes - 1) // (size - base)
+        fit = 1 + (limit - base) * (nodes - 1) // (size - base)
         raise InvalidInput(
             "plan.nodes",
-            f"the release request of {nodes:,} nodes is {size:,} bytes, more than the {MAX_EVENT_BYTES:,} an event on"
+            f"the release request of {nodes:,} nodes is {size:,} bytes, more than the {limit:,} an event on"
             f" the bus may be: about {fit:,} of these nodes fit in one release; split it",
         )
-    raise InvalidInput(event.TYPE, f"the event is {size:,} bytes, more than the {MAX_EVENT_BYTES:,} an event may be")
+    raise InvalidInput(event.TYPE, f"the event is {size:,} bytes, more than the {limit:,} an event may be")
+
+
+def _oversized(size: int, limit: int) -> DecodeError:
+    return DecodeError(f"oversized: {size} bytes, the limit is {limit}")
 
 
 def decode(record: Record) -> tuple[Event, str]:
@@ -176,17 +189,22 @@ def decode(record: Record) -> tuple[Event, str]:
     Binary mode (any ce_* header) is held to HEADER_RULES exactly; structured mode to the same rules on the
     attributes of its JSON envelope. Headers that are not ce_* attributes or content-type are ignored.
     """
-    if len(record.value) > MAX_EVENT_BYTES:
-        raise DecodeError(f"oversized: {len(record.value)} bytes, the limit is {MAX_EVENT_BYTES}")
+    size = len(record.value)
+    if size > MAX_RELEASE_EVENT_BYTES:
+        raise _oversized(size, MAX_RELEASE_EVENT_BYTES)
     if any(_ANY_CE.match(name) for name, _ in record.headers):
-        headers = _attribute_headers(record.headers)
+        attributes = headers = _attribute_headers(record.headers)
         _check_attributes(headers, structured=False)
         message = ce_kafka.KafkaMessage(
             headers={name: value.encode() for name, value in headers.items()}, key=record.key, value=record.value
         )
     else:
-        _check_structured(record.value)
+        attributes = _check_structured(record.value)
         message = ce_kafka.KafkaMessage(headers=dict(record.headers), key=record.key, value=record.value)
+    # The type's own limit (checked as known), before its data is validated.
+    limit = max_event_bytes(EVENTS_BY_TYPE[attributes["ce_type"]])
+    if size > limit:
+        raise _oversized(size, limit)
     try:
         cloud_event = ce_kafka.from_kafka_event(message)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -252,8 +270,9 @@ def _attribute_headers(headers: tuple[tuple[str, bytes], ...]) -> dict[str, str]
     return found
 
 
-def _check_structured(value: bytes) -> None:
-    """Hold the JSON envelope of a structured-mode message to the header rules, by attribute name."""
+def _check_structured(value: bytes) -> dict[str, str]:
+    """Hold the JSON envelope of a structured-mode message to the header rules, by attribute name; its attributes
+    as binary mode's headers name them."""
     try:
         envelope = json.loads(value)
     except ValueError as exc:
@@ -268,6 +287,7 @@ def _check_structured(value: bytes) -> None:
             raise DecodeError(f"{name}: a CloudEvents attribute must be a string here")
         attributes["content-type" if name == "datacontenttype" else f"ce_{name}"] = item
     _check_attributes(attributes, structured=True)
+    return attributes
 
 
 def _check_attributes(attributes: dict[str, str], *, structured: bool) -> None:

@@ -56,6 +56,11 @@ class AccessDenied(ReactorError):
     """A backend refused our credentials or our permissions: not an outage, waiting does not help."""
 
 
+class Misconfigured(ReactorError):
+    """The deployment's own setup refuses it (a Kafka topic's size limit, say): trying again will not help, an
+    operator must change the setup."""
+
+
 class ExecutorNotFound(ReactorError):
     """No executor is registered for a platform."""
 

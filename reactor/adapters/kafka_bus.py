@@ -21,6 +21,7 @@ from typing import Any, Self
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -37,15 +38,21 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
-from reactor.adapters.kafka_security import KafkaSecurity, started_producer
+from reactor.adapters.kafka_security import MAX_MESSAGE_BYTES, KafkaSecurity, started_producer
 from reactor.codec import Record, check_size, encode
-from reactor.errors import AccessDenied, BackendUnavailable
+from reactor.errors import AccessDenied, BackendUnavailable, Misconfigured
 from reactor.events import Event, Topic
 from reactor.observability import CONSUMER_LAG, MISROUTED
 from reactor.ports import Handler
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
 log = structlog.get_logger(__name__)
+
+# Topic settings `create_topics` gives the topics it creates, and raises to on topics that exist.
+_TOPIC_CONFIGS: dict[Topic, dict[str, str]] = {Topic.RELEASES: {"max.message.bytes": str(MAX_MESSAGE_BYTES)}}
+_DEFAULT_FETCH_BYTES = 1024 * 1024
+# DescribeConfigs (v1 and later): where a setting's value comes from; 1 is the topic's own (dynamic) setting.
+_DYNAMIC_TOPIC_CONFIG = 1
 
 # The broker's ACLs refused this principal: not an outage (waiting does not help), so AccessDenied, not
 # BackendUnavailable.
@@ -144,7 +151,8 @@ class KafkaBus:
             raise BackendUnavailable(f"kafka {self.bootstrap}: {exc}") from exc
 
     async def create_topics(self, *, partitions: int = 6, replication: int = 1) -> list[str]:
-        """Create the four topics if missing; the names created."""
+        """Create the four topics if missing; the names created. The releases topic takes messages of up to
+        MAX_MESSAGE_BYTES (a release's request carries its nodes); one that exists with a smaller limit gets it."""
         admin = AIOKafkaAdminClient(
             bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.security.client_options()
         )
@@ -153,9 +161,17 @@ class KafkaBus:
             await admin.start()
             for topic in Topic:
                 name = self.topic_name(topic)
+                configs = _TOPIC_CONFIGS.get(topic, {})
                 try:
                     response = await admin.create_topics(
-                        [NewTopic(name=name, num_partitions=partitions, replication_factor=replication)]
+                        [
+                            NewTopic(
+                                name=name,
+                                num_partitions=partitions,
+                                replication_factor=replication,
+                                topic_configs=configs,
+                            )
+                        ]
                     )
                     # aiokafka returns a topic's error in the response instead of raising it.
                     for _name, code, *_message in response.topic_errors:
@@ -163,6 +179,7 @@ class KafkaBus:
                             raise for_code(code)(name)
                     created.append(name)
                 except TopicAlreadyExistsError:
+                    await _raise_limits(admin, name, configs)
                     continue
                 except TopicAuthorizationFailedError as exc:
                     # A principal without CREATE (ACLs) is refused even for a topic that exists: fine if it does.
@@ -182,7 +199,16 @@ class KafkaBus:
         """
         record = encode(event, self.source)
         check_size(event, record)
-        await self.publish_raw(event.TOPIC, self.signatures.sign(record))
+        try:
+            await self.publish_raw(event.TOPIC, self.signatures.sign(record))
+        except BackendUnavailable as exc:
+            if not isinstance(exc.__cause__, MessageSizeTooLargeError):
+                raise
+            # The topic was made before it took messages this size (or by hand): waiting will not change that.
+            raise Misconfigured(
+                f"kafka refused a message of {len(record.value):,} bytes on {self.topic_name(event.TOPIC)}: the"
+                " topic takes less (its max.message.bytes); `reactor topics create` raises it"
+            ) from exc
 
     async def publish_raw(self, topic: Topic, record: Record) -> None:
         """Send a message as it is; returns once the brokers acknowledged it."""
@@ -221,6 +247,7 @@ class KafkaBus:
             # The broker answers one request of a connection at a time: a fetch waiting for data that will not come
             # (an empty partition, one read to its end) holds up the offset lookup and the close (TLS) behind it.
             fetch_max_wait_ms=10,
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
             **self.security.client_options(),
         )
         try:
@@ -243,7 +270,7 @@ class KafkaBus:
 
     async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
         """Feed events to `handler` as consumer group `group` until cancelled, then shut down in order."""
-        member = _GroupMember(self, group, handler)
+        member = _GroupMember(self, group, handler, large=Topic.RELEASES in topics)
         try:
             await member.start([self.topic_name(topic) for topic in topics])
         except BaseException:
@@ -280,10 +307,39 @@ class KafkaBus:
                 return
 
 
+async def _raise_limits(admin: AIOKafkaAdminClient, name: str, wanted: dict[str, str]) -> None:
+    """Raise the numeric settings `wanted` of existing topic `name` to at least their wanted values, keeping the
+    topic's other settings (Kafka's AlterConfigs replaces all of a topic's own settings at once). A principal that
+    may not read or change a topic's settings leaves them as they are (the admin sets topics up)."""
+    if not wanted:
+        return
+    [described] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+    [(code, _message, _type, _name, entries)] = described.resources
+    if code:
+        log.warning("cannot read the topic's settings; leaving them", topic=name, error=for_code(code).__name__)
+        return
+    values = {entry[0]: entry[1] for entry in entries}
+    low = {key: value for key, value in wanted.items() if int(values.get(key) or 0) < int(value)}
+    if not low:
+        return
+    own = {entry[0]: entry[1] for entry in entries if entry[3] == _DYNAMIC_TOPIC_CONFIG}
+    if any(entry[4] for entry in entries if entry[3] == _DYNAMIC_TOPIC_CONFIG):
+        raise Misconfigured(f"kafka topic {name}: set {low} by hand (it has secret settings of its own to keep)")
+    [altered] = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, {**own, **low})])
+    [(code, message, *_rest)] = altered.resources
+    if code:
+        error = for_code(code)
+        if issubclass(error, REFUSED):
+            log.warning("not allowed to change the topic's settings; leaving them", topic=name, wanted=low)
+            return
+        raise Misconfigured(f"kafka topic {name}: cannot set {low}: {error.__name__}: {message}")
+    log.info("topic settings raised", topic=name, settings=low)
+
+
 class _GroupMember:
     """One member of a consumer group: takes messages, dispatches them, commits what finished."""
 
-    def __init__(self, bus: KafkaBus, group: str, handler: Handler) -> None:
+    def __init__(self, bus: KafkaBus, group: str, handler: Handler, *, large: bool = False) -> None:
         self.bus = bus
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap,
@@ -293,6 +349,9 @@ class _GroupMember:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=500,
+            # A reader of the releases topic fetches its largest message whole (`large`); the others keep the
+            # default 1 MiB per partition, which is all their topics take.
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES if large else _DEFAULT_FETCH_BYTES,
             # Keep each member's partitions where it can on a rebalance, so fewer runs change hands.
             partition_assignment_strategy=(_own_sticky_assignor(),),
             **bus.security.client_options(),

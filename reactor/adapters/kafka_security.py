@@ -14,7 +14,13 @@ from aiokafka.errors import AuthenticationFailedError, KafkaError, SaslAuthentic
 from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr
 
+from reactor.codec import MAX_RELEASE_EVENT_BYTES
 from reactor.errors import AccessDenied, BackendUnavailable
+
+# The largest message a reactor producer sends and a reader of the releases topic fetches, and that topic's
+# max.message.bytes: the codec's largest event body and room for its headers (the broker's default is 1 MiB, which
+# the other topics keep: their events are at most `codec.MAX_EVENT_BYTES`).
+MAX_MESSAGE_BYTES = MAX_RELEASE_EVENT_BYTES + 1024 * 1024
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -72,6 +78,7 @@ async def started_producer(bootstrap: str, client_id: str, security: KafkaSecuri
         acks="all",
         linger_ms=2,
         request_timeout_ms=30_000,
+        max_request_size=MAX_MESSAGE_BYTES,
         **security.client_options(),
     )
     try:

@@ -19,7 +19,7 @@ from reactor.api.auth import LOCAL, Identity, Tokens
 from reactor.api.binding import decode_request_record, problem_field
 from reactor.api.feed import Feed, StreamEnded
 from reactor.cli import documents
-from reactor.codec import MAX_EVENT_BYTES, describe_validation_error, encode, matches
+from reactor.codec import describe_validation_error, encode, matches, max_event_bytes
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.errors import DecodeError, ReactorError
 from reactor.events import (
@@ -238,7 +238,7 @@ async def list_nodes(api: Api, request: Request, identity: Identity) -> Response
 
 
 async def submit_release(api: Api, request: Request, identity: Identity) -> Response:
-    body = await _body(request, MAX_EVENT_BYTES)
+    body = await _body(request, max_event_bytes(ReleaseRequested))
     try:
         event, record = decode_request_record(request.headers.items(), body, ReleaseRequested)
     except DecodeError as exc:

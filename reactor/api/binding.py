@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote
 
-from reactor.codec import CONTENT_TYPE, HEADER_RULES, MAX_EVENT_BYTES, Record, decode, encode
+from reactor.codec import CONTENT_TYPE, HEADER_RULES, MAX_RELEASE_EVENT_BYTES, Record, decode, encode
 from reactor.errors import DecodeError
 from reactor.events import EVENTS_BY_TYPE, Event
 
@@ -28,9 +28,10 @@ def media_type(content_type: str | None) -> str:
 
 
 def record_of(headers: Iterable[tuple[str, str]], body: bytes) -> Record:
-    """The Kafka record an HTTP request carrying a CloudEvent stands for; DecodeError if it cannot be one."""
-    if len(body) > MAX_EVENT_BYTES:
-        raise DecodeError(f"oversized: {len(body)} bytes, the limit is {MAX_EVENT_BYTES}")
+    """The Kafka record an HTTP request carrying a CloudEvent stands for; DecodeError if it cannot be one (`decode`
+    holds its body to its type's limit)."""
+    if len(body) > MAX_RELEASE_EVENT_BYTES:
+        raise DecodeError(f"oversized: {len(body)} bytes, the limit is {MAX_RELEASE_EVENT_BYTES}")
     pairs = [(name.lower(), value) for name, value in headers]
     content_type = next((value for name, value in pairs if name == "content-type"), None)
     if media_type(content_type) == STRUCTURED:

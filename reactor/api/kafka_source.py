@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from reactor.adapters.kafka_bus import KafkaBus
+from reactor.adapters.kafka_security import MAX_MESSAGE_BYTES
 from reactor.codec import Record, decode
 from reactor.errors import DecodeError
 from reactor.events import Event, Topic
@@ -36,6 +37,9 @@ async def read_kafka(bus: KafkaBus, topics: tuple[Topic, ...], add: Callable[[Ev
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
+            # The releases topic's largest message (a release's request) is fetched whole.
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+            **bus.security.client_options(),
         )
         try:
             await consumer.start()

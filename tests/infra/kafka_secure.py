@@ -41,6 +41,9 @@ MECHANISM = "SCRAM-SHA-512"
 # The consumer groups a `reactor worker` joins (reactor/runtime.py: executor, rollback, pacer, cdevents roles).
 WORKER_GROUPS = ("executor", "rollback", "pacer", "cdevents")
 TOPICS = ("commands", "outcomes", "releases", "dlq")
+# What `reactor topics create` gives the releases topic (reactor.adapters.kafka_security.MAX_MESSAGE_BYTES; this
+# harness runs without the project's packages, and a unit test keeps the two equal).
+RELEASES_MAX_MESSAGE_BYTES = 33 * 1024 * 1024
 PARTITIONS = 4  # of each topic the harness creates
 
 
@@ -207,6 +210,11 @@ def _topic(prefix: str, name: str) -> str:
     return prefix + name
 
 
+def _configs(name: str) -> list[str]:
+    """The settings `reactor topics create` gives topic `name` (the releases topic takes a release's request)."""
+    return ["--config", f"max.message.bytes={RELEASES_MAX_MESSAGE_BYTES}"] if name == "releases" else []
+
+
 def grant(svc: Service, prefix: str, *, partitions: int = PARTITIONS) -> None:
     """Create the reactor's topics under `prefix` (as the admin) and the ACLs of each principal on them.
 
@@ -223,7 +231,7 @@ def grant(svc: Service, prefix: str, *, partitions: int = PARTITIONS) -> None:
     runs = [
         (
             "org.apache.kafka.tools.TopicCommand",
-            ["--create", "--if-not-exists", "--topic", t[name], "--partitions", str(partitions)],
+            ["--create", "--if-not-exists", "--topic", t[name], "--partitions", str(partitions), *_configs(name)],
             f"creating topic {t[name]}",
         )
         for name in TOPICS

@@ -30,7 +30,7 @@ from pydantic import SecretStr
 from reactor.adapters.dispatch import DLQ_REASON
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.mongo_store import MongoStore
-from reactor.codec import decode
+from reactor.codec import decode, encode
 from reactor.demo import build_package
 from reactor.demo.scenario import free_ports, release_plan, served_version
 from reactor.domain.pacer import ItemState, ReleaseState
@@ -38,6 +38,7 @@ from reactor.domain.status import NodeState, NodeStatus, pending
 from reactor.errors import AccessDenied, BackendUnavailable
 from reactor.events import (
     AutoRollback,
+    BatchStarted,
     DeployRequested,
     Event,
     NodeDeployed,
@@ -317,6 +318,30 @@ async def test_two_executors_in_one_group_share_the_work_and_deploy_each_node_on
     assert set(calls.values()) == {1}
     assert first.calls, "the first member of the group did some of the work"
     assert second.calls, "the second member of the group did some of the work"
+
+
+async def test_a_release_larger_than_a_1_mib_message_starts_on_kafka_and_mongo(
+    kafka: KafkaBus, ci: KafkaBus, mongo: MongoStore, tmp_path: Path, settings_under: Callable[[Path], Settings]
+) -> None:
+    """A request of 20,000 nodes (2.3 MB: over Kafka's default message size and the limit of the other topics) is
+    taken by the releases topic, read by the pacer and planned whole; its first batch runs and it then waits for the
+    approval after it (over SASL_SSL it is signed by CI and verified, the topic made by the admin)."""
+    script = Script()
+    release = plan(20_000, Strategy(batches=[2, "50%"], max_parallel=2, approval_after_batches=[1]))
+    request = ReleaseRequested(release_id=release.release_id, plan=release)
+    assert len(encode(request, "/ci").value) > 2 * 1024 * 1024
+    async with running_roles(kafka, mongo, settings_under(tmp_path), {Role.ALL}, {"fake": scripted(script)}):
+        await ci.publish(request)
+        await until(
+            lambda: equals(release_state(mongo, release.release_id), ReleaseState.AWAITING_APPROVAL),
+            "the first batch is done and the release waits for its approval",
+            timeout_s=180,
+        )
+    assert sorted(script.calls) == ["deploy:fake/host-00/app", "deploy:fake/host-01/app"]
+    counts = await mongo.count_release_nodes(release.release_id)
+    assert (counts[ItemState.SUCCEEDED], counts[ItemState.QUEUED]) == (2, 19_998)
+    started = [event for event in await events(kafka, Topic.RELEASES) if isinstance(event, BatchStarted)]
+    assert [(event.batch, event.node_keys) for event in started] == [(0, ["fake/host-00/app", "fake/host-01/app"])]
 
 
 async def test_demo_scenario_with_real_processes_on_kafka_and_mongo(

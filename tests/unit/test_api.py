@@ -26,7 +26,7 @@ from reactor.api.app import Api, create_app
 from reactor.api.auth import Tokens, digest, load_tokens
 from reactor.api.binding import decode_request
 from reactor.api.feed import Feed, StreamEnded
-from reactor.codec import MAX_EVENT_BYTES
+from reactor.codec import MAX_RELEASE_EVENT_BYTES
 from reactor.domain.pacer import ReleaseState
 from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
 from reactor.events import ReleaseApproved, ReleasePaused, ReleasePlan, ReleaseRequested, Topic
@@ -444,7 +444,7 @@ def test_the_feed_keeps_bounded_timelines_and_adds_each_event_once(monkeypatch: 
 
 async def test_oversized_bodies_are_413_before_they_are_read_whole(served: Served) -> None:
     """An event past the codec's size limit, or a command body past 16 KiB, is refused with 413."""
-    big = json.dumps({**envelope("big"), "padding": "x" * MAX_EVENT_BYTES})
+    big = json.dumps({**envelope("big"), "padding": "x" * MAX_RELEASE_EVENT_BYTES})
     response = await served.client.post(
         "/api/v1/releases", content=big, headers={"content-type": "application/cloudevents+json"}
     )
