@@ -67,6 +67,8 @@ _NAMESPACE_EXISTS = 48
 # stalls for good (seen with 256-id batched reads). Replies are capped at 16 MiB whatever this says.
 _READ_BATCH = 100_000
 # Every collection the store writes (the probe's own scratch collection aside).
+# Release node rows inserted per request (a release's rows are stored before its record).
+_INSERT_CHUNK = 1000
 COLLECTIONS = ("nodes", "processed", "releases", "release_nodes", "slots", "leases", "locks")
 # Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
 _BACKOFF_S = (0.1, 0.4)
@@ -377,19 +379,21 @@ class MongoStore:
         return [ReleaseRecord.model_validate_json(document["doc"]) for document in found]
 
     async def add_release_nodes(self, nodes: Sequence[ReleaseNode]) -> None:
-        if not nodes:
-            return
-        documents = [node.model_dump(mode="json") for node in nodes]
+        """Insert the rows `_INSERT_CHUNK` at a time, each chunk a request of its own that its own retries bound:
+        FerretDB took longer than a request's timeout over the rows of 100,000 nodes sent at once, and each retry
+        of them all (rows already in are skipped) took as long again."""
+        for start in range(0, len(nodes), _INSERT_CHUNK):
+            documents = [node.model_dump(mode="json") for node in nodes[start : start + _INSERT_CHUNK]]
 
-        async def insert() -> None:
-            try:
-                await self.db["release_nodes"].insert_many(documents, ordered=False)
-            except BulkWriteError as exc:
-                others = [error for error in exc.details.get("writeErrors", []) if error.get("code") != _DUPLICATE_KEY]
-                if others or exc.details.get("writeConcernErrors"):
-                    raise
+            async def insert(documents: list[Document] = documents) -> None:
+                try:
+                    await self.db["release_nodes"].insert_many(documents, ordered=False)
+                except BulkWriteError as exc:
+                    errors = exc.details.get("writeErrors", [])
+                    if exc.details.get("writeConcernErrors") or any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                        raise
 
-        await self._retry("insert into release_nodes", insert)
+            await self._retry("insert into release_nodes", insert)
 
     async def move_release_node(
         self,

@@ -409,3 +409,25 @@ async def test_the_lock_free_path_writes_and_refuses_as_the_lock_path_does(mongo
     assert not await mongo.take_lease("timers", "you", now=T0, ttl_s=60)
     assert await mongo.take_lease("timers", "me", now=T0, ttl_s=60)
     assert await mongo.db["locks"].count_documents({}) == 0
+
+
+async def test_a_large_release_s_rows_go_in_chunks_each_a_request_of_its_own(mongo: MongoStore) -> None:
+    """The rows of 2,500 nodes go in three inserts (1,000 a request), not one: each request's time stays bounded
+    however large the release. Added again (a redelivered request), every row is kept as it is."""
+    rows = [
+        ReleaseNode(
+            release_id="rel-big", node_key=f"local/h{index}/api", batch=index // 500, position=index,
+            target=NodeTarget(node_key=f"local/h{index}/api"),
+        )
+        for index in range(2_500)
+    ]  # fmt: skip
+    before = mongo.round_trips["insert into release_nodes"]
+    await mongo.add_release_nodes(rows)
+    assert mongo.round_trips["insert into release_nodes"] - before == 3
+    assert await mongo.move_release_node(
+        "rel-big", "local/h2499/api", from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+    )
+    await mongo.add_release_nodes(rows)
+    counts = await mongo.count_release_nodes("rel-big")
+    assert (counts[ItemState.QUEUED], counts[ItemState.DISPATCHED]) == (2_499, 1)
+    assert [row.position for row in await mongo.list_release_nodes("rel-big", batch=4)] == list(range(2_000, 2_500))
