@@ -36,6 +36,7 @@ from aiokafka.errors import (
     for_code,
 )
 from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
 from reactor.adapters.kafka_security import MAX_MESSAGE_BYTES, KafkaSecurity, started_producer
@@ -50,7 +51,8 @@ log = structlog.get_logger(__name__)
 
 # Topic settings `create_topics` gives the topics it creates, and raises to on topics that exist.
 _TOPIC_CONFIGS: dict[Topic, dict[str, str]] = {Topic.RELEASES: {"max.message.bytes": str(MAX_MESSAGE_BYTES)}}
-_DEFAULT_FETCH_BYTES = 1024 * 1024
+# The broker's default max.message.bytes, which every topic but releases keeps, and the fetch size of their readers.
+_DEFAULT_MESSAGE_BYTES = _DEFAULT_FETCH_BYTES = 1024 * 1024
 # DescribeConfigs (v1 and later): where a setting's value comes from; 1 is the topic's own (dynamic) setting.
 _DYNAMIC_TOPIC_CONFIG = 1
 
@@ -297,6 +299,11 @@ class KafkaBus:
             Record(key=None, value=b"", headers=(*bare.headers, (DLQ_DROPPED, b"value, key, headers"))),
         )
         for index, letter in enumerate(letters):
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(letter.key, letter.value, list(letter.headers))
+            if size > _DEFAULT_MESSAGE_BYTES and index < len(letters) - 1:
+                # Over what the dead-letter topic takes (the broker's default): not sent for the broker to refuse.
+                log.warning("dead letter over the size limit; sending a smaller copy", topic=topic.value)
+                continue
             try:
                 await self.publish_raw(Topic.DLQ, letter)
             except BackendUnavailable as exc:
