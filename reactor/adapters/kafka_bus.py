@@ -30,6 +30,7 @@ from aiokafka.errors import (
     IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
+    RecordListTooLargeError,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
@@ -55,6 +56,9 @@ _TOPIC_CONFIGS: dict[Topic, dict[str, str]] = {Topic.RELEASES: {"max.message.byt
 _DEFAULT_MESSAGE_BYTES = _DEFAULT_FETCH_BYTES = 1024 * 1024
 # DescribeConfigs (v1 and later): where a setting's value comes from; 1 is the topic's own (dynamic) setting.
 _DYNAMIC_TOPIC_CONFIG = 1
+
+# A message larger than its topic (or the producer) takes: the broker answers 10 or 18, as the size is counted.
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 # The broker's ACLs refused this principal: not an outage (waiting does not help), so AccessDenied, not
 # BackendUnavailable.
@@ -204,7 +208,7 @@ class KafkaBus:
         try:
             await self.publish_raw(event.TOPIC, self.signatures.sign(record))
         except BackendUnavailable as exc:
-            if not isinstance(exc.__cause__, MessageSizeTooLargeError):
+            if not isinstance(exc.__cause__, TOO_LARGE):
                 raise
             # The topic was made before it took messages this size (or by hand): waiting will not change that.
             raise Misconfigured(
@@ -307,7 +311,7 @@ class KafkaBus:
             try:
                 await self.publish_raw(Topic.DLQ, letter)
             except BackendUnavailable as exc:
-                if index == len(letters) - 1 or not isinstance(exc.__cause__, MessageSizeTooLargeError):
+                if index == len(letters) - 1 or not isinstance(exc.__cause__, TOO_LARGE):
                     raise
                 log.warning("dead letter over the size limit; sending a smaller copy", topic=topic.value)
             else:
