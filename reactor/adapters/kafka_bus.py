@@ -53,7 +53,7 @@ log = structlog.get_logger(__name__)
 # Topic settings `create_topics` gives the topics it creates, and raises to on topics that exist.
 _TOPIC_CONFIGS: dict[Topic, dict[str, str]] = {Topic.RELEASES: {"max.message.bytes": str(MAX_MESSAGE_BYTES)}}
 # The broker's default max.message.bytes, which every topic but releases keeps, and the fetch size of their readers.
-_DEFAULT_MESSAGE_BYTES = _DEFAULT_FETCH_BYTES = 1024 * 1024
+_DEFAULT_MESSAGE_BYTES = 1024 * 1024
 # DescribeConfigs (v1 and later): where a setting's value comes from; 1 is the topic's own (dynamic) setting.
 _DYNAMIC_TOPIC_CONFIG = 1
 
@@ -362,7 +362,7 @@ class _GroupMember:
             max_poll_records=500,
             # A reader of the releases topic fetches its largest message whole (`large`); the others keep the
             # default 1 MiB per partition, which is all their topics take.
-            max_partition_fetch_bytes=MAX_MESSAGE_BYTES if large else _DEFAULT_FETCH_BYTES,
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES if large else _DEFAULT_MESSAGE_BYTES,
             # Keep each member's partitions where it can on a rebalance, so fewer runs change hands.
             partition_assignment_strategy=(_own_sticky_assignor(),),
             **bus.security.client_options(),

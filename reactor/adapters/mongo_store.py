@@ -66,9 +66,9 @@ _NAMESPACE_EXISTS = 48
 # connection busy with requests waiting for a pooled connection, that getMore can never be sent and the server
 # stalls for good (seen with 256-id batched reads). Replies are capped at 16 MiB whatever this says.
 _READ_BATCH = 100_000
-# Every collection the store writes (the probe's own scratch collection aside).
 # Release node rows inserted per request (a release's rows are stored before its record).
 _INSERT_CHUNK = 1000
+# Every collection the store writes (the probe's own scratch collection aside).
 COLLECTIONS = ("nodes", "processed", "releases", "release_nodes", "slots", "leases", "locks")
 # Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
 _BACKOFF_S = (0.1, 0.4)
