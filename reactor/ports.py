@@ -216,8 +216,14 @@ class Store(Protocol):
         """The recorded outcome (encoded event JSON) of a finished request, if any."""
         ...
 
-    async def put_processed(self, event_id: str, outcome: str) -> None:
-        """Record the outcome of a finished request; a second write of the same id keeps the first."""
+    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> None:
+        """Record the outcome of a finished request, finished `at` (None: now); a second write of the same id keeps
+        the first."""
+        ...
+
+    async def prune_processed(self, before: datetime) -> int:
+        """Forget the outcomes of requests finished before `before`; how many were forgotten. A record from before
+        records had a time counts as finished when the store that has it was first opened by this version."""
         ...
 
     async def get_release(self, release_id: str) -> ReleaseRecord | None:

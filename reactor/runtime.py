@@ -218,6 +218,9 @@ async def run_roles(
                     policy=policy,
                 )
                 tasks.create_task(bus.consume([Topic.COMMANDS], "executor", worker.handle))
+                keep = settings.processed_keep()
+                if keep is not None:
+                    tasks.create_task(worker.run_pruning(keep, every_s=min(3600.0, keep.total_seconds() / 4)))
             if Role.ROLLBACK in roles:
                 tasks.create_task(bus.consume([Topic.OUTCOMES], "rollback", RollbackConsumer(bus).handle))
             if Role.PACER in roles:

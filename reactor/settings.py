@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -62,6 +63,11 @@ class Settings(BaseSettings):
     # message replayed from the log, or left on the topic for a day, does not change a host. 0: no limit. The pacer
     # stamps each send and resend anew, so only a command nobody sent again for this long is refused.
     command_max_age_s: float = Field(default=86_400.0, ge=0)
+    # A finished request's recorded outcome (which a redelivery re-emits) is forgotten this long after it finished, so
+    # the records do not grow with every command ever run: with FerretDB each worker's read of them decodes them all.
+    # At least `command_max_age_s`, so what is forgotten is refused as stale if it comes again. 0: kept forever (as
+    # they are whatever this says while `command_max_age_s` is 0).
+    processed_keep_s: float = Field(default=7 * 86_400.0, ge=0)
     # Embedded mode: messages the in-memory bus keeps per topic (for consumers that start later, the API's event
     # stream among them); older ones are dropped, as a Kafka topic's retention drops them.
     memory_history: int = Field(default=10_000, ge=0, le=10_000_000)
@@ -132,6 +138,23 @@ class Settings(BaseSettings):
             if missing:
                 raise ValueError(f"{self.kafka_security_protocol} needs {', '.join(missing)}")
         return self
+
+    @model_validator(mode="after")
+    def _processed_kept_while_a_command_may_run(self) -> Settings:
+        """A recorded outcome is kept while its command could still run if it came again."""
+        if 0 < self.processed_keep_s < self.command_max_age_s:
+            raise ValueError(
+                f"REACTOR_PROCESSED_KEEP_S ({self.processed_keep_s:g}) must be 0 (keep forever) or at least"
+                f" REACTOR_COMMAND_MAX_AGE_S ({self.command_max_age_s:g}): a command whose outcome is forgotten"
+                " must be too old to run again"
+            )
+        return self
+
+    def processed_keep(self) -> timedelta | None:
+        """How long a worker keeps a finished request's outcome; None: for good."""
+        if not self.processed_keep_s or not self.command_max_age_s:
+            return None
+        return timedelta(seconds=self.processed_keep_s)
 
     def kafka_security(self) -> KafkaSecurity:
         """What every Kafka client of this process is given."""

@@ -33,7 +33,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_key TEXT PRIMARY KEY, release_id TEXT, service TEXT, revision INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS nodes_release ON nodes (release_id);
-CREATE TABLE IF NOT EXISTS processed (event_id TEXT PRIMARY KEY, outcome TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS processed (event_id TEXT PRIMARY KEY, outcome TEXT NOT NULL, at REAL);
 CREATE TABLE IF NOT EXISTS releases (
     release_id TEXT PRIMARY KEY, created_at TEXT NOT NULL, revision INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS release_nodes (
@@ -85,6 +85,11 @@ class EmbeddedStore:
                     "INSERT INTO release_counts (release_id, batch, state, n)"
                     " SELECT release_id, batch, state, COUNT(*) FROM release_nodes GROUP BY release_id, batch, state"
                 )
+            columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(processed)")}
+            if "at" not in columns:  # a file from before records had a time: theirs is now
+                self._db.execute("ALTER TABLE processed ADD COLUMN at REAL")
+                self._db.execute("UPDATE processed SET at = ?", (datetime.now(UTC).timestamp(),))
+            self._db.execute("CREATE INDEX IF NOT EXISTS processed_at ON processed (at)")
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"embedded store {self.path}: {exc}") from exc
         return self
@@ -165,11 +170,14 @@ class EmbeddedStore:
         row = self.db.execute("SELECT outcome FROM processed WHERE event_id = ?", (event_id,)).fetchone()
         return None if row is None else str(row[0])
 
-    async def put_processed(self, event_id: str, outcome: str) -> None:
+    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> None:
         self._writer().execute(
-            "INSERT INTO processed (event_id, outcome) VALUES (?, ?) ON CONFLICT (event_id) DO NOTHING",
-            (event_id, outcome),
+            "INSERT INTO processed (event_id, outcome, at) VALUES (?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+            (event_id, outcome, (at or datetime.now(UTC)).timestamp()),
         )
+
+    async def prune_processed(self, before: datetime) -> int:
+        return self._writer().execute("DELETE FROM processed WHERE at < ?", (before.timestamp(),)).rowcount
 
     # --- releases ---
 

@@ -192,6 +192,7 @@ class MongoStore:
             await self.ping()
             await self._create_collections()
             await self._create_indexes()
+            await self._time_untimed_processed()
             await self._choose_compare_and_set()
             await self._choose_reads()
         except BaseException:
@@ -238,6 +239,7 @@ class MongoStore:
         indexes: list[tuple[str, list[tuple[str, int]], bool]] = [
             ("nodes", [("release_id", ASCENDING)], False),
             ("nodes", [("service", ASCENDING)], False),
+            ("processed", [("at", ASCENDING)], False),
             ("releases", [("created_at", DESCENDING), ("created_at_us", DESCENDING)], False),
             ("release_nodes", [("release_id", ASCENDING), ("node_key", ASCENDING)], True),
             (
@@ -355,9 +357,24 @@ class MongoStore:
         found = await self._find_by_id("processed", event_id)
         return None if found is None else str(found["outcome"])
 
-    async def put_processed(self, event_id: str, outcome: str) -> None:
+    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> None:
         # First write wins; a duplicate is a redelivery (or a retried insert that had landed).
-        await self._insert("processed", {"_id": event_id, "outcome": outcome})
+        await self._insert("processed", {"_id": event_id, "outcome": outcome, "at": at or datetime.now(UTC)})
+
+    async def prune_processed(self, before: datetime) -> int:
+        """One `delete_many`. FerretDB decodes every record for it (no index serves it there, test_mongo_explain.py),
+        which is why the executor prunes now and then rather than the table growing: each read of it on the hot
+        path (`get_processed`) decodes the whole table too."""
+        result = await self._retry("prune processed", lambda: self.db["processed"].delete_many({"at": {"$lt": before}}))
+        return int(result.deleted_count)
+
+    async def _time_untimed_processed(self) -> None:
+        """Give records from before records had a time the time now, so that pruning keeps them as long as new ones
+        (a request finished long ago and one finished a minute ago cannot be told apart)."""
+        untimed = {"at": {"$exists": False}}
+        await self._retry(
+            "time processed", lambda: self.db["processed"].update_many(untimed, {"$set": {"at": datetime.now(UTC)}})
+        )
 
     # --- releases ---
 

@@ -401,8 +401,27 @@ class ExecutorWorker:
 
     async def _publish(self, request: DeployRequested | RollbackRequested, outcome: NodeEvent) -> None:
         """Record the outcome of `request` (a redelivery re-emits it), then publish it."""
-        await self.store.put_processed(request.event_id, outcomes.record(outcome))
+        await self.store.put_processed(request.event_id, outcomes.record(outcome), at=self.clock())
         await self.bus.publish(outcome)
+
+    async def prune_processed(self, keep: timedelta) -> int:
+        """Forget the recorded outcomes of requests finished more than `keep` ago; how many. `keep` is at least
+        `max_age` (settings check it), so a forgotten request that comes again is refused as stale, not run."""
+        pruned = await self.store.prune_processed(self.clock() - keep)
+        if pruned:
+            log.info("finished requests' outcomes forgotten", pruned=pruned, keep_s=keep.total_seconds())
+        return pruned
+
+    async def run_pruning(self, keep: timedelta, *, every_s: float) -> NoReturn:
+        """Prune now and then every `every_s`, for good; a store that fails is tried again next time."""
+        while True:
+            try:
+                await self.prune_processed(keep)
+            except ReactorError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning("pruning finished requests' outcomes failed; trying again later", error=str(exc))
+            await asyncio.sleep(every_s)
 
 
 _RELEASES_KEPT = 64

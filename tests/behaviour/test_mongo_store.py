@@ -102,6 +102,20 @@ async def test_stores_opening_one_new_database_at_once_all_open(mongo_url: str, 
         assert set(COLLECTIONS) <= set(await stores[0].db.list_collection_names())
 
 
+async def test_outcomes_recorded_before_they_had_a_time_are_timed_at_the_next_opening(
+    mongo_url: str, mongo: MongoStore
+) -> None:
+    """An outcome stored by an earlier version has no `at`: the next store to open gives it the time then, so pruning
+    keeps it as long as the outcomes that finish then (rather than never, or at once)."""
+    await mongo.db["processed"].insert_one({"_id": "req-old", "outcome": "old"})
+    opened_after = datetime.now(UTC)
+    async with MongoStore(mongo_url, database=mongo.database) as again:
+        assert await again.prune_processed(opened_after - timedelta(minutes=1)) == 0
+        assert await again.get_processed("req-old") == "old"
+        assert await again.prune_processed(datetime.now(UTC) + timedelta(minutes=1)) == 1
+        assert await again.get_processed("req-old") is None
+
+
 async def test_opening_twice_keeps_the_indexes_and_the_data(mongo_url: str, mongo: MongoStore) -> None:
     assert await mongo.put_node(pending(NODE, "api"), expected_revision=0)
     async with MongoStore(mongo_url, database=mongo.database) as again:

@@ -7,6 +7,7 @@ module adds none of its own; the two tests that open an EmbeddedStore directly a
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -195,6 +196,33 @@ async def test_processed_first_write_wins(store: Store) -> None:
     await store.put_processed("req-1", "first")
     await store.put_processed("req-1", "second")
     assert await store.get_processed("req-1") == "first"
+
+
+async def test_processed_outcomes_finished_before_a_time_are_pruned_and_later_ones_kept(store: Store) -> None:
+    await store.put_processed("req-old", "old", at=T0)
+    await store.put_processed("req-edge", "edge", at=T0 + timedelta(hours=1))
+    await store.put_processed("req-new", "new", at=T0 + timedelta(hours=2))
+    # Written again later (a redelivery): the first write, and its time, stay.
+    await store.put_processed("req-old", "again", at=T0 + timedelta(hours=3))
+
+    assert await store.prune_processed(T0 + timedelta(hours=1)) == 1
+    assert await store.get_processed("req-old") is None
+    assert await store.get_processed("req-edge") == "edge"
+    assert await store.get_processed("req-new") == "new"
+    assert await store.prune_processed(T0 + timedelta(hours=1)) == 0
+    # A time in another zone is the same instant.
+    assert (
+        await store.prune_processed((T0 + timedelta(hours=1, minutes=1)).astimezone(timezone(timedelta(hours=5)))) == 1
+    )
+    assert await store.get_processed("req-edge") is None
+    assert await store.get_processed("req-new") == "new"
+
+
+async def test_a_processed_outcome_recorded_without_a_time_is_timed_now(store: Store) -> None:
+    before = datetime.now(UTC)
+    await store.put_processed("req-1", "outcome")
+    assert await store.prune_processed(before - timedelta(minutes=1)) == 0
+    assert await store.prune_processed(datetime.now(UTC) + timedelta(minutes=1)) == 1
 
 
 # --- releases -----------------------------------------------------------------------------------
@@ -451,6 +479,27 @@ async def test_embedded_file_store_keeps_everything_across_close_and_reopen(tmp_
         updated = await reopened.put_node(node, expected_revision=1)
         assert updated is not None
         assert updated.revision == 2
+
+
+@pytest.mark.unit
+async def test_an_embedded_file_from_before_outcomes_had_a_time_opens_with_its_outcomes_timed_then(
+    tmp_path: Path,
+) -> None:
+    """A file whose `processed` table has no time column gets one; its outcomes count as finished at the opening,
+    so pruning keeps them as long as it keeps those that finish then."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE processed (event_id TEXT PRIMARY KEY, outcome TEXT NOT NULL)")
+    old.execute("INSERT INTO processed VALUES ('req-1', 'outcome-1')")
+    old.commit()
+    old.close()
+    opened_after = datetime.now(UTC)
+    async with EmbeddedStore(path) as store:
+        assert await store.get_processed("req-1") == "outcome-1"
+        assert await store.prune_processed(opened_after - timedelta(minutes=1)) == 0
+        assert await store.get_processed("req-1") == "outcome-1"
+        assert await store.prune_processed(datetime.now(UTC) + timedelta(minutes=1)) == 1
+        assert await store.get_processed("req-1") is None
 
 
 # --- in-flight slots and leases ---

@@ -20,7 +20,7 @@ from reactor.consumers.executor_worker import ExecutorWorker, probe_interval
 from reactor.consumers.rollback import RollbackConsumer
 from reactor.domain.replay import apply, refused
 from reactor.domain.status import NodeState, NodeStatus, claim, pending
-from reactor.errors import Fenced, NodeBusy, PolicyRefused
+from reactor.errors import BackendUnavailable, Fenced, NodeBusy, PolicyRefused
 from reactor.events import (
     AutoRollback,
     DeployRequested,
@@ -112,6 +112,61 @@ async def test_a_command_older_than_the_max_age_is_refused_before_anything_runs(
     first, second = bus.events(Topic.OUTCOMES)
     assert first == second
     assert script.calls[f"deploy:{NODE}"] == 1
+
+
+async def test_outcomes_older_than_kept_are_forgotten_and_their_command_coming_again_is_refused_as_stale(
+    store: Store,
+) -> None:
+    """The worker forgets the recorded outcome of a request that finished more than `keep` ago (keep >= max_age) and
+    keeps a younger one. The forgotten command, if it comes again after the node moved on, is too old to run: it is
+    refused, and the node is not taken back to its version."""
+    bus, script = MemoryBus(), Script()
+    now = utc_now()
+    early = deploy("1.0.0", occurred_at=now - timedelta(hours=3))
+    await worker(store, bus, script, clock=lambda: now - timedelta(hours=3)).handle(early)
+    recent = deploy("2.0.0", occurred_at=now - timedelta(minutes=5))
+    await worker(store, bus, script, clock=lambda: now - timedelta(minutes=5)).handle(recent)
+
+    pruner = worker(store, bus, script, max_age=timedelta(hours=1), clock=lambda: now)
+    assert await pruner.prune_processed(timedelta(hours=2)) == 1
+    assert await store.get_processed(early.event_id) is None
+    assert await store.get_processed(recent.event_id) is not None
+    assert await pruner.prune_processed(timedelta(hours=2)) == 0
+
+    with pytest.raises(PolicyRefused, match=r"^policy: stale command: "):
+        await pruner.handle(early)
+    assert script.calls[f"deploy:{NODE}"] == 2
+    assert len(bus.events(Topic.OUTCOMES)) == 2
+    status = await store.get_node(NODE)
+    assert status is not None
+    assert (status.current_version, status.request_id) == ("2.0.0", recent.event_id)
+
+
+async def test_pruning_runs_at_once_and_then_every_period_through_a_store_outage(store: Store) -> None:
+    """`run_pruning` prunes when it starts and again each period; a store that is down is tried at the next one."""
+    pruned: list[datetime] = []
+    down = [True]
+
+    class Recording:
+        def __getattr__(self, name: str) -> object:
+            return getattr(store, name)
+
+        async def prune_processed(self, before: datetime) -> int:
+            pruned.append(before)
+            if down[0]:
+                down[0] = False
+                raise BackendUnavailable("store down")
+            return await store.prune_processed(before)
+
+    now = utc_now()
+    consumer = worker(Recording(), MemoryBus(), Script(), clock=lambda: now)  # type: ignore[arg-type]
+    running = asyncio.create_task(consumer.run_pruning(timedelta(hours=2), every_s=0.01))
+    try:
+        await until(lambda: len(pruned) >= 3, "three prunings, the first failed")
+    finally:
+        running.cancel()
+    assert not running.done() or running.cancelled()
+    assert set(pruned) == {now - timedelta(hours=2)}
 
 
 async def test_interrupted_request_runs_again_on_redelivery(store: Store) -> None:
@@ -841,10 +896,10 @@ class _LatchedRecords:
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 
-    async def put_processed(self, event_id: str, outcome: str) -> None:
+    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> None:
         self.reached.set()
         await self.go.wait()
-        await self._inner.put_processed(event_id, outcome)
+        await self._inner.put_processed(event_id, outcome, at=at)
 
 
 async def test_redelivery_between_the_final_status_and_the_outcome_record_waits_for_the_record(store: Store) -> None:
