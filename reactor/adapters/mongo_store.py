@@ -68,6 +68,8 @@ _NAMESPACE_EXISTS = 48
 _READ_BATCH = 100_000
 # Release node rows inserted per request (a release's rows are stored before its record).
 _INSERT_CHUNK = 1000
+# Processed records pruned per request (FerretDB on PostgreSQL takes a delete of at most 65,535 documents).
+_PRUNE_CHUNK = 10_000
 # Every collection the store writes (the probe's own scratch collection aside).
 COLLECTIONS = ("nodes", "processed", "releases", "release_nodes", "slots", "leases", "locks")
 # Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
@@ -362,11 +364,31 @@ class MongoStore:
         await self._insert("processed", {"_id": event_id, "outcome": outcome, "at": at or datetime.now(UTC)})
 
     async def prune_processed(self, before: datetime) -> int:
-        """One `delete_many`. FerretDB decodes every record for it (no index serves it there, test_mongo_explain.py),
-        which is why the executor prunes now and then rather than the table growing: each read of it on the hot
-        path (`get_processed`) decodes the whole table too."""
-        result = await self._retry("prune processed", lambda: self.db["processed"].delete_many({"at": {"$lt": before}}))
-        return int(result.deleted_count)
+        """`_PRUNE_CHUNK` records at a time: their ids found, then deleted by id. FerretDB 1.x on PostgreSQL deletes
+        what a filter matched in one statement with a parameter per document, and refuses over 65,535 of them (seen
+        with 100,000 old records). FerretDB decodes every record for each find (no index serves it there,
+        test_mongo_explain.py), which is why the executor prunes now and then rather than let the records grow:
+        each read of them on the hot path (`get_processed`) decodes them all too."""
+        pruned = 0
+        while True:
+            ids = [
+                document["_id"]
+                for document in await self._retry(
+                    "find processed to prune",
+                    lambda: (
+                        self.db["processed"]
+                        .find({"at": {"$lt": before}}, {"_id": 1}, batch_size=_PRUNE_CHUNK)
+                        .limit(_PRUNE_CHUNK)
+                        .to_list()
+                    ),
+                )
+            ]
+            if not ids:
+                return pruned
+            result = await self._retry("prune processed", partial(self.db["processed"].delete_many, self._ids(ids)))
+            pruned += int(result.deleted_count)
+            if len(ids) < _PRUNE_CHUNK:
+                return pruned
 
     async def _time_untimed_processed(self) -> None:
         """Give records from before records had a time the time now, so that pruning keeps them as long as new ones

@@ -413,13 +413,12 @@ class ExecutorWorker:
         return pruned
 
     async def run_pruning(self, keep: timedelta, *, every_s: float) -> NoReturn:
-        """Prune now and then every `every_s`, for good; a store that fails is tried again next time."""
+        """Prune now and then every `every_s`, for good. A failure (the store down, or refusing the delete) is logged
+        and tried again next time: the records only grow meanwhile, and commands go on being handled."""
         while True:
             try:
                 await self.prune_processed(keep)
             except ReactorError as exc:
-                if not exc.retriable:
-                    raise
                 log.warning("pruning finished requests' outcomes failed; trying again later", error=str(exc))
             await asyncio.sleep(every_s)
 

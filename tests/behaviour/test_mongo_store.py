@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from pymongo import AsyncMongoClient
 
+from reactor.adapters import mongo_store
 from reactor.adapters.mongo_probe import PROBE_COLLECTION
 from reactor.adapters.mongo_store import COLLECTIONS, CompareAndSetSetting, MongoStore
 from reactor.domain.pacer import ItemState
@@ -114,6 +115,23 @@ async def test_outcomes_recorded_before_they_had_a_time_are_timed_at_the_next_op
         assert await again.get_processed("req-old") == "old"
         assert await again.prune_processed(datetime.now(UTC) + timedelta(minutes=1)) == 1
         assert await again.get_processed("req-old") is None
+
+
+async def test_pruning_deletes_a_chunk_of_records_a_request_until_none_is_left(
+    mongo: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FerretDB on PostgreSQL refuses a delete of over 65,535 documents (bench/processed.py found it with 100,000):
+    the store prunes `_PRUNE_CHUNK` at a time (3 here), each found and then deleted by id."""
+    monkeypatch.setattr(mongo_store, "_PRUNE_CHUNK", 3)
+    old = datetime(2025, 6, 1, tzinfo=UTC)
+    for index in range(7):
+        await mongo.put_processed(f"req-{index}", "old", at=old)
+    await mongo.put_processed("req-new", "new", at=old + timedelta(days=8))
+    before = mongo.round_trips["prune processed"]
+    assert await mongo.prune_processed(old + timedelta(days=1)) == 7
+    assert mongo.round_trips["prune processed"] - before == 3
+    assert [await mongo.get_processed(f"req-{index}") for index in range(7)] == [None] * 7
+    assert await mongo.get_processed("req-new") == "new"
 
 
 async def test_opening_twice_keeps_the_indexes_and_the_data(mongo_url: str, mongo: MongoStore) -> None:

@@ -20,7 +20,7 @@ from reactor.consumers.executor_worker import ExecutorWorker, probe_interval
 from reactor.consumers.rollback import RollbackConsumer
 from reactor.domain.replay import apply, refused
 from reactor.domain.status import NodeState, NodeStatus, claim, pending
-from reactor.errors import BackendUnavailable, Fenced, NodeBusy, PolicyRefused
+from reactor.errors import BackendUnavailable, Fenced, NodeBusy, PolicyRefused, ReactorError
 from reactor.events import (
     AutoRollback,
     DeployRequested,
@@ -143,9 +143,10 @@ async def test_outcomes_older_than_kept_are_forgotten_and_their_command_coming_a
 
 
 async def test_pruning_runs_at_once_and_then_every_period_through_a_store_outage(store: Store) -> None:
-    """`run_pruning` prunes when it starts and again each period; a store that is down is tried at the next one."""
+    """`run_pruning` prunes when it starts and again each period; a store that is down, or refuses the delete, is
+    tried at the next one, and the worker goes on."""
     pruned: list[datetime] = []
-    down = [True]
+    failures: list[ReactorError] = [BackendUnavailable("store down"), ReactorError("delete refused")]
 
     class Recording:
         def __getattr__(self, name: str) -> object:
@@ -153,16 +154,15 @@ async def test_pruning_runs_at_once_and_then_every_period_through_a_store_outage
 
         async def prune_processed(self, before: datetime) -> int:
             pruned.append(before)
-            if down[0]:
-                down[0] = False
-                raise BackendUnavailable("store down")
+            if failures:
+                raise failures.pop(0)
             return await store.prune_processed(before)
 
     now = utc_now()
     consumer = worker(Recording(), MemoryBus(), Script(), clock=lambda: now)  # type: ignore[arg-type]
     running = asyncio.create_task(consumer.run_pruning(timedelta(hours=2), every_s=0.01))
     try:
-        await until(lambda: len(pruned) >= 3, "three prunings, the first failed")
+        await until(lambda: len(pruned) >= 4, "four prunings, the first two failed")
     finally:
         running.cancel()
     assert not running.done() or running.cancelled()
