@@ -223,7 +223,7 @@ class Store(Protocol):
 
     async def prune_processed(self, before: datetime) -> int:
         """Forget the outcomes of requests finished before `before`; how many were forgotten. A record from before
-        records had a time counts as finished when the store that has it was first opened by this version."""
+        records had a time is kept: how old it is cannot be told."""
         ...
 
     async def get_release(self, release_id: str) -> ReleaseRecord | None:

@@ -86,9 +86,8 @@ class EmbeddedStore:
                     " SELECT release_id, batch, state, COUNT(*) FROM release_nodes GROUP BY release_id, batch, state"
                 )
             columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(processed)")}
-            if "at" not in columns:  # a file from before records had a time: theirs is now
+            if "at" not in columns:  # a file from before records had a time: those are kept (NULL is never before)
                 self._db.execute("ALTER TABLE processed ADD COLUMN at REAL")
-                self._db.execute("UPDATE processed SET at = ?", (datetime.now(UTC).timestamp(),))
             self._db.execute("CREATE INDEX IF NOT EXISTS processed_at ON processed (at)")
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"embedded store {self.path}: {exc}") from exc

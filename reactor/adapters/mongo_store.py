@@ -68,8 +68,6 @@ _NAMESPACE_EXISTS = 48
 _READ_BATCH = 100_000
 # Release node rows inserted per request (a release's rows are stored before its record).
 _INSERT_CHUNK = 1000
-# Processed records pruned per request (FerretDB on PostgreSQL takes a delete of at most 65,535 documents).
-_PRUNE_CHUNK = 10_000
 # Every collection the store writes (the probe's own scratch collection aside).
 COLLECTIONS = ("nodes", "processed", "releases", "release_nodes", "slots", "leases", "locks")
 # Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
@@ -122,6 +120,14 @@ def _release_fields(record: ReleaseRecord) -> Document:
 
 def _release_node(document: Document) -> ReleaseNode:
     return ReleaseNode.model_validate({name: document[name] for name in ReleaseNode.model_fields if name in document})
+
+
+def _too_many_to_delete_at_once(exc: ReactorError) -> bool:
+    """Whether FerretDB refused a delete for the number of documents it matched (a statement parameter each)."""
+    cause = exc.__cause__
+    return isinstance(cause, OperationFailure) and (
+        "parameters" in str(cause) or "too many SQL variables" in str(cause)
+    )
 
 
 def _without_password(text: str, url: str) -> str:
@@ -194,7 +200,6 @@ class MongoStore:
             await self.ping()
             await self._create_collections()
             await self._create_indexes()
-            await self._time_untimed_processed()
             await self._choose_compare_and_set()
             await self._choose_reads()
         except BaseException:
@@ -364,39 +369,41 @@ class MongoStore:
         await self._insert("processed", {"_id": event_id, "outcome": outcome, "at": at or datetime.now(UTC)})
 
     async def prune_processed(self, before: datetime) -> int:
-        """`_PRUNE_CHUNK` records at a time: their ids found, then deleted by id. FerretDB 1.x on PostgreSQL deletes
-        what a filter matched in one statement with a parameter per document, and refuses over 65,535 of them (seen
-        with 100,000 old records). FerretDB decodes every record for each find (no index serves it there,
-        test_mongo_explain.py), which is why the executor prunes now and then rather than let the records grow:
-        each read of them on the hot path (`get_processed`) decodes them all too."""
-        pruned = 0
-        while True:
-            ids = [
-                document["_id"]
-                for document in await self._retry(
-                    "find processed to prune",
-                    lambda: (
-                        self.db["processed"]
-                        .find({"at": {"$lt": before}}, {"_id": 1}, batch_size=_PRUNE_CHUNK)
-                        .limit(_PRUNE_CHUNK)
-                        .to_list()
-                    ),
-                )
-            ]
-            if not ids:
-                return pruned
-            result = await self._retry("prune processed", partial(self.db["processed"].delete_many, self._ids(ids)))
-            pruned += int(result.deleted_count)
-            if len(ids) < _PRUNE_CHUNK:
-                return pruned
+        """One `delete_many` of the records finished before `before`, split by time where the server refuses it.
 
-    async def _time_untimed_processed(self) -> None:
-        """Give records from before records had a time the time now, so that pruning keeps them as long as new ones
-        (a request finished long ago and one finished a minute ago cannot be told apart)."""
-        untimed = {"at": {"$exists": False}}
-        await self._retry(
-            "time processed", lambda: self.db["processed"].update_many(untimed, {"$set": {"at": datetime.now(UTC)}})
+        FerretDB 1.x decodes every record for it (no index serves a filter there, test_mongo_explain.py), and so it
+        does for each `get_processed` on the hot path: that is why the executor prunes hourly rather than let the
+        records grow. FerretDB on PostgreSQL deletes what a filter matched in one statement with a parameter per
+        document and refuses more than 65,535 (found by bench/processed.py): then the window is halved, from its
+        oldest record on, until each half goes. Not by ids: FerretDB decodes every record for each id of an `$in`.
+        """
+        return await self._prune_window(None, before)
+
+    async def _prune_window(self, since: datetime | None, before: datetime) -> int:
+        window: Document = {"$lt": before} if since is None else {"$gte": since, "$lt": before}
+        try:
+            deleted = await self._retry("prune processed", partial(self.db["processed"].delete_many, {"at": window}))
+            return int(deleted.deleted_count)
+        except ReactorError as exc:
+            if not _too_many_to_delete_at_once(exc):
+                raise
+        if since is None:
+            oldest = await self._retry(
+                "oldest processed", partial(self.db["processed"].find_one, {"at": window}, sort=[("at", ASCENDING)])
+            )
+            if oldest is None:
+                return 0
+            since = oldest["at"].replace(tzinfo=UTC)
+        middle = since + (before - since) / 2
+        # BSON dates count milliseconds: a window of one holds what was recorded within it, never this many.
+        if middle - since < timedelta(milliseconds=1):
+            raise ReactorError(f"MongoDB prune processed: too many records finished at {since.isoformat()} to delete")
+        log.info(
+            "too many processed records to delete at once; halving the window",
+            since=since.isoformat(),
+            before=before.isoformat(),
         )
+        return await self._prune_window(since, middle) + await self._prune_window(middle, before)
 
     # --- releases ---
 

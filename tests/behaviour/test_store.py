@@ -482,24 +482,21 @@ async def test_embedded_file_store_keeps_everything_across_close_and_reopen(tmp_
 
 
 @pytest.mark.unit
-async def test_an_embedded_file_from_before_outcomes_had_a_time_opens_with_its_outcomes_timed_then(
-    tmp_path: Path,
-) -> None:
-    """A file whose `processed` table has no time column gets one; its outcomes count as finished at the opening,
-    so pruning keeps them as long as it keeps those that finish then."""
+async def test_an_embedded_file_from_before_outcomes_had_a_time_opens_and_keeps_those_outcomes(tmp_path: Path) -> None:
+    """A file whose `processed` table has no time column gets one; its outcomes, whose age cannot be told, are kept
+    by pruning while new ones are pruned by their time."""
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
     old.execute("CREATE TABLE processed (event_id TEXT PRIMARY KEY, outcome TEXT NOT NULL)")
     old.execute("INSERT INTO processed VALUES ('req-1', 'outcome-1')")
     old.commit()
     old.close()
-    opened_after = datetime.now(UTC)
     async with EmbeddedStore(path) as store:
         assert await store.get_processed("req-1") == "outcome-1"
-        assert await store.prune_processed(opened_after - timedelta(minutes=1)) == 0
+        await store.put_processed("req-2", "outcome-2", at=T0)
+        assert await store.prune_processed(datetime.now(UTC) + timedelta(days=1)) == 1
         assert await store.get_processed("req-1") == "outcome-1"
-        assert await store.prune_processed(datetime.now(UTC) + timedelta(minutes=1)) == 1
-        assert await store.get_processed("req-1") is None
+        assert await store.get_processed("req-2") is None
 
 
 # --- in-flight slots and leases ---
