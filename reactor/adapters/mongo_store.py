@@ -68,6 +68,7 @@ _NAMESPACE_EXISTS = 48
 _READ_BATCH = 100_000
 # Release node rows inserted per request (a release's rows are stored before its record).
 _INSERT_CHUNK = 1000
+_MILLISECOND = timedelta(milliseconds=1)  # what a BSON date counts
 # Every collection the store writes (the probe's own scratch collection aside).
 COLLECTIONS = ("nodes", "processed", "releases", "release_nodes", "slots", "leases", "locks")
 # Pauses between the attempts of one operation; a call also stops retrying once its timeout is spent.
@@ -374,8 +375,9 @@ class MongoStore:
         FerretDB 1.x decodes every record for it (no index serves a filter there, test_mongo_explain.py), and so it
         does for each `get_processed` on the hot path: that is why the executor prunes hourly rather than let the
         records grow. FerretDB on PostgreSQL deletes what a filter matched in one statement with a parameter per
-        document and refuses more than 65,535 (found by bench/processed.py): then the window is halved, from its
-        oldest record on, until each half goes. Not by ids: FerretDB decodes every record for each id of an `$in`.
+        document and refuses more than 65,535 (found by bench/processed.py): then the window, narrowed to its
+        oldest and newest records, is halved until each half goes. Not by ids: FerretDB decodes every record for
+        each id of an `$in`.
         """
         return await self._prune_window(None, before)
 
@@ -388,15 +390,22 @@ class MongoStore:
             if not _too_many_to_delete_at_once(exc):
                 raise
         if since is None:
-            oldest = await self._retry(
-                "oldest processed", partial(self.db["processed"].find_one, {"at": window}, sort=[("at", ASCENDING)])
-            )
-            if oldest is None:
+            # Halved between the records it holds, not from the dawn of time or across a day with none.
+            ends = [
+                await self._retry(
+                    "prune processed: the window's ends",
+                    partial(self.db["processed"].find_one, {"at": window}, sort=[("at", order)]),
+                )
+                for order in (ASCENDING, DESCENDING)
+            ]
+            if ends[0] is None or ends[1] is None:
                 return 0
-            since = oldest["at"].replace(tzinfo=UTC)
+            since = ends[0]["at"].replace(tzinfo=UTC)
+            # Through the newest (dates count milliseconds); one recorded after the ends were read goes next time.
+            return await self._prune_window(since, min(ends[1]["at"].replace(tzinfo=UTC) + _MILLISECOND, before))
         middle = since + (before - since) / 2
         # BSON dates count milliseconds: a window of one holds what was recorded within it, never this many.
-        if middle - since < timedelta(milliseconds=1):
+        if middle - since < _MILLISECOND:
             raise ReactorError(f"MongoDB prune processed: too many records finished at {since.isoformat()} to delete")
         log.info(
             "too many processed records to delete at once; halving the window",
