@@ -30,6 +30,9 @@ def _config_file() -> Path:
     return Path(os.environ.get("REACTOR_CONFIG", "reactor.toml"))
 
 
+_PROCESSED_KEEP_S = 7 * 86_400.0  # a week: a finished request's outcome kept by default
+
+
 class Settings(BaseSettings):
     """Everything a reactor process can be told. Embedded mode needs none of it."""
 
@@ -65,9 +68,10 @@ class Settings(BaseSettings):
     command_max_age_s: float = Field(default=86_400.0, ge=0)
     # A finished request's recorded outcome (which a redelivery re-emits) is forgotten this long after it finished, so
     # the records do not grow with every command ever run: with FerretDB each worker's read of them decodes them all.
-    # At least `command_max_age_s`, so what is forgotten is refused as stale if it comes again. 0: kept forever (as
-    # they are whatever this says while `command_max_age_s` is 0).
-    processed_keep_s: float = Field(default=7 * 86_400.0, ge=0)
+    # At least `command_max_age_s`, so what is forgotten is refused as stale if it comes again. None: a week, or
+    # `command_max_age_s` if that is longer. 0: kept for good, as they are whatever this says while
+    # `command_max_age_s` is 0 (no command is ever too old).
+    processed_keep_s: float | None = Field(default=None, ge=0)
     # Embedded mode: messages the in-memory bus keeps per topic (for consumers that start later, the API's event
     # stream among them); older ones are dropped, as a Kafka topic's retention drops them.
     memory_history: int = Field(default=10_000, ge=0, le=10_000_000)
@@ -142,7 +146,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _processed_kept_while_a_command_may_run(self) -> Settings:
         """A recorded outcome is kept while its command could still run if it came again."""
-        if 0 < self.processed_keep_s < self.command_max_age_s:
+        if self.processed_keep_s is not None and 0 < self.processed_keep_s < self.command_max_age_s:
             raise ValueError(
                 f"REACTOR_PROCESSED_KEEP_S ({self.processed_keep_s:g}) must be 0 (keep forever) or at least"
                 f" REACTOR_COMMAND_MAX_AGE_S ({self.command_max_age_s:g}): a command whose outcome is forgotten"
@@ -152,9 +156,12 @@ class Settings(BaseSettings):
 
     def processed_keep(self) -> timedelta | None:
         """How long a worker keeps a finished request's outcome; None: for good."""
-        if not self.processed_keep_s or not self.command_max_age_s:
+        keep = (
+            max(_PROCESSED_KEEP_S, self.command_max_age_s) if self.processed_keep_s is None else self.processed_keep_s
+        )
+        if not keep or not self.command_max_age_s:
             return None
-        return timedelta(seconds=self.processed_keep_s)
+        return timedelta(seconds=keep)
 
     def kafka_security(self) -> KafkaSecurity:
         """What every Kafka client of this process is given."""

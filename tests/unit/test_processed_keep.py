@@ -17,8 +17,12 @@ from reactor.settings import Settings
 from tests.support import until
 
 
-def test_outcomes_are_kept_a_week_by_default() -> None:
+def test_outcomes_are_kept_a_week_by_default_or_as_long_as_a_command_may_run_if_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert Settings().processed_keep() == timedelta(days=7)
+    monkeypatch.setenv("REACTOR_COMMAND_MAX_AGE_S", str(30 * 86400))
+    assert Settings().processed_keep() == timedelta(days=30)
 
 
 def test_a_keep_shorter_than_a_command_may_run_is_refused_naming_both_settings(
