@@ -216,9 +216,9 @@ class Store(Protocol):
         """The recorded outcome (encoded event JSON) of a finished request, if any."""
         ...
 
-    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> None:
+    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> bool:
         """Record the outcome of a finished request, finished `at` (None: now); a second write of the same id keeps
-        the first."""
+        the first. Whether this write is the one stored."""
         ...
 
     async def prune_processed(self, before: datetime) -> int:

@@ -169,11 +169,12 @@ class EmbeddedStore:
         row = self.db.execute("SELECT outcome FROM processed WHERE event_id = ?", (event_id,)).fetchone()
         return None if row is None else str(row[0])
 
-    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> None:
-        self._writer().execute(
+    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> bool:
+        inserted = self._writer().execute(
             "INSERT INTO processed (event_id, outcome, at) VALUES (?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
             (event_id, outcome, (at or datetime.now(UTC)).timestamp()),
         )
+        return inserted.rowcount == 1
 
     async def prune_processed(self, before: datetime) -> int:
         return self._writer().execute("DELETE FROM processed WHERE at < ?", (before.timestamp(),)).rowcount

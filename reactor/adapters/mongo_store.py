@@ -365,9 +365,9 @@ class MongoStore:
         found = await self._find_by_id("processed", event_id)
         return None if found is None else str(found["outcome"])
 
-    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> None:
-        # First write wins; a duplicate is a redelivery (or a retried insert that had landed).
-        await self._insert("processed", {"_id": event_id, "outcome": outcome, "at": at or datetime.now(UTC)})
+    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> bool:
+        # First write wins; a duplicate is a redelivery (or a retried insert that had landed: then it is ours).
+        return await self._insert("processed", {"_id": event_id, "outcome": outcome, "at": at or datetime.now(UTC)})
 
     async def prune_processed(self, before: datetime) -> int:
         """One `delete_many` of the records finished before `before`, split by time where the server refuses it.

@@ -400,8 +400,15 @@ class ExecutorWorker:
         await self._publish(request, outcomes.outcome_for(request, status, duration_s, before))
 
     async def _publish(self, request: DeployRequested | RollbackRequested, outcome: NodeEvent) -> None:
-        """Record the outcome of `request` (a redelivery re-emits it), then publish it."""
-        await self.store.put_processed(request.event_id, outcomes.record(outcome), at=self.clock())
+        """Record the outcome of `request` (a redelivery re-emits it), then publish it; or, where an outcome of the
+        request is recorded already, publish that one. A worker frozen between its final status and its record, for
+        longer than its lease, finds on thawing the outcome another worker rebuilt from that status meanwhile (and
+        published): telling its own now would give the request two different outcomes under one id."""
+        if not await self.store.put_processed(request.event_id, outcomes.record(outcome), at=self.clock()):
+            recorded = await self.store.get_processed(request.event_id)
+            if recorded is not None:
+                log.info("an outcome of the request was recorded first; publishing that one")
+                outcome = outcomes.restore(recorded)
         await self.bus.publish(outcome)
 
     async def prune_processed(self, keep: timedelta) -> int:

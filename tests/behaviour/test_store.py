@@ -192,9 +192,9 @@ async def test_processed_outcome_is_none_until_recorded(store: Store) -> None:
     assert await store.get_processed("req-2") is None
 
 
-async def test_processed_first_write_wins(store: Store) -> None:
-    await store.put_processed("req-1", "first")
-    await store.put_processed("req-1", "second")
+async def test_processed_first_write_wins_and_each_write_says_whether_it_is_the_one_stored(store: Store) -> None:
+    assert await store.put_processed("req-1", "first")
+    assert not await store.put_processed("req-1", "second")
     assert await store.get_processed("req-1") == "first"
 
 

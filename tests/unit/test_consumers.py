@@ -896,10 +896,10 @@ class _LatchedRecords:
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 
-    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> None:
+    async def put_processed(self, event_id: str, outcome: str, *, at: datetime | None = None) -> bool:
         self.reached.set()
         await self.go.wait()
-        await self._inner.put_processed(event_id, outcome, at=at)
+        return await self._inner.put_processed(event_id, outcome, at=at)
 
 
 async def test_redelivery_between_the_final_status_and_the_outcome_record_waits_for_the_record(store: Store) -> None:
@@ -929,6 +929,34 @@ async def test_redelivery_between_the_final_status_and_the_outcome_record_waits_
     assert isinstance(first_outcome, NodeDeployed)
     assert first_outcome == second_outcome
     assert first_outcome.duration_s > 0
+
+
+async def test_a_worker_frozen_past_its_lease_before_its_record_tells_the_outcome_recorded_meanwhile(
+    store: Store,
+) -> None:
+    """The first worker wrote the node's final status, then stood still (frozen) for longer than its lease before
+    recording the outcome. The request reached a second worker meanwhile, which rebuilt the outcome from the status,
+    recorded and published it. The first, thawing, finds that record: it publishes the recorded outcome, not its own
+    (found by the chaos test, seed 2: one outcome id, two different outcomes)."""
+    bus, script = MemoryBus(), Script()
+    request = deploy()
+    latched = _LatchedRecords(store)
+    frozen = worker(cast(Store, latched), bus, script, owner="worker-a")
+    running = asyncio.create_task(frozen.handle(request))
+    async with asyncio.timeout(5):
+        await latched.reached.wait()
+
+    await worker(store, bus, script, owner="worker-b", clock=a_lease_later).handle(request)
+    [rebuilt] = bus.events(Topic.OUTCOMES)
+    assert isinstance(rebuilt, NodeDeployed)
+    assert rebuilt.duration_s == 0.0  # rebuilt from the status, not the run's own
+    latched.go.set()
+    async with asyncio.timeout(5):
+        await running
+
+    assert script.calls[f"deploy:{NODE}"] == 1
+    assert bus.events(Topic.OUTCOMES) == [rebuilt, rebuilt]
+    assert await store.get_processed(request.event_id) == outcomes.record(rebuilt)
 
 
 async def test_run_taken_over_after_its_lease_is_cancelled_and_emits_nothing(store: Store) -> None:
