@@ -120,6 +120,7 @@ def kafka_bus(settings: Settings, signatures: Signatures = NO_SIGNATURES) -> Kaf
     return KafkaBus(
         settings.kafka_bootstrap,
         prefix=settings.topic_prefix,
+        group_prefix=settings.group_prefix,
         source=settings.source,
         concurrency=settings.concurrency,
         grace_s=settings.grace_s,

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     local_root: Path | None = None
     source: str = "/reactor"
     topic_prefix: str = Field(default="reactor.", pattern=r"^[A-Za-z0-9._-]{0,100}$")
+    # Consumer groups are `<group prefix><role>` (reactor.executor, ...); None: the topic prefix. Empty: the bare role
+    # names, which workers from before group prefixes joined (set it so to keep their committed offsets).
+    group_prefix: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{0,100}$")
     kafka_bootstrap: str = "127.0.0.1:9092"
     mongo_url: str = "mongodb://127.0.0.1:27017/"
     mongo_database: str = "reactor"

@@ -95,13 +95,16 @@ class _PartitionProgress:
 
 
 class KafkaBus:
-    """Topics `<prefix>commands|outcomes|releases|dlq` on a Kafka cluster."""
+    """Topics `<prefix>commands|outcomes|releases|dlq` on a Kafka cluster, read by consumer groups
+    `<group_prefix><group>` (`group_prefix` None: the topic prefix, so deployments sharing a cluster under prefixes
+    of their own share no group either)."""
 
     def __init__(
         self,
         bootstrap: str,
         *,
         prefix: str = "reactor.",
+        group_prefix: str | None = None,
         source: str = "/reactor",
         concurrency: int = 64,
         max_buffered: int = 1000,
@@ -116,6 +119,7 @@ class KafkaBus:
         self.signatures = signatures
         self.security = security or KafkaSecurity()
         self.prefix = prefix
+        self.group_prefix = prefix if group_prefix is None else group_prefix
         self.source = source
         self.concurrency = concurrency
         self.max_buffered = max_buffered
@@ -131,6 +135,10 @@ class KafkaBus:
     def topic_name(self, topic: Topic) -> str:
         """The Kafka topic of a logical topic."""
         return self.prefix + topic.value
+
+    def group_id(self, group: str) -> str:
+        """The Kafka consumer group of a reactor group (`executor`, `pacer`, ...)."""
+        return self.group_prefix + group
 
     def logical(self, name: str) -> Topic:
         """The logical topic of a Kafka topic name."""
@@ -354,7 +362,7 @@ class _GroupMember:
         self.bus = bus
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap,
-            group_id=group,
+            group_id=bus.group_id(group),
             client_id=bus.client_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -270,7 +270,7 @@ def acl_bindings(prefix: str) -> list[AclBinding]:
     t = {name: _topic(prefix, name) for name in TOPICS}
     return [
         *(AclBinding(WORKER, "Read", "topic", t[name]) for name in ("commands", "releases", "outcomes")),
-        *(AclBinding(WORKER, "Read", "group", group) for group in WORKER_GROUPS),
+        *(AclBinding(WORKER, "Read", "group", f"{prefix}{group}") for group in WORKER_GROUPS),
         *(AclBinding(WORKER, "Write", "topic", t[name]) for name in ("commands", "outcomes", "releases", "dlq")),
         AclBinding(CI, "Write", "topic", t["releases"]),
         *(AclBinding(SUBSCRIBER, "Read", "topic", t[name]) for name in ("outcomes", "releases")),

@@ -111,7 +111,7 @@ async def test_a_batch_with_a_poison_message_and_held_handlers_commits_only_what
             # rel-1's second message waits behind its first (held), whatever else of the batch finished.
             assert "rel-1#2" not in started
             # Offsets 0 done, 1 (held) not: nothing past 1 may be committed, though 4..8 minus 6 are done.
-            await eventually_committed(kafka_bootstrap, group, tp, 1)
+            await eventually_committed(kafka_bootstrap, bus.group_id(group), tp, 1)
             first_of_rel_1.set()
             await eventually(lambda: "rel-1#2" in finished, "rel-1's second message finished")
             assert finished.index("rel-1#1") < finished.index("rel-1#2")
@@ -119,9 +119,9 @@ async def test_a_batch_with_a_poison_message_and_held_handlers_commits_only_what
             assert letter.value == poison.value
             assert letter.key == poison.key
             # Now 0..5 are done (the poison dead-lettered), 6 (rel-4) still runs: committed up to it, not past.
-            await eventually_committed(kafka_bootstrap, group, tp, 6)
+            await eventually_committed(kafka_bootstrap, bus.group_id(group), tp, 6)
             rel_4.set()
-            await eventually_committed(kafka_bootstrap, group, tp, 9)
+            await eventually_committed(kafka_bootstrap, bus.group_id(group), tp, 9)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
