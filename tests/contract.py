@@ -148,50 +148,98 @@ def _strategy_headers(event_type: str) -> dict[str, Any]:
 
 @functools.cache
 def _strategies(event_type: str, live: bool) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
-    """Strategies for the body and the headers of a type, built once (building one resolves the whole schema).
-
-    No NUL characters: a header value on a command line (kcat) cannot hold one.
-    """
-    body = _narrowed_body(event_type, live)
-    bodies = _plan_bodies(body) if "plan" in body.get("properties", {}) else from_schema(body, allow_x00=False)
-    return bodies, from_schema(_strategy_headers(event_type), allow_x00=False)
+    """Strategies for the body and the headers of a type, built once."""
+    return _bodies(_narrowed_body(event_type, live)), _header_sets(_strategy_headers(event_type))
 
 
 @functools.cache
 def _strategy_of(schema_text: str) -> st.SearchStrategy[Any]:
+    """hypothesis-jsonschema's strategy for one schema, built once. No NUL characters: a header value on a command
+    line (kcat) cannot hold one."""
     return from_schema(json.loads(schema_text), allow_x00=False)
 
 
-@st.composite
-def _plan_bodies(draw: st.DrawFn, schema: dict[str, Any]) -> dict[str, Any]:
-    """A release request drawn property by property from its schema file.
+def _drawn(draw: st.DrawFn, schema: dict[str, Any], definitions: dict[str, Any]) -> Any:
+    return draw(_strategy_of(json.dumps({"$defs": definitions, **schema} if definitions else schema)))
 
-    hypothesis-jsonschema merges the plan's anyOf with its properties on every draw, which takes seconds per
-    example; drawing each property from its own schema and checking the whole against the file is as faithful.
+
+def _drawn_object(
+    draw: st.DrawFn, object_schema: dict[str, Any], definitions: dict[str, Any], skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """An object drawn property by property: every required property, each other one half the time.
+
+    hypothesis-jsonschema resolves an object's properties again on every draw of it (and merges a release plan's
+    anyOf with its properties), which took most of each example's time; drawing each property from its own schema,
+    with the strategy built once, and checking the whole against the file is as faithful.
     """
-    definitions = schema["$defs"]
+    found: dict[str, Any] = {}
+    for name, property_schema in object_schema["properties"].items():
+        if name in skip or (name not in object_schema.get("required", []) and draw(st.booleans())):
+            continue
+        found[name] = _drawn(draw, property_schema, definitions)
+    return found
 
-    def drawn_object(object_schema: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        for name, property_schema in object_schema["properties"].items():
-            if name in skip or (name not in object_schema.get("required", []) and draw(st.booleans())):
-                continue
-            found[name] = draw(_strategy_of(json.dumps({"$defs": definitions, **property_schema})))
-        return found
 
-    plan = drawn_object(definitions["ReleasePlan"], skip=("nodes",))
+@st.composite
+def _bodies(draw: st.DrawFn, schema: dict[str, Any]) -> dict[str, Any]:
+    """A body drawn from its schema file, property by property, and checked against the whole file."""
+    definitions = schema.get("$defs", {})
+    if "plan" in schema["properties"]:
+        body = _drawn_object(draw, schema, definitions, skip=("plan",))
+        body["plan"] = _plan(draw, definitions)
+    else:
+        body = _drawn_object(draw, schema, definitions)
+    alternatives: list[dict[str, Any]] = schema.get("anyOf", [])
+    if alternatives and not any(_valid(alternative, body) for alternative in alternatives):
+        # One alternative's required properties (a deploy's package or image), drawn as it asks.
+        alternative = draw(st.sampled_from(alternatives))
+        for name in alternative["required"]:
+            both = {"allOf": [schema["properties"][name], alternative["properties"][name]]}
+            body[name] = _drawn(draw, both, definitions)
+    problems = [error.message for error in _validator(json.dumps(schema)).iter_errors(body)]
+    assert not problems, f"drawn body is not valid against its own schema: {problems}"
+    return body
+
+
+def _valid(schema: dict[str, Any], instance: Any) -> bool:
+    return not any(_validator(json.dumps(schema)).iter_errors(instance))
+
+
+def _plan(draw: st.DrawFn, definitions: dict[str, Any]) -> dict[str, Any]:
+    """A release plan: its properties, one to four nodes, and a package where neither it nor a node names one."""
+    plan = _drawn_object(draw, definitions["ReleasePlan"], definitions, skip=("nodes",))
     node_schema = json.dumps({"$defs": definitions, **definitions["NodeTarget"]})
     plan["nodes"] = draw(st.lists(_strategy_of(node_schema), min_size=1, max_size=4))
     if not any(plan.get(name) is not None for name in ("package", "image")) and any(
         node.get("package") is None and node.get("image") is None for node in plan["nodes"]
     ):
-        package = {"$defs": definitions, **definitions["Package"]}
-        plan["package"] = draw(_strategy_of(json.dumps(package)))
-    body = drawn_object(schema, skip=("plan",))
-    body["plan"] = plan
-    problems = [error.message for error in _validator(json.dumps(schema)).iter_errors(body)]
-    assert not problems, f"drawn release request is not valid against its own schema: {problems}"
-    return body
+        plan["package"] = _drawn(draw, definitions["Package"], definitions)
+    return plan
+
+
+@st.composite
+def _header_sets(draw: st.DrawFn, schema: dict[str, Any]) -> dict[str, str]:
+    """A header set drawn header by header: each listed one from its schemas (every part of the allOf), then a few
+    others named as the rule for names allows; checked against the whole schema."""
+    parts: list[dict[str, Any]] = schema["allOf"]
+    required = {name for part in parts for name in part.get("required", [])}
+    listed: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        for name, header_schema in part.get("properties", {}).items():
+            listed.setdefault(name, []).append(header_schema)
+    headers: dict[str, str] = {}
+    for name, schemas in listed.items():
+        if name in required or draw(st.booleans()):
+            headers[name] = _drawn(draw, {"allOf": schemas}, {})
+    names = {"allOf": [part["propertyNames"] for part in parts if "propertyNames" in part] + [schema["propertyNames"]]}
+    room = schema["maxProperties"] - len(headers)
+    for _ in range(min(room, draw(st.sampled_from((1, 0, 2))))):
+        name = _drawn(draw, {"type": "string", **names}, {})
+        if name not in listed:
+            headers[name] = _drawn(draw, {"type": "string"}, {})
+    problems = [error.message for error in _validator(json.dumps(schema)).iter_errors(headers)]
+    assert not problems, f"drawn headers are not valid against their own schema: {problems}"
+    return headers
 
 
 @st.composite
