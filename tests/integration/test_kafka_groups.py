@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from uuid import uuid4
 
 import pytest
@@ -15,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.events import DeployRequested, Event, Topic
+from tests.support import until
 
 pytestmark = pytest.mark.kafka
 
@@ -62,15 +63,6 @@ async def consuming(bus: KafkaBus, seen: list[str]) -> AsyncIterator[None]:
             await task
 
 
-async def until(condition: Callable[[], object], what: str) -> None:
-    try:
-        async with asyncio.timeout(TIMEOUT_S):
-            while not condition():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting until {what}") from None
-
-
 def command(node_key: str) -> DeployRequested:
     return DeployRequested(node_key=node_key, service="app", version="1.0.0", image="registry.local/app:1.0.0")
 
@@ -92,7 +84,7 @@ async def test_two_deployments_on_one_cluster_share_no_consumer_group(kafka_boot
         await a.publish(command("noop/a-1/app"))
         await b.publish(command("noop/b-1/app"))
         async with consuming(a, a_seen), consuming(b, b_seen):
-            await until(lambda: a_seen and b_seen, "each deployment's executor took its command")
+            await until(lambda: a_seen and b_seen, "each deployment's executor took its command", TIMEOUT_S)
             await until_committed(kafka_bootstrap, f"a{run}.executor", {f"a{run}.commands"})
             await until_committed(kafka_bootstrap, f"b{run}.executor", {f"b{run}.commands"})
     assert (a_seen, b_seen) == (["noop/a-1/app"], ["noop/b-1/app"])
