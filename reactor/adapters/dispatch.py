@@ -134,7 +134,13 @@ class _Lane(Generic[M]):
 
 
 class KeyedDispatcher(Generic[M]):
-    """Runs `process` for messages in order per key and concurrently across keys, at most `limit` at once."""
+    """Runs `process` for messages in order per key and concurrently across keys, at most `limit` at once.
+
+    Each key with queued messages has a lane; at most `limit` lanes have a task, and the others wait their turn in
+    arrival order. A lane that finishes a message while others wait hands its slot on and waits again behind them,
+    so a key with many messages does not keep a slot from the rest. (No semaphore: a task per waiting key, each
+    woken in turn, cost more than the handlers for many small messages.)
+    """
 
     def __init__(
         self,
@@ -143,9 +149,13 @@ class KeyedDispatcher(Generic[M]):
         *,
         limit: int,
     ) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
         self._process = process
         self._on_done = on_done
-        self._semaphore = asyncio.Semaphore(limit)
+        self._limit = limit
+        self._running = 0  # lanes with a task
+        self._waiting: deque[bytes | None] = deque()  # keys of lanes waiting for a slot, in turn
         self._lanes: dict[bytes | None, _Lane[M]] = {}
         self.pending = 0
         self._idle = asyncio.Event()
@@ -156,6 +166,11 @@ class KeyedDispatcher(Generic[M]):
         self.failure: Exception | None = None
         self._failed = asyncio.Event()
 
+    @property
+    def running(self) -> int:
+        """How many lanes are running a message now (at most `limit`)."""
+        return self._running
+
     def submit(self, key: bytes | None, message: M) -> None:
         """Queue a message behind earlier ones of the same key."""
         self.pending += 1
@@ -164,31 +179,54 @@ class KeyedDispatcher(Generic[M]):
         if lane is None:
             lane = self._lanes[key] = _Lane()
             lane.queue.append(message)
-            lane.task = asyncio.create_task(self._run(key, lane))
+            self._waiting.append(key)
+            self._start_waiting()
         else:
             lane.queue.append(message)
 
+    def _start_waiting(self) -> None:
+        """Give free slots to the lanes waiting longest."""
+        while self._running < self._limit and self._waiting:
+            key = self._waiting.popleft()
+            lane = self._lanes.get(key)
+            # A key may be listed again after its lane was cancelled and a new one made: skip what is not waiting.
+            if lane is None or lane.task is not None or not lane.queue:
+                continue
+            self._running += 1
+            lane.task = asyncio.create_task(self._run(key, lane))
+
     async def _run(self, key: bytes | None, lane: _Lane[M]) -> None:
+        ended = True
         try:
             while lane.queue:
                 message = lane.queue[0]
-                async with self._semaphore:
-                    await self._process(message)
+                await self._process(message)
                 lane.queue.popleft()
                 self.pending -= 1
                 self._on_done(message)
                 self._progressed.set()
+                if lane.queue and self._waiting:
+                    ended = False  # others wait for a slot: this lane waits behind them
+                    break
         # Kept for the consumer to raise, not lost with this task; the lane's messages stay pending (unfinished).
         except Exception as exc:  # noqa: BLE001
+            ended = True
             if self.failure is None:
                 self.failure = exc
             self._failed.set()
         finally:
+            self._running -= 1
+            lane.task = None
             if self._lanes.get(key) is lane:
-                del self._lanes[key]
+                if ended:
+                    del self._lanes[key]
+                else:
+                    self._waiting.append(key)
             if not self._lanes:
                 self._idle.set()
             self._progressed.set()
+            if self.failure is None:
+                self._start_waiting()
 
     async def failed(self) -> Exception:
         """Wait until a message's processing raised; that error."""
@@ -222,6 +260,10 @@ class KeyedDispatcher(Generic[M]):
         """Cancel the lanes holding any message (or any one `which` picks), the running handler included; their
         messages are not reported done. Messages of those lanes that `which` does not pick are queued again."""
         held = self._holding(which)
+        # Out of the lanes first, so a slot the cancelled tasks give back goes to none of the lanes cancelled here.
+        for key, lane in held:
+            if self._lanes.get(key) is lane:
+                del self._lanes[key]
         tasks = [lane.task for _, lane in held if lane.task is not None]
         for task in tasks:
             task.cancel()
@@ -230,8 +272,6 @@ class KeyedDispatcher(Generic[M]):
             await asyncio.wait(tasks)
         spared: list[tuple[bytes | None, M]] = []
         for key, lane in held:
-            if self._lanes.get(key) is lane:
-                del self._lanes[key]
             self.pending -= len(lane.queue)
             spared.extend((key, message) for message in lane.queue if which is not None and not which(message))
         if not self._lanes:

@@ -58,6 +58,74 @@ async def test_cancel_of_picked_messages_stops_their_running_handler_and_leaves_
     assert dispatcher.pending == 0
 
 
+async def test_at_most_limit_run_at_once_and_a_busy_key_hands_its_slot_to_one_waiting() -> None:
+    """With 2 slots: a and b run, c waits; once a's first message finishes, c runs before a's second (a waits behind
+    it), and no more than 2 ever run."""
+    gates = {name: asyncio.Event() for name in ("a1", "a2", "b1", "c1")}
+    started: list[str] = []
+    done: list[str] = []
+    most = 0
+
+    async def process(message: str) -> None:
+        nonlocal most
+        started.append(message)
+        most = max(most, dispatcher.running)
+        await gates[message].wait()
+
+    dispatcher: KeyedDispatcher[str] = KeyedDispatcher(process, done.append, limit=2)
+    for key, message in ((b"a", "a1"), (b"a", "a2"), (b"b", "b1"), (b"c", "c1")):
+        dispatcher.submit(key, message)
+
+    async def started_count(count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(started) < count:
+                await asyncio.sleep(0)
+
+    await started_count(2)
+    for _ in range(5):  # c has no slot however long it waits
+        await asyncio.sleep(0)
+    assert started == ["a1", "b1"]
+    gates["a1"].set()
+    await started_count(3)
+    assert started[2] == "c1", "the waiting key got the freed slot before a's next message"
+    gates["c1"].set()
+    await started_count(4)
+    assert started[3] == "a2"
+    gates["b1"].set()
+    gates["a2"].set()
+    assert await dispatcher.drain(5)
+    assert done[:2] == ["a1", "c1"]
+    assert sorted(done) == ["a1", "a2", "b1", "c1"]
+    assert most == 2
+    assert dispatcher.pending == 0
+    assert dispatcher.running == 0
+
+
+async def test_cancelled_lanes_give_their_slots_to_lanes_not_cancelled() -> None:
+    """A slot freed by a cancelled lane goes to a waiting lane that was not cancelled, never to one that was."""
+    gates = {name: asyncio.Event() for name in ("a1", "b1", "c1")}
+    started: list[str] = []
+    done: list[str] = []
+
+    async def process(message: str) -> None:
+        started.append(message)
+        await gates[message].wait()
+
+    dispatcher: KeyedDispatcher[str] = KeyedDispatcher(process, done.append, limit=1)
+    dispatcher.submit(b"a", "a1")
+    dispatcher.submit(b"b", "b1")  # waits
+    dispatcher.submit(b"c", "c1")  # waits
+    async with asyncio.timeout(5):
+        while not started:
+            await asyncio.sleep(0)
+    await dispatcher.cancel(lambda message: message in ("a1", "b1"))
+    gates["c1"].set()
+    assert await dispatcher.drain(5)
+    assert started == ["a1", "c1"]
+    assert done == ["c1"]
+    assert dispatcher.pending == 0
+
+
 async def test_drain_of_picked_messages_returns_once_they_finish_while_others_still_run() -> None:
     gates = {name: asyncio.Event() for name in ("a1", "b1")}
     done: list[str] = []
