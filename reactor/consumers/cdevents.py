@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from reactor import logs
 from reactor.cdevents import PIPELINE_NAME, to_cdevent
 from reactor.errors import InvalidInput
 from reactor.events import Event
@@ -51,9 +52,7 @@ class CDEventsPublisher:
         cdevent = to_cdevent(event, source=self.source, release_url=self.release_url, pipeline_name=self.pipeline_name)
         if cdevent is None:
             return
-        with structlog.contextvars.bound_contextvars(
-            event_id=event.event_id, release_id=event.release_id, cdevent_type=_context(cdevent)["type"]
-        ):
+        with logs.bound(event_id=event.event_id, release_id=event.release_id, cdevent_type=_context(cdevent)["type"]):
             if len(self._taken) >= MAX_REMEMBERED:  # events never retried here (their partition moved on)
                 self._taken.clear()
             taken = self._taken.setdefault(event.event_id, set())

@@ -24,7 +24,7 @@ from uuid import uuid4
 
 import structlog
 
-from reactor import outcomes
+from reactor import logs, outcomes
 from reactor.domain.status import (
     NO_ROLLBACK_TARGET,
     TERMINAL,
@@ -92,9 +92,7 @@ class ExecutorWorker:
     async def handle(self, event: Event) -> None:
         """Run a command; other events are not for this worker."""
         if isinstance(event, DeployRequested | RollbackRequested):
-            with structlog.contextvars.bound_contextvars(
-                event_id=event.event_id, node_key=event.node_key, release_id=event.release_id
-            ):
+            with logs.bound(event_id=event.event_id, node_key=event.node_key, release_id=event.release_id):
                 if self.policy is not None:
                     await self._check_policy(event, self.policy)
                 await self._run(event)

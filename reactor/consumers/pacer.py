@@ -26,6 +26,7 @@ from uuid import uuid4
 
 import structlog
 
+from reactor import logs
 from reactor.domain.limits import InFlightLimits, scopes_for
 from reactor.domain.pacer import (
     ACTIVE,
@@ -163,7 +164,7 @@ class Pacer:
         bound: dict[str, object] = {"release_id": event.release_id, "event_id": event.event_id}
         if isinstance(event, NodeEvent):
             bound["node_key"] = event.node_key
-        with structlog.contextvars.bound_contextvars(**bound):
+        with logs.bound(**bound):
             match event:
                 case ReleaseRequested():
                     await self._start(event)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import structlog
 
+from reactor import logs
 from reactor.events import AutoRollback, Event, NodeFailed, RollbackRequested, derived_event_id
 from reactor.ports import EventBus
 
@@ -26,9 +27,7 @@ class RollbackConsumer:
         """Ask for a rollback of a failed node when its policy is `node` or `release`."""
         if not isinstance(event, NodeFailed) or event.auto_rollback == AutoRollback.NONE:
             return
-        with structlog.contextvars.bound_contextvars(
-            event_id=event.event_id, node_key=event.node_key, release_id=event.release_id
-        ):
+        with logs.bound(event_id=event.event_id, node_key=event.node_key, release_id=event.release_id):
             if event.current_version is None:
                 log.info("failed node ran nothing before; nothing to roll back to")
                 return
