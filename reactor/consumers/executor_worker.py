@@ -211,7 +211,7 @@ class ExecutorWorker:
     async def _while_held(self, held: _Held, work: Coroutine[Any, Any, T]) -> T:
         """Run `work` while renewing the claim every lease/3; Fenced (and `work` cancelled) if the claim is lost."""
         running = asyncio.create_task(work)
-        heartbeat = asyncio.create_task(self._heartbeat(held, running))
+        heartbeat = _Heartbeat(self.lease.total_seconds() / 3, partial(self._heartbeat, held, running))
         try:
             return await running
         except asyncio.CancelledError:
@@ -226,11 +226,12 @@ class ExecutorWorker:
             raise
         finally:
             heartbeat.cancel()
-            await asyncio.wait([heartbeat])
+            await heartbeat.stopped()
 
-    async def _release(self, held: _Held, running: asyncio.Task[Any], heartbeat: asyncio.Task[None]) -> None:
+    async def _release(self, held: _Held, running: asyncio.Task[Any], heartbeat: _Heartbeat) -> None:
         """Give up an interrupted run's claim (owner none, same epoch) after its executor and heartbeat stopped."""
-        await asyncio.wait([running, heartbeat])
+        await asyncio.wait([running])
+        await heartbeat.stopped()
         try:
             await self._write(held, held.status.model_copy(update={"owner": None}))
         except ReactorError as exc:  # fenced meanwhile, or the store is away: the lease still frees the node
@@ -239,10 +240,10 @@ class ExecutorWorker:
             log.info("interrupted; claim given up", epoch=held.status.epoch)
 
     async def _heartbeat(self, held: _Held, running: asyncio.Task[Any]) -> None:
-        """Renew the claim every lease/3 while `running` runs; cancel it once a newer claim fenced this one."""
+        """Renew the claim now and every lease/3 after while `running` runs; cancel it once a newer claim fenced
+        this one."""
         interval = self.lease.total_seconds() / 3
         while True:
-            await asyncio.sleep(interval)
             try:
                 await self._write(held, renew(held.status, now=self.clock()))
             except Fenced:
@@ -251,6 +252,7 @@ class ExecutorWorker:
                 return
             except ReactorError as exc:  # the store may answer again before the lease runs out
                 log.warning("could not renew the claim; trying again", error=str(exc))
+            await asyncio.sleep(interval)
 
     async def _write(self, held: _Held, status: NodeStatus) -> NodeStatus:
         """Write a status of the held claim with a compare-and-set; Fenced once a newer claim holds the node."""
@@ -438,6 +440,29 @@ class _ReleaseNodes:
     service: str
     submitter: str | None
     labels: dict[str, dict[str, str]]
+
+
+class _Heartbeat:
+    """The renewals of a held claim: their task starts only when the first one is due (lease/3 after the claim), so a
+    run that ends sooner costs a timer, not a task."""
+
+    def __init__(self, first_after_s: float, renewals: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(first_after_s, self._start, renewals)
+
+    def _start(self, renewals: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.task = asyncio.create_task(renewals())
+
+    def cancel(self) -> None:
+        """No renewal starts from now on; one under way is cancelled."""
+        self._timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+    async def stopped(self) -> None:
+        """Wait until a renewal under way (if any) has stopped, after `cancel`."""
+        if self.task is not None:
+            await asyncio.wait([self.task])
 
 
 @dataclass
