@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,19 @@ async def until(condition: Callable[[], object], what: str, timeout_s: float = 1
 
 
 @contextlib.asynccontextmanager
+async def running(work: Coroutine[Any, Any, object]) -> AsyncIterator[asyncio.Task[object]]:
+    """Run `work` as a task while the block runs; then cancel it and wait until it stopped. An error of its own (not
+    the cancellation) is raised."""
+    task = asyncio.create_task(work)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
 async def running_roles(
     bus: EventBus,
     store: Store,
@@ -43,14 +57,9 @@ async def running_roles(
     started = asyncio.Event()
     memory_bus = bus if isinstance(bus, MemoryBus) else None
     backends = Backends(bus=bus, store=store, memory_bus=memory_bus)
-    task = asyncio.create_task(run_roles(backends, settings, roles, factories=factories, started=started))
-    await started.wait()
-    try:
+    async with running(run_roles(backends, settings, roles, factories=factories, started=started)):
+        await started.wait()
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def equals(value: object, expected: object) -> bool:

@@ -31,6 +31,7 @@ from reactor.errors import (
 from reactor.events import Event, ReleaseApproved, ReleasePaused, Topic
 from reactor.ports import EventBus, Handler
 from tests.conftest import fresh_kafka_bus
+from tests.support import running
 
 TIMEOUT_S = 30.0  # a bound for failures only; passing tests return as soon as the condition holds
 POLL_S = 0.002
@@ -56,13 +57,8 @@ async def dead_letters(bus: EventBus) -> list[Record]:
 @contextlib.asynccontextmanager
 async def consuming(bus: EventBus, topics: Sequence[Topic], group: str, handler: Handler) -> AsyncIterator[None]:
     """Run a consumer of `group` while the block runs; cancel it after, surfacing any crash of its own."""
-    task = asyncio.create_task(bus.consume(topics, group, handler))
-    try:
+    async with running(bus.consume(topics, group, handler)):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def eventually(condition: Callable[[], bool], what: str) -> None:

@@ -5,7 +5,6 @@ re-emitted outcome again under the same id."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from reactor.settings import Settings
 from tests.cdevents_schemas import check
 from tests.conftest import fresh_kafka_bus
 from tests.fakes import Script, scripted
-from tests.support import equals, running_roles, until
+from tests.support import equals, running, running_roles, until
 
 pytestmark = pytest.mark.kafka
 
@@ -99,13 +98,10 @@ async def subscribed(bootstrap: str, topic: str, subscriber: Subscriber) -> Asyn
                     except AssertionError as exc:
                         subscriber.failures.append(f"{message.topic}@{message.offset}: {exc!r}")
 
-    task = asyncio.create_task(read())
     try:
-        yield
+        async with running(read()):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await consumer.stop()
 
 

@@ -20,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.codec import Record
 from reactor.events import Event, ReleasePaused, Topic
+from tests.support import running
 
 pytestmark = pytest.mark.kafka
 
@@ -104,8 +105,7 @@ async def test_a_batch_with_a_poison_message_and_held_handlers_commits_only_what
                 await rel_4.wait()
             finished.append(name)
 
-        task = asyncio.create_task(bus.consume([Topic.RELEASES], group, handler))
-        try:
+        async with running(bus.consume([Topic.RELEASES], group, handler)):
             others = {"rel-0#1", "rel-2#1", "rel-3#1", "rel-5#1", "rel-6#1"}
             await eventually(lambda: others <= set(finished), "the messages of other keys finished")
             # rel-1's second message waits behind its first (held), whatever else of the batch finished.
@@ -122,10 +122,6 @@ async def test_a_batch_with_a_poison_message_and_held_handlers_commits_only_what
             await eventually_committed(kafka_bootstrap, bus.group_id(group), tp, 6)
             rel_4.set()
             await eventually_committed(kafka_bootstrap, bus.group_id(group), tp, 9)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         assert sorted(finished) == sorted(
             f"{event.release_id}#{event.reason}" for event in events if isinstance(event, ReleasePaused)
         )

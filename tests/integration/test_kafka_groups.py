@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.events import DeployRequested, Event, Topic
-from tests.support import until
+from tests.support import running, until
 
 pytestmark = pytest.mark.kafka
 
@@ -54,13 +54,8 @@ async def consuming(bus: KafkaBus, seen: list[str]) -> AsyncIterator[None]:
         assert isinstance(event, DeployRequested)
         seen.append(event.node_key)
 
-    task = asyncio.create_task(bus.consume([Topic.COMMANDS], "executor", handle))
-    try:
+    async with running(bus.consume([Topic.COMMANDS], "executor", handle)):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def command(node_key: str) -> DeployRequested:

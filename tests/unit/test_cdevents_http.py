@@ -3,7 +3,6 @@ CDEvent of a release arrives, valid against the official schema, with one CloudE
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -34,7 +33,7 @@ from reactor.runtime import Role, cdevent_sinks
 from reactor.settings import Settings
 from tests.cdevents_schemas import check
 from tests.fakes import Script, scripted
-from tests.support import equals, running_roles, until
+from tests.support import equals, running, running_roles, until
 
 pytestmark = pytest.mark.unit
 
@@ -279,13 +278,8 @@ def test_sinks_setting_is_a_comma_separated_list_of_http_urls(monkeypatch: pytes
 @contextlib.asynccontextmanager
 async def running_roles_of(bus: MemoryBus, publisher: CDEventsPublisher) -> AsyncIterator[None]:
     """The publisher alone consuming the bus, as the cdevents role does, while the block runs."""
-    task = asyncio.create_task(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "cdevents", publisher.handle))
-    try:
+    async with running(bus.consume([Topic.RELEASES, Topic.OUTCOMES], "cdevents", publisher.handle)):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @pytest.mark.parametrize(
