@@ -261,6 +261,10 @@ class Store(Protocol):
         """Nodes of a release in plan order, optionally of one batch and one state."""
         ...
 
+    async def get_release_node(self, release_id: str, node_key: str) -> ReleaseNode | None:
+        """One node of a release; None if the release has no such node."""
+        ...
+
     async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
         """How many nodes of the release (or of one batch) are in each state."""
         ...

@@ -292,6 +292,12 @@ class EmbeddedStore:
         ).fetchall()
         return [ReleaseNode.model_validate_json(row[0]) for row in rows]
 
+    async def get_release_node(self, release_id: str, node_key: str) -> ReleaseNode | None:
+        row = self.db.execute(
+            "SELECT doc FROM release_nodes WHERE release_id = ? AND node_key = ?", (release_id, node_key)
+        ).fetchone()
+        return None if row is None else ReleaseNode.model_validate_json(row[0])
+
     async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
         rows = self.db.execute(
             "SELECT state, SUM(n) FROM release_counts WHERE release_id = ? AND (? IS NULL OR batch = ?) GROUP BY state",

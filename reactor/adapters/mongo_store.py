@@ -487,6 +487,10 @@ class MongoStore:
         )
         return [_release_node(document) for document in found]
 
+    async def get_release_node(self, release_id: str, node_key: str) -> ReleaseNode | None:
+        found = await self._find_one("release_nodes", {"release_id": release_id, "node_key": node_key})
+        return None if found is None else _release_node(found)
+
     async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
         match: Document = {"release_id": release_id}
         if batch is not None:

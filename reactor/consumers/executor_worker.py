@@ -80,7 +80,7 @@ class ExecutorWorker:
         self.max_age = max_age
         # The deploy policy every command is checked against before anything runs (None: everything is allowed).
         self.policy = policy
-        self._releases: dict[str, _ReleaseNodes] = {}
+        self._releases: dict[str, _Release] = {}
         self.bus = bus
         self.settings = settings or ExecutorSettings()
         self.factories = factories
@@ -101,32 +101,31 @@ class ExecutorWorker:
         """Raise PolicyRefused unless the policy allows `request` as signed: inside a release its submitter may
         release to this node, or a direct command by an identity the policy allows."""
         signer = current_signer()
-        release = None if request.release_id is None else await self._release_nodes(request.release_id)
+        release = None if request.release_id is None else await self._release_record(request.release_id)
+        labels: dict[str, str] | None = None  # None: not a node of the release
+        if release is not None and request.release_id is not None:
+            # The node's own row, not the release's every row: a worker's memory does not grow with releases' sizes.
+            row = await self.store.get_release_node(request.release_id, request.node_key)
+            labels = None if row is None else {} if row.target is None else row.target.labels
         policy.check_node_command(
             None if signer is None else signer.name,
             signer is not None and signer.reactor,
             request,
             release_service=None if release is None else release.service,
             release_submitter=None if release is None else release.submitter,
-            # None: not a node of the release
-            release_labels=None if release is None else release.labels.get(request.node_key),
+            release_labels=labels,
         )
 
-    async def _release_nodes(self, release_id: str) -> _ReleaseNodes | None:
-        """A release's service, submitter and node labels; kept for the last releases asked about, since none of
-        them changes once the release is stored (its nodes are stored before it)."""
+    async def _release_record(self, release_id: str) -> _Release | None:
+        """A release's service and submitter; kept for the last releases asked about, since neither changes once the
+        release is stored (its nodes are stored before it)."""
         known = self._releases.get(release_id)
         if known is not None:
             return known
         record = await self.store.get_release(release_id)
         if record is None:
             return None
-        rows = await self.store.list_release_nodes(release_id)
-        known = _ReleaseNodes(
-            record.plan.service,
-            record.submitter,
-            {row.node_key: {} if row.target is None else row.target.labels for row in rows},
-        )
+        known = _Release(record.plan.service, record.submitter)
         if len(self._releases) >= _RELEASES_KEPT:
             self._releases.pop(next(iter(self._releases)))
         self._releases[release_id] = known
@@ -434,12 +433,11 @@ _RELEASES_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
-class _ReleaseNodes:
-    """What the policy check needs of a release: its service, verified submitter and each node's labels."""
+class _Release:
+    """What the policy check needs of a release record: its service and verified submitter."""
 
     service: str
     submitter: str | None
-    labels: dict[str, dict[str, str]]
 
 
 class _Heartbeat:

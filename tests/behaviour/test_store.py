@@ -438,6 +438,34 @@ async def test_count_release_batches_gives_each_batch_its_states_in_one_count(st
     assert await store.count_release_batches("rel-unknown") == {}
 
 
+async def test_get_release_node_is_that_node_of_that_release_with_its_labels_and_progress(store: Store) -> None:
+    record = release("rel-2", count=2)
+    labelled = [
+        node.model_copy(update={"target": NodeTarget(node_key=node.node_key, labels={"zone": f"z{node.position}"})})
+        for node in release_nodes(record)
+    ]
+    await store.add_release_nodes(labelled)
+    await seeded_release(store)  # rel-1: the same node keys, other batches
+    assert await store.move_release_node(
+        "rel-2", "local/h1/api", from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+    )
+    node = await store.get_release_node("rel-2", "local/h1/api")
+    assert node is not None
+    assert (node.release_id, node.node_key, node.position, node.state) == (
+        "rel-2",
+        "local/h1/api",
+        1,
+        ItemState.DISPATCHED,
+    )
+    assert node.target is not None
+    assert node.target.labels == {"zone": "z1"}
+    other = await store.get_release_node("rel-1", "local/h1/api")
+    assert other is not None
+    assert (other.state, other.target) == (ItemState.QUEUED, NodeTarget(node_key="local/h1/api"))
+    assert await store.get_release_node("rel-2", "local/h4/api") is None
+    assert await store.get_release_node("rel-9", "local/h0/api") is None
+
+
 async def test_release_nodes_of_different_releases_are_separate(store: Store) -> None:
     await seeded_release(store, count=3)
     await store.add_release_nodes(release_nodes(release("rel-2", count=2)))
