@@ -256,9 +256,16 @@ class Store(Protocol):
         ...
 
     async def list_release_nodes(
-        self, release_id: str, *, batch: int | None = None, state: ItemState | None = None, limit: int | None = None
+        self,
+        release_id: str,
+        *,
+        batch: int | None = None,
+        state: ItemState | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[ReleaseNode]:
-        """Nodes of a release in plan order, optionally of one batch and one state."""
+        """Nodes of a release in plan order (the last first with `newest_first`), optionally of one batch and one
+        state, at most `limit` of them."""
         ...
 
     async def get_release_node(self, release_id: str, node_key: str) -> ReleaseNode | None:

@@ -273,7 +273,13 @@ class EmbeddedStore:
         return cursor.rowcount == 1
 
     async def list_release_nodes(
-        self, release_id: str, *, batch: int | None = None, state: ItemState | None = None, limit: int | None = None
+        self,
+        release_id: str,
+        *,
+        batch: int | None = None,
+        state: ItemState | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[ReleaseNode]:
         # Only the conditions given, so SQLite walks the (release_id, batch, state, position) index rather than
         # every row of the release (`? IS NULL OR ...` would defeat it).
@@ -287,7 +293,8 @@ class EmbeddedStore:
             params.append(state.value)
         params.append(-1 if limit is None else limit)
         rows = self.db.execute(
-            f"SELECT doc FROM release_nodes WHERE {' AND '.join(where)} ORDER BY position LIMIT ?",  # noqa: S608 (fixed fragments)
+            f"SELECT doc FROM release_nodes WHERE {' AND '.join(where)}"  # noqa: S608 (fixed fragments)
+            f" ORDER BY position {'DESC' if newest_first else 'ASC'} LIMIT ?",
             params,
         ).fetchall()
         return [ReleaseNode.model_validate_json(row[0]) for row in rows]

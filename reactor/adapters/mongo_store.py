@@ -470,7 +470,13 @@ class MongoStore:
         return await self._update("release_nodes", identity, condition, fields)
 
     async def list_release_nodes(
-        self, release_id: str, *, batch: int | None = None, state: ItemState | None = None, limit: int | None = None
+        self,
+        release_id: str,
+        *,
+        batch: int | None = None,
+        state: ItemState | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[ReleaseNode]:
         if limit == 0:
             return []
@@ -482,7 +488,7 @@ class MongoStore:
         found = await self._find(
             "release_nodes",
             query,
-            sort=[("position", ASCENDING)],
+            sort=[("position", DESCENDING if newest_first else ASCENDING)],
             limit=limit if limit is not None and limit > 0 else 0,
         )
         return [_release_node(document) for document in found]

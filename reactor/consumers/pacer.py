@@ -679,8 +679,25 @@ class Pacer:
     async def _dispatch_rollbacks(self, record: ReleaseRecord, count: int, parallel: int) -> None:
         """Send `count` rollbacks of deployed nodes, newest first; `parallel` is the window the release's own
         slots hold them to across pacers (a fast rollback's, not max_parallel)."""
-        deployed = await self.store.list_release_nodes(record.release_id, state=ItemState.SUCCEEDED)
-        newest_first = sorted(deployed, key=lambda node: node.position, reverse=True)
+        newest_first: list[ReleaseNode] = []
+        if self.limits.per_label:  # a node of a full zone is passed over for the next: every deployed node may go
+            newest_first = await self.store.list_release_nodes(
+                record.release_id, state=ItemState.SUCCEEDED, newest_first=True
+            )
+        else:
+            # The `count` newest, a batch at a time from the last started (positions grow batch by batch), each
+            # read served by the (release, batch, state, position) index: a pass costs what it sends, not what the
+            # release deployed (reading every deployed node each pass made a rollback quadratic in its size).
+            for batch in range(record.batch, -1, -1):
+                newest_first += await self.store.list_release_nodes(
+                    record.release_id,
+                    batch=batch,
+                    state=ItemState.SUCCEEDED,
+                    limit=count - len(newest_first),
+                    newest_first=True,
+                )
+                if len(newest_first) >= count:
+                    break
         await self._send(
             record,
             newest_first,

@@ -89,6 +89,14 @@ QUERIES = [
         "list_release_nodes by state", "release_nodes", {"release_id": "rel-1", "state": "queued"}, sort={"position": 1}
     ),
     Query(
+        "list_release_nodes by batch and state, newest first (a rollback's next nodes)",
+        "release_nodes",
+        {"release_id": "rel-1", "batch": 1, "state": "succeeded"},
+        sort={"position": -1},
+        limit=10,
+    ),
+    Query("get_release_node", "release_nodes", {"release_id": "rel-1", "node_key": NODE}, limit=1),
+    Query(
         "move_release_node: the conditional write",
         "release_nodes",
         {"release_id": "rel-1", "node_key": NODE, "state": {"$in": ["queued", "dispatched"]}},

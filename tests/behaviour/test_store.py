@@ -365,8 +365,16 @@ async def test_list_release_nodes_in_position_order_by_batch_state_and_limit(sto
             "rel-1", node_key, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
         )
 
-    async def listed(batch: int | None = None, state: ItemState | None = None, limit: int | None = None) -> list[str]:
-        nodes = await store.list_release_nodes("rel-1", batch=batch, state=state, limit=limit)
+    async def listed(
+        batch: int | None = None,
+        state: ItemState | None = None,
+        limit: int | None = None,
+        *,
+        newest_first: bool = False,
+    ) -> list[str]:
+        nodes = await store.list_release_nodes(
+            "rel-1", batch=batch, state=state, limit=limit, newest_first=newest_first
+        )
         assert all(node.release_id == "rel-1" for node in nodes)
         return [node.node_key.split("/")[1] for node in nodes]
 
@@ -380,6 +388,10 @@ async def test_list_release_nodes_in_position_order_by_batch_state_and_limit(sto
     assert await listed(limit=2) == ["h0", "h1"]
     assert await listed(state=ItemState.QUEUED, limit=2) == ["h0", "h2"]
     assert await listed(batch=1, state=ItemState.SUCCEEDED) == []
+    assert await listed(newest_first=True) == ["h4", "h3", "h2", "h1", "h0"]
+    assert await listed(batch=1, newest_first=True) == ["h2", "h1"]
+    assert await listed(state=ItemState.QUEUED, limit=2, newest_first=True) == ["h4", "h2"]
+    assert await listed(batch=2, state=ItemState.DISPATCHED, limit=5, newest_first=True) == ["h3"]
 
 
 async def test_list_release_nodes_keeps_batch_and_position(store: Store) -> None:
