@@ -272,6 +272,11 @@ class Store(Protocol):
         """One node of a release; None if the release has no such node."""
         ...
 
+    async def list_release_node_keys(self, release_id: str, *, batch: int | None = None) -> list[str]:
+        """The keys of a release's nodes (or of one batch's) in plan order: what `list_release_nodes` would give,
+        without building a row for each."""
+        ...
+
     async def count_release_nodes(self, release_id: str, *, batch: int | None = None) -> dict[ItemState, int]:
         """How many nodes of the release (or of one batch) are in each state."""
         ...

@@ -299,6 +299,18 @@ class EmbeddedStore:
         ).fetchall()
         return [ReleaseNode.model_validate_json(row[0]) for row in rows]
 
+    async def list_release_node_keys(self, release_id: str, *, batch: int | None = None) -> list[str]:
+        if batch is None:
+            rows = self.db.execute(
+                "SELECT node_key FROM release_nodes WHERE release_id = ? ORDER BY position", (release_id,)
+            ).fetchall()
+        else:
+            rows = self.db.execute(
+                "SELECT node_key FROM release_nodes WHERE release_id = ? AND batch = ? ORDER BY position",
+                (release_id, batch),
+            ).fetchall()
+        return [str(row[0]) for row in rows]
+
     async def get_release_node(self, release_id: str, node_key: str) -> ReleaseNode | None:
         row = self.db.execute(
             "SELECT doc FROM release_nodes WHERE release_id = ? AND node_key = ?", (release_id, node_key)

@@ -493,6 +493,15 @@ class MongoStore:
         )
         return [_release_node(document) for document in found]
 
+    async def list_release_node_keys(self, release_id: str, *, batch: int | None = None) -> list[str]:
+        query: Document = {"release_id": release_id}
+        if batch is not None:
+            query["batch"] = batch
+        found = await self._find(
+            "release_nodes", query, sort=[("position", ASCENDING)], projection={"_id": False, "node_key": True}
+        )
+        return [str(document["node_key"]) for document in found]
+
     async def get_release_node(self, release_id: str, node_key: str) -> ReleaseNode | None:
         found = await self._find_one("release_nodes", {"release_id": release_id, "node_key": node_key})
         return None if found is None else _release_node(found)
@@ -625,11 +634,19 @@ class MongoStore:
         return await self._retry(f"read {collection}", lambda: self.db[collection].find_one(query))
 
     async def _find(
-        self, collection: str, query: Mapping[str, Any], *, sort: list[tuple[str, int]], limit: int = 0
+        self,
+        collection: str,
+        query: Mapping[str, Any],
+        *,
+        sort: list[tuple[str, int]],
+        limit: int = 0,
+        projection: Mapping[str, bool] | None = None,
     ) -> list[Document]:
         return await self._retry(
             f"read {collection}",
-            lambda: self.db[collection].find(query, batch_size=_READ_BATCH).sort(sort).limit(limit).to_list(),
+            lambda: (
+                self.db[collection].find(query, projection, batch_size=_READ_BATCH).sort(sort).limit(limit).to_list()
+            ),
         )
 
     async def _call(

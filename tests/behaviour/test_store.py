@@ -394,6 +394,16 @@ async def test_list_release_nodes_in_position_order_by_batch_state_and_limit(sto
     assert await listed(batch=2, state=ItemState.DISPATCHED, limit=5, newest_first=True) == ["h3"]
 
 
+async def test_list_release_node_keys_are_the_listed_nodes_keys_in_plan_order(store: Store) -> None:
+    await seeded_release(store, count=5)  # batches: [h0] [h1 h2] [h3 h4], added in reverse order
+    await store.add_release_nodes(release_nodes(release("rel-2", count=2)))
+    assert await store.list_release_node_keys("rel-1") == [f"local/h{index}/api" for index in range(5)]
+    assert await store.list_release_node_keys("rel-1", batch=1) == ["local/h1/api", "local/h2/api"]
+    assert await store.list_release_node_keys("rel-1", batch=3) == []
+    assert await store.list_release_node_keys("rel-2") == ["local/h0/api", "local/h1/api"]
+    assert await store.list_release_node_keys("rel-9") == []
+
+
 async def test_list_release_nodes_keeps_batch_and_position(store: Store) -> None:
     record = await seeded_release(store, count=5)
     assert await store.list_release_nodes("rel-1") == release_nodes(record)
