@@ -156,7 +156,8 @@ def backends() -> Iterator[tuple[str, str]]:
                 testenv.ensure_ferretdb()
                 started.append(testenv.start_ferretdb(Path(work) / "mongo", backend=testenv.mongo_backend()))
                 mongo = started[-1].env["REACTOR_MONGO_URL"]
-            yield bootstrap, mongo
+            with exported(*(service.env for service in started)):
+                yield bootstrap, mongo
         finally:
             for service in started:
                 service.stop()
@@ -182,8 +183,26 @@ def mongo(backend: str) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="reactor-bench-") as work:
         testenv.install_ferretdb(backend)
-        with testenv.start_ferretdb(Path(work) / "mongo", backend=backend) as service:
+        with testenv.start_ferretdb(Path(work) / "mongo", backend=backend) as service, exported(service.env):
             yield service.env["REACTOR_MONGO_URL"]
+
+
+@contextlib.contextmanager
+def exported(*environments: dict[str, str]) -> Iterator[None]:
+    """The variables of services this run started, in the environment while they run, as `scripts/testenv up`
+    exports them: FerretDB on PostgreSQL names its PostgreSQL (REACTOR_FERRETDB_POSTGRESQL_URL), for the stores
+    here and the workers this run starts."""
+    added = {key: value for environment in environments for key, value in environment.items()}
+    before = {key: os.environ.get(key) for key in added}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.asynccontextmanager
@@ -193,7 +212,12 @@ async def distributed(
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     async with (
         KafkaBus(bootstrap, prefix=prefix, concurrency=64, max_buffered=2000, signatures=signatures) as bus,
-        MongoStore(mongo, database=f"bench_{uuid.uuid4().hex[:8]}", batch=batch) as store,
+        MongoStore(
+            mongo,
+            database=f"bench_{uuid.uuid4().hex[:8]}",
+            batch=batch,
+            postgresql_url=os.environ.get("REACTOR_FERRETDB_POSTGRESQL_URL"),
+        ) as store,
     ):
         await bus.create_topics(partitions=6)
         yield bus, store

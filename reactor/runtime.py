@@ -110,6 +110,7 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
             compare_and_set=settings.mongo_compare_and_set,
             batch=settings.mongo_batch,
             pool_size=settings.mongo_pool_size,
+            postgresql_url=settings.postgresql_url,
         ) as mongo,
     ):
         yield Backends(bus=kafka, store=mongo)

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     mongo_batch: bool = True
     # Connections (so concurrent requests) of one process to the MongoDB-protocol server.
     mongo_pool_size: int = Field(default=16, ge=1, le=1000)
+    # FerretDB 1.x on PostgreSQL: the PostgreSQL it stores in (a libpq URL). The store then makes, at open, the
+    # indexes FerretDB's queries can use there (reactor/adapters/ferretdb_postgresql.py); without them every request
+    # scans its whole table. Secret: it may hold a password.
+    ferretdb_postgresql_url: SecretStr | None = None
     topic_partitions: int = Field(default=6, ge=1, le=1000)
     topic_replication: int = Field(default=1, ge=1, le=10)
     concurrency: int = Field(default=64, ge=1, le=10_000)
@@ -208,6 +212,12 @@ class Settings(BaseSettings):
     def nodes_root(self) -> Path:
         """Where the `local` platform keeps its nodes."""
         return self.local_root or self.state_dir / "nodes"
+
+    @property
+    def postgresql_url(self) -> str | None:
+        """FerretDB's PostgreSQL URL, revealed for the store's connection only."""
+        secret = self.ferretdb_postgresql_url
+        return None if secret is None else secret.get_secret_value()
 
     @property
     def database_path(self) -> Path:

@@ -81,10 +81,23 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         service = testenv.start_ferretdb(tmp_path_factory.mktemp("ferretdb"), backend=backend)
     except (testenv.TestEnvError, OSError) as exc:
         pytest.fail(f"FerretDB could not be started for the mongo tests: {exc}")
+    # On PostgreSQL, what `scripts/testenv up` exports too: stores and workers make the indexes FerretDB can use.
+    postgresql_url = service.env.get("REACTOR_FERRETDB_POSTGRESQL_URL")
+    if postgresql_url is not None:
+        os.environ["REACTOR_FERRETDB_POSTGRESQL_URL"] = postgresql_url
     try:
         yield service.env["REACTOR_MONGO_URL"]
     finally:
+        if postgresql_url is not None:
+            os.environ.pop("REACTOR_FERRETDB_POSTGRESQL_URL", None)
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def ferretdb_postgresql_url(mongo_url: str) -> str | None:
+    """The PostgreSQL under the session's FerretDB, where it runs on one ($REACTOR_FERRETDB_POSTGRESQL_URL); None on
+    SQLite or MongoDB."""
+    return os.environ.get("REACTOR_FERRETDB_POSTGRESQL_URL")
 
 
 @contextlib.asynccontextmanager
@@ -110,7 +123,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     """A fresh, empty store of each backend."""
     if request.param == "mongo":
         url: str = request.getfixturevalue("mongo_url")  # only mongo runs start the server
-        async with _fresh_mongo_database(url) as database, MongoStore(url, database=database) as opened:
+        postgresql_url: str | None = request.getfixturevalue("ferretdb_postgresql_url")
+        async with (
+            _fresh_mongo_database(url) as database,
+            MongoStore(url, database=database, postgresql_url=postgresql_url) as opened,
+        ):
             yield opened
         return
     path: Path | str = ":memory:" if request.param == "embedded" else tmp_path / "reactor.db"

@@ -43,6 +43,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, CollectionInvalid, ConnectionFailure, OperationFailure, PyMongoError
 
 from reactor.adapters.batching import Batcher, BatchOperation, settled
+from reactor.adapters.ferretdb_postgresql import ensure_indexes
 from reactor.adapters.mongo_probe import PROBE_COLLECTION, WRITERS, ProbeResult, probe_compare_and_set
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeStatus
@@ -155,8 +156,12 @@ class MongoStore:
         batch_reads: bool | None = None,
         max_batch: int = 256,
         pool_size: int = 16,
+        postgresql_url: str | None = None,
     ) -> None:
         self.url = url
+        # FerretDB 1.x on PostgreSQL: its PostgreSQL, where the store makes the indexes FerretDB's queries can use
+        # (reactor/adapters/ferretdb_postgresql.py). None: the server's own indexes only.
+        self.postgresql_url = postgresql_url
         # Connections to the server, so at most this many requests of this process at once: FerretDB 1.x on
         # PostgreSQL stalls for good once more requests than its own pool holds wait for a second connection each
         # (seen under a 64-handler worker with 100 connections); with batched calls a few carry the load.
@@ -201,6 +206,8 @@ class MongoStore:
             await self.ping()
             await self._create_collections()
             await self._create_indexes()
+            if self.postgresql_url is not None:
+                await ensure_indexes(self.postgresql_url, self.database)
             await self._choose_compare_and_set()
             await self._choose_reads()
         except BaseException:
@@ -573,7 +580,7 @@ class MongoStore:
                         break
             if won is None:
                 if taken:
-                    await self._retry("free slots", partial(self.db["slots"].delete_many, {"_id": {"$in": taken}}))
+                    await self._retry("free slots", partial(self.db["slots"].delete_many, self._ids(taken)))
                 return False
             taken.append(won)
         return True

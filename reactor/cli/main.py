@@ -668,6 +668,7 @@ def replay(
                 compare_and_set=settings.mongo_compare_and_set,
                 batch=settings.mongo_batch,
                 pool_size=settings.mongo_pool_size,
+                postgresql_url=settings.postgresql_url,
             ) as fresh:
                 return await audit(backends.bus, backends.store, fresh, flt, trust=trust)
 

@@ -1,0 +1,45 @@
+"""The SQL the store sends FerretDB's PostgreSQL to make its indexes: names and quoting."""
+
+from __future__ import annotations
+
+import pytest
+
+from reactor.adapters.ferretdb_postgresql import (
+    INDEXED_FIELDS,
+    index_name,
+    index_statement,
+    quote_identifier,
+    quote_literal,
+)
+from reactor.adapters.mongo_store import COLLECTIONS
+
+
+def test_identifiers_and_literals_are_quoted_whatever_they_hold() -> None:
+    assert quote_identifier("reactor") == '"reactor"'
+    assert quote_identifier('a"; DROP TABLE x; --') == '"a""; DROP TABLE x; --"'
+    assert quote_literal("it's") == "'it''s'"
+    with pytest.raises(ValueError, match="NUL"):
+        quote_identifier("a\x00b")
+    with pytest.raises(ValueError, match="NUL"):
+        quote_literal("a\x00b")
+
+
+def test_the_statement_makes_a_gin_index_of_the_expression_ferretdb_filters_on() -> None:
+    statement = index_statement("my db", "release_nodes_6e0bbd2f", "node_key")
+    assert statement == (
+        f'CREATE INDEX IF NOT EXISTS "{index_name("release_nodes_6e0bbd2f", "node_key")}"'
+        ' ON "my db"."release_nodes_6e0bbd2f" USING gin ((_jsonb -> \'node_key\') jsonb_path_ops)'
+    )
+
+
+def test_index_names_are_distinct_and_fit_postgresql_identifiers() -> None:
+    long_table = "t" * 80
+    names = {index_name(table, field) for table in ("nodes_1", "nodes_2", long_table) for field in ("_id", "key")}
+    assert len(names) == 6
+    assert all(len(name.encode()) <= 63 for name in names)
+    # Tables FerretDB names alike after 32 characters still get indexes of their own.
+    assert index_name(long_table + "a", "_id") != index_name(long_table + "b", "_id")
+
+
+def test_only_collections_the_store_has_are_indexed() -> None:
+    assert set(INDEXED_FIELDS) <= set(COLLECTIONS)
