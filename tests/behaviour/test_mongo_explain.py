@@ -12,12 +12,18 @@ What FerretDB 1.24 does, found by this test: no read is ever served by an index,
 indexes exist. SQLite: only a filter of exactly `{_id: value}` reaches SQLite, compared as
 `_ferretdb_sjson->'$._id'` while the `_id` index is on `_ferretdb_sjson->"_id"`, so even that is a SCAN; every
 other filter is applied in FerretDB to every document. PostgreSQL: scalar equalities reach PostgreSQL as
-`_jsonb->'field' @> value`, an operator no btree expression index serves, so every query is a Seq Scan. For
-update, delete and findAndModify FerretDB's explain ignores the filter (a bare scan): the test explains each
-conditional write's filter as the find it starts with.
+`_jsonb->'field' @> value`, an operator no btree expression index (FerretDB's own) serves, so every query is a
+Seq Scan. For update, delete and findAndModify FerretDB's explain ignores the filter (a bare scan): the test explains
+each conditional write's filter as the find it starts with.
+
+The store makes GIN indexes of those expressions in FerretDB's PostgreSQL when told it
+(reactor/adapters/ferretdb_postgresql.py; the fixtures tell it on PostgreSQL): then every hot-path query there is
+served by an index, and the test requires it. A table of a page or two is scanned by any planner, so every collection
+also holds rows no query matches.
 
 So the test first asks the server whether it serves from an index the one query every server should: `_id`
-equality. Where it does (MongoDB), any hot-path query that scans fails the test. Where it does not, the scans
+equality. Where it does (MongoDB; FerretDB on PostgreSQL with the store's indexes), any hot-path query that scans
+fails the test. Where it does not, the scans
 are the server's own and no index can help; the test then asserts what it can: every hot-path filter leads with
 a field some index of the store's (as the server lists them) starts with, so that MongoDB serves it.
 """
