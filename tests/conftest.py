@@ -81,15 +81,18 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         service = testenv.start_ferretdb(tmp_path_factory.mktemp("ferretdb"), backend=backend)
     except (testenv.TestEnvError, OSError) as exc:
         pytest.fail(f"FerretDB could not be started for the mongo tests: {exc}")
-    # On PostgreSQL, what `scripts/testenv up` exports too: stores and workers make the indexes FerretDB can use.
-    postgresql_url = service.env.get("REACTOR_FERRETDB_POSTGRESQL_URL")
+    # What `scripts/testenv up` exports for it (on PostgreSQL, the PostgreSQL where stores and workers make the indexes
+    # FerretDB can use), in place of whatever the environment said of another server.
+    variable = "REACTOR_FERRETDB_POSTGRESQL_URL"
+    before, postgresql_url = os.environ.pop(variable, None), service.env.get(variable)
     if postgresql_url is not None:
-        os.environ["REACTOR_FERRETDB_POSTGRESQL_URL"] = postgresql_url
+        os.environ[variable] = postgresql_url
     try:
         yield service.env["REACTOR_MONGO_URL"]
     finally:
-        if postgresql_url is not None:
-            os.environ.pop("REACTOR_FERRETDB_POSTGRESQL_URL", None)
+        os.environ.pop(variable, None)
+        if before is not None:
+            os.environ[variable] = before
         service.stop()
 
 
