@@ -15,14 +15,17 @@ may settle on that plan for good, say while a table is small. `plan_cache_mode =
 configuration, or `ALTER DATABASE ... SET`, before FerretDB connects) prevents it; the store warns where it is not set.
 
 Tables are found through FerretDB's own metadata table in the schema named after the database
-(`<database>._ferretdb_database_metadata`: one row per collection, its table in `table`). Only indexes missing are
-made, one at a time, under a transaction-scoped advisory lock so that processes opening the store at once do not race.
+(`<database>._ferretdb_database_metadata`: one row per collection, its table in `table`). Only indexes
+missing (or left invalid by an interrupted build) are made, one at a time, by the process that holds an advisory lock
+(others opening the store meanwhile go on without waiting), each concurrently: FerretDB goes on writing the table
+while it is built.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import structlog
 
@@ -70,7 +73,7 @@ def index_name(table: str, field: str) -> str:
 def index_statement(schema: str, table: str, field: str) -> str:
     """The CREATE INDEX of the GIN index serving FerretDB's `_jsonb->'field' @> value` on `schema.table`."""
     return (
-        f"CREATE INDEX IF NOT EXISTS {quote_identifier(index_name(table, field))}"
+        f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {quote_identifier(index_name(table, field))}"
         f" ON {quote_identifier(schema)}.{quote_identifier(table)}"
         f" USING gin ((_jsonb -> {quote_literal(field)}) jsonb_path_ops) WITH (fastupdate = off)"
     )
@@ -88,39 +91,17 @@ async def ensure_indexes(postgresql_url: str, database: str) -> list[str]:
         # The message names host and port only; the URL (with its password) is not repeated.
         raise BackendUnavailable(f"FerretDB's PostgreSQL: {type(exc).__name__}: {exc}") from exc
     try:
-        made: list[str] = []
-        async with connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", _ADVISORY_LOCK)
-            metadata = f"{quote_identifier(database)}.{quote_identifier(METADATA_TABLE)}"
-            exists = await connection.fetchval("SELECT to_regclass($1)", metadata)
-            if exists is None:
-                raise ReactorError(f"FerretDB's PostgreSQL has no {metadata}: is it the one FerretDB stores in?")
-            tables = {
-                str(row["collection"]): str(row["table"])
-                for row in await connection.fetch(
-                    f"SELECT _jsonb->>'_id' AS collection, _jsonb->>'table' AS table FROM {metadata}"  # noqa: S608 (quoted)
-                )
-            }
-            present = {
-                str(row["indexname"])
-                for row in await connection.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", database)
-            }
-            wanted = [
-                (collection, tables[collection], field)
-                for collection, fields in INDEXED_FIELDS.items()
-                if collection in tables
-                for field in fields
-            ]
-            for collection, table, field in wanted:
-                if index_name(table, field) not in present:
-                    await connection.execute(index_statement(database, table, field))
-                    made.append(f"{collection}.{field}")
-            if made:
-                # Fresh statistics, so that the planner weighs the new indexes against what the tables hold now.
-                for collection in sorted({name.split(".", 1)[0] for name in made}):
-                    await connection.execute(
-                        f"ANALYZE {quote_identifier(database)}.{quote_identifier(tables[collection])}"
-                    )
+        # A session lock, not a transaction's: CREATE INDEX CONCURRENTLY runs outside any transaction. Not waited
+        # for: a build waits for every transaction older than itself, a waiter's too (a deadlock); the holder makes
+        # every missing index, and until it has, this process's requests are only slower.
+        made = []
+        if await connection.fetchval("SELECT pg_try_advisory_lock($1)", _ADVISORY_LOCK):
+            try:
+                made = await _make_missing(connection, database)
+            finally:
+                await connection.execute("SELECT pg_advisory_unlock($1)", _ADVISORY_LOCK)
+        else:
+            log.info("ferretdb postgresql indexes are being made by another process", database=database)
         mode = await connection.fetchval("SELECT current_setting('plan_cache_mode')")
     finally:
         await connection.close()
@@ -132,4 +113,50 @@ async def ensure_indexes(postgresql_url: str, database: str) -> list[str]:
             " every row; set it in PostgreSQL's configuration (or ALTER DATABASE ... SET) and restart FerretDB",
             plan_cache_mode=mode,
         )
+    return made
+
+
+async def _make_missing(connection: Any, database: str) -> list[str]:
+    """Make the indexes missing (or left invalid by a build that was interrupted) on `database`'s tables."""
+    metadata = f"{quote_identifier(database)}.{quote_identifier(METADATA_TABLE)}"
+    if await connection.fetchval("SELECT to_regclass($1)", metadata) is None:
+        raise ReactorError(f"FerretDB's PostgreSQL has no {metadata}: is it the one FerretDB stores in?")
+    tables = {
+        str(row["collection"]): str(row["table"])
+        for row in await connection.fetch(
+            f"SELECT _jsonb->>'_id' AS collection, _jsonb->>'table' AS table FROM {metadata}"  # noqa: S608 (quoted)
+        )
+    }
+    # Each index of the schema and whether it is usable: CREATE INDEX CONCURRENTLY that fails leaves its index
+    # behind, invalid (never used, still updated), and IF NOT EXISTS would then keep it for good.
+    present = {
+        str(row["name"]): bool(row["valid"])
+        for row in await connection.fetch(
+            "SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = $1",
+            database,
+        )
+    }
+    made: list[str] = []
+    for collection, fields in INDEXED_FIELDS.items():
+        table = tables.get(collection)
+        if table is None:
+            continue
+        for field in fields:
+            name = index_name(table, field)
+            if present.get(name) is True:
+                continue
+            if name in present:
+                log.warning("ferretdb postgresql index left invalid; making it again", index=name)
+                await connection.execute(
+                    f"DROP INDEX CONCURRENTLY IF EXISTS {quote_identifier(database)}.{quote_identifier(name)}"
+                )
+            # Concurrently: FerretDB goes on writing the table meanwhile (a plain CREATE INDEX would hold its writes
+            # for as long as the build of a large table takes).
+            await connection.execute(index_statement(database, table, field))
+            made.append(f"{collection}.{field}")
+    # Fresh statistics, so that the planner weighs the new indexes against what the tables hold now.
+    for collection in sorted({name.split(".", 1)[0] for name in made}):
+        await connection.execute(f"ANALYZE {quote_identifier(database)}.{quote_identifier(tables[collection])}")
     return made

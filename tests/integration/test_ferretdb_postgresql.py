@@ -80,6 +80,28 @@ async def test_stores_opening_at_once_make_the_indexes_between_them(
     assert len(await gin_indexes(postgresql_url, database)) == len(made[0] + made[1] + made[2] + made[3])
 
 
+async def test_an_index_left_invalid_by_an_interrupted_build_is_made_again(
+    on_postgresql: tuple[str, str], database: str
+) -> None:
+    mongo_url, postgresql_url = on_postgresql
+    async with MongoStore(mongo_url, database, postgresql_url=postgresql_url):
+        pass
+    name = next(iter(await gin_indexes(postgresql_url, database)))
+    connection = await asyncpg.connect(postgresql_url)
+    try:
+        # What a CREATE INDEX CONCURRENTLY that failed leaves: the index, marked not valid (never used by a query).
+        await connection.execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass($1)", f'"{database}"."{name}"'
+        )
+        assert len(await ensure_indexes(postgresql_url, database)) == 1
+        valid = await connection.fetchval(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", f'"{database}"."{name}"'
+        )
+    finally:
+        await connection.close()
+    assert valid is True
+
+
 async def test_a_postgresql_without_ferretdbs_database_is_refused(
     on_postgresql: tuple[str, str], database: str
 ) -> None:

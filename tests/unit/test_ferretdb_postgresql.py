@@ -27,7 +27,7 @@ def test_identifiers_and_literals_are_quoted_whatever_they_hold() -> None:
 def test_the_statement_makes_a_gin_index_of_the_expression_ferretdb_filters_on() -> None:
     statement = index_statement("my db", "release_nodes_6e0bbd2f", "node_key")
     assert statement == (
-        f'CREATE INDEX IF NOT EXISTS "{index_name("release_nodes_6e0bbd2f", "node_key")}"'
+        f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{index_name("release_nodes_6e0bbd2f", "node_key")}"'
         ' ON "my db"."release_nodes_6e0bbd2f"'
         " USING gin ((_jsonb -> 'node_key') jsonb_path_ops) WITH (fastupdate = off)"
     )
