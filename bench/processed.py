@@ -3,7 +3,8 @@
     python bench/processed.py [--backend postgresql] [--history 100000] [--reads 200]
 
 Every command a worker takes starts with a read of its recorded outcome (`get_processed`, one `_id` lookup). FerretDB
-1.x serves no query from an index (tests/behaviour/test_mongo_explain.py), so that read decodes every record there
+1.x serves no query from an index of its own (tests/behaviour/test_mongo_explain.py; on PostgreSQL the store's own
+indexes serve it, bench/history.py, not used here), so that read decodes every record there
 is. Measured, on one store: the read with `--keep` (1,000) records of the last week (the baseline), then with
 `--history` more records finished more than a week ago (what every command ever run leaves behind without
 pruning), then once `prune_processed` (what the executor runs at start and hourly) has forgotten those.

@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     # stamps each send and resend anew, so only a command nobody sent again for this long is refused.
     command_max_age_s: float = Field(default=86_400.0, ge=0)
     # A finished request's recorded outcome (which a redelivery re-emits) is forgotten this long after it finished, so
-    # the records do not grow with every command ever run: with FerretDB each worker's read of them decodes them all.
+    # the records do not grow with every command ever run: with FerretDB (but on PostgreSQL with the store's indexes)
+    # each read of them decodes them all.
     # At least `command_max_age_s`, so what is forgotten is refused as stale if it comes again. None: a week, or
     # `command_max_age_s` if that is longer. 0: kept for good, as they are whatever this says while
     # `command_max_age_s` is 0 (no command is ever too old).

@@ -19,7 +19,8 @@ concurrent callers (a worker's or pacer's concurrent handlers) go to the server 
 `find`/`insert_many`/`delete_many` per batch, each caller getting its own item's answer. Updates go one per command
 (FerretDB on PostgreSQL stalls on large `update` commands, see `_update_locked`). An idle store
 sends each call at once; under load a batch carries what queued while the previous one ran. FerretDB uses no
-index (tests/behaviour/test_mongo_explain.py) and passes only equalities down to its storage: it decodes every
+index of its own making (tests/behaviour/test_mongo_explain.py; on PostgreSQL the store makes some it can use,
+`ferretdb_postgresql.py`) and passes only equalities down to its storage: it decodes every
 document of a collection for an `$in`, so reads by `_id` share a query only where the server passes `$in` down
 (decided at open, `_choose_reads`). `batch=False` sends every call alone (the benchmarks' baseline).
 """
@@ -380,10 +381,11 @@ class MongoStore:
         """One `delete_many` of the records finished before `before`, split by time where the server refuses it.
 
         FerretDB 1.x decodes every record for it (no index serves a filter there, test_mongo_explain.py), and so it
-        does for each `get_processed` on the hot path: that is why the executor prunes hourly rather than let the
-        records grow. FerretDB on PostgreSQL deletes what a filter matched in one statement with a parameter per
-        document and refuses more than 65,535 (found by bench/processed.py): then the window, narrowed to its
-        oldest and newest records, is halved until each half goes. Not by ids: FerretDB decodes every record for
+        does for each `get_processed` on the hot path unless the store made its indexes in FerretDB's PostgreSQL
+        (`ferretdb_postgresql.py`): that is why the executor prunes hourly rather than let the records grow.
+        FerretDB on PostgreSQL deletes what a filter matched in one statement with a parameter per document and
+        refuses more than 65,535 (found by bench/processed.py): then the window, narrowed to its oldest and newest
+        records, is halved until each half goes. Not by ids: FerretDB decodes every record for
         each id of an `$in`.
         """
         return await self._prune_window(None, before)
