@@ -29,7 +29,8 @@ from typing import Any
 
 import structlog
 
-from reactor.errors import BackendUnavailable, ReactorError
+from reactor.adapters.urls import without_password
+from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
 
 log = structlog.get_logger(__name__)
 
@@ -87,9 +88,13 @@ async def ensure_indexes(postgresql_url: str, database: str) -> list[str]:
 
     try:
         connection = await asyncpg.connect(postgresql_url, timeout=_CONNECT_TIMEOUT_S)
+    except (ValueError, asyncpg.ClientConfigurationError) as exc:
+        # Not chained: the URL's parser may quote any part of it. The password is taken out of what is told.
+        rule = without_password(f"{type(exc).__name__}: {exc}", postgresql_url)
+        raise InvalidInput("ferretdb postgresql url", rule) from None
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # The message names host and port only; the URL (with its password) is not repeated.
-        raise BackendUnavailable(f"FerretDB's PostgreSQL: {type(exc).__name__}: {exc}") from exc
+        rule = without_password(f"{type(exc).__name__}: {exc}", postgresql_url)
+        raise BackendUnavailable(f"FerretDB's PostgreSQL: {rule}") from None
     try:
         # A session lock, not a transaction's: CREATE INDEX CONCURRENTLY runs outside any transaction. Not waited
         # for: a build waits for every transaction older than itself, a waiter's too (a deadlock); the holder makes

@@ -35,7 +35,6 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
-from urllib.parse import unquote_plus
 from uuid import uuid4
 
 import structlog
@@ -46,6 +45,7 @@ from pymongo.errors import BulkWriteError, CollectionInvalid, ConnectionFailure,
 from reactor.adapters.batching import Batcher, BatchOperation, settled
 from reactor.adapters.ferretdb_postgresql import ensure_indexes
 from reactor.adapters.mongo_probe import PROBE_COLLECTION, WRITERS, ProbeResult, probe_compare_and_set
+from reactor.adapters.urls import without_password
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeStatus
 from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
@@ -133,16 +133,6 @@ def _too_many_to_delete_at_once(exc: ReactorError) -> bool:
     )
 
 
-def _without_password(text: str, url: str) -> str:
-    """`text` with the password of `url` (as written and as decoded) replaced by `***`."""
-    userinfo = url.partition("//")[2].rpartition("@")[0]
-    password = userinfo.partition(":")[2]
-    if password:
-        for form in {password, unquote_plus(password)}:
-            text = text.replace(form, "***")
-    return text
-
-
 class MongoStore:
     """The Store port on a MongoDB-protocol server (MongoDB or FerretDB)."""
 
@@ -202,7 +192,7 @@ class MongoStore:
         except (PyMongoError, ValueError) as exc:
             # pymongo's URL parser raises ValueError too (a port that is not a number); its text must not carry
             # the URL's password either, so whatever sits between "//" and "@" is taken out of it.
-            raise InvalidInput("mongo url", _without_password(str(exc), self.url)) from exc
+            raise InvalidInput("mongo url", without_password(str(exc), self.url)) from exc
         try:
             await self.ping()
             await self._create_collections()

@@ -6,12 +6,14 @@ import pytest
 
 from reactor.adapters.ferretdb_postgresql import (
     INDEXED_FIELDS,
+    ensure_indexes,
     index_name,
     index_statement,
     quote_identifier,
     quote_literal,
 )
 from reactor.adapters.mongo_store import COLLECTIONS
+from reactor.errors import InvalidInput
 
 
 def test_identifiers_and_literals_are_quoted_whatever_they_hold() -> None:
@@ -44,3 +46,19 @@ def test_index_names_are_distinct_and_fit_postgresql_identifiers() -> None:
 
 def test_only_collections_the_store_has_are_indexed() -> None:
     assert set(INDEXED_FIELDS) <= set(COLLECTIONS)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://reactor:s3cret-pw@127.0.0.1:notaport/ferretdb",
+        "postgres://reactor:s3cret-pw@127.0.0.1:5432/ferretdb?sslmode=bogus",
+        "mysql://reactor:s3cret-pw@127.0.0.1/ferretdb",
+    ],
+)
+async def test_a_malformed_url_is_invalid_input_that_does_not_tell_its_password(url: str) -> None:
+    with pytest.raises(InvalidInput, match="ferretdb postgresql url") as raised:
+        await ensure_indexes(url, "reactor")
+    assert "s3cret-pw" not in str(raised.value)
+    assert raised.value.__cause__ is None
+    assert raised.value.__suppress_context__
