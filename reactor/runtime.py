@@ -104,16 +104,21 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
         return
     async with (
         kafka_bus(settings, signatures) as kafka,
-        MongoStore(
-            settings.mongo_url,
-            settings.mongo_database,
-            compare_and_set=settings.mongo_compare_and_set,
-            batch=settings.mongo_batch,
-            pool_size=settings.mongo_pool_size,
-            postgresql_url=settings.postgresql_url,
-        ) as mongo,
+        mongo_store(settings) as mongo,
     ):
         yield Backends(bus=kafka, store=mongo)
+
+
+def mongo_store(settings: Settings, database: str | None = None) -> MongoStore:
+    """The MongoDB store the settings describe (not yet open), on `database` if given rather than theirs."""
+    return MongoStore(
+        settings.mongo_url,
+        database or settings.mongo_database,
+        compare_and_set=settings.mongo_compare_and_set,
+        batch=settings.mongo_batch,
+        pool_size=settings.mongo_pool_size,
+        postgresql_url=settings.postgresql_url,
+    )
 
 
 def kafka_bus(settings: Settings, signatures: Signatures = NO_SIGNATURES) -> KafkaBus:

@@ -21,7 +21,6 @@ from rich.text import Text
 
 from reactor import logs, recovery, schemas
 from reactor.adapters.embedded_store import EmbeddedStore
-from reactor.adapters.mongo_store import MongoStore
 from reactor.cli import documents
 from reactor.cli.exit_codes import ExitCode, for_release
 from reactor.cli.report import Reporter, node_table, plan_table, planned_batches
@@ -62,6 +61,7 @@ from reactor.runtime import (
     kafka_bus,
     load_policy_setting,
     load_signatures,
+    mongo_store,
     open_backends,
     run_roles,
 )
@@ -662,14 +662,7 @@ def replay(
             if database is None:
                 async with EmbeddedStore(":memory:") as scratch:
                     return await audit(backends.bus, backends.store, scratch, flt, trust=trust)
-            async with MongoStore(
-                settings.mongo_url,
-                database,
-                compare_and_set=settings.mongo_compare_and_set,
-                batch=settings.mongo_batch,
-                pool_size=settings.mongo_pool_size,
-                postgresql_url=settings.postgresql_url,
-            ) as fresh:
+            async with mongo_store(settings, database) as fresh:
                 return await audit(backends.bus, backends.store, fresh, flt, trust=trust)
 
     report = _run(run())

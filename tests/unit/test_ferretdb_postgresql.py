@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 import pytest
 
 from reactor.adapters.ferretdb_postgresql import (
@@ -14,6 +17,8 @@ from reactor.adapters.ferretdb_postgresql import (
 )
 from reactor.adapters.mongo_store import COLLECTIONS
 from reactor.errors import InvalidInput
+from reactor.runtime import mongo_store
+from reactor.settings import Settings
 
 
 def test_identifiers_and_literals_are_quoted_whatever_they_hold() -> None:
@@ -62,3 +67,17 @@ async def test_a_malformed_url_is_invalid_input_that_does_not_tell_its_password(
     assert "s3cret-pw" not in str(raised.value)
     assert raised.value.__cause__ is None
     assert raised.value.__suppress_context__
+
+
+def test_the_setting_reaches_the_store_and_shows_in_no_repr(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """REACTOR_FERRETDB_POSTGRESQL_URL goes to the store the runtime builds; the settings never print it."""
+    password = secrets.token_urlsafe(16)
+    url = f"postgres://ferret:{password}@127.0.0.1:5432/ferretdb"
+    monkeypatch.setenv("REACTOR_FERRETDB_POSTGRESQL_URL", url)
+    settings = Settings(state_dir=tmp_path, mode="distributed")
+    assert mongo_store(settings).postgresql_url == url
+    assert mongo_store(settings, "audit-rebuild").database == "audit-rebuild"
+    assert password not in repr(settings)
+    assert password not in settings.model_dump_json()
+    monkeypatch.delenv("REACTOR_FERRETDB_POSTGRESQL_URL")
+    assert mongo_store(Settings(state_dir=tmp_path)).postgresql_url is None
