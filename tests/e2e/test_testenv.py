@@ -162,13 +162,16 @@ def test_mongo_on_postgresql_from_the_readme_runs_until_down_with_its_cluster(en
     line = readme_line(README, 'out=$(scripts/testenv up mongo --backend postgresql) && eval "$out"')
     down_all = readme_line(README, "scripts/testenv down")
     with brought_up(line, ["mongo"], env, timeout=200) as exported:
-        assert set(exported) == {"REACTOR_MONGO_URL"}
+        # The README's line says it exports both: stores started from that shell make their indexes in PostgreSQL.
+        assert set(exported) == {"REACTOR_MONGO_URL", "REACTOR_FERRETDB_POSTGRESQL_URL"}
+        assert "REACTOR_FERRETDB_POSTGRESQL_URL" in line
         user = {**env, **exported}
         assert second_process([sys.executable, "-c", MONGO_PING], user).strip() == "1.0"
         ferretdb = recorded(env, "mongo")
         assert testenv.ferretdb_backend(ferretdb) == "postgresql"
         [postgres] = ferretdb.parts
         assert postgres.alive(), "PostgreSQL died with `up`"
+        assert exported["REACTOR_FERRETDB_POSTGRESQL_URL"] == postgres.env["REACTOR_POSTGRESQL_URL"]
         assert Path(f"/proc/{postgres.pid}").stat().st_uid != 0 or os.geteuid() != 0, "PostgreSQL runs as root"
         cluster = Path(postgres.workdir, "cluster").resolve()
         assert (cluster / "data" / "PG_VERSION").exists()
