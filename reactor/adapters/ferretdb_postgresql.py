@@ -108,6 +108,12 @@ async def ensure_indexes(postgresql_url: str, database: str) -> list[str]:
         else:
             log.info("ferretdb postgresql indexes are being made by another process", database=database)
         mode = await connection.fetchval("SELECT current_setting('plan_cache_mode')")
+    except asyncpg.PostgresError as exc:
+        # Refused (say, a user without CREATE on FerretDB's schema): the store does not open on a guess.
+        raise ReactorError(
+            f"FerretDB's PostgreSQL refused the store's indexes ({type(exc).__name__}: {exc}); give the user of"
+            " REACTOR_FERRETDB_POSTGRESQL_URL the right to make indexes on FerretDB's tables, or unset it"
+        ) from None
     finally:
         await connection.close()
     if made:

@@ -102,6 +102,30 @@ async def test_an_index_left_invalid_by_an_interrupted_build_is_made_again(
     assert valid is True
 
 
+async def test_a_user_who_may_not_make_indexes_is_refused_with_what_to_do(
+    on_postgresql: tuple[str, str], database: str
+) -> None:
+    mongo_url, postgresql_url = on_postgresql
+    async with MongoStore(mongo_url, database):  # the collections, without the indexes
+        pass
+    user = f"reader_{uuid4().hex[:8]}"
+    connection = await asyncpg.connect(postgresql_url)
+    try:
+        await connection.execute(f'CREATE ROLE "{user}" LOGIN')
+        await connection.execute(f'GRANT USAGE ON SCHEMA "{database}" TO "{user}"')
+        await connection.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{database}" TO "{user}"')
+        reader = postgresql_url.replace("//postgres@", f"//{user}@")
+        assert reader != postgresql_url
+        with pytest.raises(ReactorError, match=r"refused the store's indexes.*must be owner") as refused:
+            await ensure_indexes(reader, database)
+        assert "REACTOR_FERRETDB_POSTGRESQL_URL" in str(refused.value)
+    finally:
+        await connection.execute(f'DROP OWNED BY "{user}"')
+        await connection.execute(f'DROP ROLE "{user}"')
+        await connection.close()
+    assert await gin_indexes(postgresql_url, database) == {}
+
+
 async def test_a_postgresql_without_ferretdbs_database_is_refused(
     on_postgresql: tuple[str, str], database: str
 ) -> None:
