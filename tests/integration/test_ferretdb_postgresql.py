@@ -42,6 +42,14 @@ async def database(on_postgresql: tuple[str, str]) -> AsyncIterator[str]:
             await client.drop_database(name)
 
 
+@pytest.fixture
+async def collections_only(on_postgresql: tuple[str, str], database: str) -> str:
+    """`database` with the store's collections made (a store opened without the PostgreSQL URL), no GIN index."""
+    async with MongoStore(on_postgresql[0], database):
+        pass
+    return database
+
+
 async def gin_indexes(postgresql_url: str, database: str) -> dict[str, str]:
     """Name -> definition of the GIN indexes in the schema of FerretDB database `database`."""
     connection = await asyncpg.connect(postgresql_url)
@@ -68,11 +76,9 @@ async def test_opening_the_store_makes_each_index_once(on_postgresql: tuple[str,
 
 
 async def test_stores_opening_at_once_make_the_indexes_between_them(
-    on_postgresql: tuple[str, str], database: str
+    on_postgresql: tuple[str, str], collections_only: str
 ) -> None:
-    mongo_url, postgresql_url = on_postgresql
-    async with MongoStore(mongo_url, database):  # the collections, without the indexes
-        pass
+    postgresql_url, database = on_postgresql[1], collections_only
     made = await asyncio.gather(*(ensure_indexes(postgresql_url, database) for _ in range(4)))
     assert sorted(name for names in made for name in names) == sorted(
         f"{collection}.{field}" for collection, fields in INDEXED_FIELDS.items() for field in fields
@@ -103,11 +109,9 @@ async def test_an_index_left_invalid_by_an_interrupted_build_is_made_again(
 
 
 async def test_a_user_who_may_not_make_indexes_is_refused_with_what_to_do(
-    on_postgresql: tuple[str, str], database: str
+    on_postgresql: tuple[str, str], collections_only: str
 ) -> None:
-    mongo_url, postgresql_url = on_postgresql
-    async with MongoStore(mongo_url, database):  # the collections, without the indexes
-        pass
+    postgresql_url, database = on_postgresql[1], collections_only
     user = f"reader_{uuid4().hex[:8]}"
     connection = await asyncpg.connect(postgresql_url)
     try:
