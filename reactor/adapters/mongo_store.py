@@ -15,8 +15,9 @@ with the revision in its filter, no lock. Which of the two a store uses is decid
 writers on the server (`mongo_probe.py`), never by the server's name; the lock path can be forced.
 
 Round trips are batched (group commit, `batching.py`): reads by `_id`, inserts, unlocks and slot frees made by
-concurrent callers (a worker's or pacer's concurrent handlers) go to the server together, one
-`find`/`insert_many`/`delete_many` per batch, each caller getting its own item's answer. Updates go one per command
+concurrent callers (a worker's or pacer's concurrent handlers) go to the server together, one `find`, `insert_many`
+or `delete` command per batch (a delete statement per item: see `_delete_each`), each caller getting its own item's
+answer. Updates go one per command
 (FerretDB on PostgreSQL stalls on large `update` commands, see `_update_locked`). An idle store
 sends each call at once; under load a batch carries what queued while the previous one ran. FerretDB uses no
 index of its own making (tests/behaviour/test_mongo_explain.py; on PostgreSQL the store makes some it can use,
@@ -38,7 +39,7 @@ from typing import Any, Literal, Self, TypeVar
 from uuid import uuid4
 
 import structlog
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, DeleteMany
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, CollectionInvalid, ConnectionFailure, OperationFailure, PyMongoError
 
@@ -161,6 +162,8 @@ class MongoStore:
         # Whether reads by `_id` share one `$in` query when batching: None decides at open (`_choose_reads`).
         self.batch_reads_setting = batch_reads
         self.batch_reads = batch and batch_reads is not False
+        # Whether a batch of slot frees goes as a statement per node or one `$or` (decided at open, `_choose_reads`).
+        self.free_by_statement = True
         self.max_batch = max_batch
         # One batcher per kind of call and collection, made on first use (see the module docstring).
         self._batchers: dict[tuple[str, str], Batcher[Any, Any]] = {}
@@ -288,18 +291,27 @@ class MongoStore:
         FerretDB/PostgreSQL, a 2,000-node release: 1.3x the nodes per second with single reads. Its explain says
         which (`filterPushdown`); MongoDB's has no such field and serves both from the `_id` index.
         """
-        if not self.batch or self.batch_reads_setting is not None:
+        if not self.batch:
             return
-
-        async def pushed_down(query: Document) -> object:
-            explained = await self._retry(
-                "explain", lambda: self.db.command({"explain": {"find": "processed", "filter": query}})
-            )
-            return explained.get("filterPushdown")
-
-        one, among = await pushed_down({"_id": "x"}), await pushed_down({"_id": {"$in": ["x", "y"]}})
+        # Frees of several nodes' slots: a statement each where the server passes a node's filter down (FerretDB
+        # on PostgreSQL), one `$or` where it filters even that itself (FerretDB on SQLite passes only `_id` down:
+        # one scan of the held slots for the batch rather than one per node).
+        slot = await self._pushed_down("slots", {"release_id": "x", "node_key": "y"})
+        self.free_by_statement = slot is not False
+        if self.batch_reads_setting is not None:
+            return
+        one = await self._pushed_down("processed", {"_id": "x"})
+        among = await self._pushed_down("processed", {"_id": {"$in": ["x", "y"]}})
         self.batch_reads = not (one is True and among is False)
-        log.info("mongo reads by _id chosen", batched=self.batch_reads)
+        log.info("mongo reads by _id chosen", batched=self.batch_reads, frees_by_statement=self.free_by_statement)
+
+    async def _pushed_down(self, collection: str, query: Document) -> object:
+        """Whether the server filters `query` in its storage (FerretDB's explain tells; None where it has no such
+        field, as MongoDB, which serves every query from its indexes)."""
+        explained = await self._retry(
+            "explain", lambda: self.db.command({"explain": {"find": collection, "filter": query}})
+        )
+        return explained.get("filterPushdown")
 
     async def _probe(self) -> ProbeResult:
         """Race writers on clients of one connection each, so that each really has its own."""
@@ -565,14 +577,15 @@ class MongoStore:
             self._next_slot[scope] = guess + 1
             won = await take(scope, guess) if guess < limit else None
             if won is None:
-                held = await self._find("slots", {"scope": scope}, sort=[("index", ASCENDING)])
+                # Unsorted: FerretDB sorts after decoding every held slot, and a set of indexes needs no order.
+                held = await self._read_all("slots", {"scope": scope})
                 used = {int(slot["index"]) for slot in held}
                 for index in range(limit):
                     if index not in used and index != guess and (won := await take(scope, index)) is not None:
                         break
             if won is None:
                 if taken:
-                    await self._retry("free slots", partial(self.db["slots"].delete_many, self._ids(taken)))
+                    await self._delete_each("free slots", "slots", [{"_id": slot_id} for slot_id in taken])
                 return False
             taken.append(won)
         return True
@@ -582,8 +595,10 @@ class MongoStore:
 
     async def _free_slots_batch(self, nodes: Sequence[tuple[str, str]]) -> list[None]:
         held = [{"release_id": release_id, "node_key": node_key} for release_id, node_key in nodes]
-        query: Document = held[0] if len(held) == 1 else {"$or": held}
-        await self._retry("free slots", partial(self.db["slots"].delete_many, query))
+        if self.free_by_statement or len(held) == 1:
+            await self._delete_each("free slots", "slots", held)
+        else:
+            await self._retry("free slots", partial(self.db["slots"].delete_many, {"$or": held}))
         return [None] * len(nodes)
 
     async def list_slots(self) -> list[Slot]:
@@ -661,6 +676,17 @@ class MongoStore:
         else:
             call = _first(operation([item]))
         return await (settled(call) if settle else call)
+
+    async def _delete_each(self, what: str, collection: str, queries: Sequence[Document]) -> None:
+        """Delete the documents each of `queries` matches, in one round trip: one `delete` command with a statement
+        per query. Not one `$in`/`$or` query: FerretDB 1.x passes neither to its storage, so it decodes and tests
+        every document of the collection (every held slot, every lock) for each such delete; an `_id` it passes
+        down (on PostgreSQL, other equalities too), served by an index."""
+        if len(queries) == 1:
+            await self._retry(what, partial(self.db[collection].delete_many, queries[0]))
+            return
+        statements = [DeleteMany(query) for query in queries]
+        await self._retry(what, partial(self.db[collection].bulk_write, statements, ordered=False))
 
     def _ids(self, document_ids: Sequence[str]) -> Document:
         """A query for the documents with these `_id`s."""
@@ -822,5 +848,5 @@ class MongoStore:
             log.warning("could not release a lock", lock=key, error=str(exc))
 
     async def _unlock_batch(self, lock_ids: Sequence[str]) -> list[None]:
-        await self._retry("unlock", partial(self.db["locks"].delete_many, self._ids(lock_ids)))
+        await self._delete_each("unlock", "locks", [{"_id": lock_id} for lock_id in dict.fromkeys(lock_ids)])
         return [None] * len(lock_ids)
