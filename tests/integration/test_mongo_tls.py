@@ -62,8 +62,11 @@ async def test_a_client_without_tls_or_without_the_ca_is_refused(tls_url: str, c
 @pytest.mark.kafka
 def test_reactor_status_reads_the_store_over_tls(tls_url: str, kafka_bootstrap: str, tmp_path: Path) -> None:
     """The CLI, as a process, with REACTOR_MONGO_URL as `scripts/testenv up mongo --tls` exports it."""
+    # Not the session's FerretDB's PostgreSQL (`testenv up mongo --backend postgresql` exports it): this server is
+    # one of its own, on SQLite.
+    inherited = {name: value for name, value in os.environ.items() if name != "REACTOR_FERRETDB_POSTGRESQL_URL"}
     env = {
-        **os.environ,
+        **inherited,
         "REACTOR_MODE": "distributed",
         "REACTOR_REQUIRE_SIGNED": "false",
         "REACTOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
