@@ -176,6 +176,7 @@ class MongoStore:
         # The lock path until the probe, run at open, finds the server's conditional update atomic.
         self.compare_and_set: CompareAndSet = "locked"
         self._client: AsyncMongoClient[Document] | None = None
+        self._db: AsyncDatabase[Document] | None = None  # made once: every request names it
         # Per slot scope, the index after the last slot this process took: the first one `take_slots` tries.
         self._next_slot: dict[str, int] = {}
 
@@ -215,7 +216,7 @@ class MongoStore:
         await self._close()
 
     async def _close(self) -> None:
-        client, self._client = self._client, None
+        client, self._client, self._db = self._client, None, None
         if client is not None:
             await client.close()
 
@@ -343,7 +344,9 @@ class MongoStore:
         """The open database."""
         if self._client is None:
             raise BackendUnavailable("MongoDB store is not open")
-        return self._client[self.database]
+        if self._db is None:
+            self._db = self._client[self.database]
+        return self._db
 
     # --- nodes ---
 
