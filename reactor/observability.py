@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 from reactor.codec import Record
 from reactor.events import Event, NodeDeployed, NodeFailed, NodeRolledBack, RollbackFailed, Topic
-from reactor.ports import EventBus, Handler
+from reactor.ports import EventBus, Handler, Interest
 
 log = structlog.get_logger(__name__)
 
@@ -86,8 +86,10 @@ class CountingBus:
     async def publish_raw(self, topic: Topic, record: Record) -> None:
         await self.inner.publish_raw(topic, record)
 
-    async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
-        await self.inner.consume(topics, group, counted(handler, group))
+    async def consume(
+        self, topics: Sequence[Topic], group: str, handler: Handler, *, wants: Interest | None = None
+    ) -> None:
+        await self.inner.consume(topics, group, counted(handler, group), wants=wants)
 
     async def history(self, topic: Topic) -> list[Record]:
         return await self.inner.history(topic)

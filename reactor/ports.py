@@ -89,6 +89,8 @@ ExecutorFactory = Callable[[ExecutionContext], Executor]
 # --- bus ---------------------------------------------------------------------------------------
 
 Handler = Callable[[Event], Awaitable[None]]
+# Which events a handler acts on at all: the others are finished without a call (as if it had returned at once).
+Interest = Callable[[Event], bool]
 
 
 class EventBus(Protocol):
@@ -116,8 +118,12 @@ class EventBus(Protocol):
         """Send a message as it is, valid or not (CI/CD shims and tests send raw messages)."""
         ...
 
-    async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
-        """Feed events of `topics` to `handler` until cancelled; one consumer group per role."""
+    async def consume(
+        self, topics: Sequence[Topic], group: str, handler: Handler, *, wants: Interest | None = None
+    ) -> None:
+        """Feed events of `topics` to `handler` until cancelled; one consumer group per role. Events `wants`
+        turns down are finished without reaching `handler`; a message is still checked and decoded first (an invalid
+        one is dead-lettered as ever), except an event published in this process, which has nothing to check."""
         ...
 
     async def history(self, topic: Topic) -> list[Record]:

@@ -229,7 +229,8 @@ async def run_roles(
                 if keep is not None:
                     tasks.create_task(worker.run_pruning(keep, every_s=min(3600.0, keep.total_seconds() / 4)))
             if Role.ROLLBACK in roles:
-                tasks.create_task(bus.consume([Topic.OUTCOMES], "rollback", RollbackConsumer(bus).handle))
+                rollback = RollbackConsumer(bus)
+                tasks.create_task(bus.consume([Topic.OUTCOMES], "rollback", rollback.handle, wants=rollback.wants))
             if Role.PACER in roles:
                 pacer = Pacer(
                     store,

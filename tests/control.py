@@ -12,7 +12,7 @@ import pytest
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.pacer import TIMER_LEASE
 from reactor.events import Event, Topic
-from reactor.ports import Handler, Store
+from reactor.ports import Handler, Interest, Store
 from tests.fakes import Script
 from tests.support import until
 
@@ -26,7 +26,9 @@ class WatchedBus(MemoryBus):
         self.running: Counter[str] = Counter()
         self.handled: Counter[str] = Counter()
 
-    async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
+    async def consume(
+        self, topics: Sequence[Topic], group: str, handler: Handler, *, wants: Interest | None = None
+    ) -> None:
         """Consume as MemoryBus does, counting each call of `handler`."""
         self.topics[group] = topics
 
@@ -38,7 +40,14 @@ class WatchedBus(MemoryBus):
                 self.running[group] -= 1
             self.handled[group] += 1  # a call that raised is retried or dead-lettered: not handled
 
-        await super().consume(topics, group, watched)
+        def turned_down(event: Event) -> bool:
+            """`wants`, counting an event it turns down as handled (finished without a call)."""
+            if wants is None or wants(event):
+                return True
+            self.handled[group] += 1
+            return False
+
+        await super().consume(topics, group, watched, wants=None if wants is None else turned_down)
 
     def settled(self, *, blocked: int = 0) -> bool:
         """Whether every group has handled every event of its topics but for `blocked` handlers still running

@@ -18,7 +18,7 @@ from reactor.codec import Record, decode
 from reactor.errors import AccessDenied, DecodeError, PolicyRefused, ReactorError
 from reactor.events import Event, Topic
 from reactor.observability import DEAD_LETTERED
-from reactor.ports import Handler
+from reactor.ports import Handler, Interest
 from reactor.trust.enforcement import SIGNER
 from reactor.trust.identities import Identity
 from reactor.trust.signing import Verified
@@ -62,12 +62,14 @@ async def deliver(
     retry_delay_s: float,
     event: Event | None = None,
     check: Check | None = None,
+    wants: Interest | None = None,
 ) -> None:
     """Check, decode and handle one message: retriable failures retry with backoff, the rest are dead-lettered.
 
     `event` is the already-decoded message when the bus has it (in-process, so nothing to verify); `record` may
     then be a callable that encodes it, only needed if the message must be dead-lettered. `check` runs before
-    the message is decoded: a message that fails it reaches no handler.
+    the message is decoded: a message that fails it reaches no handler. An event `wants` turns down is finished
+    without a call.
     """
 
     async def dead_letter(topic: Topic, reason: str) -> None:
@@ -98,6 +100,8 @@ async def deliver(
         except DecodeError as exc:
             await dead_letter(topic, str(exc))
             return
+    if wants is not None and not wants(event):
+        return
     delay = retry_delay_s
     while True:
         token = SIGNER.set(signer)  # the handler may ask who signed what it handles (the deploy policy does)

@@ -45,7 +45,7 @@ from reactor.codec import Record, check_size, encode
 from reactor.errors import AccessDenied, BackendUnavailable, Misconfigured
 from reactor.events import Event, Topic
 from reactor.observability import CONSUMER_LAG, MISROUTED
-from reactor.ports import Handler
+from reactor.ports import Handler, Interest
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
 log = structlog.get_logger(__name__)
@@ -282,9 +282,12 @@ class KafkaBus:
             await consumer.stop()
         return records
 
-    async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
-        """Feed events to `handler` as consumer group `group` until cancelled, then shut down in order."""
-        member = _GroupMember(self, group, handler, large=Topic.RELEASES in topics)
+    async def consume(
+        self, topics: Sequence[Topic], group: str, handler: Handler, *, wants: Interest | None = None
+    ) -> None:
+        """Feed events to `handler` as consumer group `group` until cancelled, then shut down in order; see
+        EventBus.consume for `wants`."""
+        member = _GroupMember(self, group, handler, large=Topic.RELEASES in topics, wants=wants)
         try:
             await member.start([self.topic_name(topic) for topic in topics])
         except BaseException:
@@ -358,8 +361,11 @@ async def _raise_limits(admin: AIOKafkaAdminClient, name: str, wanted: dict[str,
 class _GroupMember:
     """One member of a consumer group: takes messages, dispatches them, commits what finished."""
 
-    def __init__(self, bus: KafkaBus, group: str, handler: Handler, *, large: bool = False) -> None:
+    def __init__(
+        self, bus: KafkaBus, group: str, handler: Handler, *, large: bool = False, wants: Interest | None = None
+    ) -> None:
         self.bus = bus
+        self.wants = wants
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap,
             group_id=bus.group_id(group),
@@ -390,6 +396,7 @@ class _GroupMember:
             self.bus.dead_letter,
             retry_delay_s=self.bus.retry_delay_s,
             check=self.bus.signatures.check,
+            wants=self.wants,
         )
 
     def _done(self, message: _Message) -> None:

@@ -22,7 +22,7 @@ from reactor.adapters.dispatch import KeyedDispatcher, dead_letter_record, deliv
 from reactor.codec import Record, check_size, decode, encode
 from reactor.errors import DecodeError, first_reactor_error
 from reactor.events import Event, Topic
-from reactor.ports import Handler
+from reactor.ports import Handler, Interest
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
 log = structlog.get_logger(__name__)
@@ -123,9 +123,12 @@ class MemoryBus:
     def _quiet(self) -> bool:
         return self._busy == 0 and all(queue.empty() for queue in self._queues.values())
 
-    async def consume(self, topics: Sequence[Topic], group: str, handler: Handler) -> None:
-        """Feed events to `handler`, per-key ordered, different keys concurrently, until cancelled."""
-        member = _Member(self, group, handler)
+    async def consume(
+        self, topics: Sequence[Topic], group: str, handler: Handler, *, wants: Interest | None = None
+    ) -> None:
+        """Feed events to `handler`, per-key ordered, different keys concurrently, until cancelled; see
+        EventBus.consume for `wants`."""
+        member = _Member(self, group, handler, wants)
         try:
             with first_reactor_error():
                 async with asyncio.TaskGroup() as tasks:
@@ -150,6 +153,10 @@ class MemoryBus:
     async def _take(self, topic: Topic, queue: asyncio.Queue[_Message], member: _Member) -> None:
         while True:
             message = await queue.get()
+            if member.wants is not None and message.event is not None and not member.wants(message.event):
+                # Published here, so nothing to check: finished as the handler would finish it, at no cost (no
+                # task, no lane). Skipping it changes no order: it does nothing.
+                continue
             self._busy += 1
             # A key with events in flight stays with the member handling them, as a partition stays with one
             # member of a Kafka group: that keeps one key's events in order across the group.
@@ -215,10 +222,11 @@ class _Message:
 class _Member:
     """One consumer of a group: its handler, its dispatcher, the keys it owns and what it has not finished."""
 
-    def __init__(self, bus: MemoryBus, group: str, handler: Handler) -> None:
+    def __init__(self, bus: MemoryBus, group: str, handler: Handler, wants: Interest | None = None) -> None:
         self.bus = bus
         self.group = group
         self.handler = handler
+        self.wants = wants
         self.dispatcher: KeyedDispatcher[tuple[Topic, _Message]] = KeyedDispatcher(
             self._process, self._done, limit=bus.concurrency
         )
@@ -245,6 +253,7 @@ class _Member:
             retry_delay_s=self.bus.retry_delay_s,
             event=message.event,
             check=self.bus.signatures.check,
+            wants=self.wants,
         )
 
     def _done(self, item: tuple[Topic, _Message]) -> None:

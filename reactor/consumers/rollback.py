@@ -23,9 +23,14 @@ class RollbackConsumer:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
 
+    @staticmethod
+    def wants(event: Event) -> bool:
+        """The outcomes this consumer acts on (its bus hands it no others: most outcomes are successes)."""
+        return isinstance(event, NodeFailed) and event.auto_rollback != AutoRollback.NONE
+
     async def handle(self, event: Event) -> None:
         """Ask for a rollback of a failed node when its policy is `node` or `release`."""
-        if not isinstance(event, NodeFailed) or event.auto_rollback == AutoRollback.NONE:
+        if not isinstance(event, NodeFailed) or not self.wants(event):
             return
         with logs.bound(event_id=event.event_id, node_key=event.node_key, release_id=event.release_id):
             if event.current_version is None:

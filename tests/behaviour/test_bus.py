@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import pytest
 from aiokafka.partitioner import murmur2
 
+from reactor.adapters.memory_bus import MemoryBus
 from reactor.codec import Record, decode, encode
 from reactor.errors import (
     AccessDenied,
@@ -290,6 +291,36 @@ async def test_invalid_record_goes_to_the_dead_letter_topic_and_the_consumer_goe
     assert letter.value == record.value
     assert letter.key == record.key
     assert reason_of(letter).strip()
+
+
+async def test_events_the_consumer_does_not_want_never_reach_it_and_hold_nothing_up(bus: EventBus) -> None:
+    """`wants` turns events down: they are finished without a call, and the events after them, of the same key too,
+    go on in order. A message is still checked first: an invalid one is dead-lettered whatever it would have been."""
+    handled: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        handled.append(event)
+
+    def wants(event: Event) -> bool:
+        return isinstance(event, ReleasePaused)
+
+    wanted = [paused("rel-1", number) for number in range(3)]
+    async with running(bus.consume([Topic.RELEASES], "picky", handler, wants=wants)):
+        for number, event in enumerate(wanted):
+            for _ in range(5):  # turned down, same key
+                await bus.publish(ReleaseApproved(release_id="rel-1", actor=f"ops-{number}"))
+            await bus.publish(event)
+        unwanted = ReleaseApproved(release_id="rel-1", actor="raw")
+        await publish_raw(bus, Topic.RELEASES, encode(unwanted, "/outside"))
+        await publish_raw(bus, Topic.RELEASES, Record(key=b"rel-1", value=b"{not json", headers=()))
+        last = paused("rel-1", 3)
+        await bus.publish(last)
+        await eventually(lambda: len(handled) == 4, "every wanted event is handled")
+        [letter] = await eventually_dead_letters(bus, 1)
+        if isinstance(bus, MemoryBus):
+            await bus.idle(timeout_s=TIMEOUT_S)  # every message finished: the turned-down ones too
+    assert handled == [*wanted, last]
+    assert letter.value == b"{not json"
 
 
 # --- groups -------------------------------------------------------------------------------------
