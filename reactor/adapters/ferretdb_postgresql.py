@@ -40,7 +40,7 @@ INDEXED_FIELDS: Mapping[str, tuple[str, ...]] = {
     "nodes": ("_id", "release_id", "service"),
     "processed": ("_id",),
     "releases": ("_id",),
-    "release_nodes": ("release_id", "node_key"),
+    "release_nodes": ("_id", "release_id", "node_key"),
     "slots": ("_id", "scope", "node_key"),
     "leases": ("_id",),
     "locks": ("_id", "key"),

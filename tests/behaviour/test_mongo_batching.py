@@ -220,10 +220,12 @@ async def test_a_writer_cancelled_while_its_update_runs_gives_the_lock_back_only
         updating, go_on = asyncio.Event(), asyncio.Event()
         update = MongoStore._update_held
 
-        async def held(self: MongoStore, collection: str, query: Document, change: Document) -> bool:
+        async def held(
+            self: MongoStore, collection: str, identity: Document, query: Document, change: Document
+        ) -> bool:
             updating.set()
             await go_on.wait()
-            return await update(self, collection, query, change)
+            return await update(self, collection, identity, query, change)
 
         monkeypatch.setattr(MongoStore, "_update_held", held)
         changed = stored.model_copy(update={"state": NodeState.DEPLOYING, "request_id": "req-cancelled"})

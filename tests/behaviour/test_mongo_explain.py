@@ -72,10 +72,11 @@ class Query:
 
 
 NODE = "local/h1/api"
+ROW = f"rel-1/{NODE}"  # its row in release rel-1
 QUERIES = [
     Query("get_node", "nodes", {"_id": NODE}, limit=1),
     Query("put_node: the conditional write", "nodes", {"_id": NODE, "revision": 1}),
-    Query("a write whose reply was lost: is it ours?", "nodes", {"_id": NODE, "write_token": "t"}),
+    Query("a write whose reply was lost: is it ours? (read by _id, its token compared)", "nodes", {"_id": NODE}),
     Query("list_nodes by release", "nodes", {"release_id": "rel-1"}, sort={"_id": 1}),
     Query("list_nodes by service", "nodes", {"service": "api"}, sort={"_id": 1}),
     Query("list_nodes by release and service", "nodes", {"release_id": "rel-1", "service": "api"}, sort={"_id": 1}),
@@ -101,9 +102,20 @@ QUERIES = [
         sort={"position": -1},
         limit=10,
     ),
-    Query("get_release_node", "release_nodes", {"release_id": "rel-1", "node_key": NODE}, limit=1),
+    Query("get_release_node", "release_nodes", {"_id": ROW}, limit=1),
+    Query(
+        "get_release_node: a row stored before rows had an _id of their own",
+        "release_nodes",
+        {"release_id": "rel-1", "node_key": NODE},
+        limit=1,
+    ),
     Query(
         "move_release_node: the conditional write",
+        "release_nodes",
+        {"_id": ROW, "state": {"$in": ["queued", "dispatched"]}},
+    ),
+    Query(
+        "move_release_node: a row stored before rows had an _id of their own",
         "release_nodes",
         {"release_id": "rel-1", "node_key": NODE, "state": {"$in": ["queued", "dispatched"]}},
     ),

@@ -11,12 +11,13 @@ import contextlib
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 
 from reactor.adapters.mongo_probe import PROBE_COLLECTION
 from reactor.adapters.mongo_store import COLLECTIONS, CompareAndSetSetting, MongoStore
@@ -463,3 +464,89 @@ async def test_a_large_release_s_rows_go_in_chunks_each_a_request_of_its_own(mon
     counts = await mongo.count_release_nodes("rel-big")
     assert (counts[ItemState.QUEUED], counts[ItemState.DISPATCHED]) == (2_499, 1)
     assert [row.position for row in await mongo.list_release_nodes("rel-big", batch=4)] == list(range(2_000, 2_500))
+
+
+async def test_conditional_writes_send_only_filters_the_server_passes_down(
+    mongo_url: str, mongo_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the lock path every read and update of a node's status or a release's node row filters on what the
+    server hands its storage (FerretDB on SQLite: `_id` alone; a filter with another field it tests itself on every
+    document of the collection, so a release's time grew with the square of its size). Stale writes are still
+    refused, and each row of a release has an `_id` of its own."""
+    sent: list[tuple[str, dict[str, object]]] = []
+    find, update_one = AsyncCollection.find, AsyncCollection.update_one
+
+    def recorded_find(self: AsyncCollection[dict[str, object]], *args: object, **options: object) -> object:
+        query = args[0] if args else options.get("filter")
+        sent.append((self.name, dict(query) if isinstance(query, Mapping) else {}))
+        return find(self, *args, **options)
+
+    async def recorded_update(
+        self: AsyncCollection[dict[str, object]], query: dict[str, object], *args: object, **options: object
+    ) -> object:
+        sent.append((self.name, dict(query)))
+        return await update_one(self, query, *args, **options)  # type: ignore[arg-type]
+
+    async with MongoStore(mongo_url, database=mongo_database, compare_and_set="locked") as store:
+        paired = await store.db.command({"explain": {"find": "nodes", "filter": {"_id": NODE, "revision": 1}}})
+        assert store.check_in_store is (paired.get("filterPushdown") is False)
+        await store.add_release_nodes(
+            [
+                ReleaseNode(release_id="rel-1", node_key=f"local/h{index}/api", batch=0, position=index)
+                for index in (1, 2)
+            ]
+        )
+        stored = await store.put_node(pending(NODE, "api"), expected_revision=0)
+        assert stored is not None
+        monkeypatch.setattr(AsyncCollection, "find", recorded_find)
+        monkeypatch.setattr(AsyncCollection, "update_one", recorded_update)
+        written = await store.put_node(attempt(stored, 1), expected_revision=1)
+        assert written is not None
+        assert await store.put_node(attempt(stored, 2), expected_revision=1) is None
+        assert await store.move_release_node(
+            "rel-1", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+        )
+        assert not await store.move_release_node(
+            "rel-1", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.FAILED
+        )
+        assert await store.move_release_node(
+            "rel-1", NODE, from_states=[ItemState.QUEUED, ItemState.DISPATCHED], to_state=ItemState.SUCCEEDED
+        )
+        node = await store.get_release_node("rel-1", NODE)
+        monkeypatch.undo()
+        # A node not in the release: looked for among rows stored by their fields too (see the next test).
+        assert not await store.move_release_node(
+            "rel-1", "local/h9/api", from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+        )
+        assert node is not None
+        assert node.state == ItemState.SUCCEEDED
+        assert await store.get_node(NODE) == written
+        assert sorted([row["_id"] async for row in store.db["release_nodes"].find({})]) == [
+            "rel-1/local/h1/api",
+            "rel-1/local/h2/api",
+        ]
+        assert await store.db["locks"].count_documents({}) == 0
+        written_to = {collection for collection, _ in sent}
+        assert {"nodes", "release_nodes"} <= written_to
+        for collection, query in sent:
+            if collection == "locks":
+                continue  # a lock's holder, read only while another writer holds it
+            explained = await store.db.command({"explain": {"find": collection, "filter": query}})
+            # FerretDB reports whether its storage filtered; a server that does not report it has no such gap.
+            assert explained.get("filterPushdown", True) is True, (collection, query)
+
+
+async def test_release_rows_stored_without_an_id_of_their_own_still_move(mongo: MongoStore) -> None:
+    """Rows stored before a release's rows had an `_id` of their own (an ObjectId): found by their fields."""
+    await mongo.db["release_nodes"].insert_many(
+        [ReleaseNode(release_id="rel-old", node_key=NODE, batch=0, position=0).model_dump(mode="json")]
+    )
+    assert await mongo.get_release_node("rel-old", NODE) is not None
+    assert await mongo.move_release_node("rel-old", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED)
+    assert not await mongo.move_release_node(
+        "rel-old", NODE, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+    )
+    moved = await mongo.get_release_node("rel-old", NODE)
+    assert moved is not None
+    assert moved.state == ItemState.DISPATCHED
+    assert [row.state for row in await mongo.list_release_nodes("rel-old")] == [ItemState.DISPATCHED]
