@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -216,7 +217,13 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 @pytest.mark.timeout(300)
 async def test_no_secret_shows_in_any_output_topic_metric_or_error(
-    secure_kafka: Service, mongo_url: str, mongo_database: str, processes: Processes, sink: Sink, tmp_path: Path
+    secure_kafka: Service,
+    mongo_url: str,
+    mongo_database: str,
+    ferretdb_postgresql_url: str | None,
+    processes: Processes,
+    sink: Sink,
+    tmp_path: Path,
 ) -> None:
     """Signing key, Kafka SASL password (used: the broker is SASL_SSL), MongoDB password, API token and a CDEvents
     sink's user:password all set; a release runs to completion through a worker and serve at debug level; nothing
@@ -242,6 +249,7 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
         if name.startswith("private")
     }
     host_port = mongo_url.split("//", 1)[1].rstrip("/")
+    mongo_user = "reactor" if ferretdb_postgresql_url is None else urlsplit(ferretdb_postgresql_url).username
     prefix = f"s{os.urandom(5).hex()}."
     dead_sink = free_port()  # nothing listens: every delivery fails, and its errors are logged
     env = {
@@ -251,7 +259,9 @@ async def test_no_secret_shows_in_any_output_topic_metric_or_error(
         # password is used on the wire, and every client library's debug output is in what is searched.
         **secure_kafka.env,
         # FerretDB on SQLite takes PLAIN credentials and checks none: the password travels, as it would to MongoDB.
-        "REACTOR_MONGO_URL": f"mongodb://reactor:{MONGO_PASSWORD}@{host_port}/?authMechanism=PLAIN",
+        # On PostgreSQL FerretDB logs in to it as the user named; the harness's cluster trusts loopback, so the
+        # password travels there too, and the user must be one the cluster has.
+        "REACTOR_MONGO_URL": f"mongodb://{mongo_user}:{MONGO_PASSWORD}@{host_port}/?authMechanism=PLAIN",
         "REACTOR_MONGO_DATABASE": mongo_database,
         "REACTOR_TOPIC_PREFIX": prefix,
         "REACTOR_TOPIC_PARTITIONS": "2",
