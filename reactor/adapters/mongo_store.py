@@ -3,8 +3,8 @@
 Node statuses and releases keep the model's JSON as text in `doc`, as the embedded store does, beside the
 fields that are filtered or sorted on: FerretDB 1.x rejects nested arrays, which these models may grow.
 Release nodes are small and array-free, so their JSON-mode dump is the document itself (its `_id` is
-`<release>/<node>`) and a move updates `state` and `outcome` in place. Only what FerretDB 1.x supports is used: no transactions, change streams,
-TTL or partial indexes, no projection in findAndModify.
+`<release>/<node>`) and a move updates `state` and `outcome` in place. Only what FerretDB 1.x supports is
+used: no transactions, change streams, TTL or partial indexes, no projection in findAndModify.
 
 FerretDB 1.x runs `findAndModify` and `update` as a query followed by a write, so two writers can both
 match the same revision and both "win" a compare-and-set. Inserts on a unique index are atomic there, so on
