@@ -500,6 +500,9 @@ async def test_releases_under_chaos_keep_one_live_run_per_node_and_one_true_outc
         workers.env.update(
             {"REACTOR_LOCAL_ROOT": str(nodes.root), "REACTOR_LEASE_S": str(LEASE_S), "REACTOR_GRACE_S": str(GRACE_S)}
         )
+        # This module's FerretDB runs on SQLite whatever the session's runs on: the PostgreSQL of a session's
+        # FerretDB/PostgreSQL is not where it stores (the workers would refuse to start, finding no metadata there).
+        workers.env.pop("REACTOR_FERRETDB_POSTGRESQL_URL", None)
         chaos = Chaos(workers, backing, nodes)
         try:
             async with (
