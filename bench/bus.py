@@ -209,8 +209,8 @@ def in_flight_rss(bootstrap: str, url: str, in_flight: int) -> tuple[float, floa
 @contextlib.contextmanager
 def exported(*environments: dict[str, str]) -> Iterator[None]:
     """The variables of services this run started, in the environment while they run, as `scripts/testenv up`
-    exports them: FerretDB on PostgreSQL names its PostgreSQL (REACTOR_FERRETDB_POSTGRESQL_URL), for the stores
-    here and the workers this run starts."""
+    exports them: FerretDB names where it stores (REACTOR_FERRETDB_POSTGRESQL_URL or REACTOR_FERRETDB_SQLITE_DIR), for
+    the stores here and the workers this run starts."""
     added = {key: value for environment in environments for key, value in environment.items()}
     before = {key: os.environ.get(key) for key in added}
     os.environ.update(added)
@@ -236,6 +236,7 @@ async def distributed(
             database=f"bench_{uuid.uuid4().hex[:8]}",
             batch=batch,
             postgresql_url=os.environ.get("REACTOR_FERRETDB_POSTGRESQL_URL"),
+            sqlite_dir=Path(directory) if (directory := os.environ.get("REACTOR_FERRETDB_SQLITE_DIR")) else None,
         ) as store,
     ):
         await bus.create_topics(partitions=6)

@@ -118,6 +118,7 @@ def mongo_store(settings: Settings, database: str | None = None) -> MongoStore:
         batch=settings.mongo_batch,
         pool_size=settings.mongo_pool_size,
         postgresql_url=settings.postgresql_url,
+        sqlite_dir=settings.ferretdb_sqlite_dir,
     )
 
 

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # indexes FerretDB's queries can use there (reactor/adapters/ferretdb_postgresql.py); without them every request
     # scans its whole table. Secret: it may hold a password.
     ferretdb_postgresql_url: SecretStr | None = None
+    # FerretDB 1.x on SQLite: the directory it keeps its files in (its --sqlite-url), on this machine. The store then
+    # makes, at open, the `_id` indexes FerretDB's statements can use there (reactor/adapters/ferretdb_sqlite.py);
+    # without them each request by `_id` reads its whole collection.
+    ferretdb_sqlite_dir: Path | None = None
     topic_partitions: int = Field(default=6, ge=1, le=1000)
     topic_replication: int = Field(default=1, ge=1, le=10)
     concurrency: int = Field(default=64, ge=1, le=10_000)

@@ -81,18 +81,18 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         service = testenv.start_ferretdb(tmp_path_factory.mktemp("ferretdb"), backend=backend)
     except (testenv.TestEnvError, OSError) as exc:
         pytest.fail(f"FerretDB could not be started for the mongo tests: {exc}")
-    # What `scripts/testenv up` exports for it (on PostgreSQL, the PostgreSQL where stores and workers make the indexes
-    # FerretDB can use), in place of whatever the environment said of another server.
-    variable = "REACTOR_FERRETDB_POSTGRESQL_URL"
-    before, postgresql_url = os.environ.pop(variable, None), service.env.get(variable)
-    if postgresql_url is not None:
-        os.environ[variable] = postgresql_url
+    # What `scripts/testenv up` exports for it (where stores and workers make the indexes FerretDB can use: its
+    # PostgreSQL, or its SQLite directory), in place of whatever the environment said of another server.
+    storage = testenv.FERRETDB_STORAGE_VARIABLES
+    before = {variable: os.environ.pop(variable, None) for variable in storage}
+    os.environ.update({name: value for name, value in service.env.items() if name in storage})
     try:
         yield service.env["REACTOR_MONGO_URL"]
     finally:
-        os.environ.pop(variable, None)
-        if before is not None:
-            os.environ[variable] = before
+        for variable, value in before.items():
+            os.environ.pop(variable, None)
+            if value is not None:
+                os.environ[variable] = value
         service.stop()
 
 
@@ -101,6 +101,14 @@ def ferretdb_postgresql_url(mongo_url: str) -> str | None:
     """The PostgreSQL under the session's FerretDB, where it runs on one ($REACTOR_FERRETDB_POSTGRESQL_URL); None on
     SQLite or MongoDB."""
     return os.environ.get("REACTOR_FERRETDB_POSTGRESQL_URL")
+
+
+@pytest.fixture(scope="session")
+def ferretdb_sqlite_dir(mongo_url: str) -> Path | None:
+    """The directory of the session's FerretDB's SQLite files, where it runs on SQLite ($REACTOR_FERRETDB_SQLITE_DIR);
+    None on PostgreSQL or MongoDB."""
+    directory = os.environ.get("REACTOR_FERRETDB_SQLITE_DIR")
+    return None if directory is None else Path(directory)
 
 
 @contextlib.asynccontextmanager
@@ -127,9 +135,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     if request.param == "mongo":
         url: str = request.getfixturevalue("mongo_url")  # only mongo runs start the server
         postgresql_url: str | None = request.getfixturevalue("ferretdb_postgresql_url")
+        sqlite_dir: Path | None = request.getfixturevalue("ferretdb_sqlite_dir")
         async with (
             _fresh_mongo_database(url) as database,
-            MongoStore(url, database=database, postgresql_url=postgresql_url) as opened,
+            MongoStore(url, database=database, postgresql_url=postgresql_url, sqlite_dir=sqlite_dir) as opened,
         ):
             yield opened
         return

@@ -34,6 +34,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 from uuid import uuid4
@@ -45,6 +46,7 @@ from pymongo.errors import BulkWriteError, CollectionInvalid, ConnectionFailure,
 
 from reactor.adapters.batching import Batcher, BatchOperation, settled
 from reactor.adapters.ferretdb_postgresql import ensure_indexes
+from reactor.adapters.ferretdb_sqlite import ensure_id_indexes
 from reactor.adapters.mongo_probe import PROBE_COLLECTION, WRITERS, ProbeResult, probe_compare_and_set
 from reactor.adapters.urls import without_password
 from reactor.domain.pacer import ItemState
@@ -179,11 +181,15 @@ class MongoStore:
         max_batch: int = 256,
         pool_size: int = 16,
         postgresql_url: str | None = None,
+        sqlite_dir: Path | None = None,
     ) -> None:
         self.url = url
         # FerretDB 1.x on PostgreSQL: its PostgreSQL, where the store makes the indexes FerretDB's queries can use
         # (reactor/adapters/ferretdb_postgresql.py). None: the server's own indexes only.
         self.postgresql_url = postgresql_url
+        # FerretDB 1.x on SQLite: the directory of its files, where the store makes the `_id` indexes FerretDB's
+        # statements can use (reactor/adapters/ferretdb_sqlite.py). None: the server's own indexes only.
+        self.sqlite_dir = sqlite_dir
         # Connections to the server, so at most this many requests of this process at once: FerretDB 1.x on
         # PostgreSQL stalls for good once more requests than its own pool holds wait for a second connection each
         # (seen under a 64-handler worker with 100 connections); with batched calls a few carry the load.
@@ -236,6 +242,8 @@ class MongoStore:
             await self._create_indexes()
             if self.postgresql_url is not None:
                 await ensure_indexes(self.postgresql_url, self.database)
+            if self.sqlite_dir is not None:
+                await ensure_id_indexes(self.sqlite_dir, self.database, COLLECTIONS)
             await self._choose_compare_and_set()
             await self._choose_updates()
             await self._choose_reads()
@@ -334,6 +342,13 @@ class MongoStore:
         paired = await self._pushed_down("nodes", {"_id": "x", "revision": 1})
         self.check_in_store = alone is True and paired is False
         log.info("mongo conditional updates chosen", condition_checked_in_store=self.check_in_store)
+        if self.check_in_store and self.sqlite_dir is None:
+            log.warning(
+                "the server passes only {_id: value} to its storage (FerretDB on SQLite) and no"
+                " REACTOR_FERRETDB_SQLITE_DIR is set: without the store's _id indexes there"
+                " (reactor/adapters/ferretdb_sqlite.py) each request by _id reads its whole collection, so a"
+                " release's time grows with its size squared"
+            )
 
     async def _choose_reads(self) -> None:
         """Whether concurrent reads by `_id` share one `$in` query: only where the server passes an `$in` of ids to

@@ -18,12 +18,15 @@ each conditional write's filter as the find it starts with.
 
 The store makes GIN indexes of those expressions in FerretDB's PostgreSQL when told it
 (reactor/adapters/ferretdb_postgresql.py; the fixtures tell it on PostgreSQL): then every hot-path query there is
-served by an index, and the test requires it. A table of a page or two is scanned by any planner, so every collection
-also holds rows no query matches.
+served by an index, and the test requires it. On SQLite it makes, when told FerretDB's directory, an index on the very
+expression FerretDB compares `_id` with (reactor/adapters/ferretdb_sqlite.py; the fixtures tell it on SQLite): then
+every hot-path query of exactly `{_id: value}` is a SEARCH, and the test requires it; every other filter is still
+applied by FerretDB to every row. A table of a page or two is scanned by any planner, so every collection also holds
+rows no query matches.
 
 So the test first asks the server whether it serves from an index the one query every server should: `_id`
 equality. Where it does (MongoDB; FerretDB on PostgreSQL with the store's indexes), any hot-path query that scans
-fails the test. Where it does not, the scans
+fails the test (on SQLite, any that FerretDB passes down). Where it does not, the scans
 are the server's own and no index can help; the test then asserts what it can: every hot-path filter leads with
 a field some index of the store's (as the server lists them) starts with, so that MongoDB serves it.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,6 +62,11 @@ class Query:
     sort: Document | None = None
     limit: int = 0
     group: bool = False  # an aggregation: $match on `filter`, then $group
+
+    @property
+    def by_id_alone(self) -> bool:
+        """A find of exactly `{_id: a string}`: the one filter FerretDB on SQLite passes to SQLite."""
+        return not self.group and list(self.filter) == ["_id"] and isinstance(self.filter["_id"], str)
 
     def command(self) -> Document:
         if self.group:
@@ -180,10 +189,12 @@ def led_by_an_index(query: Query, indexes: list[list[str]]) -> bool:
 
 @pytest.fixture
 async def populated(
-    mongo_url: str, mongo_database: str, ferretdb_postgresql_url: str | None
+    mongo_url: str, mongo_database: str, ferretdb_postgresql_url: str | None, ferretdb_sqlite_dir: Path | None
 ) -> AsyncIterator[MongoStore]:
     """A store with some of everything each query reads, so every collection exists and has rows to scan."""
-    async with MongoStore(mongo_url, database=mongo_database, postgresql_url=ferretdb_postgresql_url) as store:
+    async with MongoStore(
+        mongo_url, database=mongo_database, postgresql_url=ferretdb_postgresql_url, sqlite_dir=ferretdb_sqlite_dir
+    ) as store:
         for index in range(NODES):
             status = pending(f"local/h{index}/api", "api").model_copy(update={"release_id": "rel-1"})
             assert await store.put_node(status, expected_revision=0)
@@ -220,13 +231,15 @@ def filler(collection: str, index: int) -> Document:
 
 @pytest.mark.mongo
 async def test_every_hot_path_query_is_served_by_an_index_where_the_server_can(
-    populated: MongoStore, ferretdb_postgresql_url: str | None
+    populated: MongoStore, ferretdb_postgresql_url: str | None, ferretdb_sqlite_dir: Path | None
 ) -> None:
     database = populated.db
     probe = await database.command("explain", {"find": "nodes", "filter": {"_id": NODE}})
     server_uses_indexes = plan_shape(probe) != "none" and not scans(probe)
-    # FerretDB on PostgreSQL with the store's own indexes there (reactor/adapters/ferretdb_postgresql.py).
-    assert server_uses_indexes or ferretdb_postgresql_url is None, f"the store's indexes are not used: {probe}"
+    # FerretDB with the store's own indexes in its storage (reactor/adapters/ferretdb_postgresql.py, and
+    # ferretdb_sqlite.py).
+    told = ferretdb_postgresql_url is not None or ferretdb_sqlite_dir is not None
+    assert server_uses_indexes or not told, f"the store's indexes are not used: {probe}"
     found: dict[str, list[str]] = {}
     unindexed: list[str] = []
     for query in QUERIES:
@@ -237,7 +250,14 @@ async def test_every_hot_path_query_is_served_by_an_index_where_the_server_can(
         if not led_by_an_index(query, indexes):
             unindexed.append(f"{query.what}: {query.filter} (indexes {indexes})")
     assert not unindexed, "no index leads with a field of these filters:\n" + "\n".join(unindexed)
-    if server_uses_indexes:
+    if plan_shape(probe) == "sqlite":
+        # FerretDB on SQLite passes only `{_id: value}` down (module docstring); it applies every other filter itself.
+        # A query scans unless it goes by `_id` alone and the store's index is there to search.
+        by_id = {query.what for query in QUERIES if query.by_id_alone}
+        assert by_id, "no hot-path query goes by _id alone"
+        expected = {what: what not in by_id or not server_uses_indexes for what in found}
+        assert {what: bool(scan) for what, scan in found.items()} == expected, found
+    elif server_uses_indexes:
         scanned = {what: scan for what, scan in found.items() if scan}
         assert not scanned, f"collection scans: {scanned}"
     else:

@@ -500,9 +500,13 @@ async def test_releases_under_chaos_keep_one_live_run_per_node_and_one_true_outc
         workers.env.update(
             {"REACTOR_LOCAL_ROOT": str(nodes.root), "REACTOR_LEASE_S": str(LEASE_S), "REACTOR_GRACE_S": str(GRACE_S)}
         )
-        # This module's FerretDB runs on SQLite whatever the session's runs on: the PostgreSQL of a session's
-        # FerretDB/PostgreSQL is not where it stores (the workers would refuse to start, finding no metadata there).
-        workers.env.pop("REACTOR_FERRETDB_POSTGRESQL_URL", None)
+        # This module's FerretDB is not the session's: the workers make their indexes where it stores, not where the
+        # session's does (they would refuse to start, finding no database of theirs there).
+        for variable in testenv.FERRETDB_STORAGE_VARIABLES:
+            workers.env.pop(variable, None)
+        workers.env.update(
+            {name: value for name, value in backing.ferretdb.env.items() if name in testenv.FERRETDB_STORAGE_VARIABLES}
+        )
         chaos = Chaos(workers, backing, nodes)
         try:
             async with (

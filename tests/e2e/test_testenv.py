@@ -131,7 +131,9 @@ def test_kafka_and_mongo_from_the_readme_run_until_down(env: dict[str, str]) -> 
     line = readme_line(README, 'out=$(scripts/testenv up kafka mongo) && eval "$out"')
     down_all = readme_line(README, "scripts/testenv down")
     with brought_up(line, ["kafka", "mongo"], env, timeout=400) as exported:
-        assert set(exported) == {"REACTOR_KAFKA_BOOTSTRAP", "REACTOR_MONGO_URL"}
+        assert set(exported) == {"REACTOR_KAFKA_BOOTSTRAP", "REACTOR_MONGO_URL", "REACTOR_FERRETDB_SQLITE_DIR"}
+        # The README's line says what it exports: stores started from that shell make their indexes in FerretDB's files.
+        assert "REACTOR_FERRETDB_SQLITE_DIR" in line
         user = {**env, **exported}
         listed = shell("scripts/testenv env", user)
         assert listed.returncode == 0, listed.stderr

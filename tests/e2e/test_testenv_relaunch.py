@@ -24,6 +24,7 @@ async def test_killed_kafka_and_ferretdb_start_again_on_their_port_with_what_the
     ferretdb = testenv.start_ferretdb(tmp_path / "ferretdb")
     try:
         bootstrap, url = kafka.env["REACTOR_KAFKA_BOOTSTRAP"], ferretdb.env["REACTOR_MONGO_URL"]
+        exported = dict(ferretdb.env)
         event = ReleasePaused(release_id="hello-1")
         async with KafkaBus(bootstrap, prefix="relaunch.") as bus:
             await bus.create_topics(partitions=1)
@@ -39,7 +40,9 @@ async def test_killed_kafka_and_ferretdb_start_again_on_their_port_with_what_the
         await asyncio.to_thread(kafka.wait_ready, testenv.KAFKA_START_TIMEOUT)
         await asyncio.to_thread(ferretdb.wait_ready, testenv.FERRETDB_START_TIMEOUT)
 
-        assert (kafka.env, ferretdb.env) == ({"REACTOR_KAFKA_BOOTSTRAP": bootstrap}, {"REACTOR_MONGO_URL": url})
+        assert (kafka.env, ferretdb.env) == ({"REACTOR_KAFKA_BOOTSTRAP": bootstrap}, exported)
+        data = str(tmp_path / "ferretdb" / "data")
+        assert exported == {"REACTOR_MONGO_URL": url, "REACTOR_FERRETDB_SQLITE_DIR": data}
         async with KafkaBus(bootstrap, prefix="relaunch.") as bus:
             assert [record.key for record in await bus.history(Topic.RELEASES)] == [b"hello-1"]
         async with MongoStore(url, database="relaunch") as store:

@@ -75,6 +75,9 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 KAFKA_STOP_GRACE = 30.0
 FERRETDB_STOP_GRACE = 10.0
 FERRETDB_BACKENDS = ("sqlite", "postgresql")
+# What a FerretDB service exports of its storage, for stores to make the indexes FerretDB can use there: a test that
+# starts a server of its own replaces the session's with its own (or drops them), never lets its processes inherit them.
+FERRETDB_STORAGE_VARIABLES = ("REACTOR_FERRETDB_POSTGRESQL_URL", "REACTOR_FERRETDB_SQLITE_DIR")
 POSTGRES_START_TIMEOUT = 60.0
 POSTGRES_STOP_GRACE = 30.0
 # PostgreSQL refuses to run as root; as root the harness runs it as this system user (Debian's package makes it).
@@ -801,8 +804,11 @@ def start_ferretdb(
         )
         svc.parts = parts
         svc.env = {"REACTOR_MONGO_URL": url}
-        if parts:  # the store makes the indexes FerretDB's queries can use in its PostgreSQL (see README)
+        # The store makes the indexes FerretDB's queries can use in its PostgreSQL, or its SQLite files (README).
+        if parts:
             svc.env["REACTOR_FERRETDB_POSTGRESQL_URL"] = parts[0].env["REACTOR_POSTGRESQL_URL"]
+        else:
+            svc.env["REACTOR_FERRETDB_SQLITE_DIR"] = str(workdir / "data")
         svc._ready = lambda: _tcp_accepts(port)
         _wait_until(svc, svc._ready, FERRETDB_START_TIMEOUT, f"FerretDB on {HOST}:{port}")
     except BaseException:

@@ -15,7 +15,7 @@ import pytest
 from reactor.adapters.mongo_store import MongoStore
 from reactor.domain.status import NodeState, NodeStatus
 from reactor.errors import BackendUnavailable, ReactorError
-from tests.infra.testenv import ensure_postgres, start_ferretdb
+from tests.infra.testenv import FERRETDB_STORAGE_VARIABLES, ensure_postgres, start_ferretdb
 from tests.leaks import collecting_the_sockets_pymongo_leaks
 
 pytestmark = pytest.mark.mongo
@@ -62,9 +62,8 @@ async def test_a_client_without_tls_or_without_the_ca_is_refused(tls_url: str, c
 @pytest.mark.kafka
 def test_reactor_status_reads_the_store_over_tls(tls_url: str, kafka_bootstrap: str, tmp_path: Path) -> None:
     """The CLI, as a process, with REACTOR_MONGO_URL as `scripts/testenv up mongo --tls` exports it."""
-    # Not the session's FerretDB's PostgreSQL (`testenv up mongo --backend postgresql` exports it): this server is
-    # one of its own, on SQLite.
-    inherited = {name: value for name, value in os.environ.items() if name != "REACTOR_FERRETDB_POSTGRESQL_URL"}
+    # Not where the session's FerretDB stores (`scripts/testenv up mongo` exports it): this server is one of its own.
+    inherited = {name: value for name, value in os.environ.items() if name not in FERRETDB_STORAGE_VARIABLES}
     env = {
         **inherited,
         "REACTOR_MODE": "distributed",
