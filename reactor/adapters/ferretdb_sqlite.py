@@ -11,7 +11,9 @@ cores, a release through Kafka: 22.9 nodes/s without it and 125 with it at 1,000
 
 FerretDB opens its files in WAL mode with a busy timeout, so another process may add an index while it runs. The
 index is not in FerretDB's metadata: FerretDB does not list it among the collection's indexes, and drops it with its
-table. Only missing indexes are made; a process that finds the file's write lock taken waits for it (`timeout`).
+table. Only missing indexes are made, each under the file's write lock: FerretDB's writes wait while one is built
+(measured: 0.1 s for a table of 100,000 records of 300 bytes; FerretDB waits up to 10 s), and so does another
+process making them (`_BUSY_TIMEOUT_S`).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def _ensure(directory: Path, database: str, collections: tuple[str, ...]) -> lis
     try:
         # `mode=rw`: never create a file FerretDB did not.
         connection = sqlite3.connect(
-            f"{path.as_uri()}?mode=rw", uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None
+            f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None
         )
     except sqlite3.Error as exc:
         raise BackendUnavailable(f"FerretDB's SQLite file {path}: {exc}") from None

@@ -156,7 +156,7 @@ async def test_a_collection_dropped_and_made_again_is_indexed_when_a_store_opens
 
 
 async def test_a_directory_that_is_not_ferretdbs_is_refused_and_the_store_does_not_open(
-    on_sqlite: tuple[str, Path], collections_only: str, tmp_path: Path
+    on_sqlite: tuple[str, Path], collections_only: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mongo_url, database = on_sqlite[0], collections_only
     with pytest.raises(ReactorError, match="REACTOR_FERRETDB_SQLITE_DIR") as refused:
@@ -168,3 +168,6 @@ async def test_a_directory_that_is_not_ferretdbs_is_refused_and_the_store_does_n
     sqlite3.connect(tmp_path / f"{database}.sqlite").execute("CREATE TABLE t (x)").connection.close()
     with pytest.raises(ReactorError, match=METADATA_TABLE):
         await ensure_id_indexes(tmp_path, database, COLLECTIONS)
+    monkeypatch.chdir(tmp_path)  # a relative directory is taken from where the process runs
+    with pytest.raises(ReactorError, match=METADATA_TABLE):
+        await ensure_id_indexes(Path(), database, COLLECTIONS)
