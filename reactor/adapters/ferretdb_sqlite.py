@@ -124,7 +124,8 @@ def _make_missing(connection: sqlite3.Connection, path: Path, collections: tuple
                     f"CREATE INDEX {quote_identifier(name)} ON {quote_identifier(table)} ({ID_EXPRESSION})"
                 )
         except sqlite3.Error as exc:
-            connection.execute("ROLLBACK")
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
             if "no such table" in str(exc):
                 continue  # the collection was dropped since its table was listed: nothing to index
             raise
