@@ -10,7 +10,9 @@ memory of one process running every role while `--in-flight` nodes are in flight
 process, so that what the runs before it left in this one is not counted).
 Uses $REACTOR_KAFKA_BOOTSTRAP / $REACTOR_MONGO_URL when set (that FerretDB's storage named by $REACTOR_MONGO_BACKEND,
 sqlite by default), otherwise starts Kafka and one FerretDB per `--backends` entry with the test harness.
-Each distributed run also prints the store's requests per node by kind (where the remaining time goes); with
+Each distributed run also prints the store's requests per node by kind, and the CPU time per node of this process and
+of each server the run started (Kafka, FerretDB, its PostgreSQL), with the machine's load: where the remaining time
+goes, and the most the servers' own CPU time per node allows on this machine's cores. With
 `--unbatched-baseline` the same release runs again with every store call sent alone (REACTOR_MONGO_BATCH=false).
 With `--signing` the first storage's loop runs twice more, unsigned and with signatures required (every event
 Ed25519-signed and checked, one process with every role): the cost per node is the difference of this process's
@@ -35,6 +37,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -166,6 +169,94 @@ def backends() -> Iterator[tuple[str, str]]:
                 service.stop()
 
 
+# The processes of the servers this run started, by what they are ("Kafka", "FerretDB", "PostgreSQL"), while they
+# run: their CPU time is measured beside the reactor's (`ServerCpu`). Servers named by the environment are not in it.
+SERVERS: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def _server(name: str, service: testenv.Service) -> Iterator[None]:
+    SERVERS[name] = service.pid
+    try:
+        yield
+    finally:
+        SERVERS.pop(name, None)
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds used so far by process `root` and its descendants (the live ones, and those that exited and were
+    waited for, as their parents' children time). 0 for a process that is gone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        used[pid] = sum(int(value) for value in fields[11:15]) / ticks  # utime, stime, cutime, cstime
+    total = 0.0
+    for pid, seconds in used.items():
+        ancestor = pid
+        while ancestor not in (root, 0, 1) and ancestor in parent:
+            ancestor = parent[ancestor]
+        if ancestor == root:
+            total += seconds
+    return total
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """CPU seconds the whole machine was busy and its total CPU seconds, since boot (from /proc/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    # user, nice, system, idle, iowait, irq, softirq, steal (guest time is counted in user and nice already)
+    values = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    idle = values[3] + values[4]
+    return (sum(values) - idle) / ticks, sum(values) / ticks
+
+
+class ServerCpu:
+    """CPU seconds of this process, of each server this run started and of the whole machine, over a stretch."""
+
+    def __enter__(self) -> ServerCpu:
+        self._start = self._sample()
+        self.used: dict[str, float] = {}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        end = self._sample()
+        self.used = {name: end[name] - self._start.get(name, 0.0) for name in end}
+
+    @staticmethod
+    def _sample() -> dict[str, float]:
+        busy, total = machine_busy_s()
+        sample = {"reactor (this process)": time.process_time(), "machine busy": busy, "machine total": total}
+        sample.update({name: tree_cpu_s(pid) for name, pid in SERVERS.items()})
+        return sample
+
+    def report(self, nodes: int) -> tuple[str, dict[str, object]]:
+        """A line of milliseconds of CPU per node by process, the machine's load, and the same as figures."""
+        cores = os.cpu_count() or 1
+        per_node = {
+            name: seconds * 1000 / nodes for name, seconds in self.used.items() if not name.startswith("machine")
+        }
+        load = self.used["machine busy"] / self.used["machine total"] if self.used["machine total"] else 0.0
+        servers = sum(per_node[name] for name in SERVERS if name in per_node)
+        line = "  CPU milliseconds per node: " + ", ".join(f"{name} {ms:.2f}" for name, ms in per_node.items())
+        line += f"; machine {load:.0%} busy over its {cores} cores"
+        if servers:
+            line += (
+                f"; the servers alone ({servers:.2f} ms a node) would allow at most {cores * 1000 / servers:.0f}"
+                f" nodes/s on {cores} cores"
+            )
+        figures: dict[str, object] = {"cpu_ms_per_node": {name: round(ms, 3) for name, ms in per_node.items()}}
+        figures["machine_busy"] = round(load, 3)
+        return line, figures
+
+
 @contextlib.contextmanager
 def kafka() -> Iterator[str]:
     """Kafka's bootstrap address: from the environment, or a broker started by the harness for this run."""
@@ -174,7 +265,7 @@ def kafka() -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="reactor-bench-") as work:
         testenv.ensure_kafka()
-        with testenv.start_kafka(Path(work) / "kafka") as service:
+        with testenv.start_kafka(Path(work) / "kafka") as service, _server("Kafka", service):
             yield service.env["REACTOR_KAFKA_BOOTSTRAP"]
 
 
@@ -186,7 +277,14 @@ def mongo(backend: str) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="reactor-bench-") as work:
         testenv.install_ferretdb(backend)
-        with testenv.start_ferretdb(Path(work) / "mongo", backend=backend) as service, exported(service.env):
+        with (
+            testenv.start_ferretdb(Path(work) / "mongo", backend=backend) as service,
+            exported(service.env),
+            _server("FerretDB", service),
+            contextlib.ExitStack() as parts,
+        ):
+            for part in service.parts:  # its PostgreSQL
+                parts.enter_context(_server("PostgreSQL", part))
             yield service.env["REACTOR_MONGO_URL"]
 
 
@@ -224,6 +322,16 @@ def exported(*environments: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def ferretdb_storage() -> dict[str, Any]:
+    """Where FerretDB stores, as `scripts/testenv up` exports it: the store makes the indexes FerretDB's requests can
+    use there (MongoStore's `postgresql_url` or `sqlite_dir`)."""
+    directory = os.environ.get("REACTOR_FERRETDB_SQLITE_DIR")
+    return {
+        "postgresql_url": os.environ.get("REACTOR_FERRETDB_POSTGRESQL_URL"),
+        "sqlite_dir": Path(directory) if directory else None,
+    }
+
+
 @contextlib.asynccontextmanager
 async def distributed(
     bootstrap: str, mongo: str, *, batch: bool = True, signatures: Signatures = NO_SIGNATURES
@@ -231,13 +339,7 @@ async def distributed(
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     async with (
         KafkaBus(bootstrap, prefix=prefix, concurrency=64, max_buffered=2000, signatures=signatures) as bus,
-        MongoStore(
-            mongo,
-            database=f"bench_{uuid.uuid4().hex[:8]}",
-            batch=batch,
-            postgresql_url=os.environ.get("REACTOR_FERRETDB_POSTGRESQL_URL"),
-            sqlite_dir=Path(directory) if (directory := os.environ.get("REACTOR_FERRETDB_SQLITE_DIR")) else None,
-        ) as store,
+        MongoStore(mongo, database=f"bench_{uuid.uuid4().hex[:8]}", batch=batch, **ferretdb_storage()) as store,
     ):
         await bus.create_topics(partitions=6)
         yield bus, store
@@ -245,15 +347,17 @@ async def distributed(
 
 async def timed_release(
     bootstrap: str, url: str, plan: ReleasePlan, *, batch: bool
-) -> tuple[float, Counter[str], dict[str, float]]:
-    """Seconds of one distributed release, the store requests it made and the seconds they took, by kind."""
+) -> tuple[float, Counter[str], dict[str, float], ServerCpu]:
+    """Seconds of one distributed release, the store requests it made and the seconds they took, by kind, and the CPU
+    time of this process and of the servers over it."""
     async with distributed(bootstrap, url, batch=batch) as (bus, store):
         # As a distributed deployment runs it: max_parallel held with store slots across pacers.
         settings = Settings(mode="distributed", require_signed=False, state_dir=Path(tempfile.gettempdir()))
         opened, opened_s = store.round_trips.copy(), dict(store.round_trip_s)
-        seconds, _ = await run_release(bus, store, plan, settings)
+        with ServerCpu() as cpu:
+            seconds, _ = await run_release(bus, store, plan, settings)
         spent = {what: total - opened_s.get(what, 0.0) for what, total in store.round_trip_s.items()}
-        return seconds, store.round_trips - opened, spent
+        return seconds, store.round_trips - opened, spent, cpu
 
 
 async def signing_cost(bootstrap: str, url: str, plan: ReleasePlan) -> dict[str, float]:
@@ -284,10 +388,10 @@ async def signing_cost(bootstrap: str, url: str, plan: ReleasePlan) -> dict[str,
 
 async def measure_distributed(
     bootstrap: str, url: str, backend: str, plan: ReleasePlan, raw_rate: float, *, unbatched_baseline: bool
-) -> dict[str, float]:
+) -> dict[str, object]:
     """The full loop on Kafka + FerretDB/`backend`, and where asked the same with every store call sent alone."""
     nodes = len(plan.nodes)
-    reactor_s, trips, trip_s = await timed_release(bootstrap, url, plan, batch=True)
+    reactor_s, trips, trip_s, cpu = await timed_release(bootstrap, url, plan, batch=True)
     rate = nodes / reactor_s
     print(
         f"reactor full loop, Kafka+FerretDB/{backend}: {reactor_s:8.2f} s  {rate:9.0f} nodes/s  "
@@ -307,13 +411,16 @@ async def measure_distributed(
         ),
         flush=True,
     )
-    figures = {
+    cpu_line, cpu_figures = cpu.report(nodes)
+    print(cpu_line, flush=True)
+    figures: dict[str, object] = {
         "nodes_per_s": round(rate, 1),
         "ratio_to_raw": round(rate / raw_rate, 4),
         "requests_per_node": round(trips.total() / nodes, 2),
+        **cpu_figures,
     }
     if unbatched_baseline:
-        unbatched_s, unbatched_trips, _ = await timed_release(bootstrap, url, plan, batch=False)
+        unbatched_s, unbatched_trips, _, _ = await timed_release(bootstrap, url, plan, batch=False)
         unbatched_rate = nodes / unbatched_s
         figures["unbatched_nodes_per_s"] = round(unbatched_rate, 1)
         figures["unbatched_requests_per_node"] = round(unbatched_trips.total() / nodes, 2)
@@ -370,7 +477,7 @@ async def main() -> None:
         flush=True,
     )
 
-    distributed_rates: dict[str, dict[str, float]] = {}  # per FerretDB storage
+    distributed_rates: dict[str, dict[str, object]] = {}  # per FerretDB storage
     signing: dict[str, object] | None = None
     peak_rss = baseline_rss = float("nan")
     with kafka() as bootstrap:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bus import backends, release
+from bench.bus import backends, ferretdb_storage, release
 from reactor import logs
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.mongo_store import MongoStore
@@ -76,7 +76,7 @@ async def through(
         plan = release(nodes, max_parallel=nodes)
         async with (
             KafkaBus(bootstrap, prefix=workers.env["REACTOR_TOPIC_PREFIX"]) as bus,
-            MongoStore(mongo, database=database) as store,
+            MongoStore(mongo, database=database, **ferretdb_storage()) as store,
         ):
             await bus.create_topics(partitions=partitions)
             workers.start("pacer")
