@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -244,8 +244,10 @@ class Store(Protocol):
         """Every release, newest first."""
         ...
 
-    async def add_release_nodes(self, nodes: Sequence[ReleaseNode]) -> None:
-        """Insert the nodes of a new release; nodes already there are kept as they are."""
+    async def add_release_nodes(self, nodes: Iterable[ReleaseNode]) -> None:
+        """Insert the nodes of a new release; nodes already there are kept as they are. `nodes` is read once, in
+        order, and a chunk of it at a time: a generator keeps a release of 100,000 nodes from being in memory as
+        rows all at once."""
         ...
 
     async def move_release_node(

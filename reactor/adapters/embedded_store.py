@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -211,27 +211,26 @@ class EmbeddedStore:
         rows = self.db.execute("SELECT doc FROM releases ORDER BY created_at DESC").fetchall()
         return [ReleaseRecord.model_validate_json(row[0]) for row in rows]
 
-    async def add_release_nodes(self, nodes: Sequence[ReleaseNode]) -> None:
+    async def add_release_nodes(self, nodes: Iterable[ReleaseNode]) -> None:
         db = self._writer()
+        release_ids: set[str] = set()
+
+        def rows() -> Iterator[tuple[str, str, int, int, str, str]]:
+            # Made as SQLite takes them: the rows of a large release are never all in memory at once.
+            for node in nodes:
+                release_ids.add(node.release_id)
+                document = node.model_dump_json()
+                yield node.release_id, node.node_key, node.batch, node.position, node.state.value, document
+
         db.execute("SAVEPOINT add_release_nodes")
         try:
             db.executemany(
                 "INSERT INTO release_nodes (release_id, node_key, batch, position, state, doc)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [
-                    (
-                        node.release_id,
-                        node.node_key,
-                        node.batch,
-                        node.position,
-                        node.state.value,
-                        node.model_dump_json(),
-                    )
-                    for node in nodes
-                ],
+                rows(),
             )
             # Counted once per release here rather than by a trigger per row: a release adds thousands at once.
-            for release_id in sorted({node.release_id for node in nodes}):
+            for release_id in sorted(release_ids):
                 db.execute("DELETE FROM release_counts WHERE release_id = ?", (release_id,))
                 db.execute(
                     "INSERT INTO release_counts (release_id, batch, state, n) SELECT release_id, batch, state,"

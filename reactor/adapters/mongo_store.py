@@ -31,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
@@ -515,14 +516,15 @@ class MongoStore:
         found = await self._find("releases", {}, sort=[("created_at", DESCENDING), ("created_at_us", DESCENDING)])
         return [ReleaseRecord.model_validate_json(document["doc"]) for document in found]
 
-    async def add_release_nodes(self, nodes: Sequence[ReleaseNode]) -> None:
+    async def add_release_nodes(self, nodes: Iterable[ReleaseNode]) -> None:
         """Insert the rows `_INSERT_CHUNK` at a time, each chunk a request of its own that its own retries bound:
         FerretDB took longer than a request's timeout over the rows of 100,000 nodes sent at once, and each retry
-        of them all (rows already in are skipped) took as long again."""
-        for start in range(0, len(nodes), _INSERT_CHUNK):
+        of them all (rows already in are skipped) took as long again. Only the chunk being sent is in memory."""
+        remaining = iter(nodes)
+        while chunk := list(islice(remaining, _INSERT_CHUNK)):
             documents = [
                 {"_id": _release_node_id(node.release_id, node.node_key), **node.model_dump(mode="json")}
-                for node in nodes[start : start + _INSERT_CHUNK]
+                for node in chunk
             ]
 
             async def insert(documents: list[Document] = documents) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -303,6 +304,26 @@ async def test_add_release_nodes_is_idempotent_and_keeps_progress(store: Store) 
     nodes = await store.list_release_nodes("rel-1")
     assert len(nodes) == 5
     assert [node.state for node in nodes] == [ItemState.DISPATCHED] + [ItemState.QUEUED] * 4
+
+
+async def test_add_release_nodes_reads_rows_from_a_generator_once_and_stores_every_one(store: Store) -> None:
+    """The pacer hands the rows as a generator (made as the store takes them): more rows than one request carries
+    on MongoDB (1,000), each made once, all stored in plan order; handed again, none is added twice."""
+    record = release("rel-1", count=2500).model_copy(update={"batch_sizes": [1000, 1500]})
+    made: list[str] = []
+
+    def rows() -> Iterator[ReleaseNode]:
+        for node in release_nodes(record):
+            made.append(node.node_key)
+            yield node
+
+    await store.add_release_nodes(rows())
+    assert len(made) == 2500 == len(set(made))
+    keys = await store.list_release_node_keys("rel-1")
+    assert keys == [f"local/h{position}/api" for position in range(2500)]
+    await store.add_release_nodes(rows())
+    counts = await store.count_release_batches("rel-1")
+    assert counts == {0: {ItemState.QUEUED: 1000}, 1: {ItemState.QUEUED: 1500}}
 
 
 async def test_move_release_node_moves_from_an_allowed_state_and_records_the_outcome(store: Store) -> None:
