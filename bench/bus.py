@@ -147,6 +147,11 @@ async def raw_kafka(bootstrap: str, count: int, size: int) -> float:
         await producer.stop()
 
 
+# The processes of the servers this run started, by what they are ("Kafka", "FerretDB", "PostgreSQL"), while they
+# run: their CPU time is measured beside the reactor's (`ServerCpu`). Servers named by the environment are not in it.
+SERVERS: dict[str, int] = {}
+
+
 @contextlib.contextmanager
 def backends() -> Iterator[tuple[str, str]]:
     """Kafka bootstrap and MongoDB URL: from the environment, or started by the harness for this run."""
@@ -158,20 +163,20 @@ def backends() -> Iterator[tuple[str, str]]:
                 testenv.ensure_kafka()
                 started.append(testenv.start_kafka(Path(work) / "kafka"))
                 bootstrap = started[-1].env["REACTOR_KAFKA_BOOTSTRAP"]
+                SERVERS["Kafka"] = started[-1].pid
             if mongo is None:
                 testenv.ensure_ferretdb()
                 started.append(testenv.start_ferretdb(Path(work) / "mongo", backend=testenv.mongo_backend()))
                 mongo = started[-1].env["REACTOR_MONGO_URL"]
+                SERVERS["FerretDB"] = started[-1].pid
+                for part in started[-1].parts:  # its PostgreSQL
+                    SERVERS["PostgreSQL"] = part.pid
             with exported(*(service.env for service in started)):
                 yield bootstrap, mongo
         finally:
+            SERVERS.clear()
             for service in started:
                 service.stop()
-
-
-# The processes of the servers this run started, by what they are ("Kafka", "FerretDB", "PostgreSQL"), while they
-# run: their CPU time is measured beside the reactor's (`ServerCpu`). Servers named by the environment are not in it.
-SERVERS: dict[str, int] = {}
 
 
 @contextlib.contextmanager
@@ -219,23 +224,36 @@ def machine_busy_s() -> tuple[float, float]:
 
 
 class ServerCpu:
-    """CPU seconds of this process, of each server this run started and of the whole machine, over a stretch."""
+    """CPU seconds of this process (or of the reactor `processes` named, each with its descendants), of each server
+    this run started and of the whole machine, over a stretch."""
 
-    def __enter__(self) -> ServerCpu:
-        self._start = self._sample()
+    def __init__(self, processes: dict[str, list[int]] | None = None) -> None:
+        self.processes = processes
         self.used: dict[str, float] = {}
+
+    def start(self) -> ServerCpu:
+        self._start = self._sample()
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def stop(self) -> None:
         end = self._sample()
         self.used = {name: end[name] - self._start.get(name, 0.0) for name in end}
 
-    @staticmethod
-    def _sample() -> dict[str, float]:
+    def __enter__(self) -> ServerCpu:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _sample(self) -> dict[str, float]:
         busy, total = machine_busy_s()
-        sample = {"reactor (this process)": time.process_time(), "machine busy": busy, "machine total": total}
+        sample: dict[str, float] = {}
+        if self.processes is None:
+            sample["reactor (this process)"] = time.process_time()
+        else:
+            sample.update({name: sum(map(tree_cpu_s, pids)) for name, pids in self.processes.items()})
         sample.update({name: tree_cpu_s(pid) for name, pid in SERVERS.items()})
-        return sample
+        return sample | {"machine busy": busy, "machine total": total}
 
     def report(self, nodes: int) -> tuple[str, dict[str, object]]:
         """A line of milliseconds of CPU per node by process, the machine's load, and the same as figures."""

@@ -7,7 +7,9 @@ one `reactor worker --role pacer` process and N `reactor worker --role executor`
 REACTOR_CONCURRENCY), `noop` nodes whose deploy takes `--delay` seconds (REACTOR_NOOP_DELAY_S), the whole release
 in one batch with max_parallel = nodes. Timed from ReleaseRequested to the release completed; every node must be
 deployed exactly once, counted from the outcomes topic. With the delay the work itself bounds one worker at
-concurrency / delay nodes per second: 3 workers can reach 3x that, the target is >= 2.5x.
+concurrency / delay nodes per second: 3 workers can reach 3x that, the target is >= 2.5x. Each run also prints the CPU
+time per node of the pacer process, of the executor processes and of each server the harness started here, and how
+busy the whole machine was: a run the machine's cores bound cannot go faster with more processes on them.
 The last line is one JSON object: {"bench": "scale", "speedup_3_vs_1": x, "doubles": n, ...}.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bus import backends, ferretdb_storage, release
+from bench.bus import ServerCpu, backends, ferretdb_storage, release
 from reactor import logs
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.mongo_store import MongoStore
@@ -50,8 +52,9 @@ async def through(
     concurrency: int,
     partitions: int,
     keep: Path | None = None,
-) -> tuple[float, int, int]:
-    """Seconds for the release with `workers_count` executor processes; nodes deployed more than once; missing.
+) -> tuple[float, int, int, ServerCpu]:
+    """Seconds for the release with `workers_count` executor processes; nodes deployed more than once; missing; the
+    CPU time the processes used meanwhile.
 
     The workers' logs go to `keep/<workers_count>/` when it is given, else to a directory removed after the run.
     """
@@ -83,6 +86,8 @@ async def through(
             for _ in range(workers_count):
                 workers.start("executor")
             await assigned(workers, range(1, workers_count + 1), partitions)
+            pids = [process.pid for process in workers.processes]
+            cpu = ServerCpu({"pacer process": pids[:1], "executor processes": pids[1:]}).start()
             begin = time.perf_counter()
             await bus.publish(ReleaseRequested(release_id=plan.release_id, plan=plan, actor="bench"))
             while True:
@@ -96,6 +101,7 @@ async def through(
                     raise SystemExit(f"{workers_count} worker(s): the release did not end within {WAIT_S:g}s")
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - begin
+            cpu.stop()
             if record.state != ReleaseState.COMPLETED:
                 raise SystemExit(f"{workers_count} worker(s): the release ended {record.state}")
             deployed = collections.Counter(
@@ -105,7 +111,7 @@ async def through(
             )
     doubles = sum(count - 1 for count in deployed.values())
     missing = nodes - len(deployed)
-    return elapsed, doubles, missing
+    return elapsed, doubles, missing, cpu
 
 
 async def assigned(workers: Workers, indexes: range, partitions: int) -> None:
@@ -134,9 +140,10 @@ async def main() -> None:
     logs.configure("console", os.environ.get("BENCH_LOG_LEVEL", "warning"))
     bound = args.concurrency / args.delay
     results = {}
+    machine_busy: dict[int, object] = {}
     with backends() as (bootstrap, mongo):
         for count in (1, 3) if args.only is None else (args.only,):
-            elapsed, doubles, missing = await through(
+            elapsed, doubles, missing, cpu = await through(
                 count, bootstrap, mongo, args.nodes, args.delay, args.concurrency, args.partitions, args.keep_logs
             )
             results[count] = (elapsed, doubles, missing)
@@ -146,6 +153,9 @@ async def main() -> None:
                 f"(work bound {bound * count:.0f}/s), deployed twice {doubles}, never {missing}",
                 flush=True,
             )
+            cpu_line, cpu_figures = cpu.report(args.nodes)
+            print(cpu_line, flush=True)
+            machine_busy[count] = cpu_figures["machine_busy"]
     doubles = sum(result[1] for result in results.values())
     missing = sum(result[2] for result in results.values())
     print(f"{args.nodes} noop nodes of {args.delay:g} s, concurrency {args.concurrency} per worker, one batch")
@@ -160,6 +170,7 @@ async def main() -> None:
         "speedup_3_vs_1": None if speedup is None else round(speedup, 3),
         "doubles": doubles,
         "missing": missing,
+        **{f"machine_busy_{count}": busy for count, busy in machine_busy.items()},
     }
     print(json.dumps(line))
 
