@@ -60,7 +60,7 @@ from reactor.events import (
     Strategy,
 )
 from reactor.ports import EventBus, Store
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Backends, Role, run_roles, tune_gc
 from reactor.settings import Settings
 from reactor.trust import generate_key, load_signing_key, load_trust_file
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
@@ -310,6 +310,7 @@ def in_flight_rss(bootstrap: str, url: str, in_flight: int) -> tuple[float, floa
     """MB of RSS of this process before, and at the peak of, a release of `in_flight` no-op nodes of 5 s each, all in
     flight at once through every role here (run it in a fresh process: see `main`)."""
     logs.configure("json", "warning")
+    tune_gc()  # the garbage collector as the `reactor` command sets it
 
     async def measure() -> tuple[float, float]:
         plan = release(in_flight, max_parallel=in_flight)
@@ -453,6 +454,7 @@ async def measure_distributed(
 
 async def main() -> None:
     logs.configure("json", "warning")
+    tune_gc()  # the garbage collector as the `reactor` command sets it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--in-flight", type=int, default=1_000)

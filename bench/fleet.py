@@ -42,7 +42,7 @@ from reactor.events import HealthCheck, NodeTarget, Package, ReleasePlan, Releas
 from reactor.executors import ansible as ansible_driver
 from reactor.executors.hostcontract import physical_executor
 from reactor.ports import ExecutionContext, Executor, ExecutorSettings
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Backends, Role, run_roles, tune_gc
 from reactor.settings import Settings
 from tests.infra import fleet as fleet_harness
 from tests.infra.fleet import Fleet
@@ -231,6 +231,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="each way this often, interleaved; medians reported")
     args = parser.parse_args()
     logs.configure("console", os.environ.get("BENCH_LOG_LEVEL", "warning"))
+    tune_gc()  # the garbage collector as the `reactor` command sets it
     with fleet_of(args.hosts) as fleet:
         hosts = [host.name for host in fleet.hosts[: args.hosts]]
         built = build_package(fleet.package_dir / "bench", VERSION)

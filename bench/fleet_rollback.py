@@ -52,7 +52,7 @@ from reactor.events import (
 )
 from reactor.executors.hostcontract import physical_executor
 from reactor.ports import ExecutionContext, Executor
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Backends, Role, run_roles, tune_gc
 from reactor.settings import Settings
 from tests.infra.fleet import Fleet
 
@@ -174,6 +174,7 @@ async def main() -> None:
     parser.add_argument("--max-parallel", type=int, default=5)
     args = parser.parse_args()
     logs.configure("console", os.environ.get("BENCH_LOG_LEVEL", "warning"))
+    tune_gc()  # the garbage collector as the `reactor` command sets it
     with fleet_of(args.hosts) as fleet, tempfile.TemporaryDirectory(prefix="bench-rollback-") as state:
         hosts = [host.name for host in fleet.hosts[: args.hosts]]
         packages = {}

@@ -39,7 +39,7 @@ from reactor.events import (
     Strategy,
     Topic,
 )
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Backends, Role, run_roles, tune_gc
 from reactor.settings import Settings
 from tests.infra import k8s
 from tests.k8s.conftest import Cluster, Kube, current_context
@@ -125,6 +125,7 @@ async def kubectl_round(binary: str, config: Cluster, namespace: str, names: lis
 
 async def main(deployments: int, replicas: int, rounds: int) -> None:
     logs.configure("console", level="warning")
+    tune_gc()  # the garbage collector as the `reactor` command sets it
     binary = kubectl()
     with cluster() as config, tempfile.TemporaryDirectory(prefix="bench-k8s-state-") as state:
         async with Kube.open(config) as kube:

@@ -35,12 +35,13 @@ from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.errors import BackendUnavailable
 from reactor.events import ReleaseRequested, Strategy, Topic
 from reactor.ports import ReleaseRecord
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Backends, Role, run_roles, tune_gc
 from reactor.settings import Settings
 
 
 async def main() -> None:  # noqa: PLR0915 (one measured run, start to end)
     logs.configure("json", "warning")
+    tune_gc()  # the garbage collector as the `reactor` command sets it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1000, help="nodes per batch")

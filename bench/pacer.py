@@ -37,6 +37,7 @@ from reactor.domain.status import pending
 from reactor.events import Strategy
 from reactor.executors.noop import NoopExecutor
 from reactor.ports import ExecutionContext
+from reactor.runtime import tune_gc
 from reactor.settings import Settings
 from reactor.trust import TrustStore, enforcement, generate_key, load_signing_key, load_trust_file
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
@@ -162,6 +163,7 @@ async def signing_runs(nodes: int, max_parallel: int, batches: int) -> tuple[Run
 
 async def main() -> None:
     logs.configure("json", "warning")
+    tune_gc()  # the garbage collector as the `reactor` command sets it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--batches", type=int, default=10)

@@ -30,7 +30,7 @@ from reactor.domain.pacer import ReleaseState
 from reactor.domain.status import NodeState, pending
 from reactor.events import ReleaseRequested, ReleaseRollbackRequested
 from reactor.ports import Store
-from reactor.runtime import Backends, Role, run_roles
+from reactor.runtime import Backends, Role, run_roles, tune_gc
 from reactor.settings import Settings
 
 
@@ -81,6 +81,7 @@ async def rollback_seconds(nodes: int, max_parallel: int, delay_s: float, *, fas
 
 async def main() -> None:
     logs.configure("json", "warning")
+    tune_gc()  # the garbage collector as the `reactor` command sets it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--max-parallel", type=int, default=5)

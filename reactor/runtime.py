@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,24 @@ from reactor.trust.keys import check_private_file
 from reactor.trust.policy import Policy, load_policy
 
 log = structlog.get_logger(__name__)
+
+# Python's own thresholds of its cyclic garbage collector, and the reactor process's. A node's handling makes hundreds
+# of short-lived objects (tasks, models, log contexts) that reference counting frees; with Python's first threshold
+# (700) a young collection runs every few nodes, the objects of the nodes in flight survive it, and so the oldest
+# generation keeps filling and is collected in full, which reads every object of the process (a 100,000-node plan's
+# too). Measured embedded (bench/pacer.py): full collections took 20% of a 10,000-node release's time and 31% of a
+# 100,000-node one's; with these thresholds, 1% and under 1%, and the release 26% and 34% faster.
+PYTHON_GC_THRESHOLDS = (700, 10, 10)
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> bool:
+    """Set the reactor process's garbage collector thresholds (`GC_THRESHOLDS`) unless the process has set its own;
+    whether it did. Called by the `reactor` command, before anything else."""
+    if gc.get_threshold() != PYTHON_GC_THRESHOLDS:
+        return False
+    gc.set_threshold(*GC_THRESHOLDS)
+    return True
 
 
 class Role(StrEnum):

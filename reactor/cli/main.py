@@ -64,6 +64,7 @@ from reactor.runtime import (
     mongo_store,
     open_backends,
     run_roles,
+    tune_gc,
 )
 from reactor.session import submit_and_follow
 from reactor.settings import Settings
@@ -797,6 +798,7 @@ def schemas_check(
 
 def main() -> None:
     """Console-script entry point."""
+    tune_gc()
     app()
 
 
