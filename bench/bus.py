@@ -157,24 +157,23 @@ def backends() -> Iterator[tuple[str, str]]:
     """Kafka bootstrap and MongoDB URL: from the environment, or started by the harness for this run."""
     bootstrap, mongo = os.environ.get("REACTOR_KAFKA_BOOTSTRAP"), os.environ.get("REACTOR_MONGO_URL")
     started: list[testenv.Service] = []
-    with tempfile.TemporaryDirectory(prefix="reactor-bench-") as work:
+    with tempfile.TemporaryDirectory(prefix="reactor-bench-") as work, contextlib.ExitStack() as measured:
         try:
             if bootstrap is None:
                 testenv.ensure_kafka()
                 started.append(testenv.start_kafka(Path(work) / "kafka"))
                 bootstrap = started[-1].env["REACTOR_KAFKA_BOOTSTRAP"]
-                SERVERS["Kafka"] = started[-1].pid
+                measured.enter_context(_server("Kafka", started[-1]))
             if mongo is None:
                 testenv.ensure_ferretdb()
                 started.append(testenv.start_ferretdb(Path(work) / "mongo", backend=testenv.mongo_backend()))
                 mongo = started[-1].env["REACTOR_MONGO_URL"]
-                SERVERS["FerretDB"] = started[-1].pid
+                measured.enter_context(_server("FerretDB", started[-1]))
                 for part in started[-1].parts:  # its PostgreSQL
-                    SERVERS["PostgreSQL"] = part.pid
+                    measured.enter_context(_server("PostgreSQL", part))
             with exported(*(service.env for service in started)):
                 yield bootstrap, mongo
         finally:
-            SERVERS.clear()
             for service in started:
                 service.stop()
 
