@@ -13,14 +13,21 @@ import contextlib
 import re
 import shlex
 import time
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import PurePosixPath
 from typing import ClassVar
 
-import asyncssh
-import structlog
+from cryptography.utils import CryptographyDeprecationWarning
 
+with warnings.catch_warnings():
+    # asyncssh names cryptography's DSA key types as it loads, and cryptography 51 warns on that name: the warning
+    # is about the library's import, not about a key in use, and would stop every command that loads this module.
+    warnings.filterwarnings("ignore", "DSA is deprecated", CryptographyDeprecationWarning)
+    import asyncssh
+
+from reactor import logs
 from reactor.domain.status import NodeState, NodeStatus
 from reactor.errors import StepFailed
 from reactor.executors.hostcontract import (
@@ -45,7 +52,7 @@ from reactor.executors.hostcontract import (
 from reactor.ports import ExecutionContext
 from reactor.trust.keys import private_file_problem
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 # A cut cable is noticed after about KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT_MAX seconds.
 KEEPALIVE_INTERVAL_S = 2.0
