@@ -7,6 +7,7 @@ extension `correlationid` = release id and `causationid` = the event that caused
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import UTC, datetime
@@ -58,6 +59,7 @@ Message = Annotated[str, Field(max_length=4000)]
 MinHealthy = Annotated[float, Field(ge=0, le=86400), JSON_NUMBER]
 
 NAMESPACE = uuid.UUID("6f1c8f1e-5d1b-4a7e-9c61-2b7b0d3e9a10")
+_NAMESPACE_BYTES = NAMESPACE.bytes
 
 
 def new_event_id() -> str:
@@ -66,8 +68,16 @@ def new_event_id() -> str:
 
 
 def derived_event_id(*parts: str) -> str:
-    """A deterministic event id, so a re-emitted event carries the id of the first emission."""
-    return str(uuid.uuid5(NAMESPACE, "/".join(parts)))
+    """A deterministic event id, so a re-emitted event carries the id of the first emission.
+
+    The name-based UUID (version 5) of `parts` joined by "/" in NAMESPACE, as `uuid.uuid5` makes it, made straight
+    from its SHA-1 digest: a release derives a few per node, and `uuid.UUID` took three quarters of each.
+    """
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + "/".join(parts).encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50  # version 5
+    digest[8] = digest[8] & 0x3F | 0x80  # RFC 4122 variant
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def utc_now() -> datetime:

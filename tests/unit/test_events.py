@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,7 @@ from reactor.events import (
     EVENT_ID,
     EVENT_TYPES,
     EVENTS_BY_TYPE,
+    NAMESPACE,
     DeployRequested,
     HealthCheck,
     NodeEvent,
@@ -425,3 +427,13 @@ def test_new_events_get_distinct_event_ids() -> None:
     assert first.event_id != second.event_id
     assert re.fullmatch(EVENT_ID, first.event_id)
     assert first.occurred_at.utcoffset() is not None
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [("a",), ("release-1", "noop/host-00001/app", "deploy"), ("3f2a", "outcome"), ("é∂-ü", ""), ("x" * 300,)],
+)
+def test_derived_event_id_is_the_uuid5_of_the_joined_parts(parts: tuple[str, ...]) -> None:
+    # Ids derived before are on record (processed outcomes, release outboxes): the fast path must make the same ones.
+    assert derived_event_id(*parts) == str(uuid.uuid5(NAMESPACE, "/".join(parts)))
+    assert uuid.UUID(derived_event_id(*parts)).version == 5
