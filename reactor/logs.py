@@ -13,9 +13,13 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+# Bumped by each `configure`: the loggers made before it bind themselves again on their next call.
+_generation = 0
+
 
 def configure(log_format: Literal["auto", "json", "console"] = "auto", level: str = "info") -> None:
     """Send structured logs to stderr."""
+    global _generation  # noqa: PLW0603 (the one place the configuration changes)
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
@@ -32,6 +36,62 @@ def configure(log_format: Literal["auto", "json", "console"] = "auto", level: st
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _generation += 1
+
+
+def reset() -> None:
+    """Back to structlog's defaults (tests that configured logging undo it)."""
+    global _generation  # noqa: PLW0603
+    structlog.reset_defaults()
+    _generation += 1
+
+
+class Logger:
+    """A module's logger: structlog's, bound once per configuration rather than on every call.
+
+    structlog's lazy logger builds its bound logger again on each call (3.8 us, a call filtered out by its level
+    included), unless it caches the first one for good, which would keep a configuration made before `configure`
+    (such as a log line while the settings load). This one builds it on its first call after each `configure`; a
+    call below the level then costs 0.3 us. Processors changed in place (structlog's `capture_logs`) apply at once.
+    """
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._bound: Any = None
+        self._generation = -1
+
+    def _logger(self) -> Any:
+        if self._generation != _generation:
+            self._bound = structlog.get_logger(self._name).bind()
+            self._generation = _generation
+        return self._bound
+
+    def debug(self, event: str, **values: Any) -> None:
+        """Log `event` at debug level with `values`."""
+        self._logger().debug(event, **values)
+
+    def info(self, event: str, **values: Any) -> None:
+        """Log `event` at info level with `values`."""
+        self._logger().info(event, **values)
+
+    def warning(self, event: str, **values: Any) -> None:
+        """Log `event` at warning level with `values`."""
+        self._logger().warning(event, **values)
+
+    def error(self, event: str, **values: Any) -> None:
+        """Log `event` at error level with `values`."""
+        self._logger().error(event, **values)
+
+    def exception(self, event: str, **values: Any) -> None:
+        """Log `event` at error level with `values` and the exception being handled."""
+        self._logger().exception(event, **values)
+
+
+def get_logger(name: str) -> Logger:
+    """The logger of module `name`."""
+    return Logger(name)
 
 
 class bound:  # noqa: N801 (used like structlog's bound_contextvars)

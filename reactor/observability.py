@@ -8,14 +8,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
-import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from reactor import logs
 from reactor.codec import Record
 from reactor.events import Event, NodeDeployed, NodeFailed, NodeRolledBack, RollbackFailed, Topic
 from reactor.ports import EventBus, Handler, Interest
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 EVENTS_CONSUMED = Counter("reactor_events_consumed_total", "Events handed to a handler.", ["group", "type"])
 EVENTS_PRODUCED = Counter("reactor_events_produced_total", "Events published.", ["type"])

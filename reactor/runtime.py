@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
 
-import structlog
-
+from reactor import logs
 from reactor.adapters.cdevent_sinks import HttpCDEventSink, KafkaCDEventSink
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.kafka_bus import KafkaBus
@@ -30,7 +29,7 @@ from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 from reactor.trust.keys import check_private_file
 from reactor.trust.policy import Policy, load_policy
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 # Python's own thresholds of its cyclic garbage collector, and the reactor process's. A node's handling makes hundreds
 # of short-lived objects (tasks, models, log contexts) that reference counting frees; with Python's first threshold

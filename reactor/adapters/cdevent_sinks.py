@@ -15,17 +15,17 @@ from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter
 
+from reactor import logs
 from reactor.adapters.kafka_security import KafkaSecurity, started_producer
 from reactor.cdevents import http_structured, kafka_record
 from reactor.errors import BackendUnavailable
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 CDEVENTS_SENT = Counter(
     "reactor_cdevents_sent_total", "CDEvents delivery attempts by sink and result.", ["sink", "result"]

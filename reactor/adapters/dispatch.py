@@ -12,8 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import structlog
-
+from reactor import logs
 from reactor.codec import Record, decode
 from reactor.errors import AccessDenied, DecodeError, PolicyRefused, ReactorError
 from reactor.events import Event, Topic
@@ -23,7 +22,7 @@ from reactor.trust.enforcement import SIGNER
 from reactor.trust.identities import Identity
 from reactor.trust.signing import Verified
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 DLQ_REASON = "reactor_dlq_reason"
 DLQ_TOPIC = "reactor_dlq_topic"

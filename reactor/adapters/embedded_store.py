@@ -20,14 +20,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-import structlog
-
+from reactor import logs
 from reactor.domain.pacer import ItemState
 from reactor.domain.status import NodeStatus
 from reactor.errors import BackendUnavailable
 from reactor.ports import ReleaseNode, ReleaseRecord, Slot
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (

@@ -27,12 +27,11 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
-
+from reactor import logs
 from reactor.adapters.urls import without_password
 from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 # The fields the store's requests filter on by equality, per collection (tests/behaviour/test_mongo_explain.py lists
 # the requests). `state`, `batch` and `revision` narrow what these already find and are left to the table.

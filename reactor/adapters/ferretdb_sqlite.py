@@ -23,11 +23,10 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-import structlog
-
+from reactor import logs
 from reactor.errors import BackendUnavailable, ReactorError
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 METADATA_TABLE = "_ferretdb_collections"
 # The expression FerretDB 1.x compares with a document's `_id` (its `metadata.IDColumn`).

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -39,6 +38,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from reactor import logs
 from reactor.adapters.dispatch import DLQ_DROPPED, KeyedDispatcher, dead_letter_record, deliver
 from reactor.adapters.kafka_security import MAX_MESSAGE_BYTES, KafkaSecurity, started_producer
 from reactor.codec import Record, check_size, encode
@@ -48,7 +48,7 @@ from reactor.observability import CONSUMER_LAG, MISROUTED
 from reactor.ports import Handler, Interest
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 # Topic settings `create_topics` gives the topics it creates, and raises to on topics that exist.
 _TOPIC_CONFIGS: dict[Topic, dict[str, str]] = {Topic.RELEASES: {"max.message.bytes": str(MAX_MESSAGE_BYTES)}}

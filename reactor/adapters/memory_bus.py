@@ -16,8 +16,7 @@ from functools import partial
 from types import TracebackType
 from typing import Self
 
-import structlog
-
+from reactor import logs
 from reactor.adapters.dispatch import KeyedDispatcher, dead_letter_record, deliver
 from reactor.codec import Record, check_size, decode, encode
 from reactor.errors import DecodeError, first_reactor_error
@@ -25,7 +24,7 @@ from reactor.events import Event, Topic
 from reactor.ports import Handler, Interest
 from reactor.trust.enforcement import NO_SIGNATURES, Signatures
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 
 class MemoryBus:

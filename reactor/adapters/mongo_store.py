@@ -40,11 +40,11 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 from uuid import uuid4
 
-import structlog
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, DeleteMany
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, CollectionInvalid, ConnectionFailure, OperationFailure, PyMongoError
 
+from reactor import logs
 from reactor.adapters.batching import Batcher, BatchOperation, settled
 from reactor.adapters.ferretdb_postgresql import ensure_indexes
 from reactor.adapters.ferretdb_sqlite import ensure_id_indexes
@@ -55,7 +55,7 @@ from reactor.domain.status import NodeStatus
 from reactor.errors import BackendUnavailable, InvalidInput, ReactorError
 from reactor.ports import ReleaseNode, ReleaseRecord, Slot
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741  # one item of a batched call

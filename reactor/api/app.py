@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from reactor import logs
 from reactor.api import console, openapi
 from reactor.api.auth import LOCAL, Identity, Tokens
 from reactor.api.binding import decode_request_record, problem_field
@@ -37,7 +38,7 @@ from reactor.ports import EventBus, ReleaseNode, ReleaseRecord, Store
 from reactor.trust.identities import TrustStore
 from reactor.trust.signing import SignatureError, is_signed, sign_record, verify_record
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 COMMANDS: dict[
     str, type[ReleaseApproved | ReleasePaused | ReleaseResumed | ReleaseAborted | ReleaseRollbackRequested]

@@ -10,17 +10,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
+from reactor import logs
 from reactor.adapters.kafka_bus import KafkaBus
 from reactor.adapters.kafka_security import MAX_MESSAGE_BYTES
 from reactor.codec import Record, decode
 from reactor.errors import DecodeError
 from reactor.events import Event, Topic
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 _MAX_DELAY_S = 10.0
 
 

@@ -8,16 +8,16 @@ import signal
 import socket
 from collections.abc import Callable
 
-import structlog
 import uvicorn
 
+from reactor import logs
 from reactor.api.app import Api, create_app
 from reactor.api.auth import Tokens
 from reactor.api.feed import Feed
 from reactor.runtime import Role, load_signatures, open_backends, run_roles
 from reactor.settings import Settings
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 # Open event streams get this long to end on shutdown before they are cut.
 GRACEFUL_S = 2
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import structlog
-
 from reactor import logs
 from reactor.cdevents import PIPELINE_NAME, to_cdevent
 from reactor.errors import InvalidInput
 from reactor.events import Event
 from reactor.ports import CDEventSink
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 MAX_REMEMBERED = 10_000
 

@@ -22,8 +22,6 @@ from functools import partial
 from typing import Any, NoReturn, TypeVar
 from uuid import uuid4
 
-import structlog
-
 from reactor import logs, outcomes
 from reactor.domain.status import (
     NO_ROLLBACK_TARGET,
@@ -46,7 +44,7 @@ from reactor.ports import EventBus, ExecutionContext, Executor, ExecutorFactory,
 from reactor.trust.enforcement import current_signer
 from reactor.trust.policy import Policy
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 T = TypeVar("T")
 

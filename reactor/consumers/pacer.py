@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import uuid4
 
-import structlog
-
 from reactor import logs
 from reactor.domain.limits import InFlightLimits, scopes_for
 from reactor.domain.pacer import (
@@ -85,7 +83,7 @@ from reactor.ports import EventBus, ReleaseNode, ReleaseRecord, Store
 from reactor.trust.enforcement import current_signer
 from reactor.trust.policy import Command, Policy
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 _FAN_OUT = 32
 TIMER_LEASE = "pacer-timers"

@@ -8,13 +8,11 @@ outcome). The first report names the cause; a later one changes nothing.
 
 from __future__ import annotations
 
-import structlog
-
 from reactor import logs
 from reactor.events import AutoRollback, Event, NodeFailed, RollbackRequested, derived_event_id
 from reactor.ports import EventBus
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 
 class RollbackConsumer:

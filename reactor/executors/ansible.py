@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import structlog
-
+from reactor import logs
 from reactor.domain.status import NodeState, NodeStatus
 from reactor.errors import StepFailed
 from reactor.executors.hostcontract import (
@@ -45,7 +44,7 @@ from reactor.executors.hostcontract import (
 from reactor.ports import ExecutionContext, ExecutorSettings
 from reactor.trust.keys import private_file_problem
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
 # Long enough for the commands of one pacer window to arrive, short next to a playbook run.

@@ -28,16 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import aiohttp
-import structlog
 from kubernetes_asyncio.client import ApiClient, AppsV1Api, Configuration, CoreV1Api
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
+from reactor import logs
 from reactor.domain.status import NodeState, NodeStatus
 from reactor.errors import StepFailed
 from reactor.events import IMAGE, VERSION
 from reactor.ports import ExecutionContext
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 IN_CLUSTER = "in-cluster"
 API_TIMEOUT_S = 30.0

@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import unquote, urlparse
 
-import structlog
-
+from reactor import logs
 from reactor.domain.status import NodeState, NodeStatus
 from reactor.errors import ReactorError, StepFailed
 from reactor.events import Package
 from reactor.ports import ExecutionContext
 
-log = structlog.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 _CHUNK = 1 << 16
 # Services this process started, so they are reaped when they exit (they outlive the request, not the process).

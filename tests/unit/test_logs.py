@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import structlog
@@ -45,3 +46,28 @@ async def test_each_task_sees_only_what_it_bound() -> None:
     inside.set()
     await asyncio.gather(*tasks)
     assert seen == {"a": {"event_id": "a"}, "b": {"event_id": "b"}}
+
+
+def test_a_module_logger_follows_each_configure(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bound once per configuration: a level set again applies to loggers that logged before it."""
+    log = logs.get_logger("reactor.test")
+    try:
+        logs.configure("json", "warning")
+        log.info("below the level")
+        log.warning("at the level", node_key="n1")
+        logs.configure("json", "info")
+        log.info("now at the level")
+    finally:
+        logs.reset()
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["at the level", "now at the level"]
+    assert json.loads(lines[0])["node_key"] == "n1"
+
+
+def test_processors_changed_in_place_apply_to_a_logger_bound_before() -> None:
+    """structlog's capture_logs changes the configured processors in place: a bound logger sees it."""
+    log = logs.get_logger("reactor.test")
+    log.info("binds the logger")
+    with structlog.testing.capture_logs() as captured:
+        log.warning("captured", release_id="r1")
+    assert captured == [{"event": "captured", "release_id": "r1", "log_level": "warning"}]
