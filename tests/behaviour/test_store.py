@@ -570,6 +570,54 @@ async def test_an_embedded_file_from_before_outcomes_had_a_time_opens_and_keeps_
         assert await store.get_processed("req-2") is None
 
 
+@pytest.mark.unit
+async def test_an_embedded_file_whose_release_rows_kept_their_progress_in_the_document_opens_and_moves_on(
+    tmp_path: Path,
+) -> None:
+    """Release rows once kept state, outcome and time sent only in their document: a file from then gets columns
+    for them, its rows read as they were written, and they move on from there."""
+    path = tmp_path / "old.db"
+    sent = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE release_nodes (release_id TEXT NOT NULL, node_key TEXT NOT NULL, batch INTEGER NOT NULL,"
+        " position INTEGER NOT NULL, state TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (release_id, node_key))"
+    )
+    rows = [
+        ReleaseNode(release_id="rel-1", node_key="local/h1/api", batch=0, position=0),
+        ReleaseNode(
+            release_id="rel-1",
+            node_key="local/h2/api",
+            batch=0,
+            position=1,
+            state=ItemState.SUCCEEDED,
+            dispatched_at=sent,
+            outcome="outcome-2",
+        ),
+    ]
+    for row in rows:
+        old.execute(
+            "INSERT INTO release_nodes VALUES (?, ?, ?, ?, ?, ?)",
+            (row.release_id, row.node_key, row.batch, row.position, row.state.value, row.model_dump_json()),
+        )
+    old.commit()
+    old.close()
+    async with EmbeddedStore(path) as store:
+        assert await store.list_release_nodes("rel-1") == rows
+        assert (await store.count_release_nodes("rel-1"))[ItemState.SUCCEEDED] == 1
+        assert await store.move_release_node(
+            "rel-1", "local/h2/api", from_states=[ItemState.SUCCEEDED], to_state=ItemState.ROLLED_BACK, outcome="o-3"
+        )
+        moved = await store.get_release_node("rel-1", "local/h2/api")
+        assert moved == rows[1].model_copy(update={"state": ItemState.ROLLED_BACK, "outcome": "o-3"})
+        assert await store.move_release_node(
+            "rel-1", "local/h1/api", from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED, dispatched_at=sent
+        )
+        assert await store.get_release_node("rel-1", "local/h1/api") == rows[0].model_copy(
+            update={"state": ItemState.DISPATCHED, "dispatched_at": sent}
+        )
+
+
 # --- in-flight slots and leases ---
 
 
