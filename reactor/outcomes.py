@@ -93,8 +93,9 @@ def refused(request: RollbackRequested, current: NodeStatus, reason: str) -> Rol
 
 
 def record(outcome: Event) -> str:
-    """The stored form of an outcome."""
-    return json.dumps({"type": outcome.TYPE, "data": outcome.model_dump(mode="json")})
+    """The stored form of an outcome: `{"type": ..., "data": ...}`, its data as the model writes its JSON (in one
+    pass, rather than a dict of it written again by `json`)."""
+    return f'{{"type":{json.dumps(outcome.TYPE)},"data":{outcome.model_dump_json()}}}'
 
 
 def restore(recorded: str) -> NodeEvent:
