@@ -514,6 +514,10 @@ class Pacer:
         async with turn.lock:
             if turn.completed >= mine:
                 return
+            if not wait:
+                # An outcome's pass lets the handlers already due run first: the outcomes that came together are
+                # all counted (their callers return, as a pass is running) before the one pass that serves them.
+                await asyncio.sleep(0)
             while True:
                 turn.again = False
                 covered = turn.requested

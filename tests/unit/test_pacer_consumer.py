@@ -364,3 +364,33 @@ async def test_a_release_rolling_forward_counts_its_current_batch_and_keeps_the_
         settled = {state: count for state, count in record.settled.items() if count}
         assert settled == {ItemState.SUCCEEDED: 3, ItemState.FAILED: 1}, "batches 0 and 1, as counted"
         assert set(counting.counted) == {"batch 0", "batch 1", "batch 2"}, counting.counted
+
+
+@pytest.mark.parametrize("store", ["embedded"], indirect=True)
+async def test_outcomes_that_come_together_are_counted_before_one_pass_serves_them_all(store: Store) -> None:
+    """Six outcomes handled at once: each is counted, and a single pass then sees all six and completes the
+    release (a pass per outcome read the release and its counts six times to decide the same)."""
+    release = plan(6, Strategy(batches=[6], max_parallel=6))
+    counting = _CountingStore(store, legacy=False)
+    async with MemoryBus() as bus:
+        pacer = Pacer(cast(Store, counting), bus)
+        await pacer.handle(ReleaseRequested(release_id=release.release_id, plan=release))
+        sent = [event for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
+        assert len(sent) == 6
+        counting.counted.clear()
+        outcomes = [
+            NodeDeployed(
+                node_key=request.node_key,
+                service=request.service,
+                version=request.version,
+                release_id=release.release_id,
+                causation_id=request.event_id,
+            )
+            for request in sent
+        ]
+        await asyncio.gather(*(pacer.handle(outcome) for outcome in outcomes))
+    record = await store.get_release(release.release_id)
+    assert record is not None
+    assert record.state == ReleaseState.COMPLETED
+    assert counting.counted == ["batch 0"], "one pass, after the six counts"
+    assert (await store.count_release_nodes(release.release_id))[ItemState.SUCCEEDED] == 6
