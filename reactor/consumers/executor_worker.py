@@ -37,6 +37,7 @@ from reactor.domain.status import (
     renew,
     rollback_target,
 )
+from reactor.eager import shielded
 from reactor.errors import ConflictError, Fenced, NodeBusy, PolicyRefused, ReactorError
 from reactor.events import DeployRequested, Event, HealthCheck, NodeEvent, RollbackRequested, utc_now
 from reactor.executors import executor_factory
@@ -86,6 +87,7 @@ class ExecutorWorker:
         self.clock = clock
         # One id per worker process: a claim it made is its own to take again (its redelivery), no one else's.
         self.owner = owner or f"executor-{uuid4().hex}"
+        self._renewals = _Renewals(lease.total_seconds() / 3)
 
     async def handle(self, event: Event) -> None:
         """Run a command; other events are not for this worker."""
@@ -185,7 +187,7 @@ class ExecutorWorker:
         result = await self._while_held(held, self._execute(request, written, target, partial(self._check, held)))
         final = finish(held.status, result, now=self.clock())
         # The effect happened: its record must be written even if this task is being cancelled (unless fenced).
-        saved = await asyncio.shield(self._write(held, final))
+        saved = await shielded(self._write(held, final))
         log.info("finished", operation=operation, state=saved.state.value, error=saved.last_error or None)
         if isinstance(request, DeployRequested) and _unobserved(request, saved):
             saved = await self._observe(request, held)
@@ -206,28 +208,37 @@ class ExecutorWorker:
             )
 
     async def _while_held(self, held: _Held, work: Coroutine[Any, Any, T]) -> T:
-        """Run `work` while renewing the claim every lease/3; Fenced (and `work` cancelled) if the claim is lost."""
-        running = asyncio.create_task(work)
-        heartbeat = _Heartbeat(self.lease.total_seconds() / 3, partial(self._heartbeat, held, running))
+        """Run `work` while renewing the claim every lease/3; Fenced (and `work` cancelled) if the claim is lost.
+
+        `work` runs in this task, not a task of its own: a fenced claim's renewal cancels this task while `work` runs,
+        and that cancellation is taken back here (`uncancel`) once it has stopped `work`."""
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a held run needs a task")
+        heartbeat = _Heartbeat(self._renewals, partial(self._heartbeat, held))
+        held.running = task
         try:
-            return await running
+            result = await work
         except asyncio.CancelledError:
+            held.running = None
             heartbeat.cancel()
-            task = asyncio.current_task()
-            if held.fenced and (task is None or task.cancelling() == 0):
+            if held.cancelled and task.uncancel() == 0:  # cancelled for the fence alone
                 raise Fenced(f"{held.status.node_key} was taken over while {held.status.operation} ran") from None
             if not held.fenced:
-                # Stopping or revoked: give the claim up once the executor stopped, so the next worker does not
+                # Stopping or revoked: give the claim up now that the executor stopped, so the next worker does not
                 # wait out the lease. Shielded: this task is being cancelled.
-                await asyncio.shield(self._release(held, running, heartbeat))
+                await asyncio.shield(self._release(held, heartbeat))
             raise
         finally:
+            held.running = None
             heartbeat.cancel()
             await heartbeat.stopped()
+        if held.cancelled:  # `work` caught the fence's cancellation and returned: take it back all the same
+            task.uncancel()
+        return result
 
-    async def _release(self, held: _Held, running: asyncio.Task[Any], heartbeat: _Heartbeat) -> None:
-        """Give up an interrupted run's claim (owner none, same epoch) after its executor and heartbeat stopped."""
-        await asyncio.wait([running])
+    async def _release(self, held: _Held, heartbeat: _Heartbeat) -> None:
+        """Give up an interrupted run's claim (owner none, same epoch) after its heartbeat stopped."""
         await heartbeat.stopped()
         try:
             await self._write(held, held.status.model_copy(update={"owner": None}))
@@ -236,8 +247,8 @@ class ExecutorWorker:
         else:
             log.info("interrupted; claim given up", epoch=held.status.epoch)
 
-    async def _heartbeat(self, held: _Held, running: asyncio.Task[Any]) -> None:
-        """Renew the claim now and every lease/3 after while `running` runs; cancel it once a newer claim fenced
+    async def _heartbeat(self, held: _Held) -> None:
+        """Renew the claim now and every lease/3 after while its executor runs; cancel that once a newer claim fenced
         this one."""
         interval = self.lease.total_seconds() / 3
         while True:
@@ -245,7 +256,9 @@ class ExecutorWorker:
                 await self._write(held, renew(held.status, now=self.clock()))
             except Fenced:
                 held.fenced = True
-                running.cancel()
+                if held.running is not None:
+                    held.cancelled = True
+                    held.running.cancel()
                 return
             except ReactorError as exc:  # the store may answer again before the lease runs out
                 log.warning("could not renew the claim; trying again", error=str(exc))
@@ -337,7 +350,7 @@ class ExecutorWorker:
     async def _unhealthy(self, held: _Held, running: str | None, problem: str) -> NodeStatus:
         """Record the deployed node as failed at min_healthy, as its final status write."""
         failed = fail_min_healthy(held.status, running=running, error=problem, now=self.clock())
-        saved = await asyncio.shield(self._write(held, failed))
+        saved = await shielded(self._write(held, failed))
         log.warning("did not stay healthy", error=saved.last_error)
         return saved
 
@@ -440,18 +453,21 @@ class _Release:
 
 class _Heartbeat:
     """The renewals of a held claim: their task starts only when the first one is due (lease/3 after the claim), so a
-    run that ends sooner costs a timer, not a task."""
+    run that ends sooner costs an entry in its worker's `_Renewals`, not a task or a timer of its own."""
 
-    def __init__(self, first_after_s: float, renewals: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def __init__(self, schedule: _Renewals, renewals: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self.task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(first_after_s, self._start, renewals)
+        self._schedule = schedule
+        self._renewals = renewals
+        schedule.add(self)
 
-    def _start(self, renewals: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self.task = asyncio.create_task(renewals())
+    def start(self) -> None:
+        """Start the renewals (their first one is due)."""
+        self.task = asyncio.create_task(self._renewals())
 
     def cancel(self) -> None:
         """No renewal starts from now on; one under way is cancelled."""
-        self._timer.cancel()
+        self._schedule.discard(self)
         if self.task is not None:
             self.task.cancel()
 
@@ -461,12 +477,53 @@ class _Heartbeat:
             await asyncio.wait([self.task])
 
 
+class _Renewals:
+    """When each held claim's renewals start, `after_s` after it was claimed: one timer for a worker's every run (set
+    for the first due), rather than one a run. Runs come in the order they are due, since `after_s` is the same for
+    all."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._due: dict[_Heartbeat, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, heartbeat: _Heartbeat) -> None:
+        """Start `heartbeat` `after_s` from now, unless it is discarded first."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.after_s
+        self._due[heartbeat] = due
+        if self._timer is None or self._loop is not loop:  # none set, or set on a loop that is gone (tests)
+            self._loop = loop
+            self._timer = loop.call_at(due, self._fire)
+
+    def discard(self, heartbeat: _Heartbeat) -> None:
+        """`heartbeat` will not start (if it has not yet)."""
+        self._due.pop(heartbeat, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._due:
+            heartbeat, due = next(iter(self._due.items()))
+            if due > now:
+                self._timer = loop.call_at(due, self._fire)
+                return
+            del self._due[heartbeat]
+            heartbeat.start()
+
+
 @dataclass
 class _Held:
     """A run's claim as last written (its revision moves with each renewal), and whether it was fenced."""
 
     status: NodeStatus
     fenced: bool = False
+    # The task running the claim's executor, while it runs (a fenced claim's renewal cancels it).
+    running: asyncio.Task[Any] | None = None
+    # Whether the renewal cancelled `running` because the claim was fenced.
+    cancelled: bool = False
 
 
 def _unobserved(request: DeployRequested | RollbackRequested, status: NodeStatus) -> bool:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import cast
+from typing import Any, ClassVar, cast
 
 import pytest
 
@@ -16,7 +16,7 @@ from reactor import outcomes
 from reactor.adapters.dispatch import deliver
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.codec import Record, encode
-from reactor.consumers.executor_worker import ExecutorWorker, probe_interval
+from reactor.consumers.executor_worker import ExecutorWorker, _Heartbeat, _Renewals, probe_interval
 from reactor.consumers.rollback import RollbackConsumer
 from reactor.domain.replay import apply, refused
 from reactor.domain.status import NodeState, NodeStatus, claim, pending
@@ -37,7 +37,7 @@ from reactor.events import (
     utc_now,
 )
 from reactor.executors.local import LocalExecutor
-from reactor.ports import ExecutorFactory, ExecutorSettings, Store
+from reactor.ports import ExecutionContext, ExecutorFactory, ExecutorSettings, Store
 from tests.fakes import Probe, Script, ScriptedExecutor, scripted
 from tests.support import until
 
@@ -993,6 +993,70 @@ async def test_run_taken_over_after_its_lease_is_cancelled_and_emits_nothing(sto
     assert (status.state, status.owner, status.epoch) == (NodeState.SUCCESS, "worker-b", 2)
 
 
+class _Stubborn:
+    """An executor that, cancelled while it runs, goes on and reports the deploy done (as a careless one might)."""
+
+    platform: ClassVar[str] = "fake"
+
+    def __init__(self, context: ExecutionContext, entered: asyncio.Event, swallowed: list[int]) -> None:
+        self.context = context
+        self.entered = entered
+        self.swallowed = swallowed
+
+    async def deploy(self) -> NodeStatus:
+        self.entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.swallowed.append(1)
+        return self.context.current.model_copy(
+            update={"state": NodeState.SUCCESS, "current_version": self.context.target_version}
+        )
+
+    async def rollback(self) -> NodeStatus:
+        raise NotImplementedError
+
+    async def status(self) -> NodeStatus:
+        return self.context.current
+
+
+async def test_a_fenced_run_whose_executor_ignores_the_cancellation_is_fenced_and_its_task_not_left_cancelled(
+    store: Store,
+) -> None:
+    """The claim's renewal finds the node taken over and cancels the run; its executor catches that and returns as
+    if done. The run's final write is refused all the same (Fenced, nothing emitted), and the cancellation the fence
+    made is taken back: the handler's task is not left cancelling (which would cut its next wait short)."""
+    bus, entered, swallowed = MemoryBus(), asyncio.Event(), list[int]()
+    factories: dict[str, ExecutorFactory] = {"fake": lambda context: _Stubborn(context, entered, swallowed)}
+    stale = ExecutorWorker(store, bus, factories=factories, owner="worker-a", lease=timedelta(seconds=0.3))
+    request = deploy()
+    running = asyncio.create_task(stale.handle(request))
+    async with asyncio.timeout(5):
+        await entered.wait()
+    claimed = await store.get_node(NODE)
+    assert claimed is not None
+    taken = claim(
+        claimed,
+        request_id="other-request",
+        owner="worker-b",
+        operation="deploy",
+        target_version="3.0.0",
+        release_id=None,
+        now=utc_now() + timedelta(minutes=2),
+        lease=timedelta(minutes=1),
+    )
+    holder = await store.put_node(taken, expected_revision=claimed.revision)
+    assert holder is not None
+
+    async with asyncio.timeout(5):
+        with pytest.raises(Fenced):
+            await running  # the renewal, 0.1 s after the claim, finds it taken
+    assert swallowed == [1], "the fence cancelled the executor"
+    assert running.cancelling() == 0
+    assert await store.get_node(NODE) == holder
+    assert bus.events(Topic.OUTCOMES) == []
+
+
 async def test_final_write_of_a_run_whose_claim_was_taken_over_is_refused(store: Store) -> None:
     """A run that finishes after a newer claim took its node writes nothing and emits nothing (fenced)."""
     bus, script = MemoryBus(), Script(latched=True)
@@ -1054,6 +1118,34 @@ async def test_renewals_keep_a_long_run_claimed_past_its_lease(store: Store) -> 
     [outcome] = bus.events(Topic.OUTCOMES)
     assert isinstance(outcome, NodeDeployed)
     assert script.calls[f"deploy:{NODE}"] == 1
+
+
+async def test_renewals_of_several_runs_start_each_after_its_own_delay_and_never_for_a_run_that_ended() -> None:
+    """One timer serves every held run of a worker: each run's renewals start `after_s` after it was claimed, in the
+    order they are due; a run that ended before (its heartbeat cancelled) never starts any."""
+    schedule = _Renewals(0.05)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    started: dict[str, float] = {}
+
+    def renewals(name: str) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def renew() -> None:
+            started[name] = loop.time() - began
+
+        return renew
+
+    first = _Heartbeat(schedule, renewals("first"))
+    await asyncio.sleep(0.02)
+    ended = _Heartbeat(schedule, renewals("ended"))
+    third = _Heartbeat(schedule, renewals("third"))
+    ended.cancel()
+    await until(lambda: "third" in started, "the third run's renewals started", timeout_s=5)
+    assert list(started) == ["first", "third"]  # the ended run, due before the third, never started
+    assert started["first"] >= 0.049
+    assert started["third"] >= 0.069
+    for heartbeat in (first, ended, third):
+        heartbeat.cancel()
+        await heartbeat.stopped()
 
 
 async def test_interrupted_request_is_run_again_by_its_own_worker_but_not_by_another_within_the_lease(
