@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Iterable
 from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
@@ -25,50 +25,66 @@ T = TypeVar("T")
 def started(work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     """Run `work` now up to its first wait; the future of its result (done already when it did not wait)."""
     loop = asyncio.get_running_loop()
-    context = contextvars.copy_context()
+    result: asyncio.Future[T]
     try:
-        waiting = context.run(work.send, None)
+        result = _start(work, loop)
     except StopIteration as done:
-        finished = loop.create_future()
-        finished.set_result(cast(T, done.value))
-        return finished
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001  # the work's own error is its result, as a task's would be
-        failed: asyncio.Future[T] = loop.create_future()
-        if isinstance(exc, asyncio.CancelledError):
-            failed.cancel()
-        else:
-            failed.set_exception(exc)
-        return failed
-    rest = _rest(work, waiting)
-    rest.send(None)  # to its first stop, inside its handling: a task cancelled before its first step tells `work` too
-    return loop.create_task(rest, context=context)
+        result = loop.create_future()
+        result.set_result(cast(T, done.value))
+    except asyncio.CancelledError:
+        result = loop.create_future()
+        result.cancel()
+    except Exception as exc:  # noqa: BLE001  # the work's own error is its result, as a task's would be
+        result = loop.create_future()
+        result.set_exception(exc)
+    return result
 
 
 async def shielded(work: Coroutine[Any, Any, T]) -> T:
     """Await `work` as `asyncio.shield(work)` does (a cancelled caller stops waiting; `work` goes on), with no task
     when `work` finishes without waiting."""
-    result = started(work)
-    if result.done():
-        return result.result()
-    return await asyncio.shield(result)
+    try:
+        rest = _start(work, asyncio.get_running_loop())
+    except StopIteration as done:
+        return cast(T, done.value)
+    return await asyncio.shield(rest)
 
 
-async def finished(results: list[asyncio.Future[T]]) -> list[T]:
-    """Wait until every one of `results` is done (none is left running); their results, or the first one's error. A
-    caller cancelled meanwhile cancels those still running, and they have stopped when its cancellation goes on (as
-    `asyncio.gather`'s)."""
-    waiting = [result for result in results if not result.done()]
+async def run_all(works: Iterable[Coroutine[Any, Any, object]]) -> None:
+    """Run `works`, each started at once in turn (`started`), and return once every one is done (none is left
+    running), raising the first error if any. A caller cancelled meanwhile cancels those still running, and they
+    have stopped when its cancellation goes on (as `asyncio.gather`'s)."""
+    loop = asyncio.get_running_loop()
+    waiting: list[asyncio.Task[object]] = []
+    errors: list[BaseException] = []
+    for work in works:
+        try:
+            waiting.append(_start(work, loop))
+        except StopIteration:
+            continue
+        except Exception as exc:  # noqa: BLE001  # raised once the others are done
+            errors.append(exc)
     if waiting:
         try:
             await asyncio.wait(waiting)
         except asyncio.CancelledError:
-            for result in waiting:
-                result.cancel()
+            for task in waiting:
+                task.cancel()
             await asyncio.wait(waiting)
             raise
-    return [result.result() for result in results]
+        errors.extend(error for task in waiting if (error := task.exception()) is not None)
+    if errors:
+        raise errors[0]
+
+
+def _start(work: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop) -> asyncio.Task[T]:
+    """Run `work` up to its first wait, in a copy of this context (as a task would), and go on in a task from there.
+    StopIteration when it finished without waiting (its value is the result); its error when it raised."""
+    context = contextvars.copy_context()
+    waiting = context.run(work.send, None)
+    rest = _rest(work, waiting)
+    rest.send(None)  # to its first stop, inside its handling: a task cancelled before its first step tells `work` too
+    return loop.create_task(rest, context=context)
 
 
 @types.coroutine

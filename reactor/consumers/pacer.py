@@ -49,6 +49,7 @@ from reactor.domain.pacer import (
     rollback_window,
 )
 from reactor.domain.planner import failure_budget, plan_batches
+from reactor.eager import run_all
 from reactor.errors import ConflictError, ReactorError
 from reactor.events import (
     AutoRollback,
@@ -726,9 +727,9 @@ class Pacer:
             await self._send_holding_slots(record, candidates, count, from_state, to_state, command, parallel=parallel)
             return
         now = self.clock()
-        await asyncio.gather(
-            *(self._send_one(record, node, from_state, to_state, command, now) for node in candidates[:count])
-        )
+        # Started at once, each with a task of its own only once it waits (on the embedded store and the in-memory bus
+        # none does); all finish before an error, if any, goes on.
+        await run_all(self._send_one(record, node, from_state, to_state, command, now) for node in candidates[:count])
 
     async def _send_holding_slots(
         self,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from reactor.eager import finished, shielded, started
+from reactor.eager import run_all, shielded, started
 
 pytestmark = pytest.mark.unit
 
@@ -154,50 +154,57 @@ async def test_started_work_runs_at_once_in_a_context_of_its_own_and_only_waitin
         assert [result.done() for result in results] == [True, False, True]
         assert len(made) == 1
         assert _SEEN.get() == "caller's"
-        assert await finished(results) == ["a", "b", "c"]
+        assert [await result for result in results] == ["a", "b", "c"]
     finally:
         asyncio.get_running_loop().set_task_factory(None)
     assert order == ["a", "b began", "c", "b ended"]
 
 
-async def test_finished_waits_for_every_one_and_then_raises_the_first_error() -> None:
-    """An error of one does not leave the others running unattended: all are done before it is raised."""
+async def test_run_all_waits_for_every_one_and_then_raises_the_first_error() -> None:
+    """An error of one does not leave the others running unattended: all are done before it is raised; those that
+    did not wait never had a task."""
     ended: list[str] = []
 
-    async def fails_at_once() -> str:
+    async def fails_at_once() -> None:
         raise ValueError("refused")
 
-    async def slow() -> str:
+    async def at_once() -> None:
+        ended.append("at once")
+
+    async def slow(fail: bool) -> None:
         await asyncio.sleep(0.01)
         ended.append("slow")
-        return "slow"
+        if fail:
+            raise OSError("late")
 
-    results = [started(fails_at_once()), started(slow())]
-    with pytest.raises(ValueError, match="refused"):
-        await finished(results)
-    assert ended == ["slow"]
-    assert all(result.done() for result in results)
+    made = _counting_tasks()
+    try:
+        with pytest.raises(ValueError, match="refused"):
+            await run_all([at_once(), fails_at_once(), slow(True), at_once()])
+    finally:
+        asyncio.get_running_loop().set_task_factory(None)
+    assert ended == ["at once", "at once", "slow"]
+    assert len(made) == 1
+    with pytest.raises(OSError, match="late"):
+        await run_all([at_once(), slow(True)])
+    await run_all([at_once(), slow(False)])
 
 
 async def test_a_caller_cancelled_while_waiting_for_all_cancels_those_still_running_and_they_have_stopped() -> None:
     stopped: list[str] = []
 
-    async def hangs() -> str:
+    async def hangs() -> None:
         try:
             await asyncio.Event().wait()
         finally:
             stopped.append("hangs")
-        return "never"
 
-    async def at_once() -> str:
-        return "done"
+    async def at_once() -> None:
+        stopped.append("at once")
 
-    results = [started(at_once()), started(hangs())]
-    caller: asyncio.Task[list[str]] = asyncio.create_task(finished(results))
+    caller = asyncio.create_task(run_all([at_once(), hangs()]))
     await asyncio.sleep(0)
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
-    assert stopped == ["hangs"]
-    assert results[0].result() == "done"
-    assert results[1].cancelled()
+    assert stopped == ["at once", "hangs"]
