@@ -94,7 +94,10 @@ async def run_release(
     """Seconds from ReleaseRequested to ReleaseCompleted, and the peak RSS sampled meanwhile."""
     started = asyncio.Event()
     roles = asyncio.create_task(run_roles(Backends(bus=bus, store=store), settings, {Role.ALL}, started=started))
-    await started.wait()
+    starting = asyncio.create_task(started.wait())
+    await asyncio.wait([starting, roles], return_when=asyncio.FIRST_COMPLETED)
+    starting.cancel()
+    _still_running(roles)
     peak = rss_mb()
     begin = time.perf_counter()
     await bus.publish(ReleaseRequested(release_id=plan.release_id, plan=plan))
@@ -106,6 +109,7 @@ async def run_release(
                 continue
             if record is not None and record.state != ReleaseState.RUNNING:
                 break
+            _still_running(roles)
             if sample_rss:
                 peak = max(peak, rss_mb())
             await asyncio.sleep(0.05)
@@ -117,6 +121,13 @@ async def run_release(
     if record.state != ReleaseState.COMPLETED:
         raise SystemExit(f"release ended {record.state}: {record.reason}")
     return elapsed, peak
+
+
+def _still_running(roles: asyncio.Task[None]) -> None:
+    """Stop the benchmark with the reason when the reactor's roles stopped (a release would never end)."""
+    if roles.done():
+        error = None if roles.cancelled() else roles.exception()
+        raise SystemExit(f"the reactor stopped before the release ended: {error!r}")
 
 
 async def raw_kafka(bootstrap: str, count: int, size: int) -> float:
