@@ -49,7 +49,7 @@ from reactor.domain.pacer import (
     rollback_window,
 )
 from reactor.domain.planner import failure_budget, plan_batches
-from reactor.eager import run_all
+from reactor.eager import run_all, started
 from reactor.errors import ConflictError, ReactorError
 from reactor.events import (
     AutoRollback,
@@ -752,7 +752,7 @@ class Pacer:
         next ones' slots. The time its slots were taken is the time it is recorded sent with: the sweep frees a slot
         of a node not in flight only once it is old, so that gap must stay short.
         """
-        sending: list[asyncio.Task[bool]] = []
+        sending: list[asyncio.Future[bool]] = []
         errors: list[BaseException] = []
         try:
             position = 0
@@ -762,7 +762,7 @@ class Pacer:
                 position += size
                 now = self.clock()
                 taken = await asyncio.gather(
-                    *(self._take_slots(record, node, parallel, now) for node in chunk), return_exceptions=True
+                    *(started(self._take_slots(record, node, parallel, now)) for node in chunk), return_exceptions=True
                 )
                 for node, took in zip(chunk, taken, strict=True):
                     if isinstance(took, BaseException):
@@ -770,8 +770,7 @@ class Pacer:
                     elif took:
                         # If another pacer sent the node first, the slots taken here stay with it (same holder) until
                         # its outcome frees them all; for a node that moved on meanwhile, the sweep frees them.
-                        task = self._send_one(record, node, from_state, to_state, command, now)
-                        sending.append(asyncio.create_task(task))
+                        sending.append(started(self._send_one(record, node, from_state, to_state, command, now)))
                 if not self.limits.per_label and not all(took is True for took in taken):
                     break  # every node has the same scopes: the next ones would not fit either
         finally:
