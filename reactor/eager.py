@@ -62,7 +62,7 @@ async def run_all(works: Iterable[Coroutine[Any, Any, object]]) -> None:
             waiting.append(_start(work, loop))
         except StopIteration:
             continue
-        except Exception as exc:  # noqa: BLE001  # raised once the others are done
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001  # raised once the others are done
             errors.append(exc)
     if waiting:
         try:

@@ -993,6 +993,25 @@ async def test_run_taken_over_after_its_lease_is_cancelled_and_emits_nothing(sto
     assert (status.state, status.owner, status.epoch) == (NodeState.SUCCESS, "worker-b", 2)
 
 
+async def _take_over(store: Store) -> NodeStatus:
+    """Claim NODE for another request of another worker, as if the claim there now were a lease old; the new holder."""
+    claimed = await store.get_node(NODE)
+    assert claimed is not None
+    taken = claim(
+        claimed,
+        request_id="other-request",
+        owner="worker-b",
+        operation="deploy",
+        target_version="3.0.0",
+        release_id=None,
+        now=utc_now() + timedelta(minutes=2),
+        lease=timedelta(minutes=1),
+    )
+    holder = await store.put_node(taken, expected_revision=claimed.revision)
+    assert holder is not None
+    return holder
+
+
 class _Stubborn:
     """An executor that, cancelled while it runs, goes on and reports the deploy done (as a careless one might)."""
 
@@ -1033,20 +1052,7 @@ async def test_a_fenced_run_whose_executor_ignores_the_cancellation_is_fenced_an
     running = asyncio.create_task(stale.handle(request))
     async with asyncio.timeout(5):
         await entered.wait()
-    claimed = await store.get_node(NODE)
-    assert claimed is not None
-    taken = claim(
-        claimed,
-        request_id="other-request",
-        owner="worker-b",
-        operation="deploy",
-        target_version="3.0.0",
-        release_id=None,
-        now=utc_now() + timedelta(minutes=2),
-        lease=timedelta(minutes=1),
-    )
-    holder = await store.put_node(taken, expected_revision=claimed.revision)
-    assert holder is not None
+    holder = await _take_over(store)
 
     async with asyncio.timeout(5):
         with pytest.raises(Fenced):
@@ -1064,20 +1070,7 @@ async def test_final_write_of_a_run_whose_claim_was_taken_over_is_refused(store:
     frozen = worker(store, bus, script, owner="worker-a", lease=timedelta(minutes=1))  # renews only after 20 s
     running = asyncio.create_task(frozen.handle(request))
     await until(lambda: script.held == [NODE], "the first worker's deploy is held")
-    claimed = await store.get_node(NODE)
-    assert claimed is not None
-    taken = claim(
-        claimed,
-        request_id="other-request",
-        owner="worker-b",
-        operation="deploy",
-        target_version="3.0.0",
-        release_id=None,
-        now=utc_now() + timedelta(minutes=2),
-        lease=timedelta(minutes=1),
-    )
-    holder = await store.put_node(taken, expected_revision=claimed.revision)
-    assert holder is not None
+    holder = await _take_over(store)
 
     script.let_go()
     with pytest.raises(Fenced):
