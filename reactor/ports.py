@@ -263,6 +263,20 @@ class Store(Protocol):
         """Change one node's progress if it is in one of `from_states`; False if it was not."""
         ...
 
+    async def move_release_nodes(
+        self,
+        release_id: str,
+        node_keys: Sequence[str],
+        *,
+        from_states: Sequence[ItemState],
+        to_state: ItemState,
+        dispatched_at: datetime | None = None,
+    ) -> set[str]:
+        """Move each of `node_keys` that is in one of `from_states` to `to_state`, as `move_release_node` does one
+        (a compare-and-set per node), in as few round trips as the store allows; the keys that moved. On an error
+        some may have moved: moving them again from `to_state` too tells which are there now."""
+        ...
+
     async def list_release_nodes(
         self,
         release_id: str,

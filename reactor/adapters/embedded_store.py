@@ -65,6 +65,27 @@ _MOVING = {"state", "outcome", "dispatched_at"}
 
 _NODE_COLUMNS = "doc, state, outcome, dispatched_at"
 
+_KEYS_AT_ONCE = 500
+"""The most release nodes one statement moves (each key is a bound parameter)."""
+
+
+def _marks(count: int) -> str:
+    """`count` placeholders, comma-separated."""
+    return ", ".join("?" * count)
+
+
+def _moves(to_state: ItemState, outcome: str | None, dispatched_at: datetime | None) -> tuple[str, list[object]]:
+    """The SET clause of a move of release nodes and its values."""
+    changes = "state = ?"
+    values: list[object] = [to_state.value]
+    if outcome is not None:
+        changes += ", outcome = ?"
+        values.append(outcome)
+    if dispatched_at is not None:
+        changes += ", dispatched_at = ?"
+        values.append(dispatched_at.isoformat())
+    return changes, values
+
 
 def _release_node(document: str, state: str, outcome: str | None, dispatched_at: str | None) -> ReleaseNode:
     """A release node from its row: the document with the moving fields appended, so that where a file from before
@@ -287,22 +308,42 @@ class EmbeddedStore:
     ) -> bool:
         # One statement is the compare-and-set; triggers keep the per-state counters in the same transaction. What
         # moves is in columns of its own: rewriting the document (json_set) took as long as the rest of the update.
-        changes = "state = ?"
-        values: list[object] = [to_state.value]
-        if outcome is not None:
-            changes += ", outcome = ?"
-            values.append(outcome)
-        if dispatched_at is not None:
-            changes += ", dispatched_at = ?"
-            values.append(dispatched_at.isoformat())
         if not from_states:
             return False
+        changes, values = _moves(to_state, outcome, dispatched_at)
         cursor = self._writer().execute(
             f"UPDATE release_nodes SET {changes}"  # noqa: S608 (fixed fragments and placeholders only)
-            " WHERE release_id = ? AND node_key = ? AND state IN (" + ", ".join("?" for _ in from_states) + ")",
+            f" WHERE release_id = ? AND node_key = ? AND state IN ({_marks(len(from_states))})",
             (*values, release_id, node_key, *(state.value for state in from_states)),
         )
         return cursor.rowcount == 1
+
+    async def move_release_nodes(
+        self,
+        release_id: str,
+        node_keys: Sequence[str],
+        *,
+        from_states: Sequence[ItemState],
+        to_state: ItemState,
+        dispatched_at: datetime | None = None,
+    ) -> set[str]:
+        # One statement for up to _KEYS_AT_ONCE nodes (each found by the primary key), telling which moved.
+        if not from_states or not node_keys:
+            return set()
+        changes, values = _moves(to_state, None, dispatched_at)
+        states = [state.value for state in from_states]
+        db = self._writer()
+        moved: set[str] = set()
+        for start in range(0, len(node_keys), _KEYS_AT_ONCE):
+            chunk = node_keys[start : start + _KEYS_AT_ONCE]
+            rows = db.execute(
+                f"UPDATE release_nodes SET {changes}"  # noqa: S608 (fixed fragments and placeholders only)
+                f" WHERE release_id = ? AND state IN ({_marks(len(states))}) AND node_key IN ({_marks(len(chunk))})"
+                " RETURNING node_key",
+                (*values, release_id, *states, *chunk),
+            ).fetchall()
+            moved.update(str(row[0]) for row in rows)
+        return moved
 
     async def list_release_nodes(
         self,

@@ -568,6 +568,31 @@ class MongoStore:
             return False
         return await self._update("release_nodes", {"_id": legacy["_id"]}, condition, fields, key=key)
 
+    async def move_release_nodes(
+        self,
+        release_id: str,
+        node_keys: Sequence[str],
+        *,
+        from_states: Sequence[ItemState],
+        to_state: ItemState,
+        dispatched_at: datetime | None = None,
+    ) -> set[str]:
+        # Each node's compare-and-set on its own (a conditional write of one document), all at once: the batchers
+        # send them together. Every one finishes before an error goes on, so none is left running.
+        moves = await asyncio.gather(
+            *(
+                self.move_release_node(
+                    release_id, node_key, from_states=from_states, to_state=to_state, dispatched_at=dispatched_at
+                )
+                for node_key in node_keys
+            ),
+            return_exceptions=True,
+        )
+        for result in moves:
+            if isinstance(result, BaseException):
+                raise result
+        return {node_key for node_key, moved in zip(node_keys, moves, strict=True) if moved is True}
+
     async def list_release_nodes(
         self,
         release_id: str,

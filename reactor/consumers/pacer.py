@@ -726,10 +726,17 @@ class Pacer:
         if self.limits.holds(max_parallel=parallel, release_size=sum(record.batch_sizes)):
             await self._send_holding_slots(record, candidates, count, from_state, to_state, command, parallel=parallel)
             return
-        now = self.clock()
-        # Started at once, each with a task of its own only once it waits (on the embedded store and the in-memory bus
-        # none does); all finish before an error, if any, goes on.
-        await run_all(self._send_one(record, node, from_state, to_state, command, now) for node in candidates[:count])
+        chosen = candidates[:count]
+        # Recorded as sent together (one statement on the embedded store), then each command published, started at
+        # once and in a task of its own only once it waits (on the in-memory bus none does); all finish before an
+        # error, if any, goes on.
+        sent = await self._record_sent(record, chosen, from_state, to_state, self.clock())
+        await run_all(self._publish(command(record, node)) for node in chosen if node.node_key in sent)
+
+    async def _publish(self, event: Event) -> None:
+        """Publish a command, at most `_FAN_OUT` at once."""
+        async with self._fan_out:
+            await self.bus.publish(event)
 
     async def _send_holding_slots(
         self,
@@ -806,40 +813,43 @@ class Pacer:
         now: datetime,
     ) -> bool:
         """Record `node` as sent and publish its command; False if it was not in `from_state` (sent by another)."""
-        async with self._fan_out:
-            if not await self._record_sent(record, node, from_state, to_state, now):
-                return False
-            await self.bus.publish(command(record, node))
-            return True
+        if node.node_key not in await self._record_sent(record, [node], from_state, to_state, now):
+            return False
+        await self._publish(command(record, node))
+        return True
 
     async def _record_sent(
-        self, record: ReleaseRecord, node: ReleaseNode, from_state: ItemState, to_state: ItemState, now: datetime
-    ) -> bool:
-        """Record `node` as sent (a CAS: False if it was not in `from_state`), so its command may be published.
+        self, record: ReleaseRecord, nodes: list[ReleaseNode], from_state: ItemState, to_state: ItemState, now: datetime
+    ) -> set[str]:
+        """Record `nodes` as sent (a CAS each: one not in `from_state` is not), so their commands may be published;
+        the keys of those recorded.
 
-        A write that failed without an answer may still have landed; the pass would then fail with the node
-        recorded as sent and its command never published, so nothing would send it until the resend timer. It is
-        tried again accepting `to_state` too: a node already sent (by this write or another pacer's, whose command
-        has the same id and dedupes) is sent now, one whose outcome came meanwhile is not.
+        A write that failed without an answer may still have landed; the pass would then fail with nodes recorded
+        as sent and their commands never published, so nothing would send them until the resend timer. It is tried
+        again accepting `to_state` too: a node already sent (by this write or another pacer's, whose command has the
+        same id and dedupes) is sent now, one whose outcome came meanwhile is not.
         """
+        keys = [node.node_key for node in nodes]
         try:
-            return await self.store.move_release_node(
-                record.release_id, node.node_key, from_states=[from_state], to_state=to_state, dispatched_at=now
+            return await self.store.move_release_nodes(
+                record.release_id, keys, from_states=[from_state], to_state=to_state, dispatched_at=now
             )
         except ReactorError as exc:
             if not exc.retriable:
                 raise
-            log.warning("recording a node as sent failed; trying again", node_key=node.node_key, error=str(exc))
+            log.warning("recording nodes as sent failed; trying again", nodes=len(keys), error=str(exc))
         accepted = [from_state, to_state]
         try:
-            return await self.store.move_release_node(
-                record.release_id, node.node_key, from_states=accepted, to_state=to_state, dispatched_at=now
+            return await self.store.move_release_nodes(
+                record.release_id, keys, from_states=accepted, to_state=to_state, dispatched_at=now
             )
         except ReactorError as exc:
             if exc.retriable:
                 # Still unknown (a store this slow may keep the first attempt's lock for a while): the release's
                 # next pass (this one's retry, or the next outcome's) tries again before anything else.
-                self._unsettled[record.release_id][node.node_key] = (node, from_state, to_state)
+                unsettled = self._unsettled[record.release_id]
+                for node in nodes:
+                    unsettled[node.node_key] = (node, from_state, to_state)
             raise
 
     async def _settle_sent(self, record: ReleaseRecord) -> None:

@@ -1,7 +1,7 @@
 """Behaviour of the Store port, written once against the `store` fixture (every backend).
 
 The fixture's parameters carry the backend marks (`unit` for the embedded store, `mongo` for MongoDB), so this
-module adds none of its own; the two tests that open an EmbeddedStore directly are marked `unit` one by one.
+module adds none of its own; the tests that open an EmbeddedStore directly are marked `unit` one by one.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from reactor.adapters import embedded_store
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.planner import plan_batches
@@ -378,6 +379,49 @@ async def test_move_release_node_of_an_unknown_node_is_false(store: Store, relea
     assert await store.list_release_nodes("rel-9") == []
 
 
+async def test_move_release_nodes_moves_each_node_in_an_allowed_state_and_tells_which(store: Store) -> None:
+    """Several nodes recorded as sent at once: each is its own compare-and-set. A node in another state, a node of
+    another release and an unknown key do not move; the counts follow the nodes that did."""
+    await seeded_release(store)
+    await store.add_release_nodes(release_nodes(release("rel-2", count=2)))
+    assert await store.move_release_node(
+        "rel-1", "local/h2/api", from_states=[ItemState.QUEUED], to_state=ItemState.FAILED
+    )
+    sent = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    keys = ["local/h0/api", "local/h2/api", "local/h3/api", "local/h9/api"]
+
+    moved = await store.move_release_nodes(
+        "rel-1", keys, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED, dispatched_at=sent
+    )
+
+    assert moved == {"local/h0/api", "local/h3/api"}
+    nodes = {node.node_key: node for node in await store.list_release_nodes("rel-1")}
+    assert {key: (node.state, node.dispatched_at) for key, node in nodes.items()} == {
+        "local/h0/api": (ItemState.DISPATCHED, sent),
+        "local/h1/api": (ItemState.QUEUED, None),
+        "local/h2/api": (ItemState.FAILED, None),
+        "local/h3/api": (ItemState.DISPATCHED, sent),
+        "local/h4/api": (ItemState.QUEUED, None),
+    }
+    assert [node.state for node in await store.list_release_nodes("rel-2")] == [ItemState.QUEUED] * 2
+    counts = await store.count_release_nodes("rel-1")
+    assert (counts[ItemState.QUEUED], counts[ItemState.DISPATCHED], counts[ItemState.FAILED]) == (2, 2, 1)
+    # Again, accepting the state they were moved to (a retry of a write whose answer was lost): those sent are there.
+    again = await store.move_release_nodes(
+        "rel-1",
+        keys,
+        from_states=[ItemState.QUEUED, ItemState.DISPATCHED],
+        to_state=ItemState.DISPATCHED,
+        dispatched_at=sent,
+    )
+    assert again == {"local/h0/api", "local/h3/api"}
+    assert (await store.count_release_nodes("rel-1"))[ItemState.DISPATCHED] == 2
+    assert (
+        await store.move_release_nodes("rel-1", [], from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED)
+        == set()
+    )
+
+
 async def test_list_release_nodes_in_position_order_by_batch_state_and_limit(store: Store) -> None:
     await seeded_release(store, count=5)  # batches: [h0] [h1 h2] [h3 h4]
     await store.add_release_nodes(release_nodes(release("rel-2", count=2)))
@@ -616,6 +660,21 @@ async def test_an_embedded_file_whose_release_rows_kept_their_progress_in_the_do
         assert await store.get_release_node("rel-1", "local/h1/api") == rows[0].model_copy(
             update={"state": ItemState.DISPATCHED, "dispatched_at": sent}
         )
+
+
+@pytest.mark.unit
+async def test_embedded_store_moves_more_release_nodes_than_one_statement_takes() -> None:
+    """Keys beyond one statement's share (`_KEYS_AT_ONCE`) go in further statements; every node moves once."""
+    count = embedded_store._KEYS_AT_ONCE * 2 + 7
+    async with EmbeddedStore() as store:
+        record = release("rel-1", count=count)
+        await store.add_release_nodes(release_nodes(record))
+        keys = [f"local/h{position}/api" for position in range(count)]
+        moved = await store.move_release_nodes(
+            "rel-1", keys, from_states=[ItemState.QUEUED], to_state=ItemState.DISPATCHED
+        )
+        assert moved == set(keys)
+        assert (await store.count_release_nodes("rel-1"))[ItemState.DISPATCHED] == count
 
 
 # --- in-flight slots and leases ---

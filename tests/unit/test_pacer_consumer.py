@@ -254,17 +254,17 @@ async def test_a_node_whose_sent_record_landed_unanswered_is_still_sent(
     published all the same, in the same pass, rather than waiting for the resend timer."""
     release = plan(3, Strategy(batches=["100%"], max_parallel=3))
     lost = "fake/host-01/app"
-    move = store.move_release_node
+    move = store.move_release_nodes
     failed: list[str] = []
 
-    async def landed_unanswered(release_id: str, node_key: str, **changes: Any) -> bool:
-        moved = await move(release_id, node_key, **changes)
-        if node_key == lost and not failed:
-            failed.append(node_key)
+    async def landed_unanswered(release_id: str, node_keys: list[str], **changes: Any) -> set[str]:
+        moved = await move(release_id, node_keys, **changes)
+        if lost in node_keys and not failed:
+            failed.append(lost)
             raise BackendUnavailable("MongoDB update release_nodes: timed out")
         return moved
 
-    monkeypatch.setattr(store, "move_release_node", landed_unanswered)
+    monkeypatch.setattr(store, "move_release_nodes", landed_unanswered)
     async with MemoryBus(retry_delay_s=0.01) as bus:
         pacer = Pacer(store, bus)
         request = ReleaseRequested(release_id=release.release_id, plan=release)
@@ -284,18 +284,18 @@ async def test_a_node_whose_sent_record_stays_unanswered_is_sent_by_the_next_pas
     one's lock is still held): the pass fails, and its retry sends the node, which is no longer queued."""
     release = plan(3, Strategy(batches=["100%"], max_parallel=3))
     lost = "fake/host-01/app"
-    move = store.move_release_node
+    move = store.move_release_nodes
     failed: list[str] = []
 
-    async def unanswered(release_id: str, node_key: str, **changes: Any) -> bool:
-        if node_key == lost and len(failed) < 2:
+    async def unanswered(release_id: str, node_keys: list[str], **changes: Any) -> set[str]:
+        if lost in node_keys and len(failed) < 2:
             if not failed:
-                await move(release_id, node_key, **changes)
-            failed.append(node_key)
+                await move(release_id, node_keys, **changes)
+            failed.append(lost)
             raise BackendUnavailable("MongoDB update release_nodes: timed out")
-        return await move(release_id, node_key, **changes)
+        return await move(release_id, node_keys, **changes)
 
-    monkeypatch.setattr(store, "move_release_node", unanswered)
+    monkeypatch.setattr(store, "move_release_nodes", unanswered)
     async with MemoryBus(retry_delay_s=0.01) as bus:
         pacer = Pacer(store, bus)
         request = ReleaseRequested(release_id=release.release_id, plan=release)
