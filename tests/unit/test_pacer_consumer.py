@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import pytest
 
+from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.memory_bus import MemoryBus
 from reactor.consumers.pacer import Pacer
 from reactor.domain.pacer import ItemState, ReleaseState
@@ -19,18 +20,22 @@ from reactor.events import (
     DeployRequested,
     Event,
     NodeDeployed,
+    NodeTarget,
+    Package,
     ReleaseCompleted,
     ReleaseHalted,
+    ReleasePlan,
     ReleaseRequested,
     RollbackRequested,
     Strategy,
     Topic,
+    derived_event_id,
 )
 from reactor.ports import ReleaseRecord, Store
 from reactor.runtime import Role
 from tests.control import TimerTicks, WatchedBus, settle
 from tests.fakes import Script
-from tests.pacing import plan, reactor
+from tests.pacing import PACKAGE, plan, reactor
 
 # Tier: `unit` on the in-memory backends, `mongo` on FerretDB (from the `store` fixture parameter).
 
@@ -394,3 +399,57 @@ async def test_outcomes_that_come_together_are_counted_before_one_pass_serves_th
     assert record.state == ReleaseState.COMPLETED
     assert counting.counted == ["batch 0"], "one pass, after the six counts"
     assert (await store.count_release_nodes(release.release_id))[ItemState.SUCCEEDED] == 6
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("release_artifact", [True, False], ids=["release-package", "node-artifacts-only"])
+async def test_each_nodes_command_is_the_command_its_fields_validate_to_with_its_own_overrides(
+    release_artifact: bool,
+) -> None:
+    """A release's commands after the first are copies of the first with each node's own fields: each must be
+    exactly the command built and validated from that node's fields, its overrides included."""
+    own_package = Package(url="https://packages.example.test/app-2.0.1.tar.gz", sha256="d" * 64)
+    image = "registry.example.test/app:2.0.0"
+    targets = [
+        NodeTarget(node_key="fake/host-00/app", package=None if release_artifact else own_package),
+        NodeTarget(node_key="fake/host-01/app", package=own_package, port=8081),
+        NodeTarget(node_key="fake/host-02/app", image=image, container="web"),
+        NodeTarget(node_key="k8s/default/app", image=image, container="app", port=9000),
+        NodeTarget(node_key="fake/host-03/app", package=None if release_artifact else PACKAGE),
+    ]
+    release = ReleasePlan(
+        release_id="app-2",
+        service="app",
+        version="2.0.0",
+        package=PACKAGE if release_artifact else None,
+        nodes=targets,
+        strategy=Strategy(batches=["100%"], max_parallel=len(targets)),
+    )
+    async with MemoryBus() as bus, EmbeddedStore() as store:
+        pacer = Pacer(store, bus)
+        await pacer.handle(ReleaseRequested(release_id=release.release_id, plan=release))
+        record = await store.get_release(release.release_id)
+        assert record is not None
+        rows = {row.node_key: row for row in await store.list_release_nodes(release.release_id)}
+        commands = [event for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
+
+    assert [command.node_key for command in commands] == [target.node_key for target in targets]
+    for command, target in zip(commands, targets, strict=True):
+        built = DeployRequested(
+            event_id=derived_event_id(release.release_id, target.node_key, "deploy"),
+            occurred_at=command.occurred_at,
+            node_key=target.node_key,
+            service="app",
+            version="2.0.0",
+            package=target.package or release.package,
+            image=target.image,
+            container=target.container,
+            port=target.port,
+            release_id=release.release_id,
+            causation_id=record.request_id,
+        )
+        assert command == built
+        assert command == DeployRequested.model_validate_json(command.model_dump_json())
+        assert command == pacer._full_deploy_request(record, rows[target.node_key]).model_copy(
+            update={"occurred_at": command.occurred_at}
+        )
