@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError
 
+from reactor.domain.status import NodeStatus
 from reactor.events import (
     EVENT_ID,
     EVENT_TYPES,
@@ -17,6 +19,7 @@ from reactor.events import (
     NAMESPACE,
     DeployRequested,
     HealthCheck,
+    Model,
     NodeEvent,
     NodeTarget,
     Package,
@@ -437,3 +440,55 @@ def test_derived_event_id_is_the_uuid5_of_the_joined_parts(parts: tuple[str, ...
     # Ids derived before are on record (processed outcomes, release outboxes): the fast path must make the same ones.
     assert derived_event_id(*parts) == str(uuid.uuid5(NAMESPACE, "/".join(parts)))
     assert uuid.UUID(derived_event_id(*parts)).version == 5
+
+
+class _WithPrivate(Model):
+    value: int = 0
+    _note: str = PrivateAttr()
+    _count: int = PrivateAttr(default=0)
+
+
+@pytest.mark.parametrize(
+    ("model", "change"),
+    [
+        (NodeStatus(node_key="local/h1/api", host="h1", service="api", platform="local", revision=3), {"revision": 9}),
+        (
+            DeployRequested(
+                node_key="local/h1/api", service="api", version="2.0.0", image="registry.example.test/api:2"
+            ),
+            {"version": "2.0.1"},
+        ),
+        (_WithPrivate(value=1), {"value": 7}),
+    ],
+    ids=["node-status", "command", "private-attributes"],
+)
+def test_a_models_copy_is_what_pydantics_copy_makes_and_shares_no_bookkeeping(
+    model: Model, change: dict[str, object]
+) -> None:
+    """Model's faster `__copy__` (under every `model_copy`) makes what BaseModel's makes: equal fields, the same
+    fields set, no unset private attribute; and a changed copy leaves the original alone."""
+    ours = copy.copy(model)
+    theirs = BaseModel.__copy__(model)
+    assert type(ours) is type(model)
+    assert ours == theirs == model
+    assert ours.__dict__ == theirs.__dict__
+    assert ours.__dict__ is not model.__dict__
+    assert ours.model_fields_set == theirs.model_fields_set == model.model_fields_set
+    assert ours.model_fields_set is not model.model_fields_set
+    assert ours.__pydantic_extra__ == theirs.__pydantic_extra__
+    assert ours.__pydantic_private__ == theirs.__pydantic_private__
+    before = model.model_dump()
+    changed = model.model_copy(update=change)
+    assert changed.model_dump() == {**before, **change}
+    assert changed.model_fields_set == model.model_fields_set | change.keys()
+    assert model.model_dump() == before
+
+
+def test_a_copy_keeps_the_private_attributes_that_are_set() -> None:
+    model = _WithPrivate(value=1)
+    model._note = "kept"
+    ours = copy.copy(model)
+    assert ours._note == "kept"
+    assert ours._count == 0
+    assert ours.__pydantic_private__ == BaseModel.__copy__(model).__pydantic_private__
+    assert ours.__pydantic_private__ is not model.__pydantic_private__
