@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
-from collections.abc import Mapping
-from types import TracebackType
+from collections.abc import Mapping, MutableMapping
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
 import structlog
@@ -15,6 +15,22 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 # Bumped by each `configure`: the loggers made before it bind themselves again on their next call.
 _generation = 0
+
+# What `bound` blocks bound, the inner-most last: one variable for all their keys (never changed in place).
+_BOUND: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "reactor_log_context", default=MappingProxyType({})
+)
+
+
+def merge_bound(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: what `bound` blocks bound, under the line's own values."""
+    values = _BOUND.get()
+    return {**values, **event_dict} if values else event_dict
+
+
+def context() -> dict[str, Any]:
+    """The context a line logged here now carries: structlog's context variables, then what `bound` bound."""
+    return {**structlog.contextvars.get_contextvars(), **_BOUND.get()}
 
 
 def configure(log_format: Literal["auto", "json", "console"] = "auto", level: str = "info") -> None:
@@ -26,6 +42,7 @@ def configure(log_format: Literal["auto", "json", "console"] = "auto", level: st
     )
     structlog.configure(
         processors=[
+            merge_bound,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -97,20 +114,24 @@ def get_logger(name: str) -> Logger:
 class bound:  # noqa: N801 (used like structlog's bound_contextvars)
     """Bind `values` to the log context for a `with` block, then restore what was bound before.
 
-    What structlog's `bound_contextvars` does, by resetting the variables it set rather than copying the whole
-    context on the way in: that copy cost more than the handler of a small message.
+    What structlog's `bound_contextvars` does, in one context variable for all the keys (structlog's is a variable a
+    key, set and reset one by one: 2.7 us a block of three, against 0.3). Lines carry these under their own values;
+    a key bound both here and with structlog's `bind_contextvars` (the API binds the caller's identity so) is this
+    one's.
     """
 
-    __slots__ = ("_tokens", "_values")
+    __slots__ = ("_token", "_values")
 
     def __init__(self, **values: Any) -> None:
         self._values = values
-        self._tokens: Mapping[str, contextvars.Token[Any]] = {}
+        self._token: contextvars.Token[Mapping[str, Any]] | None = None
 
     def __enter__(self) -> None:
-        self._tokens = structlog.contextvars.bind_contextvars(**self._values)
+        self._token = _BOUND.set({**_BOUND.get(), **self._values})
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        structlog.contextvars.reset_contextvars(**self._tokens)
+        if self._token is not None:
+            _BOUND.reset(self._token)
+            self._token = None
