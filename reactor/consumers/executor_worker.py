@@ -169,8 +169,8 @@ class ExecutorWorker:
             release_id=request.release_id,
             now=self.clock(),
             lease=self.lease,
-        ).model_copy(
-            update={"port": request.port or current.port, "health": request.health or current.health or HealthCheck()}
+            port=request.port,
+            health=request.health or current.health or HealthCheck(),
         )
         if isinstance(request, RollbackRequested) and target is None:
             # Nothing on record to go back to: nothing runs and nothing changes, so the record stays as it was
@@ -188,7 +188,7 @@ class ExecutorWorker:
         final = finish(held.status, result, now=self.clock())
         # The effect happened: its record must be written even if this task is being cancelled (unless fenced).
         saved = await shielded(self._write(held, final))
-        log.info("finished", operation=operation, state=saved.state.value, error=saved.last_error or None)
+        log.info("finished", operation=operation, state=saved.state, error=saved.last_error or None)
         if isinstance(request, DeployRequested) and _unobserved(request, saved):
             saved = await self._observe(request, held)
             if not holds(await self.store.get_node(request.node_key), saved):

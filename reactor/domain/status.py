@@ -81,9 +81,11 @@ def claim(
     release_id: str | None,
     now: datetime,
     lease: timedelta,
+    port: int | None = None,
+    health: HealthCheck | None = None,
 ) -> NodeStatus:
     """Mark the node deploying for this request under `owner`, with the next epoch; the caller writes it with a
-    compare-and-set.
+    compare-and-set. The request's `port` and `health` check are kept on the node (None: the node's own stay).
 
     A node deploying under another claim is busy until that claim's lease runs out (its holder stopped renewing
     it: it died or froze), even for the same request: a redelivery to another worker must not run beside the
@@ -107,6 +109,8 @@ def claim(
             "updated_at": now,
             "owner": owner,
             "epoch": current.epoch + 1,
+            "port": port or current.port,
+            "health": health or current.health,
         }
     )
 

@@ -40,7 +40,7 @@ from reactor.domain.status import (
     rollback_target,
 )
 from reactor.errors import IllegalTransition, InvalidInput, NodeBusy
-from reactor.events import BatchSize, Strategy
+from reactor.events import BatchSize, HealthCheck, Strategy
 
 pytestmark = pytest.mark.unit
 
@@ -123,6 +123,34 @@ def test_claim_marks_an_idle_node_deploying_for_the_request(state: NodeState) ->
     # The caller writes the claim with a compare-and-set against the revision it read.
     assert result.revision == 4
     assert current.state == state
+
+
+@pytest.mark.parametrize(
+    ("port", "health", "kept"),
+    [
+        (None, None, (8080, HealthCheck(path="/ready"))),
+        (9090, HealthCheck(path="/live"), (9090, HealthCheck(path="/live"))),
+    ],
+    ids=["node's own", "request's"],
+)
+def test_claim_keeps_the_requests_port_and_health_check_else_the_nodes(
+    port: int | None, health: HealthCheck | None, kept: tuple[int, HealthCheck]
+) -> None:
+    current = node(NodeState.SUCCESS, current_version="1.0.0", port=8080, health=HealthCheck(path="/ready"))
+    result = claim(
+        current,
+        request_id="req-9",
+        owner="worker-b",
+        operation="deploy",
+        target_version="2.0.0",
+        release_id="rel-1",
+        now=NOW,
+        lease=LEASE,
+        port=port,
+        health=health,
+    )
+    assert (result.port, result.health) == kept
+    assert (result.state, result.request_id) == (NodeState.DEPLOYING, "req-9")
 
 
 @pytest.mark.parametrize("held_for", [timedelta(0), timedelta(minutes=1), LEASE - timedelta(microseconds=1)])
