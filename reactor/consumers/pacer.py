@@ -731,11 +731,14 @@ class Pacer:
             await self._send_holding_slots(record, candidates, count, from_state, to_state, command, parallel=parallel)
             return
         chosen = candidates[:count]
-        # Recorded as sent together (one statement on the embedded store), then each command published, started at
-        # once and in a task of its own only once it waits (on the in-memory bus none does); all finish before an
-        # error, if any, goes on.
-        sent = await self._record_sent(record, chosen, from_state, to_state, self.clock())
-        await run_all(self._publish(command(record, node)) for node in chosen if node.node_key in sent)
+        # `_FAN_OUT` nodes at a time: recorded as sent together (one statement on the embedded store, one batch of
+        # writes on MongoDB), then their commands published, each started at once and in a task of its own only once
+        # it waits (on the in-memory bus none does); all finish before an error, if any, goes on. (A whole window's
+        # writes at once would swamp a store, as `_send_one` says.)
+        for start in range(0, len(chosen), _FAN_OUT):
+            chunk = chosen[start : start + _FAN_OUT]
+            sent = await self._record_sent(record, chunk, from_state, to_state, self.clock())
+            await run_all(self._publish(command(record, node)) for node in chunk if node.node_key in sent)
 
     async def _publish(self, event: Event) -> None:
         """Publish a command, at most `_FAN_OUT` at once."""
@@ -816,11 +819,14 @@ class Pacer:
         command: Callable[[ReleaseRecord, ReleaseNode], Event],
         now: datetime,
     ) -> bool:
-        """Record `node` as sent and publish its command; False if it was not in `from_state` (sent by another)."""
-        if node.node_key not in await self._record_sent(record, [node], from_state, to_state, now):
-            return False
-        await self._publish(command(record, node))
-        return True
+        """Record `node` as sent and publish its command; False if it was not in `from_state` (sent by another). At
+        most `_FAN_OUT` at once: a window's nodes may all be sent together, and that many writes at once swamp a
+        store (FerretDB took 40% more CPU a node)."""
+        async with self._fan_out:
+            if node.node_key not in await self._record_sent(record, [node], from_state, to_state, now):
+                return False
+            await self.bus.publish(command(record, node))
+            return True
 
     async def _record_sent(
         self, record: ReleaseRecord, nodes: list[ReleaseNode], from_state: ItemState, to_state: ItemState, now: datetime
