@@ -10,7 +10,8 @@ import pytest
 
 from reactor.adapters.embedded_store import EmbeddedStore
 from reactor.adapters.memory_bus import MemoryBus
-from reactor.consumers.pacer import Pacer
+from reactor.consumers.pacer import _FAN_OUT, Pacer
+from reactor.domain.limits import InFlightLimits
 from reactor.domain.pacer import ItemState, ReleaseState
 from reactor.domain.status import NodeState, pending
 from reactor.errors import BackendUnavailable
@@ -453,3 +454,51 @@ async def test_each_nodes_command_is_the_command_its_fields_validate_to_with_its
         assert command == pacer._full_deploy_request(record, rows[target.node_key]).model_copy(
             update={"occurred_at": command.occurred_at}
         )
+
+
+class _HeldMoves:
+    """A store whose writes recording nodes as sent wait until let go, counting how many are under way at once."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.go = asyncio.Event()
+        self.under_way = 0
+        self.peak = 0
+        self.reached = asyncio.Event()
+        self.expected_peak = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def move_release_nodes(self, release_id: str, node_keys: list[str], **changes: Any) -> set[str]:
+        self.under_way += len(node_keys)
+        self.peak = max(self.peak, self.under_way)
+        if self.peak >= self.expected_peak:
+            self.reached.set()
+        try:
+            await self.go.wait()
+            return await self._store.move_release_nodes(release_id, node_keys, **changes)
+        finally:
+            self.under_way -= len(node_keys)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("limits", [InFlightLimits(), InFlightLimits(overall=1000)], ids=["no-limits", "slots"])
+async def test_a_window_never_has_more_than_its_fan_out_of_sent_records_under_way(limits: InFlightLimits) -> None:
+    """A window of 100 nodes on a store whose writes wait: at most `_FAN_OUT` writes recording nodes as sent are
+    under way at once, with or without in-flight slots (all 100 at once swamped FerretDB); once the writes go, every
+    node is sent exactly once."""
+    release = plan(100, Strategy(batches=["100%"], max_parallel=100))
+    async with MemoryBus() as bus, EmbeddedStore() as embedded:
+        store = _HeldMoves(embedded)
+        store.expected_peak = _FAN_OUT
+        pacer = Pacer(cast(Store, store), bus, limits=limits)
+        started = asyncio.create_task(pacer.handle(ReleaseRequested(release_id=release.release_id, plan=release)))
+        await asyncio.wait_for(store.reached.wait(), 5)
+        for _ in range(50):  # every start that could follow the ones under way runs now, if any could
+            await asyncio.sleep(0)
+        assert store.peak == _FAN_OUT
+        store.go.set()
+        await asyncio.wait_for(started, 5)
+        sent = [event.node_key for event in bus.events(Topic.COMMANDS) if isinstance(event, DeployRequested)]
+    assert sorted(sent) == [node.node_key for node in release.nodes]
