@@ -54,8 +54,15 @@ def node(state: NodeState = NodeState.PENDING, **changes: object) -> NodeStatus:
     return pending(KEY, "api").model_copy(update={"state": state, **changes})
 
 
-def claimed(operation: str = "deploy", request_id: str = "req-1", **changes: object) -> NodeStatus:
-    """A node claimed by `request_id` for `operation`."""
+def claimed(
+    operation: str = "deploy",
+    request_id: str = "req-1",
+    *,
+    request_port: int | None = None,
+    request_health: HealthCheck | None = None,
+    **changes: object,
+) -> NodeStatus:
+    """A node claimed by `request_id` for `operation` (with the request's port and health check, if any)."""
     base = node(NodeState.SUCCESS, current_version="1.0.0", prev_version="0.9.0", **changes)
     return claim(
         base,
@@ -66,6 +73,8 @@ def claimed(operation: str = "deploy", request_id: str = "req-1", **changes: obj
         release_id="rel-1",
         now=NOW,
         lease=LEASE,
+        port=request_port,
+        health=request_health,
     )
 
 
@@ -136,18 +145,8 @@ def test_claim_marks_an_idle_node_deploying_for_the_request(state: NodeState) ->
 def test_claim_keeps_the_requests_port_and_health_check_else_the_nodes(
     port: int | None, health: HealthCheck | None, kept: tuple[int, HealthCheck]
 ) -> None:
-    current = node(NodeState.SUCCESS, current_version="1.0.0", port=8080, health=HealthCheck(path="/ready"))
-    result = claim(
-        current,
-        request_id="req-9",
-        owner="worker-b",
-        operation="deploy",
-        target_version="2.0.0",
-        release_id="rel-1",
-        now=NOW,
-        lease=LEASE,
-        port=port,
-        health=health,
+    result = claimed(
+        request_id="req-9", request_port=port, request_health=health, port=8080, health=HealthCheck(path="/ready")
     )
     assert (result.port, result.health) == kept
     assert (result.state, result.request_id) == (NodeState.DEPLOYING, "req-9")
