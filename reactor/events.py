@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StrictBool, model_validator
 from pydantic.config import JsonDict
@@ -103,23 +104,41 @@ class AutoRollback(StrEnum):
     NONE = "none"
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
 class Model(BaseModel):
     """Base of every contract: frozen, no unknown fields."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def __copy__(self) -> Self:
-        """A shallow copy, as BaseModel's, without `copy.copy`'s generic dispatch for each of its parts: the hot path
-        copies a model a few times a node (`model_copy` for a state's next step), and that dispatch was half of it."""
-        copied = object.__new__(type(self))
+        """A shallow copy, as BaseModel's (see `model_copy`)."""
+        if self.__pydantic_extra__ is not None:
+            return super().__copy__()
+        return self.model_copy()
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """BaseModel's `model_copy`, made without `copy.copy`'s generic dispatch for each part and with `update` made
+        in the copying itself: the hot path copies a model a few times a node (a state's next step), and this takes
+        0.45 of BaseModel's time for one. Like BaseModel's, it does not validate what `update` gives."""
         extra = self.__pydantic_extra__
+        if deep or extra is not None:  # extra fields (no contract allows them) or a deep copy: BaseModel's way
+            return super().model_copy(update=update, deep=deep)
+        copied = _new(type(self))
+        values = self.__dict__.copy()
+        fields_set = set(self.__pydantic_fields_set__)
+        if update:
+            values.update(update)
+            fields_set.update(update)
+        _set(copied, "__dict__", values)
+        _set(copied, "__pydantic_extra__", None)
+        _set(copied, "__pydantic_fields_set__", fields_set)
         private = getattr(self, "__pydantic_private__", None)
-        object.__setattr__(copied, "__dict__", self.__dict__.copy())
-        object.__setattr__(copied, "__pydantic_extra__", None if extra is None else extra.copy())
-        object.__setattr__(copied, "__pydantic_fields_set__", set(self.__pydantic_fields_set__))
         if private is not None:  # as BaseModel's: unset private attributes are left out
             private = {key: value for key, value in private.items() if value is not PydanticUndefined}
-        object.__setattr__(copied, "__pydantic_private__", private)
+        _set(copied, "__pydantic_private__", private)
         return copied
 
 

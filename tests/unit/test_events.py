@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from reactor.domain.status import NodeStatus
 from reactor.events import (
@@ -482,6 +482,35 @@ def test_a_models_copy_is_what_pydantics_copy_makes_and_shares_no_bookkeeping(
     assert changed.model_dump() == {**before, **change}
     assert changed.model_fields_set == model.model_fields_set | change.keys()
     assert model.model_dump() == before
+    # What pydantic's own model_copy makes of BaseModel's copy: the same, with nothing shared.
+    expected = BaseModel.__copy__(model)
+    expected.__dict__.update(change)
+    expected.__pydantic_fields_set__.update(change)
+    assert type(changed) is type(model)
+    assert changed.__dict__ == expected.__dict__
+    assert changed.__dict__ is not model.__dict__
+    assert changed.model_fields_set == expected.model_fields_set
+    assert changed.model_fields_set is not model.model_fields_set
+    assert changed.__pydantic_extra__ == expected.__pydantic_extra__
+    assert changed.__pydantic_private__ == expected.__pydantic_private__
+    deep = model.model_copy(update=change, deep=True)
+    assert deep.__dict__ == expected.__dict__
+    assert deep.model_fields_set == expected.model_fields_set
+
+
+class _Open(Model):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    value: int = 0
+
+
+def test_a_model_with_extra_fields_is_copied_the_way_pydantic_copies_it() -> None:
+    model = _Open(value=1, more="kept")  # an extra field, which this model allows
+    for copied in (copy.copy(model), model.model_copy(), model.model_copy(update={"value": 2}, deep=True)):
+        assert copied.__pydantic_extra__ == {"more": "kept"}
+        assert copied.__pydantic_extra__ is not model.__pydantic_extra__
+    assert model.model_copy(update={"value": 2, "more": "changed"}).model_dump() == {"value": 2, "more": "changed"}
+    assert model.model_dump() == {"value": 1, "more": "kept"}
 
 
 def test_a_copy_keeps_the_private_attributes_that_are_set() -> None:
