@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
+import pydantic_core
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -33,24 +36,64 @@ def context() -> dict[str, Any]:
     return {**structlog.contextvars.get_contextvars(), **_BOUND.get()}
 
 
+def render_json(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    """structlog processor: the line as one compact JSON object, made by pydantic-core (a fifth of the time
+    structlog's `json.dumps` renderer takes: workers log a few lines a node). As there, the line is ASCII: a value
+    from a host or a message (an executor's error) cannot put a terminal control or a bidirectional override into it.
+    A value JSON has no form for is written as its `__structlog__()` or its `repr`, as structlog's renderer writes it;
+    a line pydantic-core cannot write (bytes that are not UTF-8) goes through `json.dumps` as before."""
+    try:
+        return pydantic_core.to_json(
+            event_dict, fallback=_fallback, inf_nan_mode="constants", ensure_ascii=True
+        ).decode()
+    except pydantic_core.PydanticSerializationError:
+        return json.dumps(event_dict, default=_fallback)
+
+
+def _fallback(value: Any) -> Any:
+    method = getattr(value, "__structlog__", None)
+    return method() if callable(method) else repr(value)
+
+
+# The second the last line was stamped in, and its text: a line's stamp formats only its fraction of a second.
+_second: tuple[int, str] = (-1, "")
+
+
+def add_timestamp(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: `timestamp`, UTC in ISO 8601 with a "Z", as structlog's `TimeStamper(fmt="iso",
+    utc=True)` writes it (no fraction at a whole second), in a third of its time."""
+    global _second  # noqa: PLW0603 (one tuple, replaced whole: safe from any thread)
+    now = time.time()
+    second = int(now)
+    micro = round((now - second) * 1_000_000)  # rounded half to even, as datetime rounds a time to microseconds
+    if micro == 1_000_000:
+        second, micro = second + 1, 0
+    stamped = _second
+    if stamped[0] != second:
+        stamped = _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    event_dict["timestamp"] = f"{stamped[1]}.{micro:06d}Z" if micro else f"{stamped[1]}Z"
+    return event_dict
+
+
 def configure(log_format: Literal["auto", "json", "console"] = "auto", level: str = "info") -> None:
-    """Send structured logs to stderr."""
+    """Send structured logs to stderr, a line at a time."""
     global _generation  # noqa: PLW0603 (the one place the configuration changes)
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        render_json if as_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
             merge_bound,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_timestamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # Each line written and flushed at once, as PrintLogger does, without `print`'s two writes a line.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
     _generation += 1

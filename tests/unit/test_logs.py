@@ -1,9 +1,13 @@
-"""logs.bound: the log context of a block, restored after it."""
+"""logs: the log context of a block (restored after it), and the JSON lines a worker writes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
 
 import pytest
 import structlog
@@ -95,3 +99,81 @@ def test_a_line_carries_what_is_bound_under_its_own_values(capsys: pytest.Captur
         {"event": "its own", "identity": "ci", "release_id": "r1", "node_key": "n9", "event_id": None},
         {"event": "after", "identity": "ci", "release_id": "outer", "node_key": None, "event_id": None},
     ]
+
+
+class _Kind(StrEnum):
+    DEPLOY = "deploy"
+
+
+class _Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+class _Described:
+    def __structlog__(self) -> str:
+        return "described"
+
+
+def test_a_json_line_says_what_structlogs_renderer_says_on_one_line() -> None:
+    """The compact renderer writes the values structlog's JSON renderer writes, one object on one line, whatever a
+    value holds; values JSON has no form for are their `__structlog__()` or `repr`."""
+    line = {
+        "event": "claimed node",
+        "text": 'quote " backslash \\ newline \n tab \t nul \x00 escape \x1b C1 \x9b bidi \u202e é',
+        "count": 3,
+        "big": 10**30,
+        "ratio": 0.1,
+        "unbounded": math.inf,
+        "flag": True,
+        "nothing": None,
+        "nested": {"list": [1, "two", {"three": 3}]},
+        "kind": _Kind.DEPLOY,
+        "opaque": _Opaque(),
+        "described": _Described(),
+    }
+    rendered = logs.render_json(None, "info", dict(line))
+    assert isinstance(rendered, str)
+    assert "\\n" in rendered  # the newline inside a value is escaped
+    assert len(rendered.splitlines()) == 1
+    assert rendered.isascii()
+    assert rendered.isprintable()  # no control character of any kind reaches the terminal or file
+    theirs = structlog.processors.JSONRenderer()(None, "info", dict(line))
+    assert json.loads(rendered) == json.loads(theirs)
+    assert list(json.loads(rendered)) == list(line)  # the order of the keys too
+
+
+def test_a_line_the_fast_renderer_cannot_write_is_written_by_json_dumps() -> None:
+    line = {"event": "raw", "payload": b"\xff\xfe", "path": Path("/srv/app")}
+    assert json.loads(logs.render_json(None, "info", dict(line))) == {
+        "event": "raw",
+        "payload": repr(b"\xff\xfe"),
+        "path": repr(Path("/srv/app")),
+    }
+
+
+@pytest.mark.parametrize(
+    ("now", "stamp"),
+    [
+        (1_796_534_549.525472, "2026-12-06T05:22:29.525472Z"),
+        (1_796_534_549.0, "2026-12-06T05:22:29Z"),  # a whole second: no fraction, as isoformat writes it
+        (1_796_534_550.000042, "2026-12-06T05:22:30.000042Z"),
+        (1_796_534_549.9999996, "2026-12-06T05:22:30Z"),  # rounded up into the next second
+        (1_796_534_549.9999993, "2026-12-06T05:22:29.999999Z"),
+    ],
+)
+def test_a_timestamp_is_written_as_structlogs_iso_utc_stamper_writes_it(
+    monkeypatch: pytest.MonkeyPatch, now: float, stamp: str
+) -> None:
+    monkeypatch.setattr("reactor.logs.time.time", lambda: now)
+    assert logs.add_timestamp(None, "info", {})["timestamp"] == stamp
+    theirs = datetime.fromtimestamp(now, tz=UTC).isoformat().replace("+00:00", "Z")
+    assert stamp == theirs
+
+
+def test_each_line_is_stamped_with_the_time_it_is_logged() -> None:
+    before = datetime.now(UTC)
+    first = logs.add_timestamp(None, "info", {})["timestamp"]
+    second = logs.add_timestamp(None, "info", {})["timestamp"]
+    after = datetime.now(UTC)
+    assert before <= datetime.fromisoformat(first) <= datetime.fromisoformat(second) <= after
