@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
@@ -172,8 +172,10 @@ def test_a_timestamp_is_written_as_structlogs_iso_utc_stamper_writes_it(
 
 
 def test_each_line_is_stamped_with_the_time_it_is_logged() -> None:
+    # To the microsecond: a stamp is rounded to the nearest one, `datetime.now()` truncates.
+    micro = timedelta(microseconds=1)
     before = datetime.now(UTC)
     first = logs.add_timestamp(None, "info", {})["timestamp"]
     second = logs.add_timestamp(None, "info", {})["timestamp"]
     after = datetime.now(UTC)
-    assert before <= datetime.fromisoformat(first) <= datetime.fromisoformat(second) <= after
+    assert before - micro <= datetime.fromisoformat(first) <= datetime.fromisoformat(second) <= after + micro
